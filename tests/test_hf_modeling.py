@@ -1,0 +1,100 @@
+"""The HF classes: masked = original, dynamic = routing reference, bias = dial."""
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ARCHS, load
+from vllm_zeda.routing import route_softmax
+
+
+def _ids(seed=0):
+    return torch.randint(0, 256, (3, 19), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_masked_mode_reproduces_original(arch, tiny_models, converted):
+    base, zeda = load(tiny_models[arch]), load(converted[arch])
+    assert type(zeda).__name__.startswith("Zeda")
+    zeda.zeda_set_mode(masked=True)
+    with torch.no_grad():
+        for seed in range(3):
+            diff = (base(_ids(seed)).logits - zeda(_ids(seed)).logits).abs().max().item()
+            assert diff <= 1e-6, diff
+    assert zeda.zeda_stats()["zero_fraction"] == 0.0
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_injection_leaves_everything_else_bit_identical(arch, tiny_models, converted):
+    a = load_file(tiny_models[arch] / "model.safetensors")
+    b = load_file(converted[arch] / "model.safetensors")
+    assert a.keys() == b.keys()
+    routers = 0
+    for name, t in a.items():
+        if name.endswith(".gate.weight") and "shared_expert" not in name:
+            routers += 1
+            assert b[name].shape == (t.shape[0] + 4, t.shape[1])
+            assert torch.equal(b[name][: t.shape[0]], t)
+            assert torch.isfinite(b[name]).all()
+        else:
+            assert torch.equal(a[name], b[name]), name
+    assert routers == 2
+
+
+def _reference_moe(block, hidden, masked, zero_bias, arch):
+    """One MoE block computed from its raw weights with the routing reference."""
+    router = block.gate
+    h = hidden.reshape(-1, hidden.shape[-1])
+    r = route_softmax(h @ router.weight.T, router.num_real, router.top_k, router.renormalize, masked=masked, zero_bias=zero_bias)
+    ex = block.experts
+    out = torch.zeros_like(h)
+    for slot in range(r.ids.shape[1]):
+        for e in range(router.num_real):
+            rows = r.ids[:, slot] == e
+            if rows.any():
+                gate, up = (h[rows] @ ex.gate_up_proj[e].T).chunk(2, -1)
+                y = (ex.act_fn(gate) * up) @ ex.down_proj[e].T
+                out[rows] += r.weights[rows, slot, None] * y
+    if hasattr(block, "shared_expert"):
+        out = out + torch.sigmoid(block.shared_expert_gate(h)) * block.shared_expert(h)
+    return out.reshape(hidden.shape), r
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("zero_bias", [0.0, 1.5])
+def test_dynamic_mode_equals_routing_reference(arch, converted, zero_bias):
+    model = load(converted[arch])
+    model.zeda_set_mode(masked=False, zero_bias=zero_bias)
+    seen = []
+
+    def check(block, args, output):
+        ref, r = _reference_moe(block, args[0], False, zero_bias, arch)
+        torch.testing.assert_close(output, ref, rtol=1e-5, atol=1e-5)
+        seen.append(r.is_zero.float().mean().item())
+
+    for layer in model.model.layers:
+        layer.mlp.register_forward_hook(check)
+    with torch.no_grad():
+        logits = model(_ids()).logits
+    assert torch.isfinite(logits).all() and len(seen) == 2
+    assert 0 < sum(seen) / len(seen) < 1
+    stats = model.zeda_stats()
+    assert stats["zero_fraction"] == pytest.approx(sum(seen) / len(seen))
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_zero_bias_moves_measured_skip_monotonically(arch, converted):
+    model = load(converted[arch])
+    fractions = []
+    for bias in (-3.0, -1.0, 0.0, 1.0, 3.0):
+        model.zeda_set_mode(masked=False, zero_bias=bias)
+        model.zeda_reset_stats()
+        with torch.no_grad():
+            model(_ids(5))
+        fractions.append(model.zeda_stats()["zero_fraction"])
+    assert fractions == sorted(fractions) and fractions[0] < fractions[-1]
+
+
+def test_generate_runs_in_dynamic_mode(converted):
+    model = load(converted["qwen3_moe"])
+    out = model.generate(_ids()[:1, :5], max_new_tokens=6, do_sample=False)
+    assert out.shape == (1, 11)

@@ -1,0 +1,77 @@
+import pytest
+import torch
+
+from vllm_zeda.routing import (
+    balance_weight,
+    group_balance_loss,
+    route_softmax,
+    routed_expert_flops,
+    zero_slot_counts,
+)
+
+E, Z, K = 8, 4, 3
+
+
+def logits(t=64, seed=0, dtype=torch.float32):
+    return torch.randn(t, E + Z, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+@pytest.mark.parametrize("renorm", [True, False])
+def test_masked_equals_static_topk_over_real_experts(renorm):
+    x = logits()
+    r = route_softmax(x, E, K, renorm, masked=True)
+    p = torch.softmax(x[:, :E].float(), -1)
+    w, ids = torch.topk(p, K)
+    if renorm:
+        w = w / w.sum(-1, keepdim=True)
+    assert torch.equal(r.ids, ids) and torch.equal(r.weights, w)
+    assert not r.is_zero.any()
+
+
+def test_zero_slots_dilute_and_contribute_nothing():
+    x = logits(256)
+    r = route_softmax(x, E, K, True)
+    full = torch.softmax(x, -1)
+    top, _ = torch.topk(full, K)
+    expected = top / top.sum(-1, keepdim=True)
+    assert r.is_zero.any() and (~r.is_zero).any()
+    assert torch.all(r.weights[r.is_zero] == 0)
+    torch.testing.assert_close(r.weights[~r.is_zero], expected[~r.is_zero])
+    # the real weights of a token with a zero slot sum to less than 1: zero slots dilute
+    has_zero = r.is_zero.any(-1)
+    assert torch.all(r.weights[has_zero].sum(-1) < 1)
+
+
+def test_zero_bias_moves_skip_fraction_monotonically():
+    x = logits(2048)
+    fracs = [route_softmax(x, E, K, True, zero_bias=b).is_zero.float().mean().item() for b in (-4, -1, 0, 1, 4)]
+    assert fracs == sorted(fracs) and fracs[0] < 0.05 and fracs[-1] > 0.9
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dtype_safe(dtype):
+    r = route_softmax(logits(dtype=dtype), E, K, True, zero_bias=0.5)
+    assert r.weights.dtype == torch.float32 and torch.isfinite(r.weights).all()
+
+
+def test_counts_exclude_padding():
+    r = route_softmax(logits(10), E, K, True, zero_bias=2.0)
+    valid = torch.tensor([True] * 7 + [False] * 3)
+    z, t = zero_slot_counts(r, valid)
+    assert t.item() == 7 * K and z.item() == r.is_zero[:7].sum().item()
+
+
+def test_flops():
+    assert routed_expert_flops(1, 2048, 768) == 2 * 3 * 2048 * 768
+
+
+@pytest.mark.parametrize("target", [0.25, 0.5, 0.75])
+def test_balance_loss_equilibrium(target):
+    w = balance_weight(target, E, Z)
+    assert w * Z / (w * Z + E) == pytest.approx(target)
+    # the loss pushes toward the target: at f_Z above target, raising zero probability costs more
+    probs = torch.softmax(logits(512), -1).requires_grad_(True)
+    ids = torch.topk(probs, K).indices
+    loss = group_balance_loss(probs, ids, E, Z, K, w)
+    loss.backward()
+    assert torch.isfinite(loss) and probs.grad is not None

