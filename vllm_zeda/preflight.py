@@ -1,0 +1,50 @@
+"""Fast start-up checks of a ZEDA checkpoint: fail in a second with one line, not in the engine."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .archs import router_layer
+from .checkpoint import load_config, shard_files
+from .errors import ZedaError
+from .spec import ZedaSpec, read_spec
+
+
+def check_checkpoint(model: str, require_zero_experts: bool = True) -> ZedaSpec | None:
+    """Validate config, shards and every router tensor (rows == E+Z, finite). Hub ids are skipped."""
+    path = Path(model)
+    if not path.exists():
+        if require_zero_experts and (model.startswith((".", "/")) or model.count("/") != 1):
+            raise ZedaError(f"model path {model} does not exist")
+        return None  # a hub id: vLLM resolves it; the model class checks it at load
+    cfg = load_config(path)
+    spec = read_spec(cfg)
+    if spec is None:
+        if require_zero_experts:
+            arch = (cfg.get("architectures") or ["?"])[0]
+            raise ZedaError(f"--enable-zeda: {model} ({arch}) has no zero experts; convert it first with "
+                            "python -m vllm_zeda.train (or vllm_zeda.convert)")
+        return None
+    from safetensors import SafetensorError, safe_open
+
+    shards, _ = shard_files(path)
+    routers = 0
+    for shard in shards:
+        try:
+            with safe_open(path / shard, framework="pt") as f:
+                for name in f.keys():
+                    if router_layer(name) is None:
+                        continue
+                    t = f.get_tensor(name)
+                    routers += 1
+                    if t.dim() != 2 or t.shape[0] != spec.num_router_rows:
+                        raise ZedaError(f"router {name} has {t.shape[0]} rows but the zeda block says "
+                                        f"{spec.num_real_experts} real + {spec.num_zero_experts} zero experts")
+                    if not torch.isfinite(t).all():
+                        raise ZedaError(f"router {name} holds NaN or inf values")
+        except SafetensorError as exc:
+            raise ZedaError(f"checkpoint shard {path / shard} is corrupt ({exc})") from None
+    if routers == 0:
+        raise ZedaError(f"no router weights found in {model}")
+    return spec

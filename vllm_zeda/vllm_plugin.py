@@ -1,0 +1,123 @@
+"""The `vllm.general_plugins` entry point: model registration and the `--enable-zeda` flag.
+
+vLLM loads general plugins in every process, and in the API server while the argument parser
+is built (`EngineArgs.add_cli_args` calls `load_general_plugins()` first), so wrapping
+`add_cli_args` / `from_cli_args` here adds our flags to `vllm serve`. Settings travel in
+`additional_config["zeda"]` (part of vLLM's config hash, visible in every worker). Python API:
+`LLM(model, additional_config={"zeda": {"enabled": True, "zero_bias": 0.0}})`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from .archs import ARCHS, RELEASE_ARCHITECTURES
+
+logger = logging.getLogger("vllm_zeda")
+
+WORKER_EXTENSION = "vllm_zeda.vllm_stats.ZedaWorkerExtension"
+ENDPOINT_PLUGIN_NAME = "zeda_stats"
+_registered = False
+
+
+def register() -> None:
+    global _registered
+    if _registered:
+        return
+    _registered = True
+    from vllm import ModelRegistry
+
+    for arch in ARCHS.values():
+        ModelRegistry.register_model(arch.zeda_architecture, f"vllm_zeda.vllm_models:{arch.zeda_architecture}")
+    for name in RELEASE_ARCHITECTURES:
+        ModelRegistry.register_model(name, f"vllm_zeda.vllm_models:{name}")
+    _register_hf_configs()
+    _wrap_engine_args()
+
+
+def _register_hf_configs() -> None:
+    """vLLM reads config.json through transformers' AutoConfig: our model types must be known."""
+    try:
+        import vllm_zeda  # noqa: F401  (its import registers the configs)
+    except Exception as exc:  # a broken transformers must not take the server down with it
+        logger.warning("[zeda] could not register transformers classes: %s", exc)
+
+
+def _wrap_engine_args() -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    if getattr(EngineArgs.add_cli_args, "_zeda", False):
+        return
+    original_add = EngineArgs.add_cli_args
+    original_from = EngineArgs.from_cli_args.__func__
+
+    def add_cli_args(parser, *args, **kwargs):
+        parser = original_add(parser, *args, **kwargs)
+        group = parser.add_argument_group("ZEDA", "zero-expert dynamic MoE routing (vllm-zeda)")
+        group.add_argument("--enable-zeda", action="store_true", default=False,
+                           help="route over real + zero experts (dynamic K); without it a ZEDA checkpoint "
+                                "runs masked (its original static top-K)")
+        group.add_argument("--zeda-zero-bias", type=float, default=0.0,
+                           help="added to the zero experts' router logits: > 0 skips more experts (default 0)")
+        group.add_argument("--zeda-zero-slots", choices=("auto", "skip", "remap"), default="auto",
+                           help="how zero slots reach the fused MoE: skip (expert map, GPU) or remap to "
+                                "expert 0 with weight 0 (exact, no saving; CPU). Default: auto")
+        return parser
+
+    def from_cli_args(cls, args):
+        engine_args = original_from(cls, args)
+        if getattr(args, "enable_zeda", False) or getattr(args, "zeda_zero_bias", 0.0):
+            apply_cli_settings(engine_args, args)
+        return engine_args
+
+    add_cli_args._zeda = True
+    EngineArgs.add_cli_args = staticmethod(add_cli_args)
+    EngineArgs.from_cli_args = classmethod(from_cli_args)
+
+
+def apply_cli_settings(engine_args, args) -> None:
+    """Check the checkpoint, carry the settings and switch on the statistics."""
+    from .errors import ZedaError
+    from .preflight import check_checkpoint
+
+    enabled = bool(getattr(args, "enable_zeda", False))
+    try:
+        if enabled:
+            check_checkpoint(engine_args.model, require_zero_experts=True)
+    except ZedaError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    settings = {
+        "enabled": enabled,
+        "zero_bias": float(getattr(args, "zeda_zero_bias", 0.0)),
+        "zero_slots": getattr(args, "zeda_zero_slots", "auto"),
+    }
+    extra = dict(engine_args.additional_config or {})
+    extra["zeda"] = settings
+    engine_args.additional_config = extra
+    default_ext = ""
+    if not engine_args.worker_extension_cls or engine_args.worker_extension_cls == default_ext:
+        engine_args.worker_extension_cls = WORKER_EXTENSION
+    elif engine_args.worker_extension_cls != WORKER_EXTENSION:
+        logger.warning("[zeda] --worker-extension-cls is taken (%s): /v1/zeda/stats will be unavailable",
+                       engine_args.worker_extension_cls)
+    allow_endpoint_plugin()
+
+
+def allow_endpoint_plugin() -> None:
+    """Endpoint plugins load only when named in VLLM_PLUGINS; name ours without narrowing the rest.
+
+    VLLM_PLUGINS is an allowlist for every plugin group, so when it is unset we list every
+    installed vLLM plugin (what "unset" means) plus ours.
+    """
+    current = os.environ.get("VLLM_PLUGINS")
+    if current is None:
+        from importlib.metadata import entry_points
+
+        names = {ep.name for group in ("vllm.general_plugins", "vllm.platform_plugins", "vllm.io_processor_plugins",
+                                       "vllm.stat_logger_plugins") for ep in entry_points(group=group)}
+        names.add(ENDPOINT_PLUGIN_NAME)
+        os.environ["VLLM_PLUGINS"] = ",".join(sorted(names))
+    elif ENDPOINT_PLUGIN_NAME not in current.split(","):
+        os.environ["VLLM_PLUGINS"] = ",".join(filter(None, [*current.split(","), ENDPOINT_PLUGIN_NAME]))
