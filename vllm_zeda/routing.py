@@ -98,6 +98,7 @@ def group_balance_loss(
     top_k: int,
     w: float,
     alpha: float = 0.1,
+    zero_fraction: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """ZEDA's group-level balancing loss for one layer (DESIGN §3).
 
@@ -105,9 +106,11 @@ def group_balance_loss(
     routed slots in each group (no gradient) and P_* the summed router probabilities of each
     group, averaged over tokens. `probs` [T, E+Z] are the softmax probabilities, `ids` [T, K].
     """
+    # `zero_fraction` overrides f_Z (e.g. the value over all data-parallel ranks, so that the
+    # averaged gradient equals the single-process one); it carries no gradient either way.
     e, z = num_real, num_zero
     with torch.no_grad():
-        f_z = (ids >= e).float().mean()
+        f_z = (ids >= e).float().mean() if zero_fraction is None else zero_fraction.detach().float()
         f_e = 1.0 - f_z
     p_e = probs[:, :e].sum(-1).mean()
     p_z = probs[:, e:].sum(-1).mean()
