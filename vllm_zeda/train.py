@@ -370,7 +370,9 @@ def train(args, dist: Dist) -> dict | None:
               f"{args.seq_len} tokens; {dist.world} process(es) on {device}, {'bf16' if use_bf16 else 'fp32'}", flush=True)
 
     # ---- inject (once; the work dir keeps it for --resume and for the stage-2 teacher)
-    work.mkdir(parents=True, exist_ok=True)
+    dist.barrier()  # every rank has checked the work dir before rank 0 creates it
+    if dist.main:
+        work.mkdir(parents=True, exist_ok=True)
     injected = work / INJECTED
     if dist.main and not injected.exists():
         convert_checkpoint(src, injected, spec.num_zero_experts, seed=args.seed,

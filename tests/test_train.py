@@ -1,0 +1,217 @@
+"""`python -m vllm_zeda.train` end to end on tiny random Qwen3-MoE checkpoints (CPU, ~2-3 min).
+
+The main run uses Z = E = 8: random router rows drawn like the real ones give a held-out zero
+fraction near 0.5 right after injection, so the KL checks compare at equal skip rates.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import load
+from vllm_zeda.train import main
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = ["--seq-len", "64", "--batch-size", "8", "--quiet", "--no-plot"]
+MAIN_RUN = ["--num-zero-experts", "8", "--stage1-steps", "60", "--stage2-steps", "30", "--eval-every", "30"]
+
+
+def train(src, out, *extra, plot=False):
+    args = ["--model", str(src), "--output", str(out), *BASE, *extra]
+    if plot:
+        args.remove("--no-plot")
+    rc = main(args)
+    assert rc == 0
+    return json.loads((Path(out) / "zeda_report.json").read_text())
+
+
+def train_subprocess(src, out, *extra, env=None, launcher=None):
+    cmd = [*(launcher or [sys.executable, "-m"]), "vllm_zeda.train", "--model", str(src), "--output", str(out), *BASE, *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, **(env or {})})
+
+
+def weights(path):
+    return load_file(Path(path) / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_models, tmp_path_factory):
+    out = tmp_path_factory.mktemp("train") / "zeda"
+    report = train(tiny_models["qwen3_moe"], out, *MAIN_RUN, plot=True)
+    return out, report
+
+
+@pytest.mark.slow
+def test_stage1_and_stage2_on_demo_corpus(trained):
+    _, r = trained
+    inj, s1, s2 = r["after_injection"], r["after_stage1"], r["after_stage2"]
+    print(f"\nzero fraction {inj['zero_fraction']:.3f} -> {s1['zero_fraction']:.3f} -> {s2['zero_fraction']:.3f}; "
+          f"KL {inj['teacher_kl']:.5f} -> {s1['teacher_kl']:.5f} -> {s2['teacher_kl']:.5f}")
+    assert abs(s1["zero_fraction"] - 0.5) < 0.05
+    assert s1["teacher_kl"] < inj["teacher_kl"]
+    assert s2["teacher_kl"] < s1["teacher_kl"]
+    assert abs(s2["zero_fraction"] - 0.5) < 0.05 and abs(s2["zero_fraction"] - s1["zero_fraction"]) < 0.05
+    assert r["zero_fraction"] == s2["zero_fraction"] and r["teacher_kl"] == s2["teacher_kl"]
+    assert r["stage1_steps"] == 60 and r["stage2_steps"] == 30 and r["target_zero_fraction"] == 0.5
+    assert [d["layer"] for d in r["layers"]] == [0, 1]
+
+
+@pytest.mark.slow
+def test_output_is_a_zeda_checkpoint_that_reproduces_the_report(trained, tiny_models, converted, tmp_path):
+    out, r = trained
+    src = tiny_models["qwen3_moe"]
+    # same tensor names and shapes as the converter writes (per-expert names, E+Z router rows)
+    from vllm_zeda.inject import convert_checkpoint
+
+    convert_checkpoint(src, tmp_path / "conv", 8, progress=False)
+    got, ref, orig = weights(out), weights(tmp_path / "conv"), weights(src)
+    assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in ref.items()}
+    assert got["model.layers.0.mlp.gate.weight"].shape == (16, 64)
+    assert "model.layers.0.mlp.experts.7.down_proj.weight" in got
+    # attention, embeddings, norms, lm_head: bit-identical to the source; routers and experts moved
+    for k, v in orig.items():
+        if ".mlp." not in k:
+            assert torch.equal(got[k], v), k
+    assert not torch.equal(got["model.layers.1.mlp.experts.3.up_proj.weight"], orig["model.layers.1.mlp.experts.3.up_proj.weight"])
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["ZedaQwen3MoeForCausalLM"] and cfg["zeda"]["num_zero_experts"] == 8
+    assert (out / "tokenizer.json").is_file() and (out / "zeda_report.png").stat().st_size > 10_000
+    assert len((out / "metrics.jsonl").read_text().splitlines()) >= 90
+    assert not (out.parent / f".{out.name}.zeda-work").exists()  # cleaned up after success
+
+    # load with the HF classes, run the held-out blocks: the logged zero fraction comes back
+    from transformers import AutoTokenizer
+
+    from vllm_zeda.data import load_blocks
+
+    model = load(out)
+    heldout = load_blocks(None, AutoTokenizer.from_pretrained(out), 64, seed=0).heldout
+    model.zeda_stats(reset=True)
+    with torch.no_grad():
+        for chunk in heldout.split(8):
+            model(input_ids=chunk)
+    stats = model.zeda_stats()
+    assert stats["zero_fraction"] == pytest.approx(r["zero_fraction"], abs=1e-6)
+    for mine, logged in zip(stats["layers"], r["layers"]):
+        assert mine["zero_fraction"] == pytest.approx(logged["zero_fraction"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_stage1_drives_zero_fraction_up_to_target(tiny_models, tmp_path):
+    """Z = E/2 (the default) starts near 1/3 skipped; stage 1 brings it to the 0.5 target."""
+    r = train(tiny_models["qwen3_moe"], tmp_path / "o", "--num-zero-experts", "4", "--stage1-steps", "60", "--stage2-steps", "0")
+    assert r["after_injection"]["zero_fraction"] < 0.4
+    assert abs(r["after_stage1"]["zero_fraction"] - 0.5) < 0.05
+    assert r["after_stage2"] == r["after_stage1"]
+
+
+def test_convert_only(tiny_models, tmp_path):
+    from vllm_zeda.inject import convert_checkpoint
+
+    assert main(["--model", str(tiny_models["olmoe"]), "--output", str(tmp_path / "o"), "--stage1-steps", "0",
+                 "--stage2-steps", "0", "--num-zero-experts", "2", "--quiet"]) == 0
+    convert_checkpoint(tiny_models["olmoe"], tmp_path / "ref", 2, progress=False)
+    a, b = weights(tmp_path / "o"), weights(tmp_path / "ref")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+SHORT = ["--num-zero-experts", "8", "--stage1-steps", "8", "--stage2-steps", "6", "--eval-every", "4"]
+
+
+@pytest.mark.slow
+def test_kill_and_resume_gives_identical_weights(tiny_models, tmp_path):
+    src = tiny_models["qwen3_moe"]
+    full = train_subprocess(src, tmp_path / "full", *SHORT)
+    assert full.returncode == 0, full.stderr
+    out = tmp_path / "resumed"
+    # killed (os._exit, like kill -9) mid stage 1, between checkpoints; again mid stage 2
+    killed = train_subprocess(src, out, *SHORT, "--save-every", "3", env={"ZEDA_TRAIN_KILL_AT": "1:5"})
+    assert killed.returncode == 137 and not out.exists()
+    again = train_subprocess(src, out, *SHORT, "--save-every", "3")
+    assert again.returncode != 0 and "--resume" in again.stderr  # refuses to silently start over
+    killed = train_subprocess(src, out, *SHORT, "--save-every", "3", "--resume", env={"ZEDA_TRAIN_KILL_AT": "2:4"})
+    assert killed.returncode == 137 and "resuming at stage 1, step 3" in killed.stdout
+    done = train_subprocess(src, out, *SHORT, "--save-every", "3", "--resume")
+    assert done.returncode == 0 and "resuming at stage 2, step 3" in done.stdout, done.stderr
+    a, b = weights(tmp_path / "full"), weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ra, rb = (json.loads((p / "zeda_report.json").read_text()) for p in (tmp_path / "full", out))
+    assert ra["after_stage2"] == rb["after_stage2"] and ra["after_injection"] == rb["after_injection"]
+    steps = [(m["stage"], m["step"]) for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if m["event"] == "train"]
+    assert steps == [(1, i) for i in range(1, 9)] + [(2, i) for i in range(1, 7)]  # no duplicates after resume
+
+
+@pytest.mark.slow
+def test_torchrun_two_gloo_processes_match_one(tiny_models, tmp_path):
+    src = tiny_models["qwen3_moe"]
+    one = train(src, tmp_path / "one", *SHORT)  # 8 blocks per step in one process
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517", "-m"]
+    proc = train_subprocess(src, tmp_path / "two", *SHORT, "--batch-size", "4", launcher=launcher)  # 2 x 4 blocks
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "zeda_report.json").read_text())
+    assert two["world_size"] == 2
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-4, rtol=1e-4), k
+    assert not torch.equal(a["model.layers.0.mlp.gate.weight"], weights(src)["model.layers.0.mlp.gate.weight"][:8].new_zeros(16, 64))
+    assert two["zero_fraction"] == pytest.approx(one["zero_fraction"], abs=0.01)
+    assert two["teacher_kl"] == pytest.approx(one["teacher_kl"], rel=1e-3)
+
+
+@pytest.mark.slow
+def test_teacher_cache_matches_frozen_copy(tiny_models, tmp_path):
+    src = tiny_models["qwen3_moe"]
+    common = ["--num-zero-experts", "8", "--stage1-steps", "0", "--stage2-steps", "5", "--eval-every", "5"]
+    copy = train(src, tmp_path / "copy", *common)
+    cached = train(src, tmp_path / "cache", *common, "--teacher-cache", "--teacher-topk", "400")  # whole vocabulary
+    a, b = weights(tmp_path / "copy"), weights(tmp_path / "cache")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert cached["teacher_kl"] == pytest.approx(copy["teacher_kl"], rel=1e-4)
+    small = train(src, tmp_path / "small", *common, "--teacher-cache", "--teacher-topk", "16")
+    assert small["teacher_kl"] < small["after_injection"]["teacher_kl"]
+
+
+# ---------------------------------------------------------------------------- bad input ----
+
+
+def _bad(capsys, tmp_path, args, needle):
+    out = tmp_path / "out"
+    rc = main(["--output", str(out), "--quiet", *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0
+    assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+    assert not out.exists() and not (tmp_path / ".out.zeda-work").exists()
+
+
+def test_bad_inputs(tiny_models, tmp_path, capsys):
+    src = str(tiny_models["qwen3_moe"])
+    m = ["--model", src]
+    _bad(capsys, tmp_path, [*m, "--data", str(tmp_path / "nope.txt")], "does not exist")
+    (tmp_path / "d").mkdir()
+    _bad(capsys, tmp_path, [*m, "--data", str(tmp_path / "d")], "no .txt or .jsonl")
+    (tmp_path / "empty.txt").write_text("")
+    _bad(capsys, tmp_path, [*m, "--data", str(tmp_path / "empty.txt")], "empty")
+    (tmp_path / "bad.jsonl").write_text("{not json\n")
+    _bad(capsys, tmp_path, [*m, "--data", str(tmp_path / "bad.jsonl")], "not valid JSON")
+    for f in ("0", "1", "1.5", "-0.2"):
+        _bad(capsys, tmp_path, [*m, "--target-zero-fraction", f], "strictly between 0 and 1")
+    _bad(capsys, tmp_path, [*m, "--seq-len", "4096"], "max_position_embeddings (512)")
+    _bad(capsys, tmp_path, ["--model", str(tmp_path / "missing")], "does not exist")
+    _bad(capsys, tmp_path, [*m, "--num-zero-experts", "0"], "--num-zero-experts")
+    (tmp_path / "out").mkdir()
+    rc = main(["--model", src, "--output", str(tmp_path / "out"), "--quiet"])
+    assert rc != 0 and "already exists" in capsys.readouterr().err
+    (tmp_path / "out").rmdir()
+
+
+def test_unwritable_output_fails_in_a_subprocess_without_traceback(tiny_models, tmp_path):
+    for out, needle in ((Path("/proc/zeda-out"), "not writable"), (tmp_path / "no" / "such" / "dir", "does not exist")):
+        proc = train_subprocess(tiny_models["qwen3_moe"], out)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr + proc.stdout
+        assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr

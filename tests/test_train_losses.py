@@ -1,0 +1,49 @@
+"""vllm_zeda.distill: the pure loss functions of the trainer."""
+import torch
+
+from vllm_zeda.distill import balance_loss, kl_teacher_student, kl_topk, teacher_topk, zero_fractions
+from vllm_zeda.routing import balance_weight, group_balance_loss, route_softmax
+
+
+def test_kl():
+    g = torch.Generator().manual_seed(0)
+    t, s = torch.randn(4, 7, 50, generator=g), torch.randn(4, 7, 50, generator=g)
+    assert kl_teacher_student(t, t).abs() < 1e-6
+    kl = kl_teacher_student(t, s)
+    ref = torch.nn.functional.kl_div(s.log_softmax(-1).view(-1, 50), t.log_softmax(-1).view(-1, 50), log_target=True, reduction="batchmean")
+    assert torch.allclose(kl, ref, atol=1e-6)
+    assert kl_teacher_student(t, s, temperature=2.0) > 0
+    # a top-k cache holding the whole vocabulary is the full KL; fewer tokens approximate it
+    lp, ids = teacher_topk(t, 50, temperature=2.0)
+    assert torch.allclose(kl_topk(lp, ids, s, 2.0), kl_teacher_student(t, s, 2.0), atol=1e-5)
+    lp, ids = teacher_topk(t * 5, 10)
+    assert torch.allclose(kl_topk(lp, ids, s), kl_teacher_student(t * 5, s), rtol=0.2)
+
+
+def test_balance_loss_is_the_routing_formula_summed():
+    e, z, k = 8, 4, 2
+    w = balance_weight(0.5, e, z)
+    g = torch.Generator().manual_seed(1)
+    logits = [torch.randn(32, e + z, generator=g, requires_grad=True) for _ in range(3)]
+    ids = [route_softmax(x.detach(), e, k, True).ids for x in logits]
+    total = balance_loss(logits, ids, num_real=e, num_zero=z, top_k=k, w=w, alpha=0.1)
+    ref = sum(group_balance_loss(x.softmax(-1), i, e, z, k, w, 0.1) for x, i in zip(logits, ids))
+    assert torch.allclose(total, ref)
+    # passing the local zero fractions explicitly changes nothing
+    f = zero_fractions(ids, e)
+    assert torch.allclose(balance_loss(logits, ids, num_real=e, num_zero=z, top_k=k, w=w, alpha=0.1, layer_zero_fractions=f), total)
+    total.backward()
+    assert all(x.grad is not None and x.grad.abs().sum() > 0 for x in logits)
+
+
+def test_balance_gradient_points_at_the_target():
+    """Above the target zero fraction the loss pushes zero probability down, below it up."""
+    e, z, k = 8, 8, 2
+    w = balance_weight(0.5, e, z)
+    logits = torch.zeros(64, e + z, requires_grad=True)
+    for f_z, sign in ((0.8, 1.0), (0.2, -1.0)):
+        logits.grad = None
+        ids = torch.zeros(64, k, dtype=torch.long)
+        loss = group_balance_loss(logits.softmax(-1), ids, e, z, k, w, zero_fraction=torch.tensor(f_z))
+        loss.backward()
+        assert sign * logits.grad[:, e:].sum() > 0  # gradient descent lowers (raises) zero logits
