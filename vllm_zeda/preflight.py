@@ -30,6 +30,7 @@ def check_checkpoint(model: str, require_zero_experts: bool = True) -> ZedaSpec 
 
     shards, _ = shard_files(path)
     routers = 0
+    layers_seen: set[int] = set()
     for shard in shards:
         try:
             with safe_open(path / shard, framework="pt") as f:
@@ -38,6 +39,7 @@ def check_checkpoint(model: str, require_zero_experts: bool = True) -> ZedaSpec 
                         continue
                     t = f.get_tensor(name)
                     routers += 1
+                    layers_seen.add(router_layer(name))
                     if t.dim() != 2 or t.shape[0] != spec.num_router_rows:
                         raise ZedaError(f"router {name} has {t.shape[0]} rows but the zeda block says "
                                         f"{spec.num_real_experts} real + {spec.num_zero_experts} zero experts")
@@ -47,4 +49,20 @@ def check_checkpoint(model: str, require_zero_experts: bool = True) -> ZedaSpec 
             raise ZedaError(f"checkpoint shard {path / shard} is corrupt ({exc})") from None
     if routers == 0:
         raise ZedaError(f"no router weights found in {model}")
+    missing = sorted(moe_layers(cfg) - layers_seen)
+    if missing:
+        raise ZedaError(f"{model} has no router weight for MoE layer(s) {', '.join(map(str, missing))} "
+                        "(a tensor or shard is missing)")
     return spec
+
+
+def moe_layers(cfg: dict) -> set[int]:
+    """Layers the config says are MoE (Qwen's mlp_only_layers / decoder_sparse_step; else all)."""
+    n = cfg.get("num_hidden_layers")
+    if not isinstance(n, int):
+        return set()
+    dense = cfg.get("mlp_only_layers") or []
+    step = cfg.get("decoder_sparse_step") or 1
+    if not isinstance(dense, list) or not isinstance(step, int) or step < 1:
+        return set()
+    return {i for i in range(n) if i not in dense and (i + 1) % step == 0}
