@@ -74,6 +74,8 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--worker-timeout", type=float, default=150)
+    p.add_argument("--modes", nargs="+", default=list(MODES))
     p.add_argument("--worker", nargs=2, metavar=("CKPT", "MODE"))
     a = p.parse_args()
     if a.worker:
@@ -86,12 +88,21 @@ def main() -> None:
     ckpt = work / "zeda"
     convert_checkpoint(original, ckpt, num_zero_experts=4, seed=3, progress=False)
     result = {"hf": hf_reference(str(ckpt), str(original), a.dtype, a.max_tokens), "vllm": {}}
-    for mode in MODES:
-        proc = subprocess.run([sys.executable, __file__, "--out", a.out, "--dtype", a.dtype, "--max-tokens",
-                               str(a.max_tokens), "--worker", str(ckpt), mode], capture_output=True, text=True)
-        lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    print("hf reference done", flush=True)
+    for mode in a.modes:
+        log = Path(a.out).with_name(f"parity_{mode}.log")
+        try:
+            proc = subprocess.run([sys.executable, __file__, "--out", a.out, "--dtype", a.dtype, "--max-tokens",
+                                   str(a.max_tokens), "--worker", str(ckpt), mode], capture_output=True, text=True,
+                                  timeout=a.worker_timeout)
+            out, err = proc.stdout, proc.stderr
+        except subprocess.TimeoutExpired as exc:
+            out, err = (exc.stdout or b"").decode(errors="replace"), (exc.stderr or b"").decode(errors="replace") + "\nTIMEOUT"
+        log.write_text(out + "\n----- stderr\n" + err)
+        print(f"[{mode}] done, log {log}", flush=True)
+        lines = [l for l in out.splitlines() if l.startswith("RESULT ")]
         if not lines:
-            result["vllm"][mode] = {"error": proc.stderr[-3000:]}
+            result["vllm"][mode] = {"error": err[-3000:]}
             continue
         result["vllm"][mode] = json.loads(lines[-1][7:])
     v, hf = result["vllm"], result["hf"]

@@ -2,10 +2,9 @@
 
 Only the router changes. Each Zeda router subclasses the architecture's own TopKRouter (so
 weight init and `output_router_logits` recording keep working) and routes with
-`routing.route_softmax`. Zero slots are handed to transformers' experts as the sentinel id E
-with weight 0, which every transformers 5 experts implementation skips: they cost nothing here
-either. Modes: dynamic (zero experts live; `zero_bias` is the runtime dial) or masked (the
-original static top-K).
+`routing.route_softmax`. Zero slots reach transformers' experts as expert 0 with weight 0
+(exact; see ZedaRouterMixin.forward for why not transformers' skip sentinel). Modes: dynamic
+(zero experts live; `zero_bias` is the runtime dial) or masked (the original static top-K).
 """
 from __future__ import annotations
 
@@ -66,7 +65,11 @@ class ZedaRouterMixin:
             self._counts[1] += zero.numel()
         self.last_routing = routing
         scores = routing.weights.to(logits.dtype) if self.cast_scores else routing.weights
-        ids = routing.ids.masked_fill(routing.is_zero, self.num_real)  # transformers' skip sentinel
+        # Zero slots go to expert 0 with weight 0: exact, and it costs expert-0 work here (the
+        # vLLM layer is where skipping saves time). transformers' own skip sentinel (id E) gave
+        # nondeterministic garbage gradients/NaN in 5.19 (uninitialised memory, reproduced with
+        # both the eager and grouped_mm experts), so it is not used.
+        ids = routing.ids.masked_fill(routing.is_zero, 0)
         return logits, scores, ids
 
 
@@ -90,6 +93,10 @@ class ZedaCausalLMMixin:
     """Swaps every router of the freshly built in-library model for the Zeda router."""
 
     zeda_router_cls: type[ZedaRouterMixin]
+    # transformers decides whether a model may pick its experts implementation by grepping the
+    # model's module source for the decorator; ours subclasses a module that has it, so say so.
+    # Without this the Zeda classes fall back to "eager" while the base models use "grouped_mm".
+    _can_set_experts_implementation_cached_value = True
 
     def _install_zeda_routers(self, config) -> None:
         spec = read_spec(config)

@@ -125,6 +125,10 @@ class ZedaModelMixin:
         for r in self.zeda_routers:
             r.reset()
 
+    def zeda_set_zero_bias(self, bias: float) -> None:
+        for r in self.zeda_routers:
+            r.set_zero_bias(bias)
+
 
 def _layer_index(prefix: str) -> int:
     parts = prefix.split(".")

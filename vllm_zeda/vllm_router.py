@@ -45,6 +45,8 @@ class ZedaRouter(compat.base_router_class()):
         return compat.custom_routing_method()
 
     def _compute_routing(self, hidden_states, router_logits, indices_type, **_):
+        if router_logits.is_cuda:
+            return self._compute_routing_fused(hidden_states, router_logits, indices_type)
         r = route_softmax(
             router_logits, self.num_real, self.top_k, self.renormalize, masked=self.masked, zero_bias=self.zero_bias
         )
@@ -54,6 +56,41 @@ class ZedaRouter(compat.base_router_class()):
             if self.zero_slots == "remap":
                 ids = ids.masked_fill(r.is_zero, 0)  # weights are already 0 there
         return r.weights, ids.to(indices_type or torch.int32)
+
+    def _compute_routing_fused(self, hidden_states, router_logits, indices_type):
+        """GPU: vLLM's fused top-K softmax kernel over E+Z logits. Its renormalisation divides
+        by the sum of all K selected probabilities, zero slots included: the reference's rule."""
+        from vllm.model_executor.layers.fused_moe.router.fused_topk_router import fused_topk
+
+        from .gpu_kernels import count_zero_slots_
+
+        if self.masked:
+            logits = router_logits[:, : self.num_real].contiguous()
+        elif self.zero_bias != 0.0:
+            logits = router_logits + self._bias_row(router_logits)
+        else:
+            logits = router_logits
+        weights, ids, _ = fused_topk(hidden_states, logits, self.top_k, self.renormalize, indices_type or torch.int32)
+        if self.masked:
+            return weights, ids
+        if self.counts.device != ids.device:
+            self.counts = self.counts.to(ids.device)
+        count_zero_slots_(self.counts, ids, self.num_real, compat.padding_mask(ids.shape[0]))
+        if self.zero_slots == "remap":
+            zero = ids >= self.num_real
+            weights = weights.masked_fill(zero, 0.0)
+            ids = ids.masked_fill(zero, 0)
+        # "skip": zero slots keep ids >= E and their (unused) weights; the expert map sends
+        # them to -1, so the kernel neither computes nor adds them.
+        return weights, ids
+
+    def _bias_row(self, like: torch.Tensor) -> torch.Tensor:
+        bias = getattr(self, "_bias", None)
+        if bias is None or bias.device != like.device or bias.dtype != like.dtype:
+            bias = torch.zeros(self.num_real + self.num_zero, dtype=like.dtype, device=like.device)
+            bias[self.num_real:] = self.zero_bias
+            self._bias = bias
+        return bias
 
     def _count(self, is_zero: torch.Tensor) -> None:
         if self.counts.device != is_zero.device:
@@ -66,6 +103,14 @@ class ZedaRouter(compat.base_router_class()):
             total = is_zero.numel()
         self.counts[0] += is_zero.sum()
         self.counts[1] += total
+
+    def set_zero_bias(self, bias: float) -> None:
+        """Change the dial at run time. On GPU the bias row is updated in place, so captured CUDA
+        graphs see it, provided the engine started with a nonzero bias (else no add was captured)."""
+        self.zero_bias = float(bias)
+        if getattr(self, "_bias", None) is not None:
+            with torch.inference_mode():  # the row was made inside vLLM's inference-mode forward
+                self._bias[self.num_real:] = self.zero_bias
 
     def stats(self) -> tuple[int, int]:
         zero, total = self.counts.tolist()

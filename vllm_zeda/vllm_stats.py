@@ -37,6 +37,13 @@ class ZedaWorkerExtension:
         return model is not None
 
 
+    def zeda_set_zero_bias(self, bias: float) -> bool:
+        model = _zeda_model(self.model_runner.get_model())
+        if model is not None:
+            model.zeda_set_zero_bias(bias)
+        return model is not None
+
+
 def merge_worker_stats(results: list) -> dict | None:
     """Tensor-parallel ranks route identically: take the first rank that has a ZEDA model."""
     for r in results or []:

@@ -1,0 +1,181 @@
+"""End-to-end vLLM throughput on a Qwen3-30B-A3B-shaped model with dummy weights (device machine).
+
+Configs, each in its own engine process, measured in one run:
+  static8   stock vLLM, Qwen3MoeForCausalLM, top-8 (no plugin involved)
+  ideal4    stock vLLM, top-4: the ideal for skip 0.5 (ideal2: top-2, for skip 0.75)
+  zeda_*    the plugin, Z = 64 zero experts, --enable-zeda, zero bias chosen for a skip target
+            (dummy routers give near-uniform logits: fraction ~ Z e^b / (E + Z e^b))
+Workloads: prefill (64 x 2048 prompt tokens, 1 output: input tok/s), decode at batch 1, 16, 256
+(output tok/s). Each workload runs twice; the second (warm) run is reported.
+
+    python3 benchmarks/bench_e2e.py --out $OUT/e2e.json [--configs static8 ideal4 zeda_s50 ...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+E, Z = 128, 64
+SHAPE = dict(
+    architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", vocab_size=151936, hidden_size=2048,
+    num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128, intermediate_size=6144,
+    moe_intermediate_size=768, num_experts=E, num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1,
+    mlp_only_layers=[], max_position_embeddings=8192, rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=False,
+    torch_dtype="bfloat16", hidden_act="silu", attention_bias=False,
+)
+
+
+CONFIGS = {
+    "static8": dict(top_k=8),
+    "ideal4": dict(top_k=4),
+    "ideal2": dict(top_k=2),
+    "zeda_s0": dict(zeda=True, target=0.0),
+    "zeda_s50": dict(zeda=True, target=0.5),
+    "zeda_s75": dict(zeda=True, target=0.75),
+    "zeda_s100": dict(zeda=True, target=1.0),
+}
+WORKLOADS = {  # name: (num prompts, prompt len, output len)
+    "prefill": (64, 2048, 1),
+    "decode_b1": (1, 16, 256),
+    "decode_b16": (16, 16, 256),
+    "decode_b256": (256, 16, 128),
+}
+
+
+def write_model(root: Path, name: str) -> Path:
+    from vllm_zeda.tiny import byte_tokenizer
+
+    c = CONFIGS[name]
+    cfg = dict(SHAPE, num_experts_per_tok=c.get("top_k", 8))
+    if c.get("zeda"):
+        cfg.update(architectures=["ZedaQwen3MoeForCausalLM"], model_type="zeda_qwen3_moe",
+                   zeda={"format_version": 1, "base_architecture": "Qwen3MoeForCausalLM", "num_real_experts": E,
+                         "num_zero_experts": Z, "zero_expert_type": "zero", "target_zero_fraction": 0.5})
+    d = root / name
+    d.mkdir(parents=True)
+    (d / "config.json").write_text(json.dumps(cfg))
+    byte_tokenizer().save_pretrained(d)
+    return d
+
+
+def probe(llm, bias, prompts, sp) -> float:
+    llm.collective_rpc("zeda_set_zero_bias", args=(bias,))
+    llm.collective_rpc("zeda_reset_stats")
+    llm.generate(prompts, sp, use_tqdm=False)
+    return llm.collective_rpc("zeda_stats")[0]["zero_fraction"]
+
+
+def calibrate(llm, target, g) -> float:
+    """Zero bias giving `target` zero fraction. Dummy weights make router logits nearly equal,
+    so the useful bias range is tiny and unknown in advance: grow, then bisect."""
+    import torch
+    from vllm import SamplingParams
+
+    if target <= 0.0:
+        return -1e4
+    if target >= 1.0:
+        probe_bias = 1e4
+        llm.collective_rpc("zeda_set_zero_bias", args=(probe_bias,))
+        return probe_bias
+    prompts = [{"prompt_token_ids": torch.randint(0, 250, (64,), generator=g).tolist()} for _ in range(32)]
+    sp = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    lo, hi = -1e-6, 1e-6
+    while probe(llm, hi, prompts, sp) < target and hi < 1e3:
+        hi *= 4
+    while probe(llm, lo, prompts, sp) > target and lo > -1e3:
+        lo *= 4
+    for _ in range(14):
+        mid = (lo + hi) / 2
+        if probe(llm, mid, prompts, sp) < target:
+            lo = mid
+        else:
+            hi = mid
+    bias = (lo + hi) / 2
+    print(f"calibrated bias {bias:.3e} -> {probe(llm, bias, prompts, sp):.3f} (target {target})", flush=True)
+    return bias
+
+
+def worker(model_dir: str, name: str) -> None:
+    import torch
+    from vllm import LLM, SamplingParams
+
+    c = CONFIGS[name]
+    kw = {}
+    if c.get("zeda"):
+        # start with a nonzero bias so the bias add is captured in the CUDA graphs; calibrated below
+        kw = dict(additional_config={"zeda": {"enabled": True, "zero_bias": 1e-9}},
+                  worker_extension_cls="vllm_zeda.vllm_stats.ZedaWorkerExtension")
+    t0 = time.time()
+    llm = LLM(model_dir, load_format="dummy", dtype="bfloat16", max_model_len=4096, gpu_memory_utilization=0.88,
+              max_num_seqs=256, max_num_batched_tokens=16384, **kw)
+    res = {"config": name, "init_s": round(time.time() - t0, 1), "workloads": {}}
+    g = torch.Generator().manual_seed(0)
+    if c.get("zeda"):
+        res["zero_bias"] = calibrate(llm, c["target"], g)
+    for wname, (n, plen, olen) in WORKLOADS.items():
+        prompts = [{"prompt_token_ids": torch.randint(0, 250, (plen,), generator=g).tolist()} for _ in range(n)]
+        sp = SamplingParams(max_tokens=olen, temperature=0, ignore_eos=True)
+        for attempt in range(2):
+            if c.get("zeda"):
+                llm.collective_rpc("zeda_reset_stats")
+            t = time.perf_counter()
+            llm.generate(prompts, sp, use_tqdm=False)
+            dt = time.perf_counter() - t
+        tok = n * plen if wname == "prefill" else n * olen
+        entry = {"seconds": round(dt, 3), "tok_per_s": round(tok / dt, 1), "unit": "input tok/s" if wname == "prefill" else "output tok/s"}
+        if c.get("zeda"):
+            entry["zero_fraction"] = round(llm.collective_rpc("zeda_stats")[0]["zero_fraction"], 4)
+        res["workloads"][wname] = entry
+        print(name, wname, entry, flush=True)
+    print("RESULT " + json.dumps(res), flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", required=True)
+    p.add_argument("--configs", nargs="+", default=["static8", "ideal4", "zeda_s50"])
+    p.add_argument("--worker", nargs=2)
+    p.add_argument("--timeout", type=float, default=200)
+    a = p.parse_args()
+    if a.worker:
+        return worker(*a.worker)
+    import torch
+    import vllm
+
+    root = Path(tempfile.mkdtemp())
+    results = {"meta": {"device": torch.cuda.get_device_name(), "vllm": vllm.__version__, "date": time.strftime("%Y-%m-%d"),
+                        "shape": "Qwen3-30B-A3B (48 layers, E=128, top-8, H=2048, I=768), dummy weights, bf16",
+                        "zero_experts": Z}, "configs": {}}
+    for name in a.configs:
+        d = write_model(root, name)
+        log = Path(a.out).with_name(f"e2e_{name}.log")
+        try:
+            proc = subprocess.run([sys.executable, __file__, "--out", a.out, "--worker", str(d), name],
+                                  capture_output=True, text=True, timeout=a.timeout)
+            out, err = proc.stdout, proc.stderr
+        except subprocess.TimeoutExpired as exc:
+            out = (exc.stdout or b"").decode(errors="replace")
+            err = (exc.stderr or b"").decode(errors="replace") + "\nTIMEOUT"
+        log.write_text(out + "\n----- stderr\n" + err[-20000:])
+        lines = [l for l in out.splitlines() if l.startswith("RESULT ")]
+        results["configs"][name] = json.loads(lines[-1][7:]) if lines else {"error": err[-2000:]}
+        print(name, "done" if lines else "FAILED", flush=True)
+        Path(a.out).write_text(json.dumps(results, indent=1))
+    base = results["configs"].get("static8", {}).get("workloads", {})
+    for name, r in results["configs"].items():
+        for w, e in r.get("workloads", {}).items():
+            if w in base:
+                e["vs_static8"] = round(e["tok_per_s"] / base[w]["tok_per_s"], 3)
+    Path(a.out).write_text(json.dumps(results, indent=1))
+    print(json.dumps({n: {w: (e["tok_per_s"], e.get("vs_static8"), e.get("zero_fraction")) for w, e in r.get("workloads", {}).items()}
+                      for n, r in results["configs"].items()}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
