@@ -47,3 +47,12 @@ def test_balance_gradient_points_at_the_target():
         loss = group_balance_loss(logits.softmax(-1), ids, e, z, k, w, zero_fraction=torch.tensor(f_z))
         loss.backward()
         assert sign * logits.grad[:, e:].sum() > 0  # gradient descent lowers (raises) zero logits
+
+
+def test_topk_kl_is_a_lower_bound_of_the_full_kl():
+    g = torch.Generator().manual_seed(3)
+    t, s = torch.randn(6, 40, generator=g) * 3, torch.randn(6, 40, generator=g)
+    full = kl_teacher_student(t, s)
+    for k in (1, 4, 16, 39):
+        lp, ids = teacher_topk(t, k)
+        assert 0 <= kl_topk(lp, ids, s) <= full + 1e-6

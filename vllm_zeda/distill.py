@@ -31,14 +31,17 @@ def teacher_topk(teacher_logits: torch.Tensor, k: int, temperature: float = 1.0)
 
 
 def kl_topk(teacher_logp: torch.Tensor, teacher_ids: torch.Tensor, student_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """KL from a top-k cached teacher: the teacher renormalised over its k tokens.
+    """KL from a top-k cached teacher over k + 1 outcomes: its k tokens and "everything else".
 
-    With k = vocabulary size this equals `kl_teacher_student` (up to rounding).
+    Keeping the teacher's true top-k probabilities plus the rest bucket (instead of
+    renormalising over k tokens) never pushes the student's mass onto the k tokens beyond what
+    the teacher puts there; it is a lower bound of the full KL and equals it when k = vocabulary.
     """
     t = teacher_logp.float()
-    t = t - torch.logsumexp(t, dim=-1, keepdim=True)
     s = F.log_softmax(student_logits.float() / temperature, dim=-1).gather(-1, teacher_ids.long())
-    kl = (t.exp() * (t - s)).sum(-1)
+    t_rest = torch.log1p(-t.exp().sum(-1).clamp(max=1 - 1e-7))
+    s_rest = torch.log1p(-s.exp().sum(-1).clamp(max=1 - 1e-7))
+    kl = (t.exp() * (t - s)).sum(-1) + t_rest.exp() * (t_rest - s_rest)
     return kl.mean() * temperature**2
 
 
