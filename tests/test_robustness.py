@@ -423,7 +423,7 @@ BAD_CHECKPOINTS = {
     "router_rows_long": (lambda d: _rewrite_router(d, lambda t: __import__("torch").cat([t, t[:1]])), ["13 rows"]),
     "router_nan": (lambda d: _rewrite_router(d, _nan), ["NaN or inf"]),
     "router_inf": (lambda d: _rewrite_router(d, _inf), ["NaN or inf"]),
-    "zeda_block_missing": (lambda d: _edit_config(d, lambda c: c.pop("zeda")), ["no zero experts"]),
+    "zeda_block_missing": (lambda d: _edit_config(d, lambda c: c.pop("zeda")), ["has no 'zeda' block"]),
     "zeda_block_not_object": (lambda d: _edit_config(d, _set(["zeda"], "yes")), ["'zeda' block"]),
     "real_experts_contradict": (lambda d: _edit_config(d, _set(["zeda", "num_real_experts"], 6)),
                                 ["6 real experts", "says 8"]),
@@ -512,3 +512,16 @@ def test_bad_checkpoint_fails_fast_with_one_line(bad_startups, case):
     assert len(errors) == 1, f"{case}: expected one 'error:' line, got\n{err[-2000:]}"
     for word in BAD_CHECKPOINTS[case][1]:
         assert word in errors[0], f"{case}: {word!r} not in {errors[0]!r}"
+
+
+@pytest.mark.parametrize("case", ["router_nan", "router_rows_short", "zeda_block_missing"])
+def test_bad_checkpoint_without_flag_also_fails_fast(bad_checkpoints, case):
+    """Masked mode (no --enable-zeda) checks a ZEDA checkpoint too, instead of a worker traceback
+    (or, for NaN routers, serving garbage)."""
+    cmd = [*vllm_command(), "serve", str(bad_checkpoints[case]), "--port", str(free_port()), *SERVE_ARGS]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=STARTUP_TIMEOUT, start_new_session=True)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert len(errors) == 1, proc.stderr[-2000:]
+    for word in BAD_CHECKPOINTS[case][1]:
+        assert word in errors[0]

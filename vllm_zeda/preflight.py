@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from .archs import router_layer
+from .archs import arch_for_zeda, router_layer
 from .checkpoint import load_config, shard_files
 from .errors import ZedaError
 from .spec import ZedaSpec, read_spec
@@ -18,11 +18,20 @@ def check_checkpoint(model: str, require_zero_experts: bool = True) -> ZedaSpec 
         if require_zero_experts and (model.startswith((".", "/")) or model.count("/") != 1):
             raise ZedaError(f"model path {model} does not exist")
         return None  # a hub id: vLLM resolves it; the model class checks it at load
-    cfg = load_config(path)
+    if not require_zero_experts and not (path / "config.json").is_file():
+        return None  # GGUF file, Mistral-format dir...: not ours to judge
+    try:
+        cfg = load_config(path)
+    except ZedaError:
+        if require_zero_experts:
+            raise
+        return None  # vLLM reports its own config errors for models that are not ZEDA
     spec = read_spec(cfg)
     if spec is None:
+        arch = (cfg.get("architectures") or ["?"])[0]
+        if arch_for_zeda(arch) is not None:
+            raise ZedaError(f"{model}: config.json names {arch} but has no 'zeda' block (nor zce_nums)")
         if require_zero_experts:
-            arch = (cfg.get("architectures") or ["?"])[0]
             raise ZedaError(f"--enable-zeda: {model} ({arch}) has no zero experts; convert it first with "
                             "python -m vllm_zeda.train (or vllm_zeda.convert)")
         return None

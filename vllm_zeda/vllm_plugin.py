@@ -67,7 +67,7 @@ def _wrap_engine_args() -> None:
 
     def from_cli_args(cls, args):
         engine_args = original_from(cls, args)
-        if getattr(args, "enable_zeda", False) or getattr(args, "zeda_zero_bias", 0.0):
+        if hasattr(args, "enable_zeda"):  # our parser built these args (vllm serve)
             apply_cli_settings(engine_args, args)
         return engine_args
 
@@ -77,17 +77,21 @@ def _wrap_engine_args() -> None:
 
 
 def apply_cli_settings(engine_args, args) -> None:
-    """Check the checkpoint, carry the settings and switch on the statistics."""
+    """Check a ZEDA checkpoint before the engine starts (one clear line instead of a worker
+    traceback), carry the settings, and switch on the statistics with --enable-zeda."""
     from .errors import ZedaError
     from .preflight import check_checkpoint
 
     enabled = bool(getattr(args, "enable_zeda", False))
     try:
-        if enabled:
-            check_checkpoint(engine_args.model, require_zero_experts=True)
+        spec = check_checkpoint(engine_args.model, require_zero_experts=enabled)
     except ZedaError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    if spec is None:
+        return  # not a ZEDA checkpoint (or a hub id): vLLM as usual
+    if not enabled and getattr(args, "zeda_zero_bias", 0.0):
+        logger.warning("[zeda] --zeda-zero-bias has no effect without --enable-zeda (zero experts are masked)")
     settings = {
         "enabled": enabled,
         "zero_bias": float(getattr(args, "zeda_zero_bias", 0.0)),
@@ -96,6 +100,8 @@ def apply_cli_settings(engine_args, args) -> None:
     extra = dict(engine_args.additional_config or {})
     extra["zeda"] = settings
     engine_args.additional_config = extra
+    if not enabled:
+        return
     default_ext = ""
     if not engine_args.worker_extension_cls or engine_args.worker_extension_cls == default_ext:
         engine_args.worker_extension_cls = WORKER_EXTENSION
