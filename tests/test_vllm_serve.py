@@ -62,6 +62,24 @@ def test_enable_zeda_matches_hf_dynamic_and_stats(arch, cli_converted, tmp_path)
     assert stats["zero_fraction"] == pytest.approx(ref["zero_fraction"], abs=0.01)
 
 
+def test_cpu_gather_path_matches_hf_dynamic(cli_converted, tmp_path):
+    """Real CPU skipping: only live (token, slot) pairs go through the kernel (forced for every
+    batch size here), same tokens and statistics as the HF reference."""
+    model = load(cli_converted["qwen3_moe"])
+    tok = __import__("transformers").AutoTokenizer.from_pretrained(cli_converted["qwen3_moe"])
+    prompts = prompt_ids(tok)
+    expected = hf_greedy(model, prompts, MAX_TOKENS)
+    with VllmServer(cli_converted["qwen3_moe"], "--enable-zeda", "--zeda-zero-slots", "gather",
+                    "--zeda-gather-min-tokens", "1", *SERVE_ARGS, log_path=tmp_path / "serve.log") as server:
+        got = serve_completions(server, prompts)
+        stats = server.stats()
+        log = server.log_tail(400)
+    assert "gathering live slots in batches of >= 1 tokens" in log
+    for i, (g, e) in enumerate(zip(got, expected)):
+        assert g == e, f"prompt {i}: first mismatch (pos, vllm, hf) = {first_mismatch(g, e)}"
+    assert stats["zero_fraction"] == pytest.approx(hf_zero_stats(model, prompts, expected)["zero_fraction"], abs=0.01)
+
+
 @pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
 def test_without_flag_runs_masked_equal_to_original(arch, cli_converted, tiny_models, tmp_path):
     original = load(tiny_models[arch])

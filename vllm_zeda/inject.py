@@ -14,11 +14,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from .archs import EXPERT_COUNT_KEYS, MoeArch, arch_for_base, router_layer
+from .archs import EXPERT_COUNT_KEYS, TOP_K_KEYS, MoeArch, arch_for_base, router_layer
 from .checkpoint import CONFIG, INDEX, atomic_output_dir, load_config, shard_files
 from .errors import ZedaError
 from .spec import ZedaSpec, first_key, read_spec, validate
-from .archs import TOP_K_KEYS
 
 
 def zero_expert_rows(router: torch.Tensor, num_zero: int, generator: torch.Generator) -> torch.Tensor:

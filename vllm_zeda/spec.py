@@ -13,7 +13,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
-from .archs import EXPERT_COUNT_KEYS, TOP_K_KEYS, MoeArch, arch_for_zeda
+from .archs import EXPERT_COUNT_KEYS, TOP_K_KEYS, MoeArch, arch_for_base, arch_for_zeda
 from .errors import ZedaError
 
 FORMAT_VERSION = 1
@@ -125,8 +125,6 @@ def _from_release(cfg: dict, archs: list) -> ZedaSpec:
 
 
 def validate(spec: ZedaSpec) -> ZedaSpec:
-    from .archs import arch_for_base
-
     if arch_for_base(spec.base_architecture) is None:
         raise ZedaError(f"unsupported base architecture {spec.base_architecture!r}")
     if spec.num_real_experts < 1:
@@ -144,8 +142,6 @@ def validate(spec: ZedaSpec) -> ZedaSpec:
 
 
 def arch_of(spec: ZedaSpec) -> MoeArch:
-    from .archs import arch_for_base
-
     arch = arch_for_base(spec.base_architecture)
     assert arch is not None  # validate() checked
     return arch

@@ -31,23 +31,24 @@ COMMON = dict(
 
 
 def tiny_config(arch: str, num_experts: int = 8, top_k: int = 2, **overrides):
-    """A transformers config for one of the four base architectures."""
+    """A transformers config for one of the four base architectures; `overrides` win."""
     from transformers import MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
-    kw = dict(COMMON, num_experts_per_tok=top_k, **overrides)
-    if arch == "qwen3_moe":
-        return Qwen3MoeConfig(num_experts=num_experts, moe_intermediate_size=64, intermediate_size=128, norm_topk_prob=True, **kw)
-    if arch == "qwen2_moe":
-        return Qwen2MoeConfig(
-            num_experts=num_experts, moe_intermediate_size=64, intermediate_size=128,
-            shared_expert_intermediate_size=64, norm_topk_prob=False, **kw,
-        )
+    per_arch = {
+        "qwen3_moe": (Qwen3MoeConfig, dict(num_experts=num_experts, moe_intermediate_size=64, intermediate_size=128,
+                                           norm_topk_prob=True)),
+        "qwen2_moe": (Qwen2MoeConfig, dict(num_experts=num_experts, moe_intermediate_size=64, intermediate_size=128,
+                                           shared_expert_intermediate_size=64, norm_topk_prob=False)),
+        "olmoe": (OlmoeConfig, dict(num_experts=num_experts, intermediate_size=64, norm_topk_prob=False)),
+        "mixtral": (MixtralConfig, dict(num_local_experts=num_experts, intermediate_size=64)),
+    }
+    if arch not in per_arch:
+        raise ValueError(f"unknown tiny architecture {arch!r}")
+    cls, kw = per_arch[arch]
+    kw = {**COMMON, "num_experts_per_tok": top_k, **kw, **overrides}
     if arch == "olmoe":
         kw.pop("head_dim")
-        return OlmoeConfig(num_experts=num_experts, intermediate_size=64, norm_topk_prob=False, **kw)
-    if arch == "mixtral":
-        return MixtralConfig(num_local_experts=num_experts, intermediate_size=64, **kw)
-    raise ValueError(f"unknown tiny architecture {arch!r}")
+    return cls(**kw)
 
 
 def byte_tokenizer():

@@ -41,7 +41,7 @@ INJECTED = "injected"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m vllm_zeda.train", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m vllm_zeda.train", description="convert an HF MoE checkpoint to ZEDA (zero experts) and adapt it by two-stage self-distillation")
     a = p.add_argument
     a("--model", required=True, help="source HF MoE checkpoint directory (safetensors)")
     a("--output", required=True, help="new directory for the trained ZEDA checkpoint (must not exist)")

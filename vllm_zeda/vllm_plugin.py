@@ -60,9 +60,13 @@ def _wrap_engine_args() -> None:
                                 "runs masked (its original static top-K)")
         group.add_argument("--zeda-zero-bias", type=float, default=0.0,
                            help="added to the zero experts' router logits: > 0 skips more experts (default 0)")
-        group.add_argument("--zeda-zero-slots", choices=("auto", "skip", "remap"), default="auto",
-                           help="how zero slots reach the fused MoE: skip (expert map, GPU) or remap to "
-                                "expert 0 with weight 0 (exact, no saving; CPU). Default: auto")
+        group.add_argument("--zeda-zero-slots", choices=("auto", "skip", "gather", "remap"), default="auto",
+                           help="how zero slots reach the fused MoE: skip (expert map; GPU default), gather "
+                                "(run only live slots; CPU default, above --zeda-gather-min-tokens) or remap "
+                                "to expert 0 with weight 0 (exact, no saving)")
+        group.add_argument("--zeda-gather-min-tokens", type=int, default=None,
+                           help="gather mode: batch size (tokens) from which live slots are gathered; "
+                                "below it zero slots are remapped (default: measured CPU crossover)")
         return parser
 
     def from_cli_args(cls, args):
@@ -97,6 +101,8 @@ def apply_cli_settings(engine_args, args) -> None:
         "zero_bias": float(getattr(args, "zeda_zero_bias", 0.0)),
         "zero_slots": getattr(args, "zeda_zero_slots", "auto"),
     }
+    if getattr(args, "zeda_gather_min_tokens", None) is not None:
+        settings["gather_min_tokens"] = int(args.zeda_gather_min_tokens)
     extra = dict(engine_args.additional_config or {})
     extra["zeda"] = settings
     engine_args.additional_config = extra

