@@ -15,7 +15,7 @@ from . import compat
 from .spec import ZedaSpec, arch_of, read_spec
 from .vllm_router import ZedaRouter
 
-logger = logging.getLogger("vllm_zeda")
+logger = logging.getLogger("vllm.zeda")  # a child of vLLM's logger: its format and level
 _LOGGED: set[str] = set()
 
 
@@ -42,7 +42,7 @@ def _log_once(msg: str, *args) -> None:
     key = msg % args
     if key not in _LOGGED:
         _LOGGED.add(key)
-        logger.warning("[zeda] " + msg, *args)
+        logger.info("[zeda] " + msg, *args)
 
 
 @contextlib.contextmanager

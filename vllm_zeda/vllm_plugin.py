@@ -14,7 +14,7 @@ import sys
 
 from .archs import ARCHS, RELEASE_ARCHITECTURES
 
-logger = logging.getLogger("vllm_zeda")
+logger = logging.getLogger("vllm.zeda")  # a child of vLLM's logger: its format and level
 
 WORKER_EXTENSION = "vllm_zeda.vllm_stats.ZedaWorkerExtension"
 ENDPOINT_PLUGIN_NAME = "zeda_stats"

@@ -11,7 +11,7 @@ import logging
 
 from . import compat
 
-logger = logging.getLogger("vllm_zeda")
+logger = logging.getLogger("vllm.zeda")  # a child of vLLM's logger: its format and level
 REFRESH_SECONDS = 5.0
 
 
