@@ -37,6 +37,7 @@ def plot(out_path: Path, report: dict, metrics: list[dict]) -> Path:
     ax_l.bar([x + width / 2 for x in layers], [d["zero_fraction"] for d in report["layers"]], width, label="trained")
     ax_l.axhline(report["target_zero_fraction"], color="k", ls="--", lw=1, label="target")
     ax_l.set(xlabel="layer", ylabel="zero-expert slot fraction (held-out)", ylim=(0, 1), title="skip rate per layer")
+    ax_l.set_xticks(layers if len(layers) <= 16 else layers[:: max(1, len(layers) // 12)])
     ax_l.legend(fontsize=8)
 
     # one x axis over both stages: stage 2 steps follow stage 1's
