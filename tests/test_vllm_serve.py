@@ -19,7 +19,7 @@ SERVE_ARGS = [*CPU_DEFAULTS, "--no-enable-prefix-caching"]
 def cli_converted(tiny_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     out = {}
-    for arch in ("qwen3_moe", "mixtral"):
+    for arch in ("qwen3_moe", "mixtral", "qwen2_moe", "olmoe"):
         dst = root / arch
         subprocess.run([sys.executable, "-m", "vllm_zeda.convert", "--model", str(tiny_models[arch]),
                         "--output", str(dst), "--num-zero-experts", "4", "--quiet"], check=True)
@@ -44,7 +44,7 @@ def first_mismatch(a, b):
     return None
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "qwen2_moe", "olmoe"])
 def test_enable_zeda_matches_hf_dynamic_and_stats(arch, cli_converted, tmp_path):
     model = load(cli_converted[arch])
     tok = __import__("transformers").AutoTokenizer.from_pretrained(cli_converted[arch])
