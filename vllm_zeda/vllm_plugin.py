@@ -108,8 +108,7 @@ def apply_cli_settings(engine_args, args) -> None:
     engine_args.additional_config = extra
     if not enabled:
         return
-    default_ext = ""
-    if not engine_args.worker_extension_cls or engine_args.worker_extension_cls == default_ext:
+    if not engine_args.worker_extension_cls:  # vLLM's default is ""
         engine_args.worker_extension_cls = WORKER_EXTENSION
     elif engine_args.worker_extension_cls != WORKER_EXTENSION:
         logger.warning("[zeda] --worker-extension-cls is taken (%s): /v1/zeda/stats will be unavailable",
