@@ -5,4 +5,4 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/examples/setup_cpu.sh"
 cd "$ROOT"
-exec python -m pytest -q tests "$@"
+exec python -m pytest -q "$@"   # no arguments: testpaths = tests (pyproject.toml)
