@@ -3,12 +3,16 @@
 Configs, each in its own engine process, measured in one run:
   static8   stock vLLM, Qwen3MoeForCausalLM, top-8 (no plugin involved)
   ideal4    stock vLLM, top-4: the ideal for skip 0.5 (ideal2: top-2, for skip 0.75)
-  zeda_*    the plugin, Z = 64 zero experts, --enable-zeda, zero bias chosen for a skip target
-            (dummy routers give near-uniform logits: fraction ~ Z e^b / (E + Z e^b))
+  zeda      the plugin, Z = 64 zero experts, --enable-zeda; one engine serves every --targets
+            skip fraction: the zero bias is set through the `zeda_set_zero_bias` worker RPC and
+            calibrated by bisection on the measured fraction (dummy routers give near-equal
+            logits, so the useful bias range is tiny). Reported as zeda_s0, zeda_s50, ...
+            Target 0 uses bias -1e4: no zero slot at all, so it measures the plugin's overhead.
 Workloads: prefill (64 x 2048 prompt tokens, 1 output: input tok/s), decode at batch 1, 16, 256
-(output tok/s). Each workload runs twice; the second (warm) run is reported.
+(output tok/s). Each workload runs twice; the second (warm) run is reported. Every engine uses
+the same CUDA-graph capture sizes (CAPTURE_SIZES) to keep start-up short.
 
-    python3 benchmarks/bench_e2e.py --out $OUT/e2e.json [--configs static8 ideal4 zeda_s50 ...]
+    python3 benchmarks/bench_e2e.py --out $OUT/e2e.json [--configs static8 ideal4 zeda] [--targets 0 0.5]
 """
 from __future__ import annotations
 
@@ -35,11 +39,9 @@ CONFIGS = {
     "static8": dict(top_k=8),
     "ideal4": dict(top_k=4),
     "ideal2": dict(top_k=2),
-    "zeda_s0": dict(zeda=True, target=0.0),
-    "zeda_s50": dict(zeda=True, target=0.5),
-    "zeda_s75": dict(zeda=True, target=0.75),
-    "zeda_s100": dict(zeda=True, target=1.0),
+    "zeda": dict(zeda=True),
 }
+CAPTURE_SIZES = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256]
 WORKLOADS = {  # name: (num prompts, prompt len, output len)
     "prefill": (64, 2048, 1),
     "decode_b1": (1, 16, 256),
@@ -77,12 +79,10 @@ def calibrate(llm, target, g) -> float:
     import torch
     from vllm import SamplingParams
 
-    if target <= 0.0:
-        return -1e4
-    if target >= 1.0:
-        probe_bias = 1e4
-        llm.collective_rpc("zeda_set_zero_bias", args=(probe_bias,))
-        return probe_bias
+    if target <= 0.0 or target >= 1.0:
+        bias = -1e4 if target <= 0.0 else 1e4
+        llm.collective_rpc("zeda_set_zero_bias", args=(bias,))
+        return bias
     prompts = [{"prompt_token_ids": torch.randint(0, 250, (64,), generator=g).tolist()} for _ in range(32)]
     sp = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
     lo, hi = -1e-6, 1e-6
@@ -101,50 +101,65 @@ def calibrate(llm, target, g) -> float:
     return bias
 
 
-def worker(model_dir: str, name: str) -> None:
+def run_workloads(llm, label: str, g, zeda: bool) -> dict:
     import torch
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
-    c = CONFIGS[name]
-    kw = {}
-    if c.get("zeda"):
-        # start with a nonzero bias so the bias add is captured in the CUDA graphs; calibrated below
-        kw = dict(additional_config={"zeda": {"enabled": True, "zero_bias": 1e-9}},
-                  worker_extension_cls="vllm_zeda.vllm_stats.ZedaWorkerExtension")
-    t0 = time.time()
-    llm = LLM(model_dir, load_format="dummy", dtype="bfloat16", max_model_len=4096, gpu_memory_utilization=0.88,
-              max_num_seqs=256, max_num_batched_tokens=16384, **kw)
-    res = {"config": name, "init_s": round(time.time() - t0, 1), "workloads": {}}
-    g = torch.Generator().manual_seed(0)
-    if c.get("zeda"):
-        res["zero_bias"] = calibrate(llm, c["target"], g)
+    out = {}
     for wname, (n, plen, olen) in WORKLOADS.items():
         prompts = [{"prompt_token_ids": torch.randint(0, 250, (plen,), generator=g).tolist()} for _ in range(n)]
         sp = SamplingParams(max_tokens=olen, temperature=0, ignore_eos=True)
         for attempt in range(2):
-            if c.get("zeda"):
+            if zeda:
                 llm.collective_rpc("zeda_reset_stats")
             t = time.perf_counter()
             llm.generate(prompts, sp, use_tqdm=False)
             dt = time.perf_counter() - t
         tok = n * plen if wname == "prefill" else n * olen
-        entry = {"seconds": round(dt, 3), "tok_per_s": round(tok / dt, 1), "unit": "input tok/s" if wname == "prefill" else "output tok/s"}
-        if c.get("zeda"):
+        entry = {"seconds": round(dt, 3), "tok_per_s": round(tok / dt, 1),
+                 "unit": "input tok/s" if wname == "prefill" else "output tok/s"}
+        if zeda:
             entry["zero_fraction"] = round(llm.collective_rpc("zeda_stats")[0]["zero_fraction"], 4)
-        res["workloads"][wname] = entry
-        print(name, wname, entry, flush=True)
-    print("RESULT " + json.dumps(res), flush=True)
+        out[wname] = entry
+        print(label, wname, entry, flush=True)
+    return out
+
+
+def worker(model_dir: str, name: str, targets: list[float]) -> None:
+    import torch
+    from vllm import LLM
+
+    zeda = CONFIGS[name].get("zeda", False)
+    kw = {}
+    if zeda:
+        # start with a nonzero bias so the bias add is captured in the CUDA graphs; set per target
+        kw = dict(additional_config={"zeda": {"enabled": True, "zero_bias": 1e-9}},
+                  worker_extension_cls="vllm_zeda.vllm_stats.ZedaWorkerExtension")
+    t0 = time.time()
+    llm = LLM(model_dir, load_format="dummy", dtype="bfloat16", max_model_len=4096, gpu_memory_utilization=0.88,
+              max_num_seqs=256, max_num_batched_tokens=16384,
+              compilation_config={"cudagraph_capture_sizes": CAPTURE_SIZES}, **kw)
+    init_s = round(time.time() - t0, 1)
+    g = torch.Generator().manual_seed(0)
+    for target in (targets if zeda else [None]):
+        label = name if target is None else f"zeda_s{round(target * 100)}"
+        res = {"config": label, "init_s": init_s}
+        if zeda:
+            res["zero_bias"] = calibrate(llm, target, g)
+        res["workloads"] = run_workloads(llm, label, g, zeda)
+        print("RESULT " + json.dumps(res), flush=True)
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
-    p.add_argument("--configs", nargs="+", default=["static8", "ideal4", "zeda_s50"])
+    p.add_argument("--configs", nargs="+", default=["static8", "ideal4", "zeda"])
+    p.add_argument("--targets", nargs="+", type=float, default=[0.0, 0.5])
     p.add_argument("--worker", nargs=2)
-    p.add_argument("--timeout", type=float, default=200)
+    p.add_argument("--timeout", type=float, default=200, help="seconds per engine, plus 90 per zeda target")
     a = p.parse_args()
     if a.worker:
-        return worker(*a.worker)
+        return worker(*a.worker, a.targets)
     import torch
     import vllm
 
@@ -156,15 +171,19 @@ def main() -> None:
         d = write_model(root, name)
         log = Path(a.out).with_name(f"e2e_{name}.log")
         try:
-            proc = subprocess.run([sys.executable, __file__, "--out", a.out, "--worker", str(d), name],
-                                  capture_output=True, text=True, timeout=a.timeout)
+            timeout = a.timeout + (90 * len(a.targets) if CONFIGS[name].get("zeda") else 0)
+            proc = subprocess.run([sys.executable, __file__, "--out", a.out, "--worker", str(d), name,
+                                   "--targets", *map(str, a.targets)], capture_output=True, text=True, timeout=timeout)
             out, err = proc.stdout, proc.stderr
         except subprocess.TimeoutExpired as exc:
             out = (exc.stdout or b"").decode(errors="replace")
             err = (exc.stderr or b"").decode(errors="replace") + "\nTIMEOUT"
         log.write_text(out + "\n----- stderr\n" + err[-20000:])
-        lines = [l for l in out.splitlines() if l.startswith("RESULT ")]
-        results["configs"][name] = json.loads(lines[-1][7:]) if lines else {"error": err[-2000:]}
+        lines = [json.loads(l[7:]) for l in out.splitlines() if l.startswith("RESULT ")]
+        for r in lines:
+            results["configs"][r["config"]] = r
+        if not lines:
+            results["configs"][name] = {"error": err[-2000:]}
         print(name, "done" if lines else "FAILED", flush=True)
         Path(a.out).write_text(json.dumps(results, indent=1))
     base = results["configs"].get("static8", {}).get("workloads", {})

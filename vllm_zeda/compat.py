@@ -101,3 +101,20 @@ def unwrap_model(model):
     while not hasattr(model, "modules") and hasattr(model, "unwrap"):
         model = model.unwrap()
     return model
+
+
+def rebind_globals(func, **replacements):
+    """A copy of `func` that sees `replacements` instead of its module's globals of those names.
+
+    Used to run an upstream method with one module-level helper swapped, without copying the
+    method's body: every name must already be a global of the function's module (checked)."""
+    import types
+
+    missing = [name for name in replacements if name not in func.__globals__]
+    if missing:
+        raise KeyError(f"{func.__module__}.{func.__qualname__} has no globals {missing}")
+    new = types.FunctionType(func.__code__, {**func.__globals__, **replacements}, func.__name__,
+                             func.__defaults__, func.__closure__)
+    new.__kwdefaults__ = func.__kwdefaults__
+    new.__qualname__, new.__doc__ = func.__qualname__, func.__doc__
+    return new

