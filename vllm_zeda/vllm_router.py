@@ -41,6 +41,7 @@ class ZedaRouter(compat.base_router_class()):
         self.renormalize, self.masked, self.zero_bias = renormalize, masked, zero_bias
         self.zero_slots = zero_slots
         self.counts = torch.zeros(2, dtype=torch.int64)  # [zero slots, total slots]
+        self.live_ids: torch.Tensor | None = None  # GPU: last routing's ids with zero slots as -1
 
     @property
     def routing_method_type(self):
@@ -60,37 +61,34 @@ class ZedaRouter(compat.base_router_class()):
         return r.weights, ids.to(indices_type or torch.int32)
 
     def _compute_routing_fused(self, hidden_states, router_logits, indices_type):
-        """GPU: vLLM's fused top-K softmax kernel over E+Z logits. Its renormalisation divides
-        by the sum of all K selected probabilities, zero slots included: the reference's rule."""
-        from vllm.model_executor.layers.fused_moe.router.fused_topk_router import fused_topk
-
-        from .gpu_kernels import count_zero_slots_
-
+        """GPU. Masked: vLLM's fused top-K over the real logits (the original model). Dynamic: one
+        Triton kernel (gpu_kernels.zeda_route_) does bias, softmax over E+Z, top-K, the
+        reference's renormalisation (zero slots included in the sum), the counters, and the
+        live ids (zero slots -1) that ZedaTritonExperts uses instead of gathering the map."""
         if self.masked:
+            from vllm.model_executor.layers.fused_moe.router.fused_topk_router import fused_topk
+
             logits = router_logits[:, : self.num_real].contiguous()
-        elif self.zero_bias != 0.0:
-            logits = router_logits + self._bias_row(router_logits)
-        else:
-            logits = router_logits
-        weights, ids, _ = fused_topk(hidden_states, logits, self.top_k, self.renormalize, indices_type or torch.int32)
-        if self.masked:
+            weights, ids, _ = fused_topk(hidden_states, logits, self.top_k, self.renormalize, indices_type or torch.int32)
             return weights, ids
-        if self.counts.device != ids.device:
-            self.counts = self.counts.to(ids.device)
-        count_zero_slots_(self.counts, ids, self.num_real, compat.padding_mask(ids.shape[0]))
-        if self.zero_slots == "remap":
-            zero = ids >= self.num_real
-            weights = weights.masked_fill(zero, 0.0)
-            ids = ids.masked_fill(zero, 0)
+        from .gpu_kernels import zeda_route_
+
+        if self.counts.device != router_logits.device:
+            self.counts = self.counts.to(router_logits.device)
+        weights, ids, self.live_ids = zeda_route_(
+            router_logits, self.num_real, self.top_k, self.renormalize, self._bias_tensor(router_logits.device),
+            self.counts, compat.padding_mask(router_logits.shape[0]), remap=self.zero_slots == "remap",
+        )
         # "skip": zero slots keep ids >= E and their (unused) weights; the expert map sends
         # them to -1, so the kernel neither computes nor adds them.
-        return weights, ids
+        return weights, ids if indices_type in (None, torch.int32) else ids.to(indices_type)
 
-    def _bias_row(self, like: torch.Tensor) -> torch.Tensor:
+    def _bias_tensor(self, device) -> torch.Tensor:
+        """The zero bias as a 1-element device tensor: CUDA graphs read it at replay, so
+        set_zero_bias takes effect in captured graphs too."""
         bias = getattr(self, "_bias", None)
-        if bias is None or bias.device != like.device or bias.dtype != like.dtype:
-            bias = torch.zeros(self.num_real + self.num_zero, dtype=like.dtype, device=like.device)
-            bias[self.num_real:] = self.zero_bias
+        if bias is None or bias.device != device:
+            bias = torch.full((1,), self.zero_bias, dtype=torch.float32, device=device)
             self._bias = bias
         return bias
 
@@ -107,12 +105,12 @@ class ZedaRouter(compat.base_router_class()):
         self.counts[1] += total
 
     def set_zero_bias(self, bias: float) -> None:
-        """Change the dial at run time. On GPU the bias row is updated in place, so captured CUDA
-        graphs see it, provided the engine started with a nonzero bias (else no add was captured)."""
+        """Change the dial at run time. On GPU the bias tensor is updated in place, so captured
+        CUDA graphs see it."""
         self.zero_bias = float(bias)
         if getattr(self, "_bias", None) is not None:
-            with torch.inference_mode():  # the row was made inside vLLM's inference-mode forward
-                self._bias[self.num_real:] = self.zero_bias
+            with torch.inference_mode():  # the tensor was made inside vLLM's inference-mode forward
+                self._bias.fill_(self.zero_bias)
 
     def stats(self) -> tuple[int, int]:
         zero, total = self.counts.tolist()

@@ -7,11 +7,14 @@ Zero slots reach the experts with ids E..E+Z-1 and an expert map that sends them
    False), so Z experts' worth of blocks launch, write zero rows to both GEMM outputs, and are
    summed. Here mapped-out slots are dropped before alignment (as 0.32+ does for an expert map).
    For tiny batches (M*K*4 <= E+Z) upstream uses a sort-free "naive" assignment, but only without
-   an expert map; here it is kept with the map applied to the ids, so a decode step of one token
-   runs exactly the live slots' blocks plus early-exiting blocks for the zero ones.
+   an expert map; here it is kept, with the live ids as block experts, so a decode step of one
+   token runs exactly the live slots' blocks plus early-exiting blocks for the zero ones.
 2. Activation. The gated SiLU ran over all M*K rows; here only over live rows
    (`gpu_kernels.live_silu_and_mul_`).
-3. Sum over slots. `moe_sum` skips mapped-out slots (the op takes ids and map since 0.26).
+3. Sum over slots: only live rows are read (`gpu_kernels.live_moe_sum_`).
+All three read "live ids" ([M, K], -1 where the map says -1). The router's kernel writes them
+while routing (vllm_experts.router_live_ids); only with expert parallelism, or when vLLM hands
+the experts a copy or chunk of the ids, are they gathered through the map (one small kernel).
 
 The alignment change is applied by running upstream's own `apply` with its module-level
 `_prepare_expert_assignment` rebound (compat.rebind_globals), so the rest of upstream's logic,
@@ -20,6 +23,9 @@ other activations, a vLLM whose apply has no such hook) falls back to the stock 
 """
 from __future__ import annotations
 
+import collections
+import logging
+
 import torch
 from vllm import _custom_ops as ops
 from vllm.model_executor.layers.fused_moe.activation import MoEActivation
@@ -27,8 +33,10 @@ from vllm.model_executor.layers.fused_moe.experts import triton_moe
 from vllm.model_executor.layers.fused_moe.experts.triton_moe import TritonExperts
 
 from . import compat
-from .gpu_kernels import live_silu_and_mul_
+from .gpu_kernels import live_moe_sum_, live_silu_and_mul_
+from .vllm_experts import live_ids_hint, router_live_ids
 
+logger = logging.getLogger("vllm.zeda")
 _UPSTREAM_ASSIGN = getattr(triton_moe, "_prepare_expert_assignment", None)
 
 
@@ -38,11 +46,27 @@ def assign_live_slots(topk_ids, config, num_tokens, top_k_num, global_num_expert
         return _UPSTREAM_ASSIGN(topk_ids, config, num_tokens, top_k_num, global_num_experts, expert_map, **kwargs)
     if num_tokens * top_k_num * 4 <= global_num_experts and not _grouped_int_weights(kwargs):
         # one block per slot, in slot order; a -1 block exits at once (its rows are never read)
-        expert_ids = expert_map[topk_ids.reshape(-1)]
+        expert_ids = _live_ids(topk_ids, expert_map).reshape(-1)
         padded = torch.full((1,), topk_ids.numel() * config["BLOCK_SIZE_M"], dtype=torch.int32, device=topk_ids.device)
         return None, expert_ids, padded
     kwargs["ignore_invalid_experts"] = True
     return _UPSTREAM_ASSIGN(topk_ids, config, num_tokens, top_k_num, global_num_experts, expert_map, **kwargs)
+
+
+LIVE_ID_SOURCES: collections.Counter = collections.Counter()  # "router" / "gather", counted in Python
+
+
+def _live_ids(topk_ids: torch.Tensor, expert_map: torch.Tensor) -> torch.Tensor:
+    """[M, K] int32 local expert ids, -1 for slots not computed here. Free when the router made
+    them for this very tensor (no expert parallelism); else one gather through the map. (Under
+    CUDA graphs this Python runs at capture only; the counter says which path was captured.)"""
+    live = router_live_ids(topk_ids)
+    source = "router" if live is not None else "gather"
+    if not LIVE_ID_SOURCES[source]:
+        logger.info("ZEDA experts: live ids %s", "from the router kernel" if live is not None else
+                    "gathered through the expert map")
+    LIVE_ID_SOURCES[source] += 1
+    return live if live is not None else expert_map[topk_ids.long()].to(torch.int32)
 
 
 def _grouped_int_weights(kwargs) -> bool:
@@ -61,30 +85,32 @@ _LIVE_APPLY = (
 class ZedaTritonExperts(TritonExperts):
     """TritonExperts for layers with zero experts; selected by vllm_experts.ZedaRoutedExperts."""
 
-    _live: tuple[torch.Tensor, torch.Tensor] | None = None
+    _live: torch.Tensor | None = None  # [M, K] live ids of the apply() in progress
 
     def apply(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation, global_num_experts,
               expert_map, *args, **kwargs):
         if expert_map is None or _LIVE_APPLY is None or self._lora_context is not None:
             return super().apply(output, hidden_states, w1, w2, topk_weights, topk_ids, activation,
                                  global_num_experts, expert_map, *args, **kwargs)
-        self._live = (topk_ids, expert_map)
+        self._live = _live_ids(topk_ids, expert_map)
         try:
-            return _LIVE_APPLY(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation,
-                               global_num_experts, expert_map, *args, **kwargs)
+            with live_ids_hint(topk_ids, self._live):  # for assign_live_slots
+                return _LIVE_APPLY(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation,
+                                   global_num_experts, expert_map, *args, **kwargs)
         finally:
             self._live = None
 
     def activation(self, activation, output, input, **kwargs) -> None:
         if (self._live is not None and activation == MoEActivation.SILU
                 and self.quant_config.gemm1_clamp_limit is None and output.dtype == input.dtype):
-            live_silu_and_mul_(output, input, *self._live)
+            live_silu_and_mul_(output, input, self._live)
             return
         super().activation(activation, output, input, **kwargs)
 
     def moe_sum(self, input, output, topk_ids=None, expert_map=None) -> None:
         if self._live is not None:
-            topk_ids, expert_map = self._live
-        if expert_map is None:
-            return super().moe_sum(input, output)
-        ops.moe_sum(input, output, topk_ids, expert_map)  # skips the slots mapped to -1
+            live_moe_sum_(output, input, self._live)  # skips slots mapped to -1
+        elif expert_map is not None:
+            ops.moe_sum(input, output, topk_ids, expert_map)
+        else:
+            super().moe_sum(input, output)

