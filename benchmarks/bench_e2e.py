@@ -132,7 +132,7 @@ def worker(model_dir: str, name: str, targets: list[float]) -> None:
     zeda = CONFIGS[name].get("zeda", False)
     kw = {}
     if zeda:
-        # start with a nonzero bias so the bias add is captured in the CUDA graphs; set per target
+        # the zero bias is a device tensor read by the captured graphs; set per target through the RPC
         kw = dict(additional_config={"zeda": {"enabled": True, "zero_bias": 1e-9}},
                   worker_extension_cls="vllm_zeda.vllm_stats.ZedaWorkerExtension")
     t0 = time.time()

