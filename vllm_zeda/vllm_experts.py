@@ -66,10 +66,10 @@ class ZedaRoutedExperts(RoutedExperts):
         """Hand the router's live ids (zero slots -1, computed in the routing kernel) to the
         experts, so they need no gather through the map. Without expert parallelism only: with
         it, real ids also need EP's global->local mapping, which only the map has."""
-        live = getattr(self._zeda_router, "live_ids", None)
-        if live is None or self._expert_map is not None:
+        last = getattr(self._zeda_router, "last_live_ids", None)
+        if last is None or last[0] is not topk_ids or self._expert_map is not None:
             return super().forward_modular(x, topk_weights, topk_ids, *args, **kwargs)
-        with live_ids_hint(topk_ids, live):
+        with live_ids_hint(topk_ids, last[1]):
             return super().forward_modular(x, topk_weights, topk_ids, *args, **kwargs)
 
     def _set_moe_config(self, new_moe_config):

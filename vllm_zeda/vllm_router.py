@@ -41,7 +41,8 @@ class ZedaRouter(compat.base_router_class()):
         self.renormalize, self.masked, self.zero_bias = renormalize, masked, zero_bias
         self.zero_slots = zero_slots
         self.counts = torch.zeros(2, dtype=torch.int64)  # [zero slots, total slots]
-        self.live_ids: torch.Tensor | None = None  # GPU: last routing's ids with zero slots as -1
+        # GPU: (ids returned by the last routing, the same ids with zero slots as -1)
+        self.last_live_ids: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def routing_method_type(self):
@@ -75,13 +76,16 @@ class ZedaRouter(compat.base_router_class()):
 
         if self.counts.device != router_logits.device:
             self.counts = self.counts.to(router_logits.device)
-        weights, ids, self.live_ids = zeda_route_(
+        weights, ids, live = zeda_route_(
             router_logits, self.num_real, self.top_k, self.renormalize, self._bias_tensor(router_logits.device),
             self.counts, compat.padding_mask(router_logits.shape[0]), remap=self.zero_slots == "remap",
         )
         # "skip": zero slots keep ids >= E and their (unused) weights; the expert map sends
         # them to -1, so the kernel neither computes nor adds them.
-        return weights, ids if indices_type in (None, torch.int32) else ids.to(indices_type)
+        if indices_type not in (None, torch.int32):
+            ids = ids.to(indices_type)
+        self.last_live_ids = (ids, live)
+        return weights, ids
 
     def _bias_tensor(self, device) -> torch.Tensor:
         """The zero bias as a 1-element device tensor: CUDA graphs read it at replay, so
