@@ -61,3 +61,14 @@ def test_live_activation_and_sum_touch_live_slots_only(dtype):
     gk.live_moe_sum_(total, slots, live)
     expect = slots.float().nan_to_num().mul((live >= 0).unsqueeze(-1)).sum(1).to(dtype)
     assert torch.allclose(total.float(), expect.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("block_m", [1, 3, 16])
+def test_route_kernel_launch_shape_does_not_change_routing(block_m):
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(37, 192, generator=g).to(DEVICE)
+    bias = torch.tensor([0.2], device=DEVICE)
+    c0, c1 = (torch.zeros(2, dtype=torch.int64, device=DEVICE) for _ in range(2))
+    ref = gk.zeda_route_(logits, 128, 8, True, bias, c0, None)
+    out = gk.zeda_route_(logits, 128, 8, True, bias, c1, None, block_m=block_m, num_warps=1)
+    assert all(torch.equal(a, b) for a, b in zip(out, ref)) and torch.equal(c0, c1)

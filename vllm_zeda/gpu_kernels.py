@@ -109,11 +109,14 @@ if triton is not None:
 
 
 def zeda_route_(logits: torch.Tensor, num_real: int, top_k: int, renormalize: bool, bias: torch.Tensor,
-                counts: torch.Tensor, padding: torch.Tensor | None, remap: bool = False):
+                counts: torch.Tensor, padding: torch.Tensor | None, remap: bool = False, *,
+                block_m: int | None = None, num_warps: int | None = None):
     """(weights fp32 [M,K], ids int32 [M,K], live int32 [M,K]) with the semantics of
     routing.route_softmax (zero bias added in fp32); counts[0] += zero slots, counts[1] += slots,
     padding rows excluded; no host sync. `bias` is a 1-element fp32 tensor (a dial that CUDA
-    graphs read at replay). remap: zero slots come back as expert 0 with weight 0."""
+    graphs read at replay). remap: zero slots come back as expert 0 with weight 0.
+    block_m / num_warps override the launch shape (rows per program, warps per program); the
+    defaults are untuned (benchmarks/bench_route.py compares shapes)."""
     m, n_all = logits.shape
     weights = torch.empty(m, top_k, dtype=torch.float32, device=logits.device)
     ids = torch.empty(m, top_k, dtype=torch.int32, device=logits.device)
@@ -122,12 +125,13 @@ def zeda_route_(logits: torch.Tensor, num_real: int, top_k: int, renormalize: bo
         return weights, ids, live
     assert logits.stride(1) == 1, "router logits must be contiguous along experts"
     block_e = triton.next_power_of_2(n_all)
-    block_m = max(1, min(16, 4096 // block_e))
+    block_m = block_m or max(1, min(16, 4096 // block_e))
     pad = padding.view(torch.uint8) if padding is not None else ids
+    launch = {"num_warps": num_warps} if num_warps else {}
     _zeda_route[(triton.cdiv(m, block_m),)](
         logits, logits.stride(0), bias, pad, weights, ids, live, counts, m, num_real, n_all,
         K=top_k, K_PAD=triton.next_power_of_2(top_k), RENORM=renormalize, REMAP=remap,
-        HAS_PAD=padding is not None, BLOCK_M=block_m, BLOCK_E=block_e,
+        HAS_PAD=padding is not None, BLOCK_M=block_m, BLOCK_E=block_e, **launch,
     )
     return weights, ids, live
 

@@ -1,0 +1,71 @@
+"""GPU routing cost per MoE layer call, Qwen3-30B-A3B router shape (E=128 real + Z=64 zero
+logits, top-8, bf16 logits), median µs over CUDA-graph replays (device machine):
+
+  stock            vLLM's fused_topk over the 128 real logits (what a static model pays)
+  bias+fused_topk  the plugin's earlier routing minus its counting kernel: bias add, then
+                   fused_topk over 192 logits
+  zeda_route bM/wN vllm_zeda.gpu_kernels.zeda_route_ (one kernel: bias, softmax, top-K,
+                   renormalisation, counters, live ids) at launch shape BLOCK_M=M rows per
+                   program, N warps; "default" = the shipped launch
+
+Purpose: pick zeda_route_'s launch shape per batch size (decode at batch 1 paid ~12 µs per layer
+more than stock end to end, RESULTS.md §3).
+
+    python3 benchmarks/bench_route.py --out $OUT/route.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_moe_layer import time_graph  # noqa: E402
+
+SHAPES = [(1, 1), (1, 2), (2, 2), (4, 4), (8, 4), (16, 4), (16, 8), (32, 8)]
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", required=True)
+    p.add_argument("--tokens", nargs="+", type=int, default=[1, 4, 16, 64, 256, 1024, 4096, 16384])
+    a = p.parse_args()
+    from vllm.model_executor.layers.fused_moe.router.fused_topk_router import fused_topk
+
+    from vllm_zeda.gpu_kernels import zeda_route_
+
+    e, z, k = 128, 64, 8
+    bias = torch.full((1,), 0.1, device="cuda")
+    bias_row = torch.zeros(e + z, device="cuda", dtype=torch.bfloat16)
+    bias_row[e:] = 0.1
+    counts = torch.zeros(2, dtype=torch.int64, device="cuda")
+    rows = []
+    for m in a.tokens:
+        logits = torch.randn(m, e + z, device="cuda", dtype=torch.bfloat16)
+        real = logits[:, :e].contiguous()
+        x = torch.empty(m, 2048, device="cuda", dtype=torch.bfloat16)
+        variants = {
+            "stock": lambda: fused_topk(x, real, k, True, torch.int32),
+            "bias+fused_topk": lambda: fused_topk(x, logits + bias_row, k, True, torch.int32),
+            "zeda_route default": lambda: zeda_route_(logits, e, k, True, bias, counts, None),
+        }
+        for bm, nw in SHAPES:
+            variants[f"zeda_route b{bm}/w{nw}"] = lambda bm=bm, nw=nw: zeda_route_(
+                logits, e, k, True, bias, counts, None, block_m=bm, num_warps=nw)
+        ref = zeda_route_(logits, e, k, True, bias, counts, None)
+        row = {"tokens": m}
+        for name, fn in variants.items():
+            if name.startswith("zeda_route b"):
+                out = fn()
+                assert torch.equal(out[1], ref[1]) and torch.equal(out[2], ref[2]), name  # same routing
+            row[name] = round(time_graph([fn] * 8), 2)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    Path(a.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
