@@ -63,7 +63,7 @@ def test_live_activation_and_sum_touch_live_slots_only(dtype):
     assert torch.allclose(total.float(), expect.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("block_m", [1, 3, 16])
+@pytest.mark.parametrize("block_m", [1, 2, 16])
 def test_route_kernel_launch_shape_does_not_change_routing(block_m):
     g = torch.Generator().manual_seed(7)
     logits = torch.randn(37, 192, generator=g).to(DEVICE)

@@ -126,6 +126,7 @@ def zeda_route_(logits: torch.Tensor, num_real: int, top_k: int, renormalize: bo
     assert logits.stride(1) == 1, "router logits must be contiguous along experts"
     block_e = triton.next_power_of_2(n_all)
     block_m = block_m or max(1, min(16, 4096 // block_e))
+    assert block_m & (block_m - 1) == 0, f"block_m must be a power of 2, got {block_m}"
     pad = padding.view(torch.uint8) if padding is not None else ids
     launch = {"num_warps": num_warps} if num_warps else {}
     _zeda_route[(triton.cdiv(m, block_m),)](
