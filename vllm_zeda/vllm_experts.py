@@ -7,6 +7,7 @@ are -1 on every rank). The Triton kernel does no GEMM for a block whose expert i
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import torch
 from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
@@ -14,23 +15,26 @@ from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
 from .spec import ZedaSpec
 
 
-_LIVE_HINT: list = [None]  # (topk_ids, live ids) of the MoE forward in progress
+# (topk_ids, live ids) of the MoE forward in progress, per thread (vLLM's dual-batch overlap
+# runs micro-batches in threads)
+_LIVE_HINT = threading.local()
 
 
 def router_live_ids(topk_ids: torch.Tensor) -> torch.Tensor | None:
     """The live ids (zero slots -1) made for exactly this `topk_ids` tensor (not a chunk or a
     copy of it) by the router of the MoE forward in progress."""
-    hint = _LIVE_HINT[0]
+    hint = getattr(_LIVE_HINT, "value", None)
     return hint[1] if hint is not None and hint[0] is topk_ids else None
 
 
 @contextlib.contextmanager
 def live_ids_hint(topk_ids: torch.Tensor, live: torch.Tensor):
-    saved, _LIVE_HINT[0] = _LIVE_HINT[0], (topk_ids, live)
+    saved = getattr(_LIVE_HINT, "value", None)
+    _LIVE_HINT.value = (topk_ids, live)
     try:
         yield
     finally:
-        _LIVE_HINT[0] = saved
+        _LIVE_HINT.value = saved
 
 
 def zero_expert_map(base_map: torch.Tensor | None, num_real: int, num_zero: int, device) -> torch.Tensor:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import threading
 
 import torch
 from vllm import _custom_ops as ops
@@ -85,20 +86,27 @@ _LIVE_APPLY = (
 class ZedaTritonExperts(TritonExperts):
     """TritonExperts for layers with zero experts; selected by vllm_experts.ZedaRoutedExperts."""
 
-    _live: torch.Tensor | None = None  # [M, K] live ids of the apply() in progress
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._state = threading.local()  # one experts object serves every micro-batch thread
+
+    @property
+    def _live(self) -> torch.Tensor | None:
+        """[M, K] live ids of this thread's apply() in progress, else None."""
+        return getattr(self._state, "live", None)
 
     def apply(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation, global_num_experts,
               expert_map, *args, **kwargs):
         if expert_map is None or _LIVE_APPLY is None or self._lora_context is not None:
             return super().apply(output, hidden_states, w1, w2, topk_weights, topk_ids, activation,
                                  global_num_experts, expert_map, *args, **kwargs)
-        self._live = _live_ids(topk_ids, expert_map)
+        live = self._state.live = _live_ids(topk_ids, expert_map)
         try:
-            with live_ids_hint(topk_ids, self._live):  # for assign_live_slots
+            with live_ids_hint(topk_ids, live):  # for assign_live_slots
                 return _LIVE_APPLY(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation,
                                    global_num_experts, expert_map, *args, **kwargs)
         finally:
-            self._live = None
+            self._state.live = None
 
     def activation(self, activation, output, input, **kwargs) -> None:
         if (self._live is not None and activation == MoEActivation.SILU
