@@ -5,8 +5,9 @@ Configs, each in its own engine process, measured in one run:
   ideal4    stock vLLM, top-4: the ideal for skip 0.5 (ideal2: top-2, for skip 0.75)
   zeda      the plugin, Z = 64 zero experts, --enable-zeda; one engine serves every --targets
             skip fraction: the zero bias is set through the `zeda_set_zero_bias` worker RPC and
-            calibrated by bisection on the measured fraction (dummy routers give near-equal
-            logits, so the useful bias range is tiny). Reported as zeda_s0, zeda_s50, ...
+            calibrated by bisection on the measured fraction, separately for prefill and decode
+            (dummy routers give near-equal logits, so the useful bias range is tiny, and route
+            the two differently). Reported as zeda_s0, zeda_s50, ...
             Target 0 uses bias -1e4: no zero slot at all, so it measures the plugin's overhead.
 Workloads: prefill (64 x 2048 prompt tokens, 1 output: input tok/s), decode at batch 1, 16, 256
 (output tok/s). Each workload runs twice; the second (warm) run is reported. Every engine uses
@@ -73,18 +74,22 @@ def probe(llm, bias, prompts, sp) -> float:
     return llm.collective_rpc("zeda_stats")[0]["zero_fraction"]
 
 
-def calibrate(llm, target, g) -> float:
-    """Zero bias giving `target` zero fraction. Dummy weights make router logits nearly equal,
-    so the useful bias range is tiny and unknown in advance: grow, then bisect."""
+PROBES = {"prefill": (32, 64, 4), "decode": (16, 16, 32)}  # kind: (prompts, prompt len, output len)
+
+
+def calibrate(llm, target, g, kind: str) -> float:
+    """Zero bias giving `target` zero fraction on a prefill-like or a decode-like probe (dummy
+    routers route the two differently: one bias gave 0.49 on prefill and 0.79 on decode). Dummy
+    weights make router logits nearly equal, so the useful bias range is tiny and unknown in
+    advance: grow, then bisect."""
     import torch
     from vllm import SamplingParams
 
     if target <= 0.0 or target >= 1.0:
-        bias = -1e4 if target <= 0.0 else 1e4
-        llm.collective_rpc("zeda_set_zero_bias", args=(bias,))
-        return bias
-    prompts = [{"prompt_token_ids": torch.randint(0, 250, (64,), generator=g).tolist()} for _ in range(32)]
-    sp = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+        return -1e4 if target <= 0.0 else 1e4
+    n, plen, olen = PROBES[kind]
+    prompts = [{"prompt_token_ids": torch.randint(0, 250, (plen,), generator=g).tolist()} for _ in range(n)]
+    sp = SamplingParams(max_tokens=olen, temperature=0, ignore_eos=True)
     lo, hi = -1e-6, 1e-6
     while probe(llm, hi, prompts, sp) < target and hi < 1e3:
         hi *= 4
@@ -97,11 +102,13 @@ def calibrate(llm, target, g) -> float:
         else:
             hi = mid
     bias = (lo + hi) / 2
-    print(f"calibrated bias {bias:.3e} -> {probe(llm, bias, prompts, sp):.3f} (target {target})", flush=True)
+    print(f"calibrated {kind} bias {bias:.3e} -> {probe(llm, bias, prompts, sp):.3f} (target {target})", flush=True)
     return bias
 
 
-def run_workloads(llm, label: str, g, zeda: bool) -> dict:
+def run_workloads(llm, label: str, g, biases: dict | None) -> dict:
+    """Every workload, twice (the second, warm run is reported); with `biases` (a ZEDA engine)
+    the prefill workload runs at the prefill-calibrated bias, the decode ones at the decode one."""
     import torch
     from vllm import SamplingParams
 
@@ -109,8 +116,10 @@ def run_workloads(llm, label: str, g, zeda: bool) -> dict:
     for wname, (n, plen, olen) in WORKLOADS.items():
         prompts = [{"prompt_token_ids": torch.randint(0, 250, (plen,), generator=g).tolist()} for _ in range(n)]
         sp = SamplingParams(max_tokens=olen, temperature=0, ignore_eos=True)
+        if biases:
+            llm.collective_rpc("zeda_set_zero_bias", args=(biases["prefill" if wname == "prefill" else "decode"],))
         for attempt in range(2):
-            if zeda:
+            if biases:
                 llm.collective_rpc("zeda_reset_stats")
             t = time.perf_counter()
             llm.generate(prompts, sp, use_tqdm=False)
@@ -118,7 +127,7 @@ def run_workloads(llm, label: str, g, zeda: bool) -> dict:
         tok = n * plen if wname == "prefill" else n * olen
         entry = {"seconds": round(dt, 3), "tok_per_s": round(tok / dt, 1),
                  "unit": "input tok/s" if wname == "prefill" else "output tok/s"}
-        if zeda:
+        if biases:
             entry["zero_fraction"] = round(llm.collective_rpc("zeda_stats")[0]["zero_fraction"], 4)
         out[wname] = entry
         print(label, wname, entry, flush=True)
@@ -144,9 +153,10 @@ def worker(model_dir: str, name: str, targets: list[float]) -> None:
     for target in (targets if zeda else [None]):
         label = name if target is None else f"zeda_s{round(target * 100)}"
         res = {"config": label, "init_s": init_s}
-        if zeda:
-            res["zero_bias"] = calibrate(llm, target, g)
-        res["workloads"] = run_workloads(llm, label, g, zeda)
+        biases = {kind: calibrate(llm, target, g, kind) for kind in PROBES} if zeda else None
+        if biases:
+            res["zero_bias"] = biases
+        res["workloads"] = run_workloads(llm, label, g, biases)
         print("RESULT " + json.dumps(res), flush=True)
 
 
