@@ -46,8 +46,10 @@ def assign_live_slots(topk_ids, config, num_tokens, top_k_num, global_num_expert
     if expert_map is None:
         return _UPSTREAM_ASSIGN(topk_ids, config, num_tokens, top_k_num, global_num_experts, expert_map, **kwargs)
     if num_tokens * top_k_num * 4 <= global_num_experts and not _grouped_int_weights(kwargs):
-        # one block per slot, in slot order; a -1 block exits at once (its rows are never read)
-        expert_ids = _live_ids(topk_ids, expert_map).reshape(-1)
+        # one block per slot, in slot order; a -1 block exits at once (its rows are never read).
+        # ZedaTritonExperts.apply has already made this call's live ids: reuse them.
+        live = router_live_ids(topk_ids)
+        expert_ids = (live if live is not None else _live_ids(topk_ids, expert_map)).reshape(-1)
         padded = torch.full((1,), topk_ids.numel() * config["BLOCK_SIZE_M"], dtype=torch.int32, device=topk_ids.device)
         return None, expert_ids, padded
     kwargs["ignore_invalid_experts"] = True
