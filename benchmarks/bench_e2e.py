@@ -13,8 +13,11 @@ Workloads: prefill (64 x 2048 prompt tokens, 1 output: input tok/s), decode at b
 (output tok/s). Each workload runs three times; the faster warm run (2nd or 3rd) is reported and
 all three times are kept. Every engine uses
 the same CUDA-graph capture sizes (CAPTURE_SIZES) to keep start-up short.
+--profile-decode adds, per config and target, the GPU kernels of one batch-1 decode step (device
+µs by kernel name, torch.profiler in the worker: kernel_profile.py).
 
     python3 benchmarks/bench_e2e.py --out $OUT/e2e.json [--configs static8 ideal4 zeda] [--targets 0 0.5]
+                                    [--profile-decode]
 """
 from __future__ import annotations
 
@@ -137,7 +140,7 @@ def run_workloads(llm, label: str, g, biases: dict | None) -> dict:
     return out
 
 
-def worker(model_dir: str, name: str, targets: list[float]) -> None:
+def worker(model_dir: str, name: str, targets: list[float], profile: bool) -> None:
     import torch
     from vllm import LLM
 
@@ -147,6 +150,9 @@ def worker(model_dir: str, name: str, targets: list[float]) -> None:
         # the zero bias is a device tensor read by the captured graphs; set per target through the RPC
         kw = dict(additional_config={"zeda": {"enabled": True, "zero_bias": 1e-9}},
                   worker_extension_cls="vllm_zeda.vllm_stats.ZedaWorkerExtension")
+    if profile:
+        kw["worker_extension_cls"] = ("benchmarks.kernel_profile." +
+                                      ("ZedaProfileExtension" if zeda else "KernelProfileExtension"))
     t0 = time.time()
     llm = LLM(model_dir, load_format="dummy", dtype="bfloat16", max_model_len=4096, gpu_memory_utilization=0.88,
               max_num_seqs=256, max_num_batched_tokens=16384,
@@ -160,6 +166,14 @@ def worker(model_dir: str, name: str, targets: list[float]) -> None:
         if biases:
             res["zero_bias"] = biases
         res["workloads"] = run_workloads(llm, label, g, biases)
+        if profile:  # at the decode bias, which run_workloads left set
+            from benchmarks.kernel_profile import decode_step_kernels
+
+            try:
+                res["decode_profile"] = decode_step_kernels(llm, list(range(1, 17)))
+            except Exception as exc:  # the throughput numbers above still count
+                res["decode_profile"] = {"error": f"{type(exc).__name__}: {exc}"}
+            print(label, "decode step:", {k: v for k, v in res["decode_profile"].items() if k != "kernels"}, flush=True)
         print("RESULT " + json.dumps(res), flush=True)
 
 
@@ -169,10 +183,11 @@ def main() -> None:
     p.add_argument("--configs", nargs="+", default=["static8", "ideal4", "zeda"])
     p.add_argument("--targets", nargs="+", type=float, default=[0.0, 0.5])
     p.add_argument("--worker", nargs=2)
+    p.add_argument("--profile-decode", action="store_true")
     p.add_argument("--timeout", type=float, default=200, help="seconds per engine, plus 90 per zeda target")
     a = p.parse_args()
     if a.worker:
-        return worker(*a.worker, a.targets)
+        return worker(*a.worker, a.targets, a.profile_decode)
     import torch
     import vllm
 
@@ -186,7 +201,7 @@ def main() -> None:
         try:
             timeout = a.timeout + (90 * len(a.targets) if CONFIGS[name].get("zeda") else 0)
             proc = subprocess.run([sys.executable, __file__, "--out", a.out, "--worker", str(d), name,
-                                   "--targets", *map(str, a.targets)], capture_output=True, text=True, timeout=timeout)
+                                   "--targets", *map(str, a.targets)] + ["--profile-decode"] * a.profile_decode, capture_output=True, text=True, timeout=timeout)
             out, err = proc.stdout, proc.stderr
         except subprocess.TimeoutExpired as exc:
             out = (exc.stdout or b"").decode(errors="replace")

@@ -52,12 +52,14 @@ def test_rebind_globals_swaps_one_module_global():
 
 
 def test_triton_experts_hook_exists_in_this_vllm():
-    """ZedaTritonExperts runs upstream TritonExperts.apply with `_prepare_expert_assignment`
-    rebound; the hook must exist (else it silently falls back to stock behaviour)."""
+    """ZedaTritonExperts runs upstream TritonExperts.apply with `_prepare_expert_assignment` and
+    `try_get_optimal_moe_config` rebound; both hooks must exist (else stock behaviour)."""
     from vllm_zeda import vllm_triton_experts as vte
+    from vllm_zeda.tuned_configs import zeda_moe_config
 
     assert vte._LIVE_APPLY is not None
     assert vte._LIVE_APPLY.__globals__["_prepare_expert_assignment"] is vte.assign_live_slots
+    assert vte._LIVE_APPLY.__globals__["try_get_optimal_moe_config"] is zeda_moe_config
 
 
 def test_small_batches_keep_sort_free_assignment_with_zero_experts_mapped_out():

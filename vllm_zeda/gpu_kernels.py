@@ -115,8 +115,10 @@ def zeda_route_(logits: torch.Tensor, num_real: int, top_k: int, renormalize: bo
     routing.route_softmax (zero bias added in fp32); counts[0] += zero slots, counts[1] += slots,
     padding rows excluded; no host sync. `bias` is a 1-element fp32 tensor (a dial that CUDA
     graphs read at replay). remap: zero slots come back as expert 0 with weight 0.
-    block_m / num_warps override the launch shape (rows per program, warps per program); the
-    defaults are untuned (benchmarks/bench_route.py compares shapes)."""
+    block_m / num_warps override the launch shape (rows per program, warps per program). Default:
+    one warp per row, so every top-K round reduces inside a warp (no barrier), two rows per
+    program except for a single token (H100, E+Z=192: 4.7-5.4 µs from 1 to 256 tokens against
+    10.7-11.4 for 16 rows on 4 warps; benchmarks/RESULTS.md, bench_route.py)."""
     m, n_all = logits.shape
     weights = torch.empty(m, top_k, dtype=torch.float32, device=logits.device)
     ids = torch.empty(m, top_k, dtype=torch.int32, device=logits.device)
@@ -125,14 +127,14 @@ def zeda_route_(logits: torch.Tensor, num_real: int, top_k: int, renormalize: bo
         return weights, ids, live
     assert logits.stride(1) == 1, "router logits must be contiguous along experts"
     block_e = triton.next_power_of_2(n_all)
-    block_m = block_m or max(1, min(16, 4096 // block_e))
+    block_m = block_m or (1 if m == 1 else 2)
+    num_warps = num_warps or min(block_m, 8)
     assert block_m & (block_m - 1) == 0, f"block_m must be a power of 2, got {block_m}"
     pad = padding.view(torch.uint8) if padding is not None else ids
-    launch = {"num_warps": num_warps} if num_warps else {}
     _zeda_route[(triton.cdiv(m, block_m),)](
         logits, logits.stride(0), bias, pad, weights, ids, live, counts, m, num_real, n_all,
         K=top_k, K_PAD=triton.next_power_of_2(top_k), RENORM=renormalize, REMAP=remap,
-        HAS_PAD=padding is not None, BLOCK_M=block_m, BLOCK_E=block_e, **launch,
+        HAS_PAD=padding is not None, BLOCK_M=block_m, BLOCK_E=block_e, num_warps=num_warps,
     )
     return weights, ids, live
 

@@ -12,12 +12,14 @@ Zero slots reach the experts with ids E..E+Z-1 and an expert map that sends them
 2. Activation. The gated SiLU ran over all M*K rows; here only over live rows
    (`gpu_kernels.live_silu_and_mul_`).
 3. Sum over slots: only live rows are read (`gpu_kernels.live_moe_sum_`).
+4. Tile configs: vllm_zeda's own tables, tuned at the ZEDA operating point, come before vLLM's
+   defaults (`tuned_configs.zeda_moe_config`; 0.26 has no H100 table for Qwen3-30B-A3B's shape).
 All three read "live ids" ([M, K], -1 where the map says -1). The router's kernel writes them
 while routing (vllm_experts.router_live_ids); only with expert parallelism, or when vLLM hands
 the experts a copy or chunk of the ids, are they gathered through the map (one small kernel).
 
-The alignment change is applied by running upstream's own `apply` with its module-level
-`_prepare_expert_assignment` rebound (compat.rebind_globals), so the rest of upstream's logic,
+1 and 4 are applied by running upstream's own `apply` with its module-level
+`_prepare_expert_assignment` and `try_get_optimal_moe_config` rebound (compat.rebind_globals), so the rest of upstream's logic,
 LoRA and quantised paths included, stays upstream's. Anything this class does not cover (LoRA,
 other activations, a vLLM whose apply has no such hook) falls back to the stock behaviour.
 """
@@ -35,6 +37,7 @@ from vllm.model_executor.layers.fused_moe.experts.triton_moe import TritonExpert
 
 from . import compat
 from .gpu_kernels import live_moe_sum_, live_silu_and_mul_
+from .tuned_configs import zeda_moe_config
 from .vllm_experts import live_ids_hint, router_live_ids
 
 logger = logging.getLogger("vllm.zeda")
@@ -79,7 +82,8 @@ def _grouped_int_weights(kwargs) -> bool:
 
 
 _LIVE_APPLY = (
-    compat.rebind_globals(TritonExperts.apply, _prepare_expert_assignment=assign_live_slots)
+    compat.rebind_globals(TritonExperts.apply, _prepare_expert_assignment=assign_live_slots,
+                          try_get_optimal_moe_config=zeda_moe_config)
     if _UPSTREAM_ASSIGN is not None
     else None
 )

@@ -1,0 +1,64 @@
+"""GPU kernel time per decode step inside a running vLLM engine (benchmark helper, device machine).
+
+Worker extensions (vLLM's `worker_extension_cls`) that run torch.profiler (CUDA activity only) in
+the worker process, where the model and its CUDA graphs live, and hand back the device time per
+kernel name. `decode_step_kernels` profiles two batch-1 generations that differ only in their
+number of decode steps and divides the difference by it, so prefill and start-up cancel out.
+Used by bench_e2e.py --profile-decode.
+"""
+from __future__ import annotations
+
+import time
+
+from vllm_zeda.vllm_stats import ZedaWorkerExtension
+
+
+class KernelProfileExtension:
+    def bench_profile_start(self) -> None:
+        import torch
+
+        self._bench_prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+        self._bench_prof.__enter__()
+
+    def bench_profile_stop(self) -> dict[str, list[float]]:
+        """{kernel name: [launches, total device µs]} since bench_profile_start."""
+        prof, self._bench_prof = self._bench_prof, None
+        prof.__exit__(None, None, None)
+        out = {}
+        for evt in prof.key_averages():
+            us = getattr(evt, "self_device_time_total", None)
+            us = evt.self_cuda_time_total if us is None else us
+            if us > 0:
+                out[evt.key] = [evt.count, us]
+        return out
+
+
+class ZedaProfileExtension(ZedaWorkerExtension, KernelProfileExtension):
+    pass
+
+
+def decode_step_kernels(llm, prompt_ids: list[int], short: int = 33, long: int = 97, top: int = 40) -> dict:
+    """Device µs per decode step (batch 1) by kernel, from two profiled runs of `short` and
+    `long` output tokens; also the summed kernel time and the wall time per step."""
+    from vllm import SamplingParams
+
+    runs = []
+    for n in (short, long):
+        sp = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+        llm.generate([{"prompt_token_ids": prompt_ids}], sp, use_tqdm=False)  # warm, unprofiled
+        llm.collective_rpc("bench_profile_start")
+        t = time.perf_counter()
+        llm.generate([{"prompt_token_ids": prompt_ids}], sp, use_tqdm=False)
+        wall = time.perf_counter() - t
+        runs.append((wall, llm.collective_rpc("bench_profile_stop")[0]))
+    steps = long - short
+    names = set(runs[0][1]) | set(runs[1][1])
+    per_step = {}
+    for name in names:
+        c0, t0 = runs[0][1].get(name, [0, 0.0])
+        c1, t1 = runs[1][1].get(name, [0, 0.0])
+        per_step[name] = [round((c1 - c0) / steps, 2), round((t1 - t0) / steps, 2)]
+    ranked = dict(sorted(per_step.items(), key=lambda kv: -kv[1][1])[:top])
+    return {"steps": steps, "wall_us_per_step": round((runs[1][0] - runs[0][0]) / steps * 1e6, 1),
+            "kernel_us_per_step": round(sum(v[1] for v in per_step.values()), 1),
+            "kernels": ranked, "unit": "[launches, device µs] per decode step"}

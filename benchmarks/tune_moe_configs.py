@@ -1,0 +1,134 @@
+"""Fused-MoE Triton tile configs for the Qwen3-30B-A3B expert shape (E=128, N=768, bf16) on this
+GPU: a candidate search (device machine, vLLM bundle).
+
+vLLM 0.26 ships no `E=128,N=768,device_name=NVIDIA_H100_80GB_HBM3.json`, so on an H100 every MoE
+layer of this shape runs `get_default_config`. Candidates: every distinct config of vLLM's own
+H200 table for this shape (same SM90 chip, more bandwidth), vLLM's default for each batch size,
+and a few neighbours. Each candidate is timed per batch size through vLLM's modular kernel
+(`bench_moe_layer.make_kernel`) for
+
+  static   stock TritonExperts, top-8 routing
+  ours     ZedaTritonExperts, half the slots on zero experts (the ZEDA operating point)
+
+median µs over CUDA-graph replays of 8 rotating routings. Writes the full grid to --out and, into
+--table-dir, vLLM-format tables (batch size -> config) of the best candidate for each variant.
+
+    python3 benchmarks/tune_moe_configs.py --out $OUT/tune.json --table-dir $OUT/tables
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_moe_layer import make_kernel, make_routings, time_graph  # noqa: E402
+
+E, H, I, K = 128, 2048, 768, 8
+BATCHES = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024, 1536, 2048, 3072, 4096, 8192, 16384]
+EXTRA = [  # (BLOCK_SIZE_M, N, K, GROUP_SIZE_M, num_warps, num_stages)
+    (16, 64, 128, 1, 4, 4), (16, 128, 128, 1, 4, 3), (32, 64, 128, 1, 4, 4), (32, 128, 64, 1, 4, 4),
+    (64, 64, 64, 1, 4, 4), (64, 128, 64, 1, 4, 3), (64, 128, 64, 16, 4, 4), (64, 256, 64, 1, 8, 3),
+    (128, 128, 64, 1, 8, 3), (128, 128, 64, 16, 8, 4), (128, 256, 64, 16, 8, 3),
+]
+KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "num_warps", "num_stages")
+
+
+def candidates() -> list[dict]:
+    import vllm.model_executor.layers.fused_moe.fused_moe as fm
+
+    h200 = Path(fm.__file__).parent / "configs" / f"E={E},N={I},device_name=NVIDIA_H200.json"
+    found = list(json.loads(h200.read_text()).values()) if h200.exists() else []
+    found += [fm.get_default_config(m, E, I, H, K, None) for m in BATCHES]
+    found += [dict(zip(KEYS, c)) for c in EXTRA]
+    out, seen = [], set()
+    for c in found:
+        key = tuple(c.get(k, 1) for k in KEYS)
+        if key not in seen:
+            seen.add(key)
+            out.append(dict(zip(KEYS, key)))
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", required=True)
+    p.add_argument("--table-dir", required=True)
+    p.add_argument("--batches", nargs="+", type=int, default=BATCHES)
+    p.add_argument("--budget-s", type=float, default=400, help="stop timing new batch sizes after this")
+    a = p.parse_args()
+    import vllm
+    import vllm.model_executor.layers.fused_moe.fused_moe as fm
+    from vllm.model_executor.layers.fused_moe import override_config
+    from vllm.model_executor.layers.fused_moe.activation import MoEActivation
+    from vllm.model_executor.layers.fused_moe.experts.triton_moe import TritonExperts
+    from vllm.v1.worker.workspace import init_workspace_manager
+
+    from vllm_zeda.vllm_experts import live_ids_hint, zero_expert_map
+    from vllm_zeda.vllm_triton_experts import ZedaTritonExperts
+
+    init_workspace_manager(torch.device("cuda"))
+    t0 = time.time()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    z = E // 2
+    w1 = torch.randn(E, 2 * I, H, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02
+    w2 = torch.randn(E, H, I, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02
+    zmap = zero_expert_map(None, E, z, "cuda")
+    stock, ours_k = make_kernel(TritonExperts, E, H, I, K, torch.bfloat16), make_kernel(ZedaTritonExperts, E, H, I, K, torch.bfloat16)
+
+    def call(kernel, x, w, ids, emap=None):
+        return kernel.apply(hidden_states=x, w1=w1, w2=w2, topk_weights=w, topk_ids=ids, activation=MoEActivation.SILU,
+                            global_num_experts=E + z if emap is not None else E, expert_map=emap,
+                            apply_router_weight_on_input=False)
+
+    def ours(x, r):
+        with live_ids_hint(r["zids"], r["zlive"]):
+            return call(ours_k, x, r["zw"], r["zids"], zmap)
+
+    cands = candidates()
+    print(f"{len(cands)} candidate configs", flush=True)
+    rows = []
+    for m in a.batches:
+        if time.time() - t0 > a.budget_s:
+            print(f"budget spent: stopping before M={m}", flush=True)
+            break
+        x = torch.randn(m, H, device="cuda", dtype=torch.bfloat16, generator=gen)
+        rs = make_routings(m, E, K, 0.5, 8, gen)
+        fns = {"static": [lambda r=r: call(stock, x, r["w"], r["ids"]) for r in rs],
+               "ours": [lambda r=r: ours(x, r) for r in rs]}
+        row = {"tokens": m, "default": fm.get_default_config(m, E, I, H, K, None)}
+        for v, fl in fns.items():
+            row[f"{v}_default"] = round(time_graph(fl), 2)
+            times = []
+            for c in cands:
+                try:
+                    with override_config(dict(c, SPLIT_K=1)):
+                        times.append(round(time_graph(fl), 2))
+                except Exception as exc:  # a tile that does not fit (shared memory): skip it
+                    times.append(None)
+                    print(f"M={m} {v} {c}: {type(exc).__name__}", flush=True)
+            best = min((t, i) for i, t in enumerate(times) if t is not None)
+            row[f"{v}_best"], row[f"{v}_best_config"], row[f"{v}_all"] = best[0], cands[best[1]], times
+        rows.append(row)
+        print(f"M={m:6d} static default {row['static_default']:8.1f} best {row['static_best']:8.1f} | "
+              f"ours(s=0.5) default {row['ours_default']:8.1f} best {row['ours_best']:8.1f}", flush=True)
+        Path(a.out).write_text(json.dumps({"candidates": cands, "rows": rows}, indent=1))
+    meta = {"device": torch.cuda.get_device_name(), "vllm": vllm.__version__, "date": time.strftime("%Y-%m-%d"),
+            "seconds": round(time.time() - t0, 1), "unit": "us per fused-MoE call", "shape": [E, H, I, K],
+            "triton": __import__("triton").__version__}
+    Path(a.out).write_text(json.dumps({"meta": meta, "candidates": cands, "rows": rows}, indent=1))
+    tables = Path(a.table_dir)
+    tables.mkdir(parents=True, exist_ok=True)
+    name = fm.get_config_file_name(E, I, None)
+    for v in ("static", "ours"):
+        (tables / v).mkdir(exist_ok=True)
+        (tables / v / name).write_text(json.dumps({str(r["tokens"]): r[f"{v}_best_config"] for r in rows}, indent=1))
+    print(json.dumps(meta), "tables:", name)
+
+
+if __name__ == "__main__":
+    main()

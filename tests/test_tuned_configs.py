@@ -1,0 +1,61 @@
+"""vllm_zeda's shipped fused-MoE tile tables and where they sit in vLLM's lookup order (the
+installed vLLM's own lookup functions; the GPU name is pinned to the table's, since this
+machine has no GPU)."""
+import json
+
+import pytest
+
+from vllm_zeda import tuned_configs as tc
+
+QWEN3_H100 = "E=128,N=768,device_name=NVIDIA_H100_80GB_HBM3.json"
+W1, W2 = (128, 1536, 2048), (128, 2048, 768)  # Qwen3-30B-A3B experts: [E, 2N, H], [E, H, N]
+
+
+def test_shipped_tables_are_complete_vllm_tables():
+    names = sorted(p.name for p in tc.TABLE_DIR.glob("*.json"))
+    assert QWEN3_H100 in names
+    for name in names:
+        table = tc.load_table(name)
+        assert table and all(m > 0 for m in table)
+        for cfg in table.values():
+            assert set(cfg) == set(tc.CONFIG_KEYS)
+            assert all(isinstance(v, int) and v > 0 for v in cfg.values())
+            assert cfg["BLOCK_SIZE_M"] in (16, 32, 64, 128, 256)  # moe_align_block_size's blocks
+
+
+def test_nearest_batch_size_rule():
+    table = {1: "a", 4: "b", 16: "c"}
+    assert [tc.nearest(table, m) for m in (1, 2, 3, 5, 10, 11, 1000)] == ["a", "a", "b", "b", "b", "c", "c"]
+    assert tc.load_table("E=1,N=1,device_name=none.json") is None
+
+
+@pytest.fixture
+def h100_names(monkeypatch):
+    from vllm.model_executor.layers.fused_moe import fused_moe as fm
+
+    monkeypatch.setattr(fm, "get_config_file_name", lambda *a, **k: QWEN3_H100)
+    monkeypatch.delenv("VLLM_TUNED_CONFIG_FOLDER", raising=False)
+    fm.get_moe_configs.cache_clear()
+    yield fm
+    fm.get_moe_configs.cache_clear()
+
+
+def test_ours_come_before_vllms_defaults(h100_names):
+    table = tc.load_table(QWEN3_H100)
+    for m in (1, 3, 100, 16384, 50000):
+        assert tc.zeda_moe_config(W1, W2, 8, None, m) == dict(tc.nearest(table, m), SPLIT_K=1)
+    # vLLM alone (no table at the pinned name in its own folder) would pick its defaults
+    assert h100_names.try_get_optimal_moe_config(W1, W2, 8, None, 1) == h100_names.get_default_config(1, 128, 768, 2048, 8, None)
+
+
+def test_users_table_and_override_come_first(h100_names, tmp_path, monkeypatch):
+    from vllm.model_executor.layers.fused_moe import override_config
+
+    users = {"1": {"BLOCK_SIZE_M": 32, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 32, "GROUP_SIZE_M": 1,
+                   "num_warps": 2, "num_stages": 2}}
+    (tmp_path / QWEN3_H100).write_text(json.dumps(users))
+    monkeypatch.setenv("VLLM_TUNED_CONFIG_FOLDER", str(tmp_path))
+    assert tc.zeda_moe_config(W1, W2, 8, None, 1) == users["1"]
+    forced = {"BLOCK_SIZE_M": 64, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 64, "GROUP_SIZE_M": 1, "SPLIT_K": 1}
+    with override_config(forced):
+        assert tc.zeda_moe_config(W1, W2, 8, None, 1) == forced

@@ -1,0 +1,53 @@
+"""Fused-MoE Triton tile tables shipped with vllm_zeda, for ZEDA layers only.
+
+vLLM looks its tables up by `get_config_file_name(E, N, dtype, block_shape)` (E experts, N the
+expert intermediate size, the GPU's name) in VLLM_TUNED_CONFIG_FOLDER, then in its own configs
+folder, else it uses `get_default_config`. vLLM 0.26 ships no table for Qwen3-30B-A3B's expert
+shape (E=128, N=768) on H100. `moe_configs/` holds tables in vLLM's format, tuned with half of
+the slots on zero experts (the ZEDA operating point; benchmarks/tune_moe_configs.py).
+
+`zeda_moe_config` replaces `try_get_optimal_moe_config` inside ZedaTritonExperts.apply only, so
+static layers and other models keep vLLM's choice. Precedence: an active `override_config`, then a
+table in VLLM_TUNED_CONFIG_FOLDER (the user's), then ours, then vLLM's own search.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+
+TABLE_DIR = Path(__file__).with_name("moe_configs")
+CONFIG_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "num_warps", "num_stages")
+
+
+@functools.lru_cache
+def load_table(file_name: str) -> dict[int, dict] | None:
+    """{batch size: config} from moe_configs/<file_name>, or None if we ship no such table."""
+    path = TABLE_DIR / file_name
+    if not path.is_file():
+        return None
+    raw = json.loads(path.read_text())
+    raw.pop("triton_version", None)
+    return {int(m): dict(cfg) for m, cfg in raw.items()}
+
+
+def nearest(table: dict[int, dict], m: int) -> dict:
+    """vLLM's rule: the entry whose batch size is closest to m (the smaller one on a tie)."""
+    return table[min(table, key=lambda key: (abs(key - m), key))]
+
+
+def zeda_moe_config(w1_shape, w2_shape, top_k, dtype, M, block_shape=None):
+    """`try_get_optimal_moe_config` with vllm_zeda's tables between the user's and vLLM's."""
+    from vllm.model_executor.layers.fused_moe import get_config
+    from vllm.model_executor.layers.fused_moe import fused_moe as fm
+
+    if get_config() is None:
+        e, _, n = w2_shape
+        name = fm.get_config_file_name(e, n, dtype, block_shape)
+        user = os.environ.get("VLLM_TUNED_CONFIG_FOLDER")
+        if not (user and os.path.isfile(os.path.join(user, name))):
+            table = load_table(name)
+            if table is not None:
+                return dict(nearest(table, M), SPLIT_K=1)
+    return fm.try_get_optimal_moe_config(w1_shape, w2_shape, top_k, dtype, M, block_shape=block_shape)
