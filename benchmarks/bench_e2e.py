@@ -10,8 +10,8 @@ Configs, each in its own engine process, measured in one run:
             the two differently). Reported as zeda_s0, zeda_s50, ...
             Target 0 uses bias -1e4: no zero slot at all, so it measures the plugin's overhead.
 Workloads: prefill (64 x 2048 prompt tokens, 1 output: input tok/s), decode at batch 1, 16, 256
-(output tok/s). Each workload runs three times; the faster warm run (2nd or 3rd) is reported and
-all three times are kept. Every engine uses
+(output tok/s). Each workload runs three times (--quick: twice); the fastest warm run is reported and
+all times are kept. Every engine uses
 the same CUDA-graph capture sizes (CAPTURE_SIZES) to keep start-up short.
 --profile-decode adds, per config and target, the GPU kernels of one batch-1 decode step (device
 µs by kernel name, torch.profiler in the worker: kernel_profile.py).
@@ -47,6 +47,7 @@ CONFIGS = {
     "zeda": dict(zeda=True),
 }
 CAPTURE_SIZES = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256]
+SHORT_CAPTURE_SIZES = [1, 16, 32, 256]  # --quick: the batch sizes the workloads and probes run at
 WORKLOADS = {  # name: (num prompts, prompt len, output len)
     "prefill": (64, 2048, 1),
     "decode_b1": (1, 16, 256),
@@ -110,7 +111,7 @@ def calibrate(llm, target, g, kind: str) -> float:
     return bias
 
 
-def run_workloads(llm, label: str, g, biases: dict | None) -> dict:
+def run_workloads(llm, label: str, g, biases: dict | None, runs: int = 3) -> dict:
     """Every workload, three times (the faster warm run is reported); with `biases` (a ZEDA engine)
     the prefill workload runs at the prefill-calibrated bias, the decode ones at the decode one."""
     import torch
@@ -123,7 +124,7 @@ def run_workloads(llm, label: str, g, biases: dict | None) -> dict:
         if biases:
             llm.collective_rpc("zeda_set_zero_bias", args=(biases["prefill" if wname == "prefill" else "decode"],))
         times = []
-        for attempt in range(3):
+        for attempt in range(runs):
             if biases:
                 llm.collective_rpc("zeda_reset_stats")
             t = time.perf_counter()
@@ -140,7 +141,7 @@ def run_workloads(llm, label: str, g, biases: dict | None) -> dict:
     return out
 
 
-def worker(model_dir: str, name: str, targets: list[float], profile: bool) -> None:
+def worker(model_dir: str, name: str, targets: list[float], profile: bool, quick: bool) -> None:
     import torch
     from vllm import LLM
 
@@ -156,7 +157,7 @@ def worker(model_dir: str, name: str, targets: list[float], profile: bool) -> No
     t0 = time.time()
     llm = LLM(model_dir, load_format="dummy", dtype="bfloat16", max_model_len=4096, gpu_memory_utilization=0.88,
               max_num_seqs=256, max_num_batched_tokens=16384,
-              compilation_config={"cudagraph_capture_sizes": CAPTURE_SIZES}, **kw)
+              compilation_config={"cudagraph_capture_sizes": SHORT_CAPTURE_SIZES if quick else CAPTURE_SIZES}, **kw)
     init_s = round(time.time() - t0, 1)
     g = torch.Generator().manual_seed(0)
     for target in (targets if zeda else [None]):
@@ -165,7 +166,7 @@ def worker(model_dir: str, name: str, targets: list[float], profile: bool) -> No
         biases = {kind: calibrate(llm, target, g, kind) for kind in PROBES} if zeda else None
         if biases:
             res["zero_bias"] = biases
-        res["workloads"] = run_workloads(llm, label, g, biases)
+        res["workloads"] = run_workloads(llm, label, g, biases, runs=2 if quick else 3)
         if profile:  # at the decode bias, which run_workloads left set
             from benchmarks.kernel_profile import decode_step_kernels
 
@@ -184,10 +185,11 @@ def main() -> None:
     p.add_argument("--targets", nargs="+", type=float, default=[0.0, 0.5])
     p.add_argument("--worker", nargs=2)
     p.add_argument("--profile-decode", action="store_true")
+    p.add_argument("--quick", action="store_true", help="4 CUDA-graph sizes and 2 runs per workload (the warm one reported)")
     p.add_argument("--timeout", type=float, default=200, help="seconds per engine, plus 90 per zeda target")
     a = p.parse_args()
     if a.worker:
-        return worker(*a.worker, a.targets, a.profile_decode)
+        return worker(*a.worker, a.targets, a.profile_decode, a.quick)
     import torch
     import vllm
 
@@ -201,7 +203,7 @@ def main() -> None:
         try:
             timeout = a.timeout + (90 * len(a.targets) if CONFIGS[name].get("zeda") else 0)
             proc = subprocess.run([sys.executable, __file__, "--out", a.out, "--worker", str(d), name,
-                                   "--targets", *map(str, a.targets)] + ["--profile-decode"] * a.profile_decode, capture_output=True, text=True, timeout=timeout)
+                                   "--targets", *map(str, a.targets)] + ["--profile-decode"] * a.profile_decode + ["--quick"] * a.quick, capture_output=True, text=True, timeout=timeout)
             out, err = proc.stdout, proc.stderr
         except subprocess.TimeoutExpired as exc:
             out = (exc.stdout or b"").decode(errors="replace")
