@@ -2,6 +2,9 @@
 
     python3 benchmarks/tables.py layer benchmarks/results/moe_layer_h100_2026-11-23c.json
     python3 benchmarks/tables.py e2e benchmarks/results/e2e_h100_2026-11-23_b.json
+    python3 benchmarks/tables.py route benchmarks/results/route_h100_2026-11-23.json
+    python3 benchmarks/tables.py tune benchmarks/results/tune_moe_h100_2026-11-23.json
+    python3 benchmarks/tables.py profile benchmarks/results/e2e_h100_2026-11-23_c.json
 """
 from __future__ import annotations
 
@@ -55,6 +58,54 @@ def e2e(data: dict) -> str:
     return "\n".join(out)
 
 
+def route(data: dict) -> str:
+    rows = data["rows"]
+    names = [k for k in rows[0] if k != "tokens"]
+    out = ["| tokens | " + " | ".join(n.replace("zeda_route ", "") for n in names) + " |", "|---:|" + "---:|" * len(names)]
+    for r in rows:
+        best = min(r[n] for n in names if n.startswith("zeda_route b"))
+        out.append(f"| {r['tokens']} | " + " | ".join(f"**{r[n]}**" if r[n] == best and n.startswith("zeda_route b")
+                                                      else str(r[n]) for n in names) + " |")
+    return "\n".join(out)
+
+
+def tune(data: dict) -> str:
+    out = ["| tokens | static, vLLM default | static, best | ours s=0.5, vLLM default | ours s=0.5, best | "
+           "ours gain | best config for ours (M/N/K/group/warps/stages) |", "|---:|---:|---:|---:|---:|---:|---|"]
+    for r in data["rows"]:
+        c = r["ours_best_config"]
+        cfg = "/".join(str(c[k]) for k in ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "num_warps", "num_stages"))
+        out.append(f"| {r['tokens']} | {r['static_default']} | {r['static_best']} | {r['ours_default']} | {r['ours_best']} | "
+                   f"{1 - r['ours_best'] / r['ours_default']:.1%} | {cfg} |")
+    return "\n".join(out)
+
+
+KERNEL_GROUPS = [  # (label, substring of the kernel name), first match wins
+    ("fused-MoE GEMMs (fused_moe_kernel)", "fused_moe_kernel"), ("routing: vLLM topkGating", "topkGating"),
+    ("routing: _zeda_route", "_zeda_route"), ("router gate GEMM (cuBLAS nvjet, E or E+Z outputs)", "nvjet_sm90_tst_64x8_64x16_2x1_v_bz_TNT"),
+    ("router gate GEMM (cuBLAS nvjet, E or E+Z outputs)", "nvjet_sm90_tst_8x64_64x16_4x1_v_bz_TNN"),
+    ("gated SiLU: vLLM act_and_mul", "act_and_mul"), ("gated SiLU: _live_silu_and_mul", "_live_silu_and_mul"),
+    ("sum over slots: vLLM moe_sum", "moe_sum_vec"), ("sum over slots: _live_moe_sum", "_live_moe_sum"),
+]
+
+
+def profile(data: dict) -> str:
+    configs = {n: r["decode_profile"] for n, r in data["configs"].items() if "kernels" in r.get("decode_profile", {})}
+    names = list(configs)
+    groups: dict[str, list[float]] = {}
+    for i, n in enumerate(names):
+        for kernel, (_, us) in configs[n]["kernels"].items():
+            label = next((lab for lab, key in KERNEL_GROUPS if key in kernel), "everything else")
+            groups.setdefault(label, [0.0] * len(names))[i] += us
+    out = ["| µs per decode step (batch 1, 48 layers) | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names)]
+    order = [lab for lab, _ in KERNEL_GROUPS] + ["everything else"]
+    for label, vals in sorted(groups.items(), key=lambda kv: order.index(kv[0])):
+        out.append(f"| {label} | " + " | ".join(f"{v:,.1f}" for v in vals) + " |")
+    out.append("| **all GPU kernels** | " + " | ".join(f"**{configs[n]['kernel_us_per_step']:,.1f}**" for n in names) + " |")
+    out.append("| wall time per step, profiler on | " + " | ".join(f"{configs[n]['wall_us_per_step']:,.1f}" for n in names) + " |")
+    return "\n".join(out)
+
+
 if __name__ == "__main__":
     kind, path = sys.argv[1], sys.argv[2]
-    print({"layer": layer, "e2e": e2e}[kind](json.load(open(path))))
+    print({"layer": layer, "e2e": e2e, "route": route, "tune": tune, "profile": profile}[kind](json.load(open(path))))
