@@ -11,9 +11,14 @@ and a few neighbours. Each candidate is timed per batch size through vLLM's modu
   ours     ZedaTritonExperts, half the slots on zero experts (the ZEDA operating point)
 
 median µs over CUDA-graph replays of 8 rotating routings. Writes the full grid to --out and, into
---table-dir, vLLM-format tables (batch size -> config) of the best candidate for each variant.
+--table-dir, vLLM-format tables (batch size -> config) per variant: the best candidate where it
+beats vLLM's default by more than --min-gain (a best-of-25 pick carries noise), else the default.
+The shipped table (vllm_zeda/moe_configs/) is the "ours" table; rebuild it from a grid without a
+GPU (tests/test_tuned_configs.py checks that this reproduces it):
 
     python3 benchmarks/tune_moe_configs.py --out $OUT/tune.json --table-dir $OUT/tables
+    python3 benchmarks/tune_moe_configs.py --table-from benchmarks/results/tune_moe_h100_2026-11-23.json \
+        --table-dir vllm_zeda/moe_configs --variants ours
 """
 from __future__ import annotations
 
@@ -23,10 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_moe_layer import make_kernel, make_routings, time_graph  # noqa: E402
 
 E, H, I, K = 128, 2048, 768, 8
 BATCHES = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024, 1536, 2048, 3072, 4096, 8192, 16384]
@@ -36,6 +38,25 @@ EXTRA = [  # (BLOCK_SIZE_M, N, K, GROUP_SIZE_M, num_warps, num_stages)
     (128, 128, 64, 1, 8, 3), (128, 128, 64, 16, 8, 4), (128, 256, 64, 16, 8, 3),
 ]
 KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "num_warps", "num_stages")
+TABLE_NAME = f"E={E},N={I},device_name=NVIDIA_H100_80GB_HBM3.json"  # vLLM's name on the tuned GPU
+
+
+def table_from_rows(rows: list[dict], variant: str, min_gain: float = 0.01) -> dict[str, dict]:
+    """vLLM-format table: per batch size the variant's best config if it beats vLLM's default by
+    more than min_gain, else the default."""
+    out = {}
+    for r in rows:
+        better = r[f"{variant}_best"] < (1 - min_gain) * r[f"{variant}_default"]
+        cfg = r[f"{variant}_best_config"] if better else r["default"]
+        out[str(r["tokens"])] = {k: cfg[k] for k in KEYS}
+    return out
+
+
+def write_tables(rows: list[dict], table_dir: str, variants, min_gain: float, name: str) -> None:
+    for v in variants:
+        d = Path(table_dir) if len(variants) == 1 else Path(table_dir) / v
+        d.mkdir(parents=True, exist_ok=True)
+        (d / name).write_text(json.dumps(table_from_rows(rows, v, min_gain), indent=1) + "\n")
 
 
 def candidates() -> list[dict]:
@@ -56,13 +77,23 @@ def candidates() -> list[dict]:
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--out", required=True)
+    p.add_argument("--out")
     p.add_argument("--table-dir", required=True)
+    p.add_argument("--table-from", help="a grid JSON written by --out: only (re)write the tables")
+    p.add_argument("--variants", nargs="+", default=["static", "ours"], choices=["static", "ours"])
+    p.add_argument("--min-gain", type=float, default=0.01)
     p.add_argument("--batches", nargs="+", type=int, default=BATCHES)
     p.add_argument("--budget-s", type=float, default=400, help="stop timing new batch sizes after this")
     a = p.parse_args()
+    if a.table_from:
+        return write_tables(json.loads(Path(a.table_from).read_text())["rows"], a.table_dir, a.variants, a.min_gain,
+                            TABLE_NAME)
+    if not a.out:
+        p.error("--out is required unless --table-from is given")
+    import torch
     import vllm
     import vllm.model_executor.layers.fused_moe.fused_moe as fm
+    from bench_moe_layer import make_kernel, make_routings, time_graph
     from vllm.model_executor.layers.fused_moe import override_config
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation
     from vllm.model_executor.layers.fused_moe.experts.triton_moe import TritonExperts
@@ -121,12 +152,8 @@ def main():
             "seconds": round(time.time() - t0, 1), "unit": "us per fused-MoE call", "shape": [E, H, I, K],
             "triton": __import__("triton").__version__}
     Path(a.out).write_text(json.dumps({"meta": meta, "candidates": cands, "rows": rows}, indent=1))
-    tables = Path(a.table_dir)
-    tables.mkdir(parents=True, exist_ok=True)
     name = fm.get_config_file_name(E, I, None)
-    for v in ("static", "ours"):
-        (tables / v).mkdir(exist_ok=True)
-        (tables / v / name).write_text(json.dumps({str(r["tokens"]): r[f"{v}_best_config"] for r in rows}, indent=1))
+    write_tables(rows, a.table_dir, a.variants, a.min_gain, name)
     print(json.dumps(meta), "tables:", name)
 
 
