@@ -10,8 +10,8 @@ Configs, each in its own engine process, measured in one run:
             the two differently). Reported as zeda_s0, zeda_s50, ...
             Target 0 uses bias -1e4: no zero slot at all, so it measures the plugin's overhead.
 Workloads: prefill (64 x 2048 prompt tokens, 1 output: input tok/s), decode at batch 1, 16, 256
-(output tok/s). Each workload runs three times (--quick: twice); the fastest warm run is reported and
-all times are kept. Every engine uses
+(output tok/s). Each workload runs a short warm-up, then three timed runs (--quick: two); the
+fastest is reported and all times are kept. Every engine uses
 the same CUDA-graph capture sizes (CAPTURE_SIZES) to keep start-up short.
 --profile-decode adds, per config and target, the GPU kernels of one batch-1 decode step (device
 µs by kernel name, torch.profiler in the worker: kernel_profile.py).
@@ -112,8 +112,10 @@ def calibrate(llm, target, g, kind: str) -> float:
 
 
 def run_workloads(llm, label: str, g, biases: dict | None, runs: int = 3) -> dict:
-    """Every workload, three times (the faster warm run is reported); with `biases` (a ZEDA engine)
-    the prefill workload runs at the prefill-calibrated bias, the decode ones at the decode one."""
+    """Every workload: one short warm-up (at most 8 output tokens: the same batch shapes), then
+    `runs` timed runs, the fastest reported (a one-off ~1-1.4 s stall hit single runs of every
+    config on 2026-11-23; two timed runs outvote one). With `biases` (a ZEDA engine) the prefill
+    workload runs at the prefill-calibrated bias, the decode ones at the decode one."""
     import torch
     from vllm import SamplingParams
 
@@ -123,6 +125,9 @@ def run_workloads(llm, label: str, g, biases: dict | None, runs: int = 3) -> dic
         sp = SamplingParams(max_tokens=olen, temperature=0, ignore_eos=True)
         if biases:
             llm.collective_rpc("zeda_set_zero_bias", args=(biases["prefill" if wname == "prefill" else "decode"],))
+        t = time.perf_counter()
+        llm.generate(prompts, SamplingParams(max_tokens=min(olen, 8), temperature=0, ignore_eos=True), use_tqdm=False)
+        warmup = time.perf_counter() - t
         times = []
         for attempt in range(runs):
             if biases:
@@ -130,9 +135,10 @@ def run_workloads(llm, label: str, g, biases: dict | None, runs: int = 3) -> dic
             t = time.perf_counter()
             llm.generate(prompts, sp, use_tqdm=False)
             times.append(time.perf_counter() - t)
-        dt = min(times[1:])  # warm runs only; a one-off ~1 s stall hit single b256 runs on 2026-11-23
+        dt = min(times)
         tok = n * plen if wname == "prefill" else n * olen
         entry = {"seconds": round(dt, 3), "tok_per_s": round(tok / dt, 1), "all_seconds": [round(x, 3) for x in times],
+                 "warmup_seconds": round(warmup, 3),
                  "unit": "input tok/s" if wname == "prefill" else "output tok/s"}
         if biases:
             entry["zero_fraction"] = round(llm.collective_rpc("zeda_stats")[0]["zero_fraction"], 4)
@@ -185,7 +191,7 @@ def main() -> None:
     p.add_argument("--targets", nargs="+", type=float, default=[0.0, 0.5])
     p.add_argument("--worker", nargs=2)
     p.add_argument("--profile-decode", action="store_true")
-    p.add_argument("--quick", action="store_true", help="4 CUDA-graph sizes and 2 runs per workload (the warm one reported)")
+    p.add_argument("--quick", action="store_true", help="4 CUDA-graph sizes and 2 timed runs per workload")
     p.add_argument("--timeout", type=float, default=200, help="seconds per engine, plus 90 per zeda target")
     a = p.parse_args()
     if a.worker:
