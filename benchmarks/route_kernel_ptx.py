@@ -1,6 +1,7 @@
 """Compile the routing kernel (vllm_zeda.gpu_kernels._zeda_route) for an H100 (sm_90) without a
 GPU, and report its code per launch shape: PTX lines (the kernel is fully unrolled: rows x top-K
-rounds), barriers and shared-memory stores (cross-warp reductions), shared memory bytes, and how
+rounds), warp shuffles (in-warp reduction steps), barriers and shared-memory stores (cross-warp
+reductions), shared memory bytes, and how
 Triton lays the warps out over [rows, experts]. Static evidence only; bench_route.py times it.
 
 Needs triton (any machine; no vLLM):  python benchmarks/route_kernel_ptx.py
@@ -22,20 +23,20 @@ SIGNATURE = {"logits_ptr": "*bf16", "stride_lm": "i32", "bias_ptr": "*fp32", "pa
              "ids_ptr": "*i32", "live_ptr": "*i32", "counts_ptr": "*i64", "M": "i32", "n_real": "i32", "n_all": "i32",
              "K": "constexpr", "K_PAD": "constexpr", "RENORM": "constexpr", "REMAP": "constexpr",
              "HAS_PAD": "constexpr", "BLOCK_M": "constexpr", "BLOCK_E": "constexpr"}
-SHAPES = [(16, 4), (16, 8), (4, 4), (16, 1), (8, 1), (4, 1), (2, 1), (1, 1), (1, 2)]
+SHAPES = [(16, 4), (16, 8), (4, 4), (16, 1), (8, 1), (4, 1), (2, 1), (1, 1), (1, 2), (2, 2)]
 
 
 def main() -> None:
     print("Qwen3-30B-A3B router: 128 + 64 logits (BLOCK_E 256), top-8, renormalised, sm_90\n")
-    print("| rows per program | warps | PTX lines | bar.sync | st.shared | shared bytes | warps over [rows, experts] |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    print("| rows per program | warps | PTX lines | shfl.sync | bar.sync | st.shared | shared bytes | warps over [rows, experts] |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for block_m, warps in SHAPES:
         src = ASTSource(gpu_kernels._zeda_route, SIGNATURE, constexprs={
             "K": 8, "K_PAD": 8, "RENORM": True, "REMAP": False, "HAS_PAD": True, "BLOCK_M": block_m, "BLOCK_E": 256})
         kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
         ptx, ttgir = kernel.asm["ptx"], kernel.asm["ttgir"]
         layout = re.search(r"warpsPerCTA = (\[[^\]]*\])", ttgir).group(1)
-        print(f"| {block_m} | {warps} | {ptx.count(chr(10))} | {ptx.count('bar.sync')} | {ptx.count('st.shared')} "
+        print(f"| {block_m} | {warps} | {ptx.count(chr(10))} | {ptx.count('shfl.sync')} | {ptx.count('bar.sync')} | {ptx.count('st.shared')} "
               f"| {kernel.metadata.shared} | {layout} |")
 
 

@@ -72,3 +72,13 @@ def test_route_kernel_launch_shape_does_not_change_routing(block_m):
     ref = gk.zeda_route_(logits, 128, 8, True, bias, c0, None)
     out = gk.zeda_route_(logits, 128, 8, True, bias, c1, None, block_m=block_m, num_warps=1)
     assert all(torch.equal(a, b) for a, b in zip(out, ref)) and torch.equal(c0, c1)
+
+
+@pytest.mark.parametrize("bias,first", [(0.0, 0), (0.5, 8)])
+def test_route_kernel_breaks_ties_towards_the_lowest_id(bias, first):
+    logits = torch.zeros(3, 12, device=DEVICE)  # 8 real + 4 zero experts, every logit equal
+    counts = torch.zeros(2, dtype=torch.int64, device=DEVICE)
+    w, ids, live = gk.zeda_route_(logits, 8, 3, True, torch.tensor([bias], device=DEVICE), counts, None)
+    assert ids.cpu().tolist() == [[first, first + 1, first + 2]] * 3
+    assert torch.allclose(w.cpu(), torch.full((3, 3), 1 / 3))
+    assert counts.cpu().tolist() == [9 if first else 0, 9]

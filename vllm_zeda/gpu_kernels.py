@@ -45,23 +45,25 @@ if triton is not None:
                     mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
         x = x + tl.where(cols >= n_real, tl.load(bias_ptr), 0.0)[None, :]
         x = tl.where(cmask[None, :], x, float("-inf"))
-        e = tl.exp(x - tl.max(x, axis=1)[:, None])
+        top = tl.max(x, axis=1)
+        if not RENORM:  # softmax over all E+Z (before the loop masks the picked logits)
+            denom = tl.sum(tl.exp(x - top[:, None]), axis=1)
         slot = tl.arange(0, K_PAD)
         w = tl.zeros((BLOCK_M, K_PAD), tl.float32)
         ids = tl.zeros((BLOCK_M, K_PAD), tl.int32)
         picked = tl.zeros((BLOCK_M,), tl.float32)
         for k in tl.static_range(K):  # top-K on the (biased) logits: exact order, lowest id wins ties
-            idx = tl.argmax(x, axis=1, tie_break_left=True).to(tl.int32)
-            hit = cols[None, :] == idx[:, None]
-            ek = tl.sum(tl.where(hit, e, 0.0), axis=1)
+            xk, idx = tl.max(x, axis=1, return_indices=True, return_indices_tie_break_left=True)
+            idx = idx.to(tl.int32)
+            ek = tl.exp(xk - top)  # its softmax numerator, from the reduction's value: no second reduction
             picked += ek
             w = tl.where(slot[None, :] == k, ek[:, None], w)
             ids = tl.where(slot[None, :] == k, idx[:, None], ids)
-            x = tl.where(hit, float("-inf"), x)
+            x = tl.where(cols[None, :] == idx[:, None], float("-inf"), x)
         if RENORM:
             w = w / picked[:, None]
         else:
-            w = w / tl.sum(e, axis=1)[:, None]
+            w = w / denom[:, None]
         is_zero = ids >= n_real
         live = tl.where(is_zero, -1, ids)
         if REMAP:  # zero slots -> expert 0 with weight 0
@@ -115,10 +117,10 @@ def zeda_route_(logits: torch.Tensor, num_real: int, top_k: int, renormalize: bo
     routing.route_softmax (zero bias added in fp32); counts[0] += zero slots, counts[1] += slots,
     padding rows excluded; no host sync. `bias` is a 1-element fp32 tensor (a dial that CUDA
     graphs read at replay). remap: zero slots come back as expert 0 with weight 0.
-    block_m / num_warps override the launch shape (rows per program, warps per program). Default:
-    one warp per row, so every top-K round reduces inside a warp (no barrier), two rows per
-    program except for a single token (H100, E+Z=192: 4.7-5.4 µs from 1 to 256 tokens against
-    10.7-11.4 for 16 rows on 4 warps; benchmarks/RESULTS.md, bench_route.py)."""
+    block_m / num_warps override the launch shape (rows per program, warps per program). Default,
+    from bench_route.py on an H100 (E+Z=192, benchmarks/RESULTS.md §2): 2 rows on 2 warps, 1 row on
+    1 warp for a single token — 4.7-5.4 µs from 1 to 256 tokens, where 16 rows on 4 warps took
+    10.7-11.4 (few rows per program: more programs at once, less unrolled code in each)."""
     m, n_all = logits.shape
     weights = torch.empty(m, top_k, dtype=torch.float32, device=logits.device)
     ids = torch.empty(m, top_k, dtype=torch.int32, device=logits.device)
