@@ -22,6 +22,7 @@ the same CUDA-graph capture sizes (CAPTURE_SIZES) to keep start-up short.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import subprocess
 import sys
@@ -132,6 +133,8 @@ def run_workloads(llm, label: str, g, biases: dict | None, runs: int = 3) -> dic
         for attempt in range(runs):
             if biases:
                 llm.collective_rpc("zeda_reset_stats")
+            llm.collective_rpc("bench_gc_collect")
+            gc.collect()
             t = time.perf_counter()
             llm.generate(prompts, sp, use_tqdm=False)
             times.append(time.perf_counter() - t)
@@ -152,14 +155,11 @@ def worker(model_dir: str, name: str, targets: list[float], profile: bool, quick
     from vllm import LLM
 
     zeda = CONFIGS[name].get("zeda", False)
-    kw = {}
+    # benchmark-only worker RPCs (kernel_profile.py); for zeda also the plugin's zero-bias dial:
+    # a device tensor read by the captured graphs, set per target through the RPC
+    kw = dict(worker_extension_cls="benchmarks.kernel_profile." + ("ZedaProfileExtension" if zeda else "KernelProfileExtension"))
     if zeda:
-        # the zero bias is a device tensor read by the captured graphs; set per target through the RPC
-        kw = dict(additional_config={"zeda": {"enabled": True, "zero_bias": 1e-9}},
-                  worker_extension_cls="vllm_zeda.vllm_stats.ZedaWorkerExtension")
-    if profile:
-        kw["worker_extension_cls"] = ("benchmarks.kernel_profile." +
-                                      ("ZedaProfileExtension" if zeda else "KernelProfileExtension"))
+        kw["additional_config"] = {"zeda": {"enabled": True, "zero_bias": 1e-9}}
     t0 = time.time()
     llm = LLM(model_dir, load_format="dummy", dtype="bfloat16", max_model_len=4096, gpu_memory_utilization=0.88,
               max_num_seqs=256, max_num_batched_tokens=16384,

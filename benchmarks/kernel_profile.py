@@ -4,7 +4,9 @@ Worker extensions (vLLM's `worker_extension_cls`) that run torch.profiler (CUDA 
 the worker process, where the model and its CUDA graphs live, and hand back the device time per
 kernel name. `decode_step_kernels` profiles two batch-1 generations that differ only in their
 number of decode steps and divides the difference by it, so prefill and start-up cancel out.
-Used by bench_e2e.py --profile-decode.
+Also `bench_gc_collect`, which bench_e2e calls before every timed run: a full garbage collection in
+the worker's process (the engine core's, with one GPU), so that one is less likely to land inside
+a run (a ~1-1.4 s stall hit single runs of every config on 2026-11-23; cause not established).
 """
 from __future__ import annotations
 
@@ -14,6 +16,11 @@ from vllm_zeda.vllm_stats import ZedaWorkerExtension
 
 
 class KernelProfileExtension:
+    def bench_gc_collect(self) -> None:
+        import gc
+
+        gc.collect()
+
     def bench_profile_start(self) -> None:
         import torch
 
