@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# benchmarks/device_suite.sh STAGE... -- the GPU measurements of benchmarks/RESULTS.md, cut into
+# stages that each fit one device call (< 600 s). Run from the repo root on the device machine,
+# with the ../shared/gpu bundle carried as .gpu; JSON and logs land in $OUT.
+#
+#   kernels   bench_route.py (routing kernel vs fused_topk) + bench_moe_layer.py (both shapes)   ~5 min
+#   e2e50     bench_e2e.py --configs static8 ideal4 zeda --targets 0 0.5 --quick                ~8 min
+#   e2e75     bench_e2e.py --configs static8 ideal2 zeda --targets 0.75 --quick                 ~6 min
+#   serve     bench_serve.py --zero-bias 2.6e-6 (stock static vs the plugin, OpenAI server)      ~5 min
+#   parity    gpu_parity.py --modes skip remap masked (fp32, CUDA graphs)                        ~5 min
+#   tune      tune_moe_configs.py (tile search, E=128 N=768)                                     ~4 min
+#
+# Each stage's commands get their own timeout, so one slow stage leaves the others' files.
+set -uo pipefail
+[ $# -gt 0 ] || { sed -n 2,12p "$0"; exit 2; }
+: "${OUT:?OUT must name the folder results go to (the device tool sets it)}"
+bash .gpu/stage.sh .gpu/p1 >/dev/null || { echo "device_suite: staging the vLLM bundle failed" >&2; exit 1; }
+python3 benchmarks/device_env.py /tmp/zeda_meta >/dev/null
+export PYTHONPATH=/tmp/site:/tmp/zeda_meta:$PWD VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1
+
+run() {  # run SECONDS NAME CMD...: output to $OUT/NAME.log, last lines echoed
+  local limit=$1 name=$2; shift 2
+  echo "== $name ($(date -u +%H:%M:%S), limit ${limit}s): $*"
+  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  echo "== $name exit $?"; grep -v -i "warn" "$OUT/$name.log" | tail -n 12
+}
+
+for stage in "$@"; do
+  case "$stage" in
+    kernels) run 120 route python3 benchmarks/bench_route.py --out "$OUT/route.json"
+             run 420 layer python3 benchmarks/bench_moe_layer.py --out "$OUT/layer.json" ;;
+    e2e50) run 585 e2e50 python3 benchmarks/bench_e2e.py --out "$OUT/e2e50.json" --configs static8 ideal4 zeda \
+             --targets 0 0.5 --quick --timeout 150 ;;
+    e2e75) run 585 e2e75 python3 benchmarks/bench_e2e.py --out "$OUT/e2e75.json" --configs static8 ideal2 zeda \
+             --targets 0.75 --quick --timeout 150 ;;
+    serve) run 585 serve python3 benchmarks/bench_serve.py --out "$OUT/serve.json" --zero-bias 2.6e-6 ;;
+    parity) run 420 parity python3 benchmarks/gpu_parity.py --out "$OUT/parity.json" --modes skip remap masked \
+             --worker-timeout 120 ;;
+    tune) run 450 tune python3 benchmarks/tune_moe_configs.py --out "$OUT/tune.json" --table-dir "$OUT/tables" ;;
+    *) echo "device_suite: unknown stage '$stage' (kernels e2e50 e2e75 serve parity tune)" >&2; exit 2 ;;
+  esac
+done
