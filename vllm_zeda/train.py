@@ -577,6 +577,7 @@ def train(args, dist: Dist) -> dict | None:
         "source_model": str(src),
         "data": list(data.sources), "seq_len": args.seq_len, "heldout_blocks": int(data.heldout.shape[0]),
         "train_blocks": int(data.train.shape[0]), "seed": args.seed, "world_size": dist.world,
+        "device": device.type, "compute_dtype": "bfloat16" if use_bf16 else "float32",
         "balance_alpha": args.balance_alpha, "balance_w": w, "temperature": args.temperature,
         "note": "zero_fraction / teacher_kl: held-out blocks, dynamic routing, zero_bias 0; teacher = the original model",
     }
