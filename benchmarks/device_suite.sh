@@ -3,7 +3,8 @@
 # stages that each fit one device call (< 600 s). Run from the repo root on the device machine,
 # with the ../shared/gpu bundle carried as .gpu; JSON and logs land in $OUT.
 #
-#   kernels   bench_route.py (routing kernel vs fused_topk) + bench_moe_layer.py (both shapes)   ~5 min
+#   kernels   bench_route.py (routing kernel vs fused_topk), profile_moe_pieces.py (SiLU/sum
+#             variants), bench_moe_layer.py (both shapes)                                      ~6 min
 #   e2e50     bench_e2e.py --configs static8 ideal4 zeda --targets 0 0.5 --quick                ~8 min
 #   e2e75     bench_e2e.py --configs static8 ideal2 zeda --targets 0.75 --quick                 ~6 min
 #   serve     bench_serve.py --zero-bias 2.6e-6 (stock static vs the plugin, OpenAI server)      ~5 min
@@ -12,7 +13,7 @@
 #
 # Each stage's commands get their own timeout, so one slow stage leaves the others' files.
 set -uo pipefail
-[ $# -gt 0 ] || { sed -n 2,12p "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n 2,14p "$0"; exit 2; }
 : "${OUT:?OUT must name the folder results go to (the device tool sets it)}"
 bash .gpu/stage.sh .gpu/p1 >/dev/null || { echo "device_suite: staging the vLLM bundle failed" >&2; exit 1; }
 python3 benchmarks/device_env.py /tmp/zeda_meta >/dev/null
@@ -28,7 +29,8 @@ run() {  # run SECONDS NAME CMD...: output to $OUT/NAME.log, last lines echoed
 for stage in "$@"; do
   case "$stage" in
     kernels) run 120 route python3 benchmarks/bench_route.py --out "$OUT/route.json"
-             run 420 layer python3 benchmarks/bench_moe_layer.py --out "$OUT/layer.json" ;;
+             run 90 pieces python3 benchmarks/profile_moe_pieces.py --out "$OUT/pieces.json"
+             run 360 layer python3 benchmarks/bench_moe_layer.py --out "$OUT/layer.json" ;;
     e2e50) run 585 e2e50 python3 benchmarks/bench_e2e.py --out "$OUT/e2e50.json" --configs static8 ideal4 zeda \
              --targets 0 0.5 --quick --timeout 150 ;;
     e2e75) run 585 e2e75 python3 benchmarks/bench_e2e.py --out "$OUT/e2e75.json" --configs static8 ideal2 zeda \

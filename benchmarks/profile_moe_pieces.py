@@ -1,9 +1,10 @@
 """Where the fixed cost of the zero-expert path goes at decode sizes (device machine).
 
 Times, in CUDA-graph replays (median µs), each piece that the ZEDA experts path adds to or swaps
-in stock vLLM's Triton experts path, at 1 and 4 tokens, Qwen3-30B-A3B expert shapes:
-the expert-map gather of the ids, the live-slot SiLU vs vLLM's silu_and_mul, and the
-map-aware moe_sum vs the plain one.
+in stock vLLM's Triton experts path, at decode-sized batches, Qwen3-30B-A3B expert shapes:
+the expert-map gather of the ids, the live-slot SiLU vs vLLM's silu_and_mul, the live-slot sum vs
+the plain and the map-aware moe_sum, and the "speculative" variants of the two live-slot kernels
+(rows loaded without waiting for their live ids). Ids uniform over E+Z: a third are zero slots.
 
     python3 benchmarks/profile_moe_pieces.py --out $OUT/pieces.json
 """
@@ -32,7 +33,7 @@ def main():
     e, z, h, i, k = 128, 64, 2048, 768, 8
     zmap = zero_expert_map(None, e, z, "cuda")
     rows = []
-    for m in (1, 4, 64):
+    for m in (1, 4, 16, 64, 256):
         ids = torch.randint(0, e + z, (m, k), device="cuda", dtype=torch.int32)
         live = torch.where(ids >= e, -1, ids)
         x1 = torch.randn(m * k, 2 * i, device="cuda", dtype=torch.bfloat16)
@@ -44,7 +45,9 @@ def main():
             "map_gather zmap[ids]": lambda: zmap[ids.reshape(-1)],
             "silu_and_mul (vLLM CUDA)": lambda: torch.ops._C.silu_and_mul(act, x1),
             "live_silu_and_mul_ (ours)": lambda: live_silu_and_mul_(act, x1, live),
+            "live_silu_and_mul_ speculative": lambda: live_silu_and_mul_(act, x1, live, speculative=True),
             "live_moe_sum_ (ours)": lambda: live_moe_sum_(out, c3, live),
+            "live_moe_sum_ speculative": lambda: live_moe_sum_(out, c3, live, speculative=True),
             "moe_sum plain": lambda: ops.moe_sum(c3, out),
             "moe_sum ids+map": lambda: ops.moe_sum(c3, out, ids, zmap),
         }
