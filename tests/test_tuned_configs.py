@@ -36,8 +36,10 @@ def h100_names(monkeypatch):
     monkeypatch.setattr(fm, "get_config_file_name", lambda *a, **k: QWEN3_H100)
     monkeypatch.delenv("VLLM_TUNED_CONFIG_FOLDER", raising=False)
     fm.get_moe_configs.cache_clear()
+    tc.shipped_table.cache_clear()
     yield fm
     fm.get_moe_configs.cache_clear()
+    tc.shipped_table.cache_clear()
 
 
 def test_ours_come_before_vllms_defaults(h100_names):

@@ -37,6 +37,20 @@ def nearest(table: dict[int, dict], m: int) -> dict:
     return table[min(table, key=lambda key: (abs(key - m), key))]
 
 
+@functools.lru_cache
+def shipped_table(e: int, n: int, dtype: str | None, block_shape: tuple[int, ...] | None) -> dict[int, dict] | None:
+    """Our table for this expert shape on this GPU, or None: none shipped, or the user's folder
+    holds one (then vLLM's own lookup finds it). Cached like vLLM's `get_moe_configs`, so the
+    GPU name and the file checks run once per shape, not on every forward."""
+    from vllm.model_executor.layers.fused_moe import fused_moe as fm
+
+    name = fm.get_config_file_name(e, n, dtype, list(block_shape) if block_shape else None)
+    user = os.environ.get("VLLM_TUNED_CONFIG_FOLDER")
+    if user and os.path.isfile(os.path.join(user, name)):
+        return None
+    return load_table(name)
+
+
 def zeda_moe_config(w1_shape, w2_shape, top_k, dtype, M, block_shape=None):
     """`try_get_optimal_moe_config` with vllm_zeda's tables between the user's and vLLM's."""
     from vllm.model_executor.layers.fused_moe import get_config
@@ -44,10 +58,7 @@ def zeda_moe_config(w1_shape, w2_shape, top_k, dtype, M, block_shape=None):
 
     if get_config() is None:
         e, _, n = w2_shape
-        name = fm.get_config_file_name(e, n, dtype, block_shape)
-        user = os.environ.get("VLLM_TUNED_CONFIG_FOLDER")
-        if not (user and os.path.isfile(os.path.join(user, name))):
-            table = load_table(name)
-            if table is not None:
-                return dict(nearest(table, M), SPLIT_K=1)
+        table = shipped_table(e, n, dtype, tuple(block_shape) if block_shape else None)
+        if table is not None:
+            return dict(nearest(table, M), SPLIT_K=1)
     return fm.try_get_optimal_moe_config(w1_shape, w2_shape, top_k, dtype, M, block_shape=block_shape)
