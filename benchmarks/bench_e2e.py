@@ -17,7 +17,9 @@ the same CUDA-graph capture sizes (CAPTURE_SIZES) to keep start-up short.
 µs by kernel name, torch.profiler in the worker: kernel_profile.py).
 
     python3 benchmarks/bench_e2e.py --out $OUT/e2e.json [--configs static8 ideal4 zeda] [--targets 0 0.5]
-                                    [--profile-decode]
+                                    [--profile-decode] [--tp 2 [--ep]]
+--tp N runs every engine tensor-parallel over N GPUs, --ep adds --enable-expert-parallel (each rank
+holds E/N real experts). The zero fraction is read from rank 0: every rank routes every token.
 """
 from __future__ import annotations
 
@@ -150,7 +152,7 @@ def run_workloads(llm, label: str, g, biases: dict | None, runs: int = 3) -> dic
     return out
 
 
-def worker(model_dir: str, name: str, targets: list[float], profile: bool, quick: bool) -> None:
+def worker(model_dir: str, name: str, targets: list[float], profile: bool, quick: bool, tp: int = 1, ep: bool = False) -> None:
     import torch
     from vllm import LLM
 
@@ -162,7 +164,7 @@ def worker(model_dir: str, name: str, targets: list[float], profile: bool, quick
         kw["additional_config"] = {"zeda": {"enabled": True, "zero_bias": 1e-9}}
     t0 = time.time()
     llm = LLM(model_dir, load_format="dummy", dtype="bfloat16", max_model_len=4096, gpu_memory_utilization=0.88,
-              max_num_seqs=256, max_num_batched_tokens=16384,
+              max_num_seqs=256, max_num_batched_tokens=16384, tensor_parallel_size=tp, enable_expert_parallel=ep,
               compilation_config={"cudagraph_capture_sizes": SHORT_CAPTURE_SIZES if quick else CAPTURE_SIZES}, **kw)
     init_s = round(time.time() - t0, 1)
     g = torch.Generator().manual_seed(0)
@@ -193,23 +195,27 @@ def main() -> None:
     p.add_argument("--profile-decode", action="store_true")
     p.add_argument("--quick", action="store_true", help="4 CUDA-graph sizes and 2 timed runs per workload")
     p.add_argument("--timeout", type=float, default=200, help="seconds per engine, plus 90 per zeda target")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size of every engine")
+    p.add_argument("--ep", action="store_true", help="with --tp N: expert parallelism over the N GPUs")
     a = p.parse_args()
     if a.worker:
-        return worker(*a.worker, a.targets, a.profile_decode, a.quick)
+        return worker(*a.worker, a.targets, a.profile_decode, a.quick, a.tp, a.ep)
     import torch
     import vllm
 
     root = Path(tempfile.mkdtemp())
     results = {"meta": {"device": torch.cuda.get_device_name(), "vllm": vllm.__version__, "date": time.strftime("%Y-%m-%d"),
                         "shape": "Qwen3-30B-A3B (48 layers, E=128, top-8, H=2048, I=768), dummy weights, bf16",
-                        "zero_experts": Z}, "configs": {}}
+                        "zero_experts": Z, "tensor_parallel_size": a.tp, "expert_parallel": a.ep,
+                        "gpus": torch.cuda.device_count()}, "configs": {}}
     for name in a.configs:
         d = write_model(root, name)
         log = Path(a.out).with_name(f"e2e_{name}.log")
         try:
             timeout = a.timeout + (90 * len(a.targets) if CONFIGS[name].get("zeda") else 0)
             proc = subprocess.run([sys.executable, __file__, "--out", a.out, "--worker", str(d), name,
-                                   "--targets", *map(str, a.targets)] + ["--profile-decode"] * a.profile_decode + ["--quick"] * a.quick, capture_output=True, text=True, timeout=timeout)
+                                   "--targets", *map(str, a.targets), "--tp", str(a.tp)] + ["--ep"] * a.ep + ["--profile-decode"] * a.profile_decode
+                                  + ["--quick"] * a.quick, capture_output=True, text=True, timeout=timeout)
             out, err = proc.stdout, proc.stderr
         except subprocess.TimeoutExpired as exc:
             out = (exc.stdout or b"").decode(errors="replace")

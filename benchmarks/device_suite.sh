@@ -10,14 +10,22 @@
 #   serve     bench_serve.py --zero-bias 2.6e-6 (stock static vs the plugin, OpenAI server)      ~5 min
 #   parity    gpu_parity.py --modes skip remap masked (fp32, CUDA graphs)                        ~5 min
 #   tune      tune_moe_configs.py (tile search, E=128 N=768)                                     ~4 min
+# Two GPUs (nvidia-h200-x2):
+#   env       GPUs and their links (nvidia-smi topo), torch's device count                      <1 min
+#   tp-parity gpu_parity.py: skip on one GPU, skip and masked at TP=2, skip at TP=2 + EP       ~5 min
+#   tp-train  gpu_train_ddp.py: torchrun 2 processes vs 1 (fp32 parity, bf16 tokens/s per GPU) ~3 min
+#   tp-e2e    bench_e2e.py --tp 2: static8 and zeda at skip 0 and 0.5                          ~8 min
+#   ep-e2e    bench_e2e.py --tp 2 --ep: the same with expert parallelism                        ~8 min
 #
 # Each stage's commands get their own timeout, so one slow stage leaves the others' files.
 set -uo pipefail
-[ $# -gt 0 ] || { sed -n 2,14p "$0"; exit 2; }
+[ $# -gt 0 ] || { sed -n 2,21p "$0"; exit 2; }
 : "${OUT:?OUT must name the folder results go to (the device tool sets it)}"
 bash .gpu/stage.sh .gpu/p1 >/dev/null || { echo "device_suite: staging the vLLM bundle failed" >&2; exit 1; }
 python3 benchmarks/device_env.py /tmp/zeda_meta >/dev/null
 export PYTHONPATH=/tmp/site:/tmp/zeda_meta:$PWD VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1
+# NVLink multicast stays off on the shared multi-GPU hosts (device README), in every child too
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 
 run() {  # run SECONDS NAME CMD...: output to $OUT/NAME.log, last lines echoed
   local limit=$1 name=$2; shift 2
@@ -39,6 +47,14 @@ for stage in "$@"; do
     parity) run 420 parity python3 benchmarks/gpu_parity.py --out "$OUT/parity.json" --modes skip remap masked \
              --worker-timeout 120 ;;
     tune) run 450 tune python3 benchmarks/tune_moe_configs.py --out "$OUT/tune.json" --table-dir "$OUT/tables" ;;
-    *) echo "device_suite: unknown stage '$stage' (kernels e2e50 e2e75 serve parity tune)" >&2; exit 2 ;;
+    env) run 60 env bash -c 'nvidia-smi -L; nvidia-smi topo -m; python3 -c "import torch; print(torch.__version__, torch.cuda.device_count())"' ;;
+    tp-parity) run 380 tp_parity python3 benchmarks/gpu_parity.py --out "$OUT/tp_parity.json" \
+             --modes skip skip@tp2 skip@tp2ep masked@tp2 --worker-timeout 110 ;;
+    tp-train) run 200 tp_train python3 benchmarks/gpu_train_ddp.py --out "$OUT/tp_train.json" --gpus 2 ;;
+    tp-e2e) run 585 tp_e2e python3 benchmarks/bench_e2e.py --out "$OUT/tp_e2e.json" --configs static8 zeda \
+             --targets 0 0.5 --quick --timeout 200 --tp 2 ;;
+    ep-e2e) run 585 ep_e2e python3 benchmarks/bench_e2e.py --out "$OUT/ep_e2e.json" --configs static8 zeda \
+             --targets 0 0.5 --quick --timeout 200 --tp 2 --ep ;;
+    *) echo "device_suite: unknown stage '$stage' (kernels e2e50 e2e75 serve parity tune env tp-parity tp-train tp-e2e ep-e2e)" >&2; exit 2 ;;
   esac
 done

@@ -2,8 +2,11 @@
 greedy tokens in skip mode (expert map, CUDA graphs on) as in the remap-to-expert-0 path and as
 the HF reference; masked mode equals the original model.
 
-    python3 benchmarks/gpu_parity.py --out $OUT/parity.json [--dtype float32]
-Each vLLM mode runs in its own process (one engine per process).
+    python3 benchmarks/gpu_parity.py --out $OUT/parity.json [--dtype float32] [--modes skip skip@tp2 skip@tp2ep]
+Each vLLM mode runs in its own process (one engine per process). A mode may carry a parallel
+layout: MODE@tpN (tensor parallel over N GPUs) or MODE@tpNep (plus --enable-expert-parallel, so
+each rank holds E/N real experts and zero experts are -1 on every rank); each such mode is also
+compared with the same mode on one GPU.
 """
 from __future__ import annotations
 
@@ -27,20 +30,30 @@ PROMPTS = ["The quick brown fox jumps over", "def fibonacci(n):", "Mixture-of-ex
            "SELECT name, price FROM products WHERE", "The capital of France is"]
 
 
+def parse_mode(mode: str) -> tuple[str, int, bool]:
+    """'skip' -> ('skip', 1, False); 'skip@tp2' -> ('skip', 2, False); 'skip@tp2ep' -> ('skip', 2, True)."""
+    base, _, layout = mode.partition("@")
+    if base not in MODES or (layout and not (layout.startswith("tp") and layout[2:].rstrip("ep").isdigit())):
+        raise SystemExit(f"gpu_parity: bad mode {mode!r} (MODE or MODE@tpN or MODE@tpNep, MODE in {list(MODES)})")
+    return base, int(layout[2:].rstrip("ep")) if layout else 1, layout.endswith("ep")
+
+
 def worker(ckpt: str, mode: str, dtype: str, max_tokens: int) -> None:
     from vllm import LLM, SamplingParams
     from transformers import AutoTokenizer
 
+    base, tp, ep = parse_mode(mode)
     tok = AutoTokenizer.from_pretrained(ckpt)
     prompts = [{"prompt_token_ids": tok(p, add_special_tokens=False)["input_ids"]} for p in PROMPTS]
     t0 = time.time()
     llm = LLM(ckpt, dtype=dtype, max_model_len=256, gpu_memory_utilization=0.3, enforce_eager=False,
-              additional_config={"zeda": MODES[mode]}, worker_extension_cls="vllm_zeda.vllm_stats.ZedaWorkerExtension")
+              tensor_parallel_size=tp, enable_expert_parallel=ep,
+              additional_config={"zeda": MODES[base]}, worker_extension_cls="vllm_zeda.vllm_stats.ZedaWorkerExtension")
     init_s = time.time() - t0
     llm.collective_rpc("zeda_reset_stats")
     outs = llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
     stats = llm.collective_rpc("zeda_stats")[0]
-    print("RESULT " + json.dumps({"mode": mode, "init_s": init_s, "tokens": [list(o.outputs[0].token_ids) for o in outs],
+    print("RESULT " + json.dumps({"mode": mode, "tensor_parallel_size": tp, "expert_parallel": ep, "init_s": init_s, "tokens": [list(o.outputs[0].token_ids) for o in outs],
                                   "stats": stats, "cudagraph_mode": str(llm.llm_engine.vllm_config.compilation_config.cudagraph_mode)}))
 
 
@@ -78,6 +91,8 @@ def main() -> None:
     p.add_argument("--modes", nargs="+", default=list(MODES))
     p.add_argument("--worker", nargs=2, metavar=("CKPT", "MODE"))
     a = p.parse_args()
+    for m in a.modes:
+        parse_mode(m)
     if a.worker:
         return worker(a.worker[0], a.worker[1], a.dtype, a.max_tokens)
     from vllm_zeda.inject import convert_checkpoint
@@ -90,7 +105,7 @@ def main() -> None:
     result = {"hf": hf_reference(str(ckpt), str(original), a.dtype, a.max_tokens), "vllm": {}}
     print("hf reference done", flush=True)
     for mode in a.modes:
-        log = Path(a.out).with_name(f"parity_{mode}.log")
+        log = Path(a.out).with_name(f"parity_{mode.replace('@', '_')}.log")
         try:
             proc = subprocess.run([sys.executable, __file__, "--out", a.out, "--dtype", a.dtype, "--max-tokens",
                                    str(a.max_tokens), "--worker", str(ckpt), mode], capture_output=True, text=True,
@@ -118,6 +133,13 @@ def main() -> None:
         "skip_zero_fraction": v.get("skip", {}).get("stats", {}).get("zero_fraction"),
         "remap_zero_fraction": v.get("remap", {}).get("stats", {}).get("zero_fraction"),
     }
+    for mode in a.modes:  # parallel layouts: against HF and against the same mode on one GPU
+        base, tp, ep = parse_mode(mode)
+        if tp > 1 or ep:
+            ref = hf["original"] if base == "masked" else hf["dynamic"]
+            summary[f"{mode}_eq_{base}_tp1"] = same(v.get(mode, {}).get("tokens"), v.get(base, {}).get("tokens"))
+            summary[f"{mode}_eq_hf"] = same(v.get(mode, {}).get("tokens"), ref)
+            summary[f"{mode}_zero_fraction"] = v.get(mode, {}).get("stats", {}).get("zero_fraction")
     result["summary"] = summary
     Path(a.out).write_text(json.dumps(result, indent=1))
     print(json.dumps(summary, indent=1))

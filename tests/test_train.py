@@ -59,6 +59,10 @@ def test_stage1_and_stage2_on_demo_corpus(trained):
     assert r["zero_fraction"] == s2["zero_fraction"] and r["teacher_kl"] == s2["teacher_kl"]
     assert r["stage1_steps"] == 60 and r["stage2_steps"] == 30 and r["target_zero_fraction"] == 0.5
     assert [d["layer"] for d in r["layers"]] == [0, 1]
+    for stage, steps in (("stage1", 60), ("stage2", 30)):  # speed over every step but the first
+        sp = r["throughput"][stage]
+        assert sp["steps_timed"] == steps - 1 and sp["tokens_per_step"] == 8 * 64 and sp["tokens_per_s"] > 0
+        assert sp["tokens_per_s_per_process"] == sp["tokens_per_s"]
 
 
 @pytest.mark.slow
@@ -155,6 +159,8 @@ def test_torchrun_two_gloo_processes_match_one(tiny_models, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = json.loads((tmp_path / "two" / "zeda_report.json").read_text())
     assert two["world_size"] == 2
+    sp = two["throughput"]["stage1"]  # 2 x 4 blocks of 64 tokens a step, shared by two processes
+    assert sp["tokens_per_step"] == 512 and sp["tokens_per_s_per_process"] == pytest.approx(sp["tokens_per_s"] / 2, abs=0.1)
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-4, rtol=1e-4), k

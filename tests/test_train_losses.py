@@ -1,6 +1,7 @@
 """vllm_zeda.distill: the pure loss functions of the trainer."""
 import torch
 
+from vllm_zeda.report import throughput
 from vllm_zeda.distill import balance_loss, kl_teacher_student, kl_topk, teacher_topk, zero_fractions
 from vllm_zeda.routing import balance_weight, group_balance_loss, route_softmax
 
@@ -56,3 +57,11 @@ def test_topk_kl_is_a_lower_bound_of_the_full_kl():
     for k in (1, 4, 16, 39):
         lp, ids = teacher_topk(t, k)
         assert 0 <= kl_topk(lp, ids, s) <= full + 1e-6
+
+
+def test_throughput_leaves_out_the_warm_up_step():
+    t = throughput([5.0, 1.0, 1.0, 2.0], tokens_per_step=1000, processes=2)
+    assert t == {"steps_timed": 3, "seconds": 4.0, "tokens_per_step": 1000, "tokens_per_s": 750.0,
+                 "tokens_per_s_per_process": 375.0}
+    assert throughput([2.0], 100, 1)["tokens_per_s"] == 50.0  # one step: nothing to leave out
+    assert throughput([], 100, 1)["tokens_per_s"] is None

@@ -15,6 +15,18 @@ def write_report(out_dir: Path, report: dict) -> Path:
     return path
 
 
+def throughput(step_seconds: list[float], tokens_per_step: int, processes: int) -> dict:
+    """Training speed of one stage from its optimizer steps' wall times. The first step is left
+    out when there are others (CUDA/Triton warm-up, allocator growth); tokens count every
+    process's blocks, so tokens_per_s is the whole job's and tokens_per_s_per_process its share."""
+    timed = step_seconds[1:] if len(step_seconds) > 1 else list(step_seconds)
+    seconds = sum(timed)
+    rate = len(timed) * tokens_per_step / seconds if seconds > 0 else None
+    return {"steps_timed": len(timed), "seconds": round(seconds, 4), "tokens_per_step": tokens_per_step,
+            "tokens_per_s": None if rate is None else round(rate, 1),
+            "tokens_per_s_per_process": None if rate is None else round(rate / processes, 1)}
+
+
 def read_metrics(path: Path) -> list[dict]:
     if not path.is_file():
         return []

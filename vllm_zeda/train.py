@@ -322,7 +322,7 @@ def train(args, dist: Dist) -> dict | None:
     from .data import batch_indices, load_blocks
     from .distill import balance_loss, zero_fractions
     from .inject import convert_checkpoint, describe_source
-    from .report import METRICS, PLOT, plot, read_metrics, write_report
+    from .report import METRICS, PLOT, plot, read_metrics, throughput, write_report
     from .routing import balance_weight
 
     # ---- validate everything before the first write
@@ -424,6 +424,7 @@ def train(args, dist: Dist) -> dict | None:
             return model(input_ids=x).logits
 
     steps_of = {1: args.stage1_steps, 2: args.stage2_steps}
+    speed = {}  # stageN -> report.throughput(...)
     kill_at = os.environ.get(KILL_ENV)
     cache_path = work / "teacher_cache.pt"
 
@@ -495,7 +496,9 @@ def train(args, dist: Dist) -> dict | None:
 
             bar = tqdm(total=total, initial=step, desc=f"stage {stage} ({'routers' if stage == 1 else 'routers+experts'})", unit="step")
         data_seed = args.seed * 31 + stage
+        step_seconds = []  # this process's steps of this stage (not those before a --resume)
         while step < total:
+            t_step = time.perf_counter()
             for group in opt.param_groups:
                 group["lr"] = group["base_lr"] * lr_factor(step, total)
             sums = torch.zeros(3 + len(routers), dtype=torch.float64)  # loss, kl, balance, zero[L]
@@ -526,11 +529,12 @@ def train(args, dist: Dist) -> dict | None:
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
-            sums = dist.sum(sums.to(device)).cpu() / (args.grad_accum * dist.world)
+            sums = dist.sum(sums.to(device)).cpu() / (args.grad_accum * dist.world)  # .cpu() waits for the GPU
+            step_seconds.append(time.perf_counter() - t_step)
             record = {"event": "train", "stage": stage, "step": step, "loss": float(sums[0]), "kl": float(sums[1]),
                       "balance": float(sums[2]), "zero_fraction": float(sums[3:].mean()),
                       "layers": [{"layer": r.layer_idx, "zero_fraction": float(v)} for r, v in zip(routers, sums[3:])],
-                      "lr": opt.param_groups[0]["lr"], "time": time.time()}
+                      "lr": opt.param_groups[0]["lr"], "step_seconds": round(step_seconds[-1], 4), "time": time.time()}
             log(record)
             if bar is not None:
                 bar.set_postfix(loss=f"{record['loss']:.4f}", kl=f"{record['kl']:.4f}", zero=f"{record['zero_fraction']:.3f}")
@@ -548,6 +552,8 @@ def train(args, dist: Dist) -> dict | None:
                 os._exit(137)
         if bar is not None:
             bar.close()
+        if step_seconds:
+            speed[f"stage{stage}"] = throughput(step_seconds, args.batch_size * args.seq_len * args.grad_accum * dist.world, dist.world)
         if total == 0:
             evals.setdefault(f"after_stage{stage}", evals.get("after_stage1") or evals["after_injection"])
 
@@ -578,6 +584,7 @@ def train(args, dist: Dist) -> dict | None:
         "data": list(data.sources), "seq_len": args.seq_len, "heldout_blocks": int(data.heldout.shape[0]),
         "train_blocks": int(data.train.shape[0]), "seed": args.seed, "world_size": dist.world,
         "device": device.type, "compute_dtype": "bfloat16" if use_bf16 else "float32",
+        "throughput": speed,
         "balance_alpha": args.balance_alpha, "balance_w": w, "temperature": args.temperature,
         "note": "zero_fraction / teacher_kl: held-out blocks, dynamic routing, zero_bias 0; teacher = the original model",
     }
@@ -598,6 +605,10 @@ def train(args, dist: Dist) -> dict | None:
         print(f"wrote {output}\n  held-out zero fraction {a['zero_fraction']:.3f} -> {s1['zero_fraction']:.3f} -> {s2['zero_fraction']:.3f}"
               f" (target {args.target_zero_fraction})\n  KL to the original   {a['teacher_kl']:.5f} -> {s1['teacher_kl']:.5f} -> {s2['teacher_kl']:.5f}"
               f"   (after injection -> stage 1 -> stage 2)", flush=True)
+        for name, sp in speed.items():
+            if sp["tokens_per_s"] is not None:
+                print(f"  {name}: {sp['tokens_per_s']:,.0f} training tok/s ({sp['tokens_per_s_per_process']:,.0f} per process,"
+                      f" {sp['steps_timed']} steps timed)", flush=True)
     dist.barrier()
     return report
 
