@@ -17,7 +17,8 @@
 #   tp-e2e    bench_e2e.py --tp 2: static8 and zeda at skip 0 and 0.5                          ~8 min
 #   ep-e2e    bench_e2e.py --tp 2 --ep: the same with expert parallelism                        ~8 min
 #
-# Each stage's commands get their own timeout, so one slow stage leaves the others' files.
+# Each stage's commands get their own timeout, so one slow stage leaves the others' files. The
+# logs are packed into $OUT/logs.tgz at the end (the device tool returns at most 8 files).
 set -uo pipefail
 [ $# -gt 0 ] || { sed -n 2,21p "$0"; exit 2; }
 : "${OUT:?OUT must name the folder results go to (the device tool sets it)}"
@@ -34,6 +35,10 @@ run() {  # run SECONDS NAME CMD...: output to $OUT/NAME.log, last lines echoed
   echo "== $name exit $?"; grep -v -i "warn" "$OUT/$name.log" | tail -n 12
 }
 
+pack_logs() { (cd "$OUT" && ls *.log >/dev/null 2>&1 && tar czf logs.tgz *.log && rm -f *.log); }
+trap pack_logs EXIT
+export PYTHONUNBUFFERED=1
+
 for stage in "$@"; do
   case "$stage" in
     kernels) run 120 route python3 benchmarks/bench_route.py --out "$OUT/route.json"
@@ -47,10 +52,10 @@ for stage in "$@"; do
     parity) run 420 parity python3 benchmarks/gpu_parity.py --out "$OUT/parity.json" --modes skip remap masked \
              --worker-timeout 120 ;;
     tune) run 450 tune python3 benchmarks/tune_moe_configs.py --out "$OUT/tune.json" --table-dir "$OUT/tables" ;;
-    env) run 60 env bash -c 'nvidia-smi -L; nvidia-smi topo -m; python3 -c "import torch; print(torch.__version__, torch.cuda.device_count())"' ;;
-    tp-parity) run 380 tp_parity python3 benchmarks/gpu_parity.py --out "$OUT/tp_parity.json" \
+    env) run 30 env bash -c 'nvidia-smi -L; nvidia-smi topo -m; python3 -c "import torch; print(torch.__version__, torch.cuda.device_count())"' ;;
+    tp-parity) run 340 tp_parity python3 benchmarks/gpu_parity.py --out "$OUT/tp_parity.json" \
              --modes skip skip@tp2 skip@tp2ep masked@tp2 --worker-timeout 110 ;;
-    tp-train) run 200 tp_train python3 benchmarks/gpu_train_ddp.py --out "$OUT/tp_train.json" --gpus 2 ;;
+    tp-train) run 180 tp_train python3 benchmarks/gpu_train_ddp.py --out "$OUT/tp_train.json" --gpus 2 ;;
     tp-e2e) run 585 tp_e2e python3 benchmarks/bench_e2e.py --out "$OUT/tp_e2e.json" --configs static8 zeda \
              --targets 0 0.5 --quick --timeout 200 --tp 2 ;;
     ep-e2e) run 585 ep_e2e python3 benchmarks/bench_e2e.py --out "$OUT/ep_e2e.json" --configs static8 zeda \
