@@ -38,7 +38,7 @@ def parse_mode(mode: str) -> tuple[str, int, bool]:
     return base, int(layout[2:].rstrip("ep")) if layout else 1, layout.endswith("ep")
 
 
-def worker(ckpt: str, mode: str, dtype: str, max_tokens: int) -> None:
+def worker(ckpt: str, mode: str, dtype: str, max_tokens: int, eager: bool = False) -> None:
     from vllm import LLM, SamplingParams
     from transformers import AutoTokenizer
 
@@ -46,7 +46,7 @@ def worker(ckpt: str, mode: str, dtype: str, max_tokens: int) -> None:
     tok = AutoTokenizer.from_pretrained(ckpt)
     prompts = [{"prompt_token_ids": tok(p, add_special_tokens=False)["input_ids"]} for p in PROMPTS]
     t0 = time.time()
-    llm = LLM(ckpt, dtype=dtype, max_model_len=256, gpu_memory_utilization=0.3, enforce_eager=False,
+    llm = LLM(ckpt, dtype=dtype, max_model_len=256, gpu_memory_utilization=0.3, enforce_eager=eager,
               tensor_parallel_size=tp, enable_expert_parallel=ep,
               additional_config={"zeda": MODES[base]}, worker_extension_cls="vllm_zeda.vllm_stats.ZedaWorkerExtension")
     init_s = time.time() - t0
@@ -90,11 +90,12 @@ def main() -> None:
     p.add_argument("--worker-timeout", type=float, default=150)
     p.add_argument("--modes", nargs="+", default=list(MODES))
     p.add_argument("--worker", nargs=2, metavar=("CKPT", "MODE"))
+    p.add_argument("--eager", action="store_true", help="no CUDA graphs, no torch.compile (debugging)")
     a = p.parse_args()
     for m in a.modes:
         parse_mode(m)
     if a.worker:
-        return worker(a.worker[0], a.worker[1], a.dtype, a.max_tokens)
+        return worker(a.worker[0], a.worker[1], a.dtype, a.max_tokens, a.eager)
     from vllm_zeda.inject import convert_checkpoint
     from vllm_zeda.tiny import make_tiny_moe
 
@@ -108,7 +109,7 @@ def main() -> None:
         log = Path(a.out).with_name(f"parity_{mode.replace('@', '_')}.log")
         try:
             proc = subprocess.run([sys.executable, __file__, "--out", a.out, "--dtype", a.dtype, "--max-tokens",
-                                   str(a.max_tokens), "--worker", str(ckpt), mode], capture_output=True, text=True,
+                                   str(a.max_tokens), "--worker", str(ckpt), mode] + ["--eager"] * a.eager, capture_output=True, text=True,
                                   timeout=a.worker_timeout)
             out, err = proc.stdout, proc.stderr
         except subprocess.TimeoutExpired as exc:
