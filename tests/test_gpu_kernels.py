@@ -84,3 +84,26 @@ def test_route_kernel_breaks_ties_towards_the_lowest_id(bias, first):
     assert ids.cpu().tolist() == [[first, first + 1, first + 2]] * 3
     assert torch.allclose(w.cpu(), torch.full((3, 3), 1 / 3))
     assert counts.cpu().tolist() == [9 if first else 0, 9]
+
+
+@pytest.mark.parametrize("remap", [False, True])
+def test_route_kernel_keeps_ids_in_range_for_nan_rows(remap):
+    """Rows of garbage (NaN, inf: CUDA-graph padding rows can hold them) still get ids inside
+    [0, E+Z): the experts look ids up in the expert map, and expert parallelism gathers through
+    it (an id past the map was a device-side assert on two GPUs). Finite rows are unaffected."""
+    e, z, k = 8, 4, 2  # E+Z = 12 logits in a 16-wide block: the 4 padding columns must never win
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, e + z, generator=g)
+    logits[1] = float("nan")
+    logits[2, 3] = float("nan")
+    logits[3] = float("inf")
+    logits[4] = float("-inf")
+    logits = logits.to(DEVICE)
+    counts = torch.zeros(2, dtype=torch.int64, device=DEVICE)
+    w, ids, live = gk.zeda_route_(logits, e, k, True, torch.tensor([0.0], device=DEVICE), counts, None, remap)
+    ids, live = ids.cpu(), live.cpu()
+    assert ids.min() >= 0 and ids.max() < e + z
+    assert live.min() >= -1 and live.max() < e
+    ref = route_softmax(logits[[0, 5]].cpu(), e, k, True)
+    assert torch.equal(live[[0, 5]].long(), ref.ids.masked_fill(ref.is_zero, -1))
+    assert 3 not in ids[2].tolist()  # a NaN logit is never picked over finite ones

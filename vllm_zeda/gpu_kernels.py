@@ -44,7 +44,10 @@ if triton is not None:
         x = tl.load(logits_ptr + rows[:, None].to(tl.int64) * stride_lm + cols[None, :],
                     mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
         x = x + tl.where(cols >= n_real, tl.load(bias_ptr), 0.0)[None, :]
-        x = tl.where(cmask[None, :], x, float("-inf"))
+        # NaN -> -inf: padding rows of a CUDA graph may hold garbage, and NaN never compares
+        # greater, so the max-with-index could land on a padding column (an id past E+Z, which
+        # the expert map lookups downstream would read out of bounds)
+        x = tl.where(cmask[None, :] & (x == x), x, float("-inf"))
         top = tl.max(x, axis=1)
         if not RENORM:  # softmax over all E+Z (before the loop masks the picked logits)
             denom = tl.sum(tl.exp(x - top[:, None]), axis=1)
@@ -54,7 +57,7 @@ if triton is not None:
         picked = tl.zeros((BLOCK_M,), tl.float32)
         for k in tl.static_range(K):  # top-K on the (biased) logits: exact order, lowest id wins ties
             xk, idx = tl.max(x, axis=1, return_indices=True, return_indices_tie_break_left=True)
-            idx = idx.to(tl.int32)
+            idx = tl.minimum(idx.to(tl.int32), n_all - 1)  # in range whatever the row holds
             ek = tl.exp(xk - top)  # its softmax numerator, from the reduction's value: no second reduction
             picked += ek
             w = tl.where(slot[None, :] == k, ek[:, None], w)
