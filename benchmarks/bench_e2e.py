@@ -165,6 +165,10 @@ def worker(model_dir: str, name: str, targets: list[float], profile: bool, quick
     t0 = time.time()
     llm = LLM(model_dir, load_format="dummy", dtype="bfloat16", max_model_len=4096, gpu_memory_utilization=0.88,
               max_num_seqs=256, max_num_batched_tokens=16384, tensor_parallel_size=tp, enable_expert_parallel=ep,
+              # every run repeats the warm-up's prompts: with prefix caching on, timed runs would skip
+              # the prefill (2 x H200 at TP=2 have room to cache all 131k prefill tokens) and take
+              # other batch shapes than the warm-up did
+              enable_prefix_caching=False,
               compilation_config={"cudagraph_capture_sizes": SHORT_CAPTURE_SIZES if quick else CAPTURE_SIZES}, **kw)
     init_s = round(time.time() - t0, 1)
     g = torch.Generator().manual_seed(0)
