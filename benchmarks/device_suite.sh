@@ -12,7 +12,7 @@
 #   tune      tune_moe_configs.py (tile search, E=128 N=768)                                     ~4 min
 # Two GPUs (nvidia-h200-x2):
 #   env       GPUs and their links (nvidia-smi topo), torch's device count                      <1 min
-#   tp-parity gpu_parity.py: skip on one GPU, skip and masked at TP=2, skip at TP=2 + EP       ~5 min
+#   tp-parity gpu_parity.py: skip and masked on one GPU, at TP=2; skip at TP=2 + EP           ~6 min
 #   tp-train  gpu_train_ddp.py: torchrun 2 processes vs 1 (fp32 parity, bf16 tokens/s per GPU) ~3 min
 #   tp-e2e    bench_e2e.py --tp 2: static8 and zeda at skip 0 and 0.5                          ~8 min
 #   ep-e2e    bench_e2e.py --tp 2 --ep: the same with expert parallelism                        ~8 min
@@ -53,11 +53,11 @@ for stage in "$@"; do
              --worker-timeout 120 ;;
     tune) run 450 tune python3 benchmarks/tune_moe_configs.py --out "$OUT/tune.json" --table-dir "$OUT/tables" ;;
     env) run 30 env bash -c 'nvidia-smi -L; nvidia-smi topo -m; python3 -c "import torch; print(torch.__version__, torch.cuda.device_count())"' ;;
-    tp-parity) run 340 tp_parity python3 benchmarks/gpu_parity.py --out "$OUT/tp_parity.json" \
-             --modes skip skip@tp2 skip@tp2ep masked@tp2 --worker-timeout 110 ;;
+    tp-parity) run 480 tp_parity python3 benchmarks/gpu_parity.py --out "$OUT/tp_parity.json" \
+             --modes skip skip@tp2 skip@tp2ep masked masked@tp2 --worker-timeout 110 ;;
     tp-train) run 180 tp_train python3 benchmarks/gpu_train_ddp.py --out "$OUT/tp_train.json" --gpus 2 ;;
     tp-e2e) run 585 tp_e2e python3 benchmarks/bench_e2e.py --out "$OUT/tp_e2e.json" --configs static8 zeda \
-             --targets 0 0.5 --quick --timeout 200 --tp 2 ;;
+             --targets 0 0.5 --quick --timeout 160 --tp 2 ;;
     ep-e2e) run 585 ep_e2e python3 benchmarks/bench_e2e.py --out "$OUT/ep_e2e.json" --configs static8 zeda \
              --targets 0 0.5 --quick --timeout 200 --tp 2 --ep ;;
     *) echo "device_suite: unknown stage '$stage' (kernels e2e50 e2e75 serve parity tune env tp-parity tp-train tp-e2e ep-e2e)" >&2; exit 2 ;;
