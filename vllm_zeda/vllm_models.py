@@ -12,6 +12,7 @@ import functools
 import logging
 
 from . import compat
+from .preflight import check_parallel_layout
 from .spec import ZedaSpec, arch_of, read_spec
 from .vllm_router import ZedaRouter
 
@@ -65,6 +66,7 @@ class ZedaModelMixin:
         spec = read_spec(hf_config)
         if spec is None:
             raise ValueError(f"{type(self).__name__}: config has no zero experts (no 'zeda' block)")
+        check_parallel_layout(compat.is_cpu_platform(), bool(getattr(vllm_config.parallel_config, "enable_expert_parallel", False)))
         settings = zeda_settings(vllm_config)
         masked = not settings.get("enabled", False)
         mode = choose_zero_slot_mode(settings)

@@ -83,12 +83,15 @@ def _wrap_engine_args() -> None:
 def apply_cli_settings(engine_args, args) -> None:
     """Check a ZEDA checkpoint before the engine starts (one clear line instead of a worker
     traceback), carry the settings, and switch on the statistics with --enable-zeda."""
+    from . import compat
     from .errors import ZedaError
-    from .preflight import check_checkpoint
+    from .preflight import check_checkpoint, check_parallel_layout
 
     enabled = bool(getattr(args, "enable_zeda", False))
     try:
         spec = check_checkpoint(engine_args.model, require_zero_experts=enabled)
+        if spec is not None:
+            check_parallel_layout(compat.is_cpu_platform(), bool(getattr(engine_args, "enable_expert_parallel", False)))
     except ZedaError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
