@@ -53,8 +53,14 @@ def worker(ckpt: str, mode: str, dtype: str, max_tokens: int, eager: bool = Fals
     llm.collective_rpc("zeda_reset_stats")
     outs = llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
     stats = llm.collective_rpc("zeda_stats")[0]
+    # slots a layer routes for exactly these tokens (prompts + one decode forward per further output
+    # token); stats above it count rows vLLM did not mark as padding (CUDA-graph padding on 0.26's
+    # V1 runner) or extra scheduled steps
+    top_k = json.loads((Path(ckpt) / "config.json").read_text())["num_experts_per_tok"]
+    expected = (sum(len(p["prompt_token_ids"]) for p in prompts) + len(prompts) * (max_tokens - 1)) * top_k
     print("RESULT " + json.dumps({"mode": mode, "tensor_parallel_size": tp, "expert_parallel": ep, "init_s": init_s, "tokens": [list(o.outputs[0].token_ids) for o in outs],
-                                  "stats": stats, "cudagraph_mode": str(llm.llm_engine.vllm_config.compilation_config.cudagraph_mode)}))
+                                  "stats": stats, "expected_slots_per_layer": expected,
+                                  "cudagraph_mode": str(llm.llm_engine.vllm_config.compilation_config.cudagraph_mode)}))
 
 
 def hf_reference(ckpt: str, original: str, dtype: str, max_tokens: int) -> dict:
