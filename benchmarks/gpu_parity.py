@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -33,9 +34,10 @@ PROMPTS = ["The quick brown fox jumps over", "def fibonacci(n):", "Mixture-of-ex
 def parse_mode(mode: str) -> tuple[str, int, bool]:
     """'skip' -> ('skip', 1, False); 'skip@tp2' -> ('skip', 2, False); 'skip@tp2ep' -> ('skip', 2, True)."""
     base, _, layout = mode.partition("@")
-    if base not in MODES or (layout and not (layout.startswith("tp") and layout[2:].rstrip("ep").isdigit())):
+    m = re.fullmatch(r"tp(\d+)(ep)?", layout) if layout else None
+    if base not in MODES or (layout and m is None):
         raise SystemExit(f"gpu_parity: bad mode {mode!r} (MODE or MODE@tpN or MODE@tpNep, MODE in {list(MODES)})")
-    return base, int(layout[2:].rstrip("ep")) if layout else 1, layout.endswith("ep")
+    return (base, int(m[1]), m[2] is not None) if m else (base, 1, False)
 
 
 def worker(ckpt: str, mode: str, dtype: str, max_tokens: int, eager: bool = False) -> None:

@@ -61,7 +61,9 @@ def test_stage1_and_stage2_on_demo_corpus(trained):
     assert [d["layer"] for d in r["layers"]] == [0, 1]
     for stage, steps in (("stage1", 60), ("stage2", 30)):  # speed over every step but the first
         sp = r["throughput"][stage]
-        assert sp["steps_timed"] == steps - 1 and sp["tokens_per_step"] == 8 * 64 and sp["tokens_per_s"] > 0
+        assert sp["steps_timed"] == steps - 1 and sp["tokens_per_step"] == 8 * 64
+        # the report's arithmetic, not a speed: how fast it ran is for benchmarks/
+        assert sp["tokens_per_s"] == pytest.approx(sp["steps_timed"] * sp["tokens_per_step"] / sp["seconds"], rel=1e-2)
         assert sp["tokens_per_s_per_process"] == sp["tokens_per_s"]
 
 
