@@ -54,10 +54,12 @@ def train(src: Path, out: Path, procs: int, batch: int, dtype: str, a, port: int
 def max_weight_diff(a: Path, b: Path) -> dict:
     from safetensors.torch import load_file
 
+    from vllm_zeda.checkpoint import shard_files
+
     def tensors(p):
         out = {}
-        for f in sorted(p.glob("*.safetensors")):
-            out.update(load_file(f))
+        for f in shard_files(p)[0]:
+            out.update(load_file(p / f))
         return out
 
     ta, tb = tensors(a), tensors(b)
