@@ -33,7 +33,7 @@ def main():
     e, z, h, i, k = 128, 64, 2048, 768, 8
     zmap = zero_expert_map(None, e, z, "cuda")
     rows = []
-    for m in (1, 4, 16, 64, 256):
+    for m in (1, 4, 16, 64, 256, 1024, 4096):
         ids = torch.randint(0, e + z, (m, k), device="cuda", dtype=torch.int32)
         live = torch.where(ids >= e, -1, ids)
         x1 = torch.randn(m * k, 2 * i, device="cuda", dtype=torch.bfloat16)
