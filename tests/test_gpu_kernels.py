@@ -42,16 +42,15 @@ def test_route_kernel_matches_reference(m, e, z, k, renorm, bias, remap):
     assert counts.cpu().tolist() == [int(zero[valid].sum()), int(valid.sum()) * k]
 
 
-@pytest.mark.parametrize("speculative", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_live_activation_and_sum_touch_live_slots_only(dtype, speculative):
+def test_live_activation_and_sum_touch_live_slots_only(dtype):
     g = torch.Generator().manual_seed(0)
     m, k, n, d = 6, 4, 48, 40
     live = torch.randint(-1, 5, (m, k), generator=g, dtype=torch.int32).clamp(min=-1).to(DEVICE)
     x = torch.randn(m * k, 2 * n, generator=g).to(DEVICE, dtype)
     out = torch.full((m * k, n), 7.0, dtype=dtype, device=DEVICE)
     x[live.reshape(-1) < 0] = float("nan")  # dead rows hold garbage
-    gk.live_silu_and_mul_(out, x, live, speculative=speculative)
+    gk.live_silu_and_mul_(out, x, live)
     rows = live.reshape(-1) >= 0
     ref = (torch.nn.functional.silu(x[:, :n].float()).to(dtype).float() * x[:, n:].float()).to(dtype)
     tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=2 ** -6, atol=1e-6)  # tl.exp in the interpreter: a bf16 ulp or two
@@ -60,7 +59,7 @@ def test_live_activation_and_sum_touch_live_slots_only(dtype, speculative):
     slots = torch.randn(m, k, d, generator=g).to(DEVICE, dtype)
     slots[live < 0] = float("nan")  # dead rows hold garbage: never read
     total = torch.empty(m, d, dtype=dtype, device=DEVICE)
-    gk.live_moe_sum_(total, slots, live, speculative=speculative)
+    gk.live_moe_sum_(total, slots, live)
     expect = slots.float().nan_to_num().mul((live >= 0).unsqueeze(-1)).sum(1).to(dtype)
     assert torch.allclose(total.float(), expect.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-6, atol=1e-6)
 

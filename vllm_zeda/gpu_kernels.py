@@ -85,44 +85,32 @@ if triton is not None:
         tl.atomic_add(counts_ptr + 1, tl.sum(valid.to(tl.int64), axis=0) * K)
 
     @triton.jit
-    def _live_silu_and_mul(x_ptr, out_ptr, live_ptr, n, stride_x, stride_out, BLOCK: tl.constexpr,
-                           SPECULATIVE: tl.constexpr):
-        """out[r] = silu(x[r, :n]) * x[r, n:] for live slot rows r; dead rows are never written,
-        and never read unless SPECULATIVE (then every row is loaded at once, without waiting for
-        its live id; the store is masked). Rounds like vLLM's silu_and_mul: silu in fp32, cast to
-        the data type, then the product (exact in fp32 for 16-bit inputs) rounded once."""
+    def _live_silu_and_mul(x_ptr, out_ptr, live_ptr, n, stride_x, stride_out, BLOCK: tl.constexpr):
+        """out[r] = silu(x[r, :n]) * x[r, n:] for live slot rows r; dead rows are neither read nor
+        written. Rounds like vLLM's silu_and_mul: silu in fp32, cast to the data type, then the
+        product (exact in fp32 for 16-bit inputs) rounded once."""
         row = tl.program_id(0).to(tl.int64)
-        live = tl.load(live_ptr + row) >= 0
-        if not SPECULATIVE:
-            if not live:
-                return
+        if tl.load(live_ptr + row) < 0:
+            return
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         gate = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
         up = tl.load(x_ptr + row * stride_x + n + offs, mask=mask, other=0.0)
         act = _silu(gate).to(up.dtype)
         out = (act.to(tl.float32) * up.to(tl.float32)).to(up.dtype)
-        tl.store(out_ptr + row * stride_out + offs, out, mask=(mask & live) if SPECULATIVE else mask)
+        tl.store(out_ptr + row * stride_out + offs, out, mask=mask)
 
     @triton.jit
-    def _live_moe_sum(in_ptr, out_ptr, live_ptr, d, stride_out, K: tl.constexpr, BLOCK: tl.constexpr,
-                      SPECULATIVE: tl.constexpr):
-        """out[t] = sum over live slots k of in[t, k] (fp32 accumulation). Dead rows are not read,
-        unless SPECULATIVE (loaded without waiting for the live ids, then dropped by a select, so
-        garbage there, NaN included, never reaches the sum)."""
+    def _live_moe_sum(in_ptr, out_ptr, live_ptr, d, stride_out, K: tl.constexpr, BLOCK: tl.constexpr):
+        """out[t] = sum over live slots k of in[t, k] (fp32 accumulation); dead rows are not read."""
         tok = tl.program_id(0).to(tl.int64)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < d
         acc = tl.zeros((BLOCK,), tl.float32)
         for k in tl.static_range(K):
             live = tl.load(live_ptr + tok * K + k) >= 0
-            if SPECULATIVE:
-                v = tl.load(in_ptr + (tok * K + k) * d + offs, mask=mask, other=0.0).to(tl.float32)
-                acc += tl.where(live, v, 0.0)
-            else:
-                acc += tl.load(in_ptr + (tok * K + k) * d + offs, mask=mask & live, other=0.0).to(tl.float32)
+            acc += tl.load(in_ptr + (tok * K + k) * d + offs, mask=mask & live, other=0.0).to(tl.float32)
         tl.store(out_ptr + tok * stride_out + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-
 
 def zeda_route_(logits: torch.Tensor, num_real: int, top_k: int, renormalize: bool, bias: torch.Tensor,
                 counts: torch.Tensor, padding: torch.Tensor | None, remap: bool = False, *,
@@ -133,8 +121,9 @@ def zeda_route_(logits: torch.Tensor, num_real: int, top_k: int, renormalize: bo
     graphs read at replay). remap: zero slots come back as expert 0 with weight 0.
     block_m / num_warps override the launch shape (rows per program, warps per program). Default,
     from bench_route.py on an H100 (E+Z=192, benchmarks/RESULTS.md §2): 2 rows on 2 warps, 1 row on
-    1 warp for a single token — 4.7-5.4 µs from 1 to 256 tokens, where 16 rows on 4 warps took
-    10.7-11.4 (few rows per program: more programs at once, less unrolled code in each)."""
+    1 warp for a single token — 4.3-4.9 µs from 1 to 256 tokens, level with vLLM's fused_topk over
+    the 128 real logits (4.5-4.8), where 16 rows on 4 warps took 9.1-9.5 (few rows per program:
+    more programs at once, less unrolled code in each)."""
     m, n_all = logits.shape
     weights = torch.empty(m, top_k, dtype=torch.float32, device=logits.device)
     ids = torch.empty(m, top_k, dtype=torch.int32, device=logits.device)
@@ -155,34 +144,28 @@ def zeda_route_(logits: torch.Tensor, num_real: int, top_k: int, renormalize: bo
     return weights, ids, live
 
 
-def live_silu_and_mul_(out: torch.Tensor, x: torch.Tensor, live_ids: torch.Tensor, *, speculative: bool = False) -> None:
+def live_silu_and_mul_(out: torch.Tensor, x: torch.Tensor, live_ids: torch.Tensor) -> None:
     """Gated SiLU over the [M*K, 2N] slot rows of the first expert GEMM for live slots only
     (live_ids [M, K] int32, -1 = not computed on this GPU: zero experts, other EP ranks' experts).
-    Dead rows hold no data (their GEMM blocks never ran) and are never written. speculative:
-    load every row without first waiting for its live id (a candidate for decode-sized batches,
-    where that dependent load may be the +0.7 µs a layer against vLLM's kernel; not yet timed:
-    benchmarks/profile_moe_pieces.py compares both)."""
+    Dead rows hold no data (their GEMM blocks never ran) and are never written."""
     rows, n = out.shape
     assert x.shape == (rows, 2 * n) and live_ids.numel() == rows, (x.shape, out.shape, live_ids.shape)
     if rows == 0:
         return
     block = min(1024, triton.next_power_of_2(n))
     _live_silu_and_mul[(rows, triton.cdiv(n, block))](
-        x, out, live_ids.reshape(-1), n, x.stride(0), out.stride(0), BLOCK=block, SPECULATIVE=speculative
+        x, out, live_ids.reshape(-1), n, x.stride(0), out.stride(0), BLOCK=block
     )
 
 
-def live_moe_sum_(out: torch.Tensor, slots: torch.Tensor, live_ids: torch.Tensor, *, speculative: bool = False) -> None:
-    """out [M, D] = sum of slots [M, K, D] over the live slots of live_ids [M, K]; speculative as
-    in live_silu_and_mul_."""
+def live_moe_sum_(out: torch.Tensor, slots: torch.Tensor, live_ids: torch.Tensor) -> None:
+    """out [M, D] = sum of slots [M, K, D] over the live slots of live_ids [M, K]."""
     m, k, d = slots.shape
     assert slots.is_contiguous() and live_ids.shape == (m, k) and out.shape == (m, d), (slots.shape, out.shape)
     if m == 0:
         return
     block = min(1024, triton.next_power_of_2(d))
-    _live_moe_sum[(m, triton.cdiv(d, block))](
-        slots, out, live_ids.reshape(-1), d, out.stride(0), K=k, BLOCK=block, SPECULATIVE=speculative
-    )
+    _live_moe_sum[(m, triton.cdiv(d, block))](slots, out, live_ids.reshape(-1), d, out.stride(0), K=k, BLOCK=block)
 
 
 def available() -> bool:

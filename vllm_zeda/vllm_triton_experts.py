@@ -10,7 +10,9 @@ Zero slots reach the experts with ids E..E+Z-1 and an expert map that sends them
    an expert map; here it is kept, with the live ids as block experts, so a decode step of one
    token runs exactly the live slots' blocks plus early-exiting blocks for the zero ones.
 2. Activation. The gated SiLU ran over all M*K rows; here only over live rows
-   (`gpu_kernels.live_silu_and_mul_`).
+   (`gpu_kernels.live_silu_and_mul_`) once there are enough rows for that to pay
+   (`live_activation_pays`); below, vLLM's CUDA kernel runs over every row, dead ones too (their
+   garbage is never read: neither the second GEMM nor the live-slot sum touches a dead row).
 3. Sum over slots: only live rows are read (`gpu_kernels.live_moe_sum_`).
 4. Tile configs: vllm_zeda's own tables, tuned at the ZEDA operating point, come before vLLM's
    defaults (`tuned_configs.zeda_moe_config`; 0.26 has no H100 table for Qwen3-30B-A3B's shape).
@@ -75,6 +77,18 @@ def _live_ids(topk_ids: torch.Tensor, expert_map: torch.Tensor) -> torch.Tensor:
     return live if live is not None else expert_map[topk_ids.long()].to(torch.int32)
 
 
+# Slot rows from which the live-slot SiLU beats vLLM's silu_and_mul over every row. H100,
+# Qwen3-30B-A3B's 2 x 768 columns, a third of the slots dead (benchmarks/RESULTS.md §2,
+# profile_moe_pieces.py): vLLM's kernel is 0.6-0.8 µs faster up to 2,048 rows (launch-bound),
+# level at 8,192, 30% slower at 32,768 (it moves the dead rows too).
+LIVE_SILU_MIN_ROWS = 8192
+
+
+def live_activation_pays(rows: int) -> bool:
+    """Whether the gated SiLU should run over live slot rows only (else over every row)."""
+    return rows >= LIVE_SILU_MIN_ROWS
+
+
 def _grouped_int_weights(kwargs) -> bool:
     """Upstream's condition for refusing the naive assignment (group-quantised int weights)."""
     block_shape = kwargs.get("block_shape")
@@ -115,7 +129,7 @@ class ZedaTritonExperts(TritonExperts):
             self._state.live = None
 
     def activation(self, activation, output, input, **kwargs) -> None:
-        if (self._live is not None and activation == MoEActivation.SILU
+        if (self._live is not None and activation == MoEActivation.SILU and live_activation_pays(output.shape[0])
                 and self.quant_config.gemm1_clamp_limit is None and output.dtype == input.dtype):
             live_silu_and_mul_(output, input, self._live)
             return
