@@ -546,3 +546,22 @@ def test_expert_parallel_on_cpu_fails_fast_with_one_line(ckpt):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-2000:]
     errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
     assert len(errors) == 1 and "expert parallelism is not supported on CPU" in errors[0], proc.stderr[-2000:]
+
+
+def test_dummy_weights_serve_from_a_config_only_checkpoint(ckpt, tmp_path):
+    """`--load-format dummy` (random weights, how the GPU benchmarks serve a 30B shape) needs no
+    weights on disk. The preflight asked for them anyway and refused (found on the H100)."""
+    from vllm_zeda.errors import ZedaError
+    from vllm_zeda.preflight import check_checkpoint
+
+    bare = tmp_path / "bare"
+    shutil.copytree(ckpt, bare, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"))
+    assert check_checkpoint(str(bare), check_weights=False).num_zero_experts > 0
+    with pytest.raises(ZedaError, match="no safetensors weights"):
+        check_checkpoint(str(bare))
+    with VllmServer(bare, "--enable-zeda", "--load-format", "dummy", *SERVE_ARGS, log_path=tmp_path / "serve.log",
+                    startup_timeout=300) as srv:
+        status, body = srv.post("/v1/completions", {"model": srv.model, "prompt": "Hello", "max_tokens": 4,
+                                                    "temperature": 0, "ignore_eos": True}, timeout=REQUEST_TIMEOUT)
+        assert status == 200 and body["usage"]["completion_tokens"] == 4, body
+        assert sum(layer["total_slots"] for layer in srv.stats()["layers"]) > 0

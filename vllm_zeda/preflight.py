@@ -11,8 +11,10 @@ from .errors import ZedaError
 from .spec import ZedaSpec, read_spec
 
 
-def check_checkpoint(model: str, require_zero_experts: bool = True) -> ZedaSpec | None:
-    """Validate config, shards and every router tensor (rows == E+Z, finite). Hub ids are skipped."""
+def check_checkpoint(model: str, require_zero_experts: bool = True, check_weights: bool = True) -> ZedaSpec | None:
+    """Validate config, shards and every router tensor (rows == E+Z, finite). Hub ids are skipped.
+    check_weights=False (vLLM's `--load-format dummy`: random weights, none on disk) checks the
+    config and its zeda block only."""
     path = Path(model)
     if not path.exists():
         if require_zero_experts and (model.startswith((".", "/")) or model.count("/") != 1):
@@ -35,6 +37,8 @@ def check_checkpoint(model: str, require_zero_experts: bool = True) -> ZedaSpec 
             raise ZedaError(f"--enable-zeda: {model} ({arch}) has no zero experts; convert it first with "
                             "python -m vllm_zeda.train (or vllm_zeda.convert)")
         return None
+    if not check_weights:
+        return spec
     from safetensors import SafetensorError, safe_open
 
     shards, _ = shard_files(path)

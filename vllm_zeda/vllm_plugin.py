@@ -89,7 +89,9 @@ def apply_cli_settings(engine_args, args) -> None:
 
     enabled = bool(getattr(args, "enable_zeda", False))
     try:
-        spec = check_checkpoint(engine_args.model, require_zero_experts=enabled)
+        load_format = getattr(engine_args, "load_format", "auto")
+        spec = check_checkpoint(engine_args.model, require_zero_experts=enabled,
+                                check_weights=str(getattr(load_format, "value", load_format)) != "dummy")
         if spec is not None:
             check_parallel_layout(compat.is_cpu_platform(), bool(getattr(engine_args, "enable_expert_parallel", False)))
     except ZedaError as exc:
