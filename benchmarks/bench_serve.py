@@ -85,8 +85,10 @@ def models(a, root: Path) -> dict[str, tuple[Path, list[str]]]:
                 "zeda": (root / "zeda", [*cpu, "--enable-zeda", "--zeda-zero-bias", str(a.zero_bias)])}
     from bench_e2e import write_model
 
+    zeda_dir, zeda = write_model(root, "zeda"), [*GPU_ARGS, "--enable-zeda", "--zeda-zero-bias", str(a.zero_bias)]
     return {"static8": (write_model(root, "static8"), GPU_ARGS),
-            "zeda": (write_model(root, "zeda"), [*GPU_ARGS, "--enable-zeda", "--zeda-zero-bias", str(a.zero_bias)])}
+            "zeda": (zeda_dir, zeda),
+            "zeda_ep": (zeda_dir, [*zeda, "--enable-expert-parallel"])}
 
 
 def main() -> None:
@@ -99,7 +101,10 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=None, help="warm-up requests (default: a quarter of --requests)")
     p.add_argument("--repeats", type=int, default=2, help="timed runs of the workload; the fastest is reported")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tp", type=int, default=1, help="--tensor-parallel-size of both servers")
+    p.add_argument("--tp", type=int, default=1, help="--tensor-parallel-size of every server")
+    p.add_argument("--configs", nargs="+", default=None,
+                   help="servers to run, the first is the baseline (GPU: static8 zeda zeda_ep; default static8 zeda; "
+                        "zeda_ep = the plugin with --enable-expert-parallel, needs --tp > 1)")
     a = p.parse_args()
     from vllm_zeda.server import VllmServer
 
@@ -116,12 +121,20 @@ def main() -> None:
               "configs": {}}
     parallel = ["--tensor-parallel-size", str(a.tp)] if a.tp > 1 else []
     env = {"VLLM_CPU_OMP_THREADS_BIND": "|".join(map(str, range(a.tp)))} if a.tiny and a.tp > 1 else None
-    for name, (model, args) in models(a, root).items():
+    available = models(a, root)
+    chosen = a.configs or list(available)[:2]
+    unknown = [c for c in chosen if c not in available]
+    if unknown:
+        p.error(f"unknown config(s) {', '.join(unknown)}; choose from {', '.join(available)}")
+    if "zeda_ep" in chosen and a.tp < 2:
+        p.error("zeda_ep (expert parallelism) needs --tp 2 or more")
+    for name in chosen:
+        model, args = available[name]
         with VllmServer(model, *args, *parallel, env=env, log_path=root / f"{name}.log", startup_timeout=900) as server:
             run_load(server, str(model), warm, conc)
             runs = []
             for _ in range(a.repeats):
-                before = zero_totals(server) if name == "zeda" else None
+                before = zero_totals(server) if name.startswith("zeda") else None
                 runs.append(run_load(server, str(model), reqs, conc))
                 if before is not None:
                     zero, total = (x - y for x, y in zip(zero_totals(server), before))
