@@ -1,4 +1,4 @@
-"""vLLM's Triton experts, changed so that a zero slot costs no GPU work at any batch size (GPU).
+"""vLLM's Triton experts, changed so that zero slots cost no expert GEMM work at any batch size.
 
 Zero slots reach the experts with ids E..E+Z-1 and an expert map that sends them to -1. Stock
 `TritonExperts.apply` then still pays for them in three places; this subclass removes each:
