@@ -105,10 +105,9 @@ def make_kernel(experts_cls, e, h, i, k, dtype):
 
 
 def bench_shape(name, e, h, i, k, tokens, skips, dtype=torch.bfloat16):
+    from vllm.model_executor.layers.fused_moe import override_config
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation
     from vllm.model_executor.layers.fused_moe.experts.triton_moe import TritonExperts
-
-    from vllm.model_executor.layers.fused_moe import override_config
 
     from vllm_zeda.tuned_configs import shipped_table, zeda_moe_config
     from vllm_zeda.vllm_experts import live_ids_hint, zero_expert_map

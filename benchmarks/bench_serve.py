@@ -1,17 +1,18 @@
 """Mixed serving load through vLLM's OpenAI server, stock static model vs the plugin, side by side.
 
 Each config starts its own `vllm serve` (prefix caching off), gets a warm-up from the same
-distribution (`--warmup` requests, other prompts), then the seeded mixed workload `--repeats` times:
-`--requests` completions with prompt lengths log-uniform in [64, 2048] tokens and output lengths
-uniform in [16, 256] (tiny: [8, 96], [4, 24]; greedy, ignore_eos), sent by `--concurrency`
-clients. Reports the fastest run's requests/s, output and total tok/s, latency p50/p99 (every run's seconds too), and for the
-plugin the zero fraction of exactly that run (from /v1/zeda/stats, before/after).
+distribution (`--warmup` requests, other prompts), then the seeded mixed workload `--repeats`
+times: `--requests` completions with prompt lengths log-uniform in [64, 2048] tokens and output
+lengths uniform in [16, 256] (tiny: [8, 96], [4, 24]; greedy, ignore_eos), sent by
+`--concurrency` clients. Reports the fastest run's requests/s, output and total tok/s, latency
+p50/p99 (every run's seconds too), and for the plugin the zero fraction of exactly that run (from
+/v1/zeda/stats, before/after).
 
-Why the warm-up draws from the workload and the runs repeat: the fused-MoE Triton kernels compile
-on first use of each tile config (and int-argument specialisation), and a mixed load meets step
-sizes no start-up pass ran. A single run after a 16-request warm-up measured those compiles: on
-the H100 the plugin (more distinct tile configs: its tuned table) read 0.875x static with a p99
-latency of 14.5 s against 9.5 s (benchmarks/RESULTS.md §5).
+Why the warm-up draws from the workload and the runs repeat: a mixed load meets step sizes that no
+start-up pass ran, and the first run after start-up pays for them. On the H100 a single run after
+a 16-request warm-up read the plugin at 0.875x static (p99 latency 14.5 s against 9.5 s); with
+this warm-up its first run took 26.8 s and its second 19.9 s, static 21.0 and 19.8 s
+(benchmarks/RESULTS.md §5; likely first-use Triton compiles of the tuned table's tile configs).
 
 Device machine (Qwen3-30B-A3B shape, dummy weights; the zero bias from bench_e2e's calibration):
     python3 benchmarks/bench_serve.py --out $OUT/serve.json --zero-bias 2.6e-6

@@ -112,6 +112,7 @@ if triton is not None:
             acc += tl.load(in_ptr + (tok * K + k) * d + offs, mask=mask & live, other=0.0).to(tl.float32)
         tl.store(out_ptr + tok * stride_out + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
+
 def zeda_route_(logits: torch.Tensor, num_real: int, top_k: int, renormalize: bool, bias: torch.Tensor,
                 counts: torch.Tensor, padding: torch.Tensor | None, remap: bool = False, *,
                 block_m: int | None = None, num_warps: int | None = None):
