@@ -75,4 +75,34 @@ def test_shipped_table_is_the_recorded_search_result():
     spec.loader.exec_module(tune)
     grid = json.loads((root / "benchmarks" / "results" / "tune_moe_h100_2026-11-23.json").read_text())
     assert grid["meta"]["device"] == "NVIDIA H100 80GB HBM3" and tune.TABLE_NAME == QWEN3_H100
-    assert tune.table_from_rows(grid["rows"], "ours") == json.loads((tc.TABLE_DIR / QWEN3_H100).read_text())
+    table = tune.table_from_rows(grid["rows"], "ours", candidates=grid["candidates"])
+    assert table == json.loads((tc.TABLE_DIR / QWEN3_H100).read_text())
+    above_capture = {json.dumps(cfg, sort_keys=True) for m, cfg in table.items() if int(m) > tune.CAPTURED_UP_TO}
+    at_start_up = {json.dumps(table[m], sort_keys=True) for m in ("512", "16384")}
+    assert above_capture <= at_start_up  # no tile config is first met while serving
+
+
+def test_tile_picks_reuse_start_up_configs_within_one_percent():
+    """Above the largest CUDA-graph size a config that start-up compiles (the picks at 512 and at
+    the largest size) replaces a pick it is within 1% of, and only then."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("tune_moe_configs", root / "benchmarks" / "tune_moe_configs.py")
+    tune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tune)
+    cands = [dict(zip(tune.KEYS, (bm, 64, 64, 1, 4, 3))) for bm in (16, 32, 64, 128)]
+    a, b, c, d = cands
+
+    def row(m, times, default):
+        best = min(range(4), key=lambda i: times[i])
+        return {"tokens": m, "default": default, "ours_default": times[cands.index(default)],
+                "ours_best": times[best], "ours_best_config": cands[best], "ours_all": times}
+
+    rows = [row(512, [9, 5, 9, 9], b), row(1024, [9, 6.05, 6, 9], a),  # c wins, b within 1%: b
+            row(2048, [9, 7, 5, 9], a),  # c wins by far: c stays (a compile while serving)
+            row(4096, [9, 9, 9, 4], a)]  # the largest size: d, compiled by the profile run
+    table = tune.table_from_rows(rows, "ours", candidates=cands)
+    assert [table[str(m)]["BLOCK_SIZE_M"] for m in (512, 1024, 2048, 4096)] == [32, 32, 64, 128]
+    assert tune.table_from_rows(rows, "ours")["1024"]["BLOCK_SIZE_M"] == 64  # without candidates: the pick
