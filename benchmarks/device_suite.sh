@@ -17,13 +17,18 @@
 #   tp-train  gpu_train_ddp.py: torchrun 2 processes vs 1 (fp32 parity, bf16 tokens/s per GPU) ~3 min
 #   tp-e2e    bench_e2e.py --tp 2: static8 and zeda at skip 0 and 0.5                          ~8 min
 #   ep-e2e    bench_e2e.py --tp 2 --ep: the same with expert parallelism                        ~8 min
-#   tp-serve  bench_serve.py --tp 2: stock static vs the plugin with expert parallelism
-#             through `vllm serve` at TP=2 (one run each, after a warm-up; add zeda for TP alone) ~7 min
+#   tp-serve  bench_serve.py --tp 2: stock static vs the plugin through `vllm serve` at TP=2
+#             (two runs each after a warm-up, the faster reported)                           ~7 min
+#   ep-serve  the same, the plugin with --enable-expert-parallel (one run each)              ~7 min
 #
 # Each stage's commands get their own timeout, so one slow stage leaves the others' files. The
 # logs are packed into $OUT/logs.tgz at the end (the device tool returns at most 8 files).
 set -uo pipefail
-[ $# -gt 0 ] || { sed -n 2,22p "$0"; exit 2; }
+[ $# -gt 0 ] || { awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"; exit 2; }
+STAGES="kernels layer e2e50 e2e75 serve parity tune env tp-parity tp-train tp-e2e ep-e2e tp-serve ep-serve"
+for stage in "$@"; do  # before staging the bundle: a typo costs nothing
+  [[ " $STAGES " == *" $stage "* ]] || { echo "device_suite: unknown stage '$stage' ($STAGES)" >&2; exit 2; }
+done
 : "${OUT:?OUT must name the folder results go to (the device tool sets it)}"
 bash .gpu/stage.sh .gpu/p1 >/dev/null || { echo "device_suite: staging the vLLM bundle failed" >&2; exit 1; }
 python3 benchmarks/device_env.py /tmp/zeda_meta >/dev/null
@@ -65,7 +70,8 @@ for stage in "$@"; do
     ep-e2e) run 585 ep_e2e python3 benchmarks/bench_e2e.py --out "$OUT/ep_e2e.json" --configs static8 zeda \
              --targets 0 0.5 --quick --timeout 200 --tp 2 --ep ;;
     tp-serve) run 585 tp_serve python3 benchmarks/bench_serve.py --out "$OUT/tp_serve.json" --zero-bias 2.7e-6 --tp 2 \
+             --configs static8 zeda --requests 256 ;;
+    ep-serve) run 585 ep_serve python3 benchmarks/bench_serve.py --out "$OUT/ep_serve.json" --zero-bias 2.7e-6 --tp 2 \
              --configs static8 zeda_ep --requests 256 --warmup 128 --repeats 1 ;;
-    *) echo "device_suite: unknown stage '$stage' (kernels layer e2e50 e2e75 serve parity tune env tp-parity tp-train tp-e2e ep-e2e tp-serve)" >&2; exit 2 ;;
   esac
 done
