@@ -72,10 +72,10 @@ def table_from_rows(rows: list[dict], variant: str, min_gain: float = 0.01, cand
             m, (cfg, t) = r["tokens"], picks[r["tokens"]]
             if m <= captured_up_to or _key(cfg) in warm:
                 continue
-            times = [(r[f"{variant}_all"][keys.index(w)], w) for w in warm if w in keys]
-            times = [(tw, w) for tw, w in times if tw is not None]
-            if times and min(times)[0] <= (1 + reuse_within) * t:
-                picks[m] = (dict(zip(KEYS, min(times)[1])), min(times)[0])
+            timed = [(r[f"{variant}_all"][keys.index(w)], w) for w in warm if w in keys]
+            fastest = min(((tw, w) for tw, w in timed if tw is not None), default=None)
+            if fastest is not None and fastest[0] <= (1 + reuse_within) * t:
+                picks[m] = (dict(zip(KEYS, fastest[1])), fastest[0])
     return {str(r["tokens"]): {k: picks[r["tokens"]][0][k] for k in KEYS} for r in rows}
 
 

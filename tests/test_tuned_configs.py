@@ -1,14 +1,27 @@
 """vllm_zeda's shipped fused-MoE tile tables and where they sit in vLLM's lookup order (the
 installed vLLM's own lookup functions; the GPU name is pinned to the table's, since this
 machine has no GPU)."""
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 
 from vllm_zeda import tuned_configs as tc
 
+ROOT = Path(__file__).resolve().parents[1]
+
 QWEN3_H100 = "E=128,N=768,device_name=NVIDIA_H100_80GB_HBM3.json"
 W1, W2 = (128, 1536, 2048), (128, 2048, 768)  # Qwen3-30B-A3B experts: [E, 2N, H], [E, H, N]
+
+
+@pytest.fixture(scope="module")
+def tune():
+    """benchmarks/tune_moe_configs.py (not a package module), loaded from its file."""
+    spec = importlib.util.spec_from_file_location("tune_moe_configs", ROOT / "benchmarks" / "tune_moe_configs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_shipped_tables_are_complete_vllm_tables():
@@ -63,17 +76,10 @@ def test_users_table_and_override_come_first(h100_names, tmp_path, monkeypatch):
         assert tc.zeda_moe_config(W1, W2, 8, None, 1) == forced
 
 
-def test_shipped_table_is_the_recorded_search_result():
+def test_shipped_table_is_the_recorded_search_result(tune):
     """The shipped H100 table is exactly what benchmarks/tune_moe_configs.py derives from the
     measured grid in benchmarks/results (the provenance RESULTS.md §2 states)."""
-    import importlib.util
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("tune_moe_configs", root / "benchmarks" / "tune_moe_configs.py")
-    tune = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tune)
-    grid = json.loads((root / "benchmarks" / "results" / "tune_moe_h100_2026-11-23.json").read_text())
+    grid = json.loads((ROOT / "benchmarks" / "results" / "tune_moe_h100_2026-11-23.json").read_text())
     assert grid["meta"]["device"] == "NVIDIA H100 80GB HBM3" and tune.TABLE_NAME == QWEN3_H100
     table = tune.table_from_rows(grid["rows"], "ours", candidates=grid["candidates"])
     assert table == json.loads((tc.TABLE_DIR / QWEN3_H100).read_text())
@@ -82,16 +88,9 @@ def test_shipped_table_is_the_recorded_search_result():
     assert above_capture <= at_start_up  # no tile config is first met while serving
 
 
-def test_tile_picks_reuse_start_up_configs_within_one_percent():
+def test_tile_picks_reuse_start_up_configs_within_one_percent(tune):
     """Above the largest CUDA-graph size a config that start-up compiles (the picks at 512 and at
     the largest size) replaces a pick it is within 1% of, and only then."""
-    import importlib.util
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("tune_moe_configs", root / "benchmarks" / "tune_moe_configs.py")
-    tune = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tune)
     cands = [dict(zip(tune.KEYS, (bm, 64, 64, 1, 4, 3))) for bm in (16, 32, 64, 128)]
     a, b, c, d = cands
 
