@@ -71,6 +71,22 @@ def test_small_batches_keep_sort_free_assignment_with_zero_experts_mapped_out():
     zmap = zero_expert_map(None, 8, 8, "cpu")
     sorted_ids, expert_ids, padded = assign_live_slots(ids, {"BLOCK_SIZE_M": 16}, 3, 2, 16 + 16, zmap)
     assert sorted_ids is None and expert_ids.tolist() == [0, -1, 3, -1, -1, 1] and padded.tolist() == [6 * 16]
+    again = assign_live_slots(ids[:2], {"BLOCK_SIZE_M": 16}, 2, 2, 16 + 16, zmap)[2]
+    assert again.tolist() == [4 * 16] and again.dtype == torch.int32
+    assert assign_live_slots(ids, {"BLOCK_SIZE_M": 16}, 3, 2, 16 + 16, zmap)[2] is padded  # no fill per call
+
+
+def test_slot_blocks_end_is_not_kept_from_inside_a_graph_capture(monkeypatch):
+    """A tensor made during CUDA-graph capture lives in the graph's pool: used, never cached."""
+    from vllm_zeda import vllm_triton_experts as vte
+
+    monkeypatch.setattr(vte, "_SLOT_BLOCKS_END", {})
+    monkeypatch.setattr(vte, "_capturing", lambda device: True)
+    first = vte.slot_blocks_end(96, torch.device("cpu"))
+    assert first.tolist() == [96] and vte.slot_blocks_end(96, torch.device("cpu")) is not first
+    monkeypatch.setattr(vte, "_capturing", lambda device: False)
+    kept = vte.slot_blocks_end(96, torch.device("cpu"))
+    assert kept is not first and vte.slot_blocks_end(96, torch.device("cpu")) is kept
 
 
 def test_routed_experts_use_live_slot_triton_experts():

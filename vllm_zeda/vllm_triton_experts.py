@@ -55,10 +55,32 @@ def assign_live_slots(topk_ids, config, num_tokens, top_k_num, global_num_expert
         # ZedaTritonExperts.apply has already made this call's live ids: reuse them.
         live = router_live_ids(topk_ids)
         expert_ids = (live if live is not None else _live_ids(topk_ids, expert_map)).reshape(-1)
-        padded = torch.full((1,), topk_ids.numel() * config["BLOCK_SIZE_M"], dtype=torch.int32, device=topk_ids.device)
-        return None, expert_ids, padded
+        return None, expert_ids, slot_blocks_end(topk_ids.numel() * config["BLOCK_SIZE_M"], topk_ids.device)
     kwargs["ignore_invalid_experts"] = True
     return _UPSTREAM_ASSIGN(topk_ids, config, num_tokens, top_k_num, global_num_experts, expert_map, **kwargs)
+
+
+# The fused-MoE kernel reads `num_tokens_post_padded` only to let blocks past it exit at once
+# (`pid_m * BLOCK_SIZE_M >= num_tokens_post_padded`, fused_moe.py in 0.26 and 0.32); with the
+# sort-free assignment its value is fixed by the batch size alone. Upstream makes it per call
+# (`torch.full`: a fill kernel per MoE layer and step; a batch-1 decode step of Qwen3-30B-A3B ran
+# 49 fills, 0.93 µs each on the H100, RESULTS.md §3 run C); here one tensor per value lives on.
+_SLOT_BLOCKS_END: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+
+def slot_blocks_end(value: int, device: torch.device) -> torch.Tensor:
+    """A [1] int32 tensor holding `value`, made once per (device, value). A tensor made while a
+    CUDA graph is being captured belongs to that graph's memory pool: it is used, not kept."""
+    end = _SLOT_BLOCKS_END.get((device, value))
+    if end is None:
+        end = torch.full((1,), value, dtype=torch.int32, device=device)
+        if not _capturing(device):
+            _SLOT_BLOCKS_END[(device, value)] = end
+    return end
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 LIVE_ID_SOURCES: collections.Counter = collections.Counter()  # "router" / "gather", counted in Python
