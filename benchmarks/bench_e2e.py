@@ -26,13 +26,14 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.workers import run_worker  # noqa: E402
+
 E, Z = 128, 64
 SHAPE = dict(
     architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", vocab_size=151936, hidden_size=2048,
@@ -215,15 +216,11 @@ def main() -> None:
     for name in a.configs:
         d = write_model(root, name)
         log = Path(a.out).with_name(f"e2e_{name}.log")
-        try:
-            timeout = a.timeout + (90 * len(a.targets) if CONFIGS[name].get("zeda") else 0)
-            proc = subprocess.run([sys.executable, __file__, "--out", a.out, "--worker", str(d), name,
-                                   "--targets", *map(str, a.targets), "--tp", str(a.tp)] + ["--ep"] * a.ep + ["--profile-decode"] * a.profile_decode
-                                  + ["--quick"] * a.quick, capture_output=True, text=True, timeout=timeout)
-            out, err = proc.stdout, proc.stderr
-        except subprocess.TimeoutExpired as exc:
-            out = (exc.stdout or b"").decode(errors="replace")
-            err = (exc.stderr or b"").decode(errors="replace") + "\nTIMEOUT"
+        timeout = a.timeout + (90 * len(a.targets) if CONFIGS[name].get("zeda") else 0)
+        proc = run_worker([sys.executable, __file__, "--out", a.out, "--worker", str(d), name,
+                           "--targets", *map(str, a.targets), "--tp", str(a.tp)] + ["--ep"] * a.ep
+                          + ["--profile-decode"] * a.profile_decode + ["--quick"] * a.quick, timeout)
+        out, err = proc.stdout, proc.stderr
         log.write_text(out + "\n----- stderr\n" + err[-20000:])
         lines = [json.loads(l[7:]) for l in out.splitlines() if l.startswith("RESULT ")]
         for r in lines:

@@ -30,6 +30,10 @@ for stage in "$@"; do  # before staging the bundle: a typo costs nothing
   [[ " $STAGES " == *" $stage "* ]] || { echo "device_suite: unknown stage '$stage' ($STAGES)" >&2; exit 2; }
 done
 : "${OUT:?OUT must name the folder results go to (the device tool sets it)}"
+# A warm machine may still hold an engine of an earlier call that outlived its worker: free the GPUs
+stale=$(nvidia-smi --query-compute-apps=pid --format=csv,noheader 2>/dev/null | tr -d ' ' | grep -E '^[0-9]+$')
+[ -z "$stale" ] || { echo "device_suite: killing GPU processes left by an earlier call: $stale" | tr '\n' ' '; echo
+                     kill -9 $stale 2>/dev/null; sleep 3; }
 bash .gpu/stage.sh .gpu/p1 >/dev/null || { echo "device_suite: staging the vLLM bundle failed" >&2; exit 1; }
 python3 benchmarks/device_env.py /tmp/zeda_meta >/dev/null
 export PYTHONPATH=/tmp/site:/tmp/zeda_meta:$PWD VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1
@@ -54,9 +58,9 @@ for stage in "$@"; do
              run 360 layer python3 benchmarks/bench_moe_layer.py --out "$OUT/layer.json" ;;
     layer) run 300 layer python3 benchmarks/bench_moe_layer.py --out "$OUT/layer.json" ;;
     e2e50) run 585 e2e50 python3 benchmarks/bench_e2e.py --out "$OUT/e2e50.json" --configs static8 ideal4 zeda \
-             --targets 0 0.5 --quick --timeout 150 ;;
+             --targets 0 0.5 --quick --timeout 220 ;;
     e2e75) run 585 e2e75 python3 benchmarks/bench_e2e.py --out "$OUT/e2e75.json" --configs static8 ideal2 zeda \
-             --targets 0.75 --quick --timeout 150 ;;
+             --targets 0.75 --quick --timeout 220 ;;
     serve) run 585 serve python3 benchmarks/bench_serve.py --out "$OUT/serve.json" --zero-bias 2.6e-6 --requests 256 ;;
     parity) run 420 parity python3 benchmarks/gpu_parity.py --out "$OUT/parity.json" --modes skip remap masked \
              --worker-timeout 120 ;;

@@ -14,13 +14,14 @@ import argparse
 import json
 import os
 import re
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.workers import run_worker  # noqa: E402
+
 MODES = {  # name -> additional_config["zeda"]
     "skip": {"enabled": True, "zero_slots": "skip"},
     "remap": {"enabled": True, "zero_slots": "remap"},
@@ -115,13 +116,9 @@ def main() -> None:
     print("hf reference done", flush=True)
     for mode in a.modes:
         log = Path(a.out).with_name(f"parity_{mode.replace('@', '_')}.log")
-        try:
-            proc = subprocess.run([sys.executable, __file__, "--out", a.out, "--dtype", a.dtype, "--max-tokens",
-                                   str(a.max_tokens), "--worker", str(ckpt), mode] + ["--eager"] * a.eager, capture_output=True, text=True,
-                                  timeout=a.worker_timeout)
-            out, err = proc.stdout, proc.stderr
-        except subprocess.TimeoutExpired as exc:
-            out, err = (exc.stdout or b"").decode(errors="replace"), (exc.stderr or b"").decode(errors="replace") + "\nTIMEOUT"
+        proc = run_worker([sys.executable, __file__, "--out", a.out, "--dtype", a.dtype, "--max-tokens",
+                           str(a.max_tokens), "--worker", str(ckpt), mode] + ["--eager"] * a.eager, a.worker_timeout)
+        out, err = proc.stdout, proc.stderr
         log.write_text(out + "\n----- stderr\n" + err)
         print(f"[{mode}] done, log {log}", flush=True)
         lines = [l for l in out.splitlines() if l.startswith("RESULT ")]

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,6 +21,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks.workers import run_worker  # noqa: E402
+
 SIZES = {  # tiny_config overrides (qwen3_moe)
     "tiny": dict(num_experts=8, top_k=2),
     "small": dict(num_experts=64, top_k=8, hidden_size=768, num_hidden_layers=6, num_attention_heads=12,
@@ -39,7 +40,7 @@ def train(src: Path, out: Path, procs: int, batch: int, dtype: str, a, port: int
            str(a.steps), "--eval-every", str(a.steps), "--save-every", str(a.steps), "--max-heldout-blocks", "32",
            "--quiet", "--no-plot"]
     t = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=a.timeout, env={**os.environ, **NCCL_SAFE})
+    proc = run_worker(cmd, a.timeout, cwd=ROOT, env={**os.environ, **NCCL_SAFE})
     wall = round(time.time() - t, 1)
     print(f"[{procs} x batch {batch}, {dtype}] exit {proc.returncode} in {wall} s", flush=True)
     if proc.returncode != 0:
