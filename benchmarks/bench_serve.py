@@ -89,6 +89,7 @@ def models(a, root: Path) -> dict[str, tuple[Path, list[str]]]:
     zeda_dir, zeda = write_model(root, "zeda"), [*GPU_ARGS, "--enable-zeda", "--zeda-zero-bias", str(a.zero_bias)]
     return {"static8": (write_model(root, "static8"), GPU_ARGS),
             "zeda": (zeda_dir, zeda),
+            "ideal4": (write_model(root, "ideal4"), GPU_ARGS),  # stock vLLM at top-4: the ideal for skip 0.5
             "zeda_ep": (zeda_dir, [*zeda, "--enable-expert-parallel"])}
 
 
@@ -104,7 +105,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tp", type=int, default=1, help="--tensor-parallel-size of every server")
     p.add_argument("--configs", nargs="+", default=None,
-                   help="servers to run, the first is the baseline (GPU: static8 zeda zeda_ep; default static8 zeda; "
+                   help="servers to run, the first is the baseline (GPU: static8 zeda ideal4 zeda_ep; default static8 zeda; "
                         "zeda_ep = the plugin with --enable-expert-parallel, needs --tp > 1)")
     a = p.parse_args()
     from vllm_zeda.server import VllmServer
