@@ -132,7 +132,8 @@ def main() -> None:
         p.error("zeda_ep (expert parallelism) needs --tp 2 or more")
     for name in chosen:
         model, args = available[name]
-        with VllmServer(model, *args, *parallel, env=env, log_path=root / f"{name}.log", startup_timeout=900) as server:
+        log = Path(a.out).with_name(f"serve_{name}.log")  # beside the JSON: device_suite packs it
+        with VllmServer(model, *args, *parallel, env=env, log_path=log, startup_timeout=900) as server:
             warm_seconds = run_load(server, str(model), warm, conc)["seconds"]  # kept: first-use costs show here
             runs = []
             for _ in range(a.repeats):
