@@ -6,7 +6,8 @@ times: `--requests` completions with prompt lengths log-uniform in [64, 2048] to
 lengths uniform in [16, 256] (tiny: [8, 96], [4, 24]; greedy, ignore_eos), sent by
 `--concurrency` clients. Reports the fastest run's requests/s, output and total tok/s, latency
 p50/p99 (every run's seconds too), and for the plugin the zero fraction of exactly that run (from
-/v1/zeda/stats, before/after).
+/v1/zeda/stats, before/after), and the plugin's zero fraction on a prefill-only and a mostly-decode
+probe (`zero_fraction_by_phase`).
 
 Why the warm-up draws from the workload and the runs repeat: a mixed load meets step sizes that no
 start-up pass ran, and the first run after start-up pays for them. On the H100 a single run after
@@ -50,6 +51,24 @@ def workload(n: int, lo_p: int, hi_p: int, lo_o: int, hi_o: int, vocab: int, see
 def zero_totals(server) -> tuple[int, int]:
     layers = server.stats()["layers"]
     return sum(l["zero_slots"] for l in layers), sum(l["total_slots"] for l in layers)
+
+
+def phase_probes(prompt_range, output_range, vocab: int, seed: int, n: int = 16) -> dict[str, list]:
+    """Requests that run (almost) only prefill forwards, and (mostly) decode forwards."""
+    rng = random.Random(seed)
+    prompt = lambda length: [rng.randrange(3, vocab) for _ in range(length)]  # noqa: E731
+    return {"prefill": [(prompt(prompt_range[1]), 1) for _ in range(n)],
+            "decode": [(prompt(prompt_range[0] // 4 or 1), output_range[1]) for _ in range(n)]}
+
+
+def load_and_zero_fraction(server, model: str, reqs, concurrency: int, zeda: bool) -> tuple[dict, float | None]:
+    """run_load, and for a ZEDA server the zero fraction of exactly those requests (stats delta)."""
+    before = zero_totals(server) if zeda else None
+    run = run_load(server, model, reqs, concurrency)
+    if before is None:
+        return run, None
+    zero, total = (x - y for x, y in zip(zero_totals(server), before))
+    return run, round(zero / total, 4) if total else None
 
 
 def run_load(server, model: str, reqs, concurrency: int) -> dict:
@@ -135,15 +154,17 @@ def main() -> None:
         log = Path(a.out).with_name(f"serve_{name}.log")  # beside the JSON: device_suite packs it
         with VllmServer(model, *args, *parallel, env=env, log_path=log, startup_timeout=900) as server:
             warm_seconds = run_load(server, str(model), warm, conc)["seconds"]  # kept: first-use costs show here
-            runs = []
+            runs, zeda = [], name.startswith("zeda")
             for _ in range(a.repeats):
-                before = zero_totals(server) if name.startswith("zeda") else None
-                runs.append(run_load(server, str(model), reqs, conc))
-                if before is not None:
-                    zero, total = (x - y for x, y in zip(zero_totals(server), before))
-                    runs[-1]["zero_fraction"] = round(zero / total, 4) if total else None
+                run, fraction = load_and_zero_fraction(server, str(model), reqs, conc, zeda)
+                runs.append(dict(run, zero_fraction=fraction) if zeda else run)
+            # where the skipping happens: long prompts alone (prefill forwards) vs short prompts
+            # with long outputs (decode forwards); a router need not skip alike in both
+            probes = phase_probes(prompt_range, output_range, vocab, a.seed + 2) if zeda else {}
+            phases = {phase: load_and_zero_fraction(server, str(model), reqs_, conc, zeda)[1]
+                      for phase, reqs_ in probes.items()}
         entry = dict(min(runs, key=lambda r: r["seconds"]), all_seconds=[r["seconds"] for r in runs],
-                     warmup_seconds=warm_seconds)
+                     warmup_seconds=warm_seconds, **({"zero_fraction_by_phase": phases} if phases else {}))
         result["configs"][name] = entry
         print(name, json.dumps(entry), flush=True)
         Path(a.out).write_text(json.dumps(result, indent=1))
