@@ -7,7 +7,9 @@ lengths uniform in [16, 256] (tiny: [8, 96], [4, 24]; greedy, ignore_eos), sent 
 `--concurrency` clients. Reports the fastest run's requests/s, output and total tok/s, latency
 p50/p99 (every run's seconds too), and for the plugin the zero fraction of exactly that run (from
 /v1/zeda/stats, before/after), and the plugin's zero fraction on a prefill-only and a mostly-decode
-probe (`zero_fraction_by_phase`).
+probe (`zero_fraction_by_phase`). `--profile` adds one run per server under torch.profiler in
+the first worker (device µs by kernel, through vLLM's dev-mode /collective_rpc): whether a gap
+between servers is GPU kernel time or not.
 
 Why the warm-up draws from the workload and the runs repeat: a mixed load meets step sizes that no
 start-up pass ran, and the first run after start-up pays for them. On the H100 a single run after
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import statistics
 import sys
@@ -69,6 +72,28 @@ def load_and_zero_fraction(server, model: str, reqs, concurrency: int, zeda: boo
         return run, None
     zero, total = (x - y for x, y in zip(zero_totals(server), before))
     return run, round(zero / total, 4) if total else None
+
+
+PROFILER = {True: "benchmarks.kernel_profile.ZedaProfileExtension",  # keeps the plugin's stats RPCs
+            False: "benchmarks.kernel_profile.KernelProfileExtension"}
+
+
+def profiled_load(server, model: str, reqs, concurrency: int, top: int = 40) -> dict:
+    """One more run of the workload with torch.profiler (CUDA activity) in the first worker, through
+    vLLM's dev-mode /collective_rpc: device µs by kernel, and their sum against the run's wall time."""
+    def rpc(method: str) -> list:
+        status, body = server.post("/collective_rpc", {"method": method}, timeout=600)
+        if status != 200:
+            raise RuntimeError(f"/collective_rpc {method}: HTTP {status}: {str(body)[:300]}")
+        return body.get("results") or [None]
+
+    rpc("bench_profile_start")
+    run = run_load(server, model, reqs, concurrency)
+    kernels = rpc("bench_profile_stop")[0] or {}
+    ranked = dict(sorted(kernels.items(), key=lambda kv: -kv[1][1])[:top])
+    return {"seconds": run["seconds"], "kernel_us": round(sum(us for _, us in kernels.values()), 1),
+            "launches": sum(n for n, _ in kernels.values()), "kernels": ranked,
+            "unit": "kernels: [launches, device µs] over the whole profiled run"}
 
 
 def run_load(server, model: str, reqs, concurrency: int) -> dict:
@@ -123,6 +148,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2, help="timed runs of the workload; the fastest is reported")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tp", type=int, default=1, help="--tensor-parallel-size of every server")
+    p.add_argument("--profile", action="store_true",
+                   help="after the timed runs, one profiled run per server: device time by kernel (GPU)")
     p.add_argument("--configs", nargs="+", default=None,
                    help="servers to run, the first is the baseline (GPU: static8 zeda ideal4 zeda_ep; default static8 zeda; "
                         "zeda_ep = the plugin with --enable-expert-parallel, needs --tp > 1)")
@@ -149,12 +176,18 @@ def main() -> None:
         p.error(f"unknown config(s) {', '.join(unknown)}; choose from {', '.join(available)}")
     if "zeda_ep" in chosen and a.tp < 2:
         p.error("zeda_ep (expert parallelism) needs --tp 2 or more")
+    if a.profile:  # the workers import benchmarks.kernel_profile; /collective_rpc is a dev-mode route
+        root_dir = str(Path(__file__).resolve().parents[1])
+        env = {**(env or {}), "VLLM_SERVER_DEV_MODE": "1",
+               "PYTHONPATH": os.pathsep.join(filter(None, [root_dir, os.environ.get("PYTHONPATH")]))}
     for name in chosen:
         model, args = available[name]
+        zeda = name.startswith("zeda")
+        profiler = ["--worker-extension-cls", PROFILER[zeda]] if a.profile else []
         log = Path(a.out).with_name(f"serve_{name}.log")  # beside the JSON: device_suite packs it
-        with VllmServer(model, *args, *parallel, env=env, log_path=log, startup_timeout=900) as server:
+        with VllmServer(model, *args, *parallel, *profiler, env=env, log_path=log, startup_timeout=900) as server:
             warm_seconds = run_load(server, str(model), warm, conc)["seconds"]  # kept: first-use costs show here
-            runs, zeda = [], name.startswith("zeda")
+            runs = []
             for _ in range(a.repeats):
                 run, fraction = load_and_zero_fraction(server, str(model), reqs, conc, zeda)
                 runs.append(dict(run, zero_fraction=fraction) if zeda else run)
@@ -163,8 +196,10 @@ def main() -> None:
             probes = phase_probes(prompt_range, output_range, vocab, a.seed + 2) if zeda else {}
             phases = {phase: load_and_zero_fraction(server, str(model), reqs_, conc, zeda)[1]
                       for phase, reqs_ in probes.items()}
+            profile = profiled_load(server, str(model), reqs, conc) if a.profile else None
         entry = dict(min(runs, key=lambda r: r["seconds"]), all_seconds=[r["seconds"] for r in runs],
-                     warmup_seconds=warm_seconds, **({"zero_fraction_by_phase": phases} if phases else {}))
+                     warmup_seconds=warm_seconds, **({"zero_fraction_by_phase": phases} if phases else {}),
+                     **({"profile": profile} if profile else {}))
         result["configs"][name] = entry
         print(name, json.dumps(entry), flush=True)
         Path(a.out).write_text(json.dumps(result, indent=1))

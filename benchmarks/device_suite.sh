@@ -10,6 +10,8 @@
 #   e2e75     bench_e2e.py --configs static8 ideal2 zeda --targets 0.75 --quick                 ~6 min
 #   serve     bench_serve.py --zero-bias 2.6e-6 (stock static vs the plugin, OpenAI server)      ~5 min
 #   serve3    the same with a stock top-4 server (the ideal), one run of 192 after 128 warm-up    ~9 min
+#   serve-profile  ideal4 and zeda servers, each with one more run under torch.profiler (device time
+#             by kernel under the mixed load) and the zero fraction by phase                   ~7 min
 #   parity    gpu_parity.py --modes skip remap masked (fp32, CUDA graphs)                        ~5 min
 #   tune      tune_moe_configs.py (tile search, E=128 N=768)                                     ~4 min
 # Two GPUs (nvidia-h200-x2):
@@ -26,7 +28,7 @@
 # logs are packed into $OUT/logs.tgz at the end (the device tool returns at most 8 files).
 set -uo pipefail
 [ $# -gt 0 ] || { awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"; exit 2; }
-STAGES="kernels layer e2e50 e2e75 serve serve3 parity tune env tp-parity tp-train tp-e2e ep-e2e tp-serve ep-serve"
+STAGES="kernels layer e2e50 e2e75 serve serve3 serve-profile parity tune env tp-parity tp-train tp-e2e ep-e2e tp-serve ep-serve"
 for stage in "$@"; do  # before staging the bundle: a typo costs nothing
   [[ " $STAGES " == *" $stage "* ]] || { echo "device_suite: unknown stage '$stage' ($STAGES)" >&2; exit 2; }
 done
@@ -65,6 +67,8 @@ for stage in "$@"; do
     serve) run 585 serve python3 benchmarks/bench_serve.py --out "$OUT/serve.json" --zero-bias 2.6e-6 --requests 256 ;;
     serve3) run 585 serve3 python3 benchmarks/bench_serve.py --out "$OUT/serve3.json" --zero-bias 2.6e-6 \
              --configs static8 zeda ideal4 --requests 192 --warmup 128 --repeats 1 ;;
+    serve-profile) run 585 serve_profile python3 benchmarks/bench_serve.py --out "$OUT/serve_profile.json" \
+             --zero-bias 2.6e-6 --configs ideal4 zeda --requests 192 --warmup 128 --repeats 1 --profile ;;
     parity) run 420 parity python3 benchmarks/gpu_parity.py --out "$OUT/parity.json" --modes skip remap masked \
              --worker-timeout 120 ;;
     tune) run 450 tune python3 benchmarks/tune_moe_configs.py --out "$OUT/tune.json" --table-dir "$OUT/tables" ;;

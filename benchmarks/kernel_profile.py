@@ -22,19 +22,25 @@ class KernelProfileExtension:
         gc.collect()
 
     def bench_profile_start(self) -> None:
+        """GPU kernels where there is a GPU; on a CPU-only worker, CPU ops (the mechanics, for tests)."""
         import torch
 
-        self._bench_prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+        self._bench_on_gpu = torch.cuda.is_available()
+        kind = torch.profiler.ProfilerActivity.CUDA if self._bench_on_gpu else torch.profiler.ProfilerActivity.CPU
+        self._bench_prof = torch.profiler.profile(activities=[kind])
         self._bench_prof.__enter__()
 
     def bench_profile_stop(self) -> dict[str, list[float]]:
-        """{kernel name: [launches, total device µs]} since bench_profile_start."""
+        """{kernel name: [launches, total device µs]} since bench_profile_start (CPU: op self µs)."""
         prof, self._bench_prof = self._bench_prof, None
         prof.__exit__(None, None, None)
         out = {}
         for evt in prof.key_averages():
-            us = getattr(evt, "self_device_time_total", None)
-            us = evt.self_cuda_time_total if us is None else us
+            if self._bench_on_gpu:
+                us = getattr(evt, "self_device_time_total", None)
+                us = evt.self_cuda_time_total if us is None else us
+            else:
+                us = evt.self_cpu_time_total
             if us > 0:
                 out[evt.key] = [evt.count, us]
         return out

@@ -160,3 +160,15 @@ def test_vllm_console_script_works_after_patch():
     assert exe, "no vllm console script next to this python"
     out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == check.stdout.strip(), out.stderr[-500:]
+
+
+def test_worker_extension_subclasses_keep_the_stats_rpcs():
+    """`--worker-extension-cls` may name a subclass of ours (the benchmarks' profiler does): no
+    "stats unavailable" warning then; any other class, or one that cannot be imported, warns."""
+    from vllm_zeda.vllm_plugin import WORKER_EXTENSION, extends_stats_worker
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    assert extends_stats_worker(WORKER_EXTENSION)
+    assert extends_stats_worker("benchmarks.kernel_profile.ZedaProfileExtension")
+    assert not extends_stats_worker("benchmarks.kernel_profile.KernelProfileExtension")
+    assert not extends_stats_worker("no_such_module.Extension") and not extends_stats_worker("Bare")

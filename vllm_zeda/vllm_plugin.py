@@ -8,6 +8,7 @@ is built (`EngineArgs.add_cli_args` calls `load_general_plugins()` first), so wr
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
@@ -115,10 +116,24 @@ def apply_cli_settings(engine_args, args) -> None:
         return
     if not engine_args.worker_extension_cls:  # vLLM's default is ""
         engine_args.worker_extension_cls = WORKER_EXTENSION
-    elif engine_args.worker_extension_cls != WORKER_EXTENSION:
+    elif not extends_stats_worker(engine_args.worker_extension_cls):
         logger.warning("[zeda] --worker-extension-cls is taken (%s): /v1/zeda/stats will be unavailable",
                        engine_args.worker_extension_cls)
     allow_endpoint_plugin()
+
+
+def extends_stats_worker(qualname: str) -> bool:
+    """Whether the worker extension `qualname` is ours or a subclass of it (so the stats RPCs exist)."""
+    if qualname == WORKER_EXTENSION:
+        return True
+    module, _, name = qualname.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return False
+    from .vllm_stats import ZedaWorkerExtension
+
+    return isinstance(cls, type) and issubclass(cls, ZedaWorkerExtension)
 
 
 def allow_endpoint_plugin() -> None:
