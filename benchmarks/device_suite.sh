@@ -7,6 +7,7 @@
 #             variants), bench_moe_layer.py (both shapes)                                      ~3 min
 #   layer     bench_moe_layer.py alone (both shapes)                                           ~2 min
 #   e2e50     bench_e2e.py --configs static8 ideal4 zeda --targets 0 0.5 --quick                ~8 min
+#   e2e50p    e2e50 plus --profile-decode: device µs by kernel of a batch-1 decode step, per engine ~9 min
 #   e2e75     bench_e2e.py --configs static8 ideal2 zeda --targets 0.75 --quick                 ~6 min
 #   serve     bench_serve.py --zero-bias 2.6e-6 (stock static vs the plugin, OpenAI server)      ~5 min
 #   serve3    the same with a stock top-4 server (the ideal), one run of 192 after 128 warm-up    ~9 min
@@ -28,7 +29,7 @@
 # logs are packed into $OUT/logs.tgz at the end (the device tool returns at most 8 files).
 set -uo pipefail
 [ $# -gt 0 ] || { awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"; exit 2; }
-STAGES="kernels layer e2e50 e2e75 serve serve3 serve-profile parity tune env tp-parity tp-train tp-e2e ep-e2e tp-serve ep-serve"
+STAGES="kernels layer e2e50 e2e50p e2e75 serve serve3 serve-profile parity tune env tp-parity tp-train tp-e2e ep-e2e tp-serve ep-serve"
 for stage in "$@"; do  # before staging the bundle: a typo costs nothing
   [[ " $STAGES " == *" $stage "* ]] || { echo "device_suite: unknown stage '$stage' ($STAGES)" >&2; exit 2; }
 done
@@ -62,6 +63,8 @@ for stage in "$@"; do
     layer) run 300 layer python3 benchmarks/bench_moe_layer.py --out "$OUT/layer.json" ;;
     e2e50) run 585 e2e50 python3 benchmarks/bench_e2e.py --out "$OUT/e2e50.json" --configs static8 ideal4 zeda \
              --targets 0 0.5 --quick --timeout 220 ;;
+    e2e50p) run 585 e2e50p python3 benchmarks/bench_e2e.py --out "$OUT/e2e50p.json" --configs static8 ideal4 zeda \
+             --targets 0 0.5 --quick --profile-decode --timeout 220 ;;
     e2e75) run 585 e2e75 python3 benchmarks/bench_e2e.py --out "$OUT/e2e75.json" --configs static8 ideal2 zeda \
              --targets 0.75 --quick --timeout 220 ;;
     serve) run 585 serve python3 benchmarks/bench_serve.py --out "$OUT/serve.json" --zero-bias 2.6e-6 --requests 256 ;;
