@@ -6,6 +6,7 @@
 #   kernels   bench_route.py (routing kernel vs fused_topk), profile_moe_pieces.py (SiLU/sum
 #             variants), bench_moe_layer.py (both shapes)                                      ~3 min
 #   layer     bench_moe_layer.py alone (both shapes)                                           ~2 min
+#   host      bench_host.py: host µs per MoE layer call in eager mode, stock vs the plugin      ~1 min
 #   e2e50     bench_e2e.py --configs static8 ideal4 zeda --targets 0 0.5 --quick                ~8 min
 #   e2e50p    e2e50 plus --profile-decode: device µs by kernel of a batch-1 decode step, per engine ~9 min
 #   e2e75     bench_e2e.py --configs static8 ideal2 zeda --targets 0.75 --quick                 ~6 min
@@ -29,7 +30,7 @@
 # logs are packed into $OUT/logs.tgz at the end (the device tool returns at most 8 files).
 set -uo pipefail
 [ $# -gt 0 ] || { awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"; exit 2; }
-STAGES="kernels layer e2e50 e2e50p e2e75 serve serve3 serve-profile parity tune env tp-parity tp-train tp-e2e ep-e2e tp-serve ep-serve"
+STAGES="kernels layer host e2e50 e2e50p e2e75 serve serve3 serve-profile parity tune env tp-parity tp-train tp-e2e ep-e2e tp-serve ep-serve"
 for stage in "$@"; do  # before staging the bundle: a typo costs nothing
   [[ " $STAGES " == *" $stage "* ]] || { echo "device_suite: unknown stage '$stage' ($STAGES)" >&2; exit 2; }
 done
@@ -60,6 +61,7 @@ for stage in "$@"; do
     kernels) run 120 route python3 benchmarks/bench_route.py --out "$OUT/route.json"
              run 90 pieces python3 benchmarks/profile_moe_pieces.py --out "$OUT/pieces.json"
              run 360 layer python3 benchmarks/bench_moe_layer.py --out "$OUT/layer.json" ;;
+    host) run 240 host python3 benchmarks/bench_host.py --out "$OUT/host.json" ;;
     layer) run 300 layer python3 benchmarks/bench_moe_layer.py --out "$OUT/layer.json" ;;
     e2e50) run 585 e2e50 python3 benchmarks/bench_e2e.py --out "$OUT/e2e50.json" --configs static8 ideal4 zeda \
              --targets 0 0.5 --quick --timeout 220 ;;
