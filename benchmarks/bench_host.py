@@ -11,7 +11,8 @@ queue does not fill. Variants, each what the layer runs after its gate GEMM:
 
   route_static   vLLM's fused_topk over E=128 logits, top-8 (what a stock layer's router runs)
   route_ours     vllm_zeda's ZedaRouter._compute_routing over E+Z=192 logits (one Triton kernel)
-  experts_*      vLLM's modular kernel apply: stock top-8 (static), stock top-4 (ideal), ours
+  experts_*      vLLM's modular kernel apply: stock top-8 (static), stock top-4 (ideal), ours, and
+                 stock top-8 given the zero ids and the map (upstream's own cost of an expert map)
   layer_*        routing + experts, as one layer runs them
   sum_*          the sum over slots alone: ours (Triton, live slots), vLLM's moe_sum, and vLLM's
                  moe_sum with the zero-expert map (a CUDA op that skips mapped-out slots)
@@ -56,12 +57,32 @@ def host_us(fn, calls: int, reps: int) -> float | str:
     return round(best * 1e6, 2)
 
 
+def python_profile(fn, calls: int, top: int = 35) -> str:
+    """Where the host time of `calls` calls goes: cProfile, sorted by own time (µs totals)."""
+    import cProfile
+    import io
+    import pstats
+
+    fn()
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
+    return buf.getvalue()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
     p.add_argument("--tokens", nargs="+", type=int, default=[1, 256, 1024, 4096])
     p.add_argument("--calls", type=int, default=40)
     p.add_argument("--reps", type=int, default=15)
+    p.add_argument("--cprofile", type=int, default=1024, help="cProfile the layer variants at this many tokens (0: off)")
     a = p.parse_args()
     import vllm
     from vllm import _custom_ops as ops
@@ -139,6 +160,7 @@ def main() -> None:
         variants = {"route_static": route_static, "route_ours": route_ours,
                     "experts_static": lambda: apply(stock8, x, r["w"], r["ids"]),
                     "experts_ideal": lambda: apply(stock4, x, r["cw"], r["cids"]), "experts_ours": experts_ours,
+                    "experts_stock_map": lambda: apply(stock8, x, r["zw"], r["zids"], zmap),
                     "layer_static": layer_static, "layer_ideal": layer_ideal, "layer_ours": layer_ours,
                     "sum_live": sum_live, "sum_vllm": sum_vllm, "sum_vllm_map": sum_vllm_map}
         row = {"tokens": m, "host_us": {n: host_us(f, a.calls, a.reps) for n, f in variants.items()}}
@@ -165,8 +187,13 @@ def main() -> None:
             row["sum_vllm_map_finite"] = bool(torch.isfinite(out).all())
         except Exception as exc:
             row["sum_vllm_map_check"] = f"{type(exc).__name__}: {exc}"[:300]
+        if m == a.cprofile:
+            row["cprofile"] = {n: python_profile(variants[n], 200)
+                               for n in ("layer_static", "layer_ours", "experts_stock_map")}
         rows.append(row)
-        print(json.dumps(row), flush=True)
+        print(json.dumps({k: v for k, v in row.items() if k != "cprofile"}), flush=True)
+        for n, text in row.get("cprofile", {}).items():
+            print(f"--- cProfile {n}, {m} tokens ---\n{text}", flush=True)
     meta = {"device": torch.cuda.get_device_name(), "vllm": vllm.__version__, "torch": torch.__version__,
             "triton": __import__("triton").__version__, "date": time.strftime("%Y-%m-%d"),
             "shape": f"E={E} (+Z={Z}) H={H} I={I} top-{K}, skip 0.5", "calls": a.calls, "reps": a.reps,

@@ -141,13 +141,36 @@ def test_small_batches_take_vllms_activation_over_every_row(monkeypatch):
     monkeypatch.setattr(vte, "live_silu_and_mul_", lambda out, x, live: calls.append(out.shape[0]))
     for rows in (2, vte.LIVE_SILU_MIN_ROWS - 2, vte.LIVE_SILU_MIN_ROWS):
         x, out = torch.randn(rows, 64), torch.full((rows, 32), float("nan"))
-        experts._state.live = torch.tensor([[0, -1]] * (rows // 2), dtype=torch.int32)
+        experts._state.slots = (torch.tensor([[0, -1]] * (rows // 2), dtype=torch.int32), None, None)
         experts.activation(MoEActivation.SILU, out, x)
         if rows < vte.LIVE_SILU_MIN_ROWS:  # every row written, dead ones included
             ref = torch.nn.functional.silu(x[:, :32]) * x[:, 32:]
             assert torch.allclose(out, ref, atol=1e-6), rows
     assert calls == [vte.LIVE_SILU_MIN_ROWS]
-    experts._state.live = None
+    experts._state.slots = None
+
+
+def test_the_sum_over_slots_is_ours_in_cuda_graphs_and_vllms_in_eager_forwards(monkeypatch):
+    """Both sums read live slots only. Captured into a CUDA graph (device time is all that counts)
+    the Triton live-slot sum; in an eager forward (its launch is paid on the host every step)
+    vLLM's CUDA moe_sum, given the ids and map of the apply() in progress, which upstream does not
+    pass to moe_sum. (GPU ops: recorded here, not run; bench_host.py checks they agree.)"""
+    from vllm_zeda import vllm_triton_experts as vte
+
+    experts, calls = _live_slot_experts(), []
+    monkeypatch.setattr(vte, "live_moe_sum_", lambda out, x, live: calls.append(("ours", live)))
+    monkeypatch.setattr(vte.ops, "moe_sum", lambda x, out, ids=None, emap=None: calls.append(("vllm", ids, emap)),
+                        raising=False)
+    live, ids = torch.tensor([[0, -1]], dtype=torch.int32), torch.tensor([[0, 5]], dtype=torch.int32)
+    emap = torch.tensor([0, 1, 2, 3, -1, -1], dtype=torch.int32)
+    x, out = torch.randn(1, 2, 8), torch.empty(1, 8)
+    experts._state.slots = (live, ids, emap)
+    experts.moe_sum(x, out)
+    monkeypatch.setattr(vte, "_capturing", lambda device: True)
+    experts.moe_sum(x, out)
+    experts._state.slots = None
+    assert [c[0] for c in calls] == ["vllm", "ours"]
+    assert calls[0][1] is ids and calls[0][2] is emap and calls[1][1] is live
 
 
 def test_vllm_console_script_works_after_patch():

@@ -6,6 +6,7 @@ and `GateLinear`. Routers subclass `BaseRouter` in all three and implement `_com
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata
 from types import ModuleType
@@ -79,15 +80,23 @@ def custom_routing_method():
 
 
 def padding_mask(num_tokens: int):
-    """Bool [num_tokens] marking padding rows of the current forward, or None if unknown."""
+    """Bool [num_tokens] marking padding rows of the current forward, or None if unknown. (Runs
+    in every MoE layer's routing: the forward-context functions are looked up once.)"""
+    context = _forward_context_functions()
+    if context is None or not context[1]():
+        return None
+    mask = getattr(context[0](), "is_padding", None)
+    return None if mask is None else mask[:num_tokens]
+
+
+@functools.lru_cache(maxsize=1)
+def _forward_context_functions():
+    """(get_forward_context, is_forward_context_available), or None on a vLLM without them."""
     try:
         from vllm.forward_context import get_forward_context, is_forward_context_available
     except ImportError:
         return None
-    if not is_forward_context_available():
-        return None
-    mask = getattr(get_forward_context(), "is_padding", None)
-    return None if mask is None else mask[:num_tokens]
+    return get_forward_context, is_forward_context_available
 
 
 def is_cpu_platform() -> bool:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from . import compat
+from .gpu_kernels import zeda_route_
 from .routing import route_softmax
 
 ZERO_SLOT_MODES = ("skip", "gather", "remap")
@@ -73,8 +74,6 @@ class ZedaRouter(compat.base_router_class()):
             logits = router_logits[:, : self.num_real].contiguous()
             weights, ids, _ = fused_topk(hidden_states, logits, self.top_k, self.renormalize, indices_type or torch.int32)
             return weights, ids
-        from .gpu_kernels import zeda_route_
-
         if self.counts.device != router_logits.device:
             self.counts = self.counts.to(router_logits.device)
         weights, ids, live = zeda_route_(

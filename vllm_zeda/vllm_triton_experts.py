@@ -13,7 +13,8 @@ Zero slots reach the experts with ids E..E+Z-1 and an expert map that sends them
    (`gpu_kernels.live_silu_and_mul_`) once there are enough rows for that to pay
    (`live_activation_pays`); below, vLLM's CUDA kernel runs over every row, dead ones too (their
    garbage is never read: neither the second GEMM nor the live-slot sum touches a dead row).
-3. Sum over slots: only live rows are read (`gpu_kernels.live_moe_sum_`).
+3. Sum over slots: only live rows are read: `gpu_kernels.live_moe_sum_` inside CUDA graphs, vLLM's
+   map-aware CUDA `moe_sum` in eager forwards, where host launch time counts (`live_sum_pays`).
 4. Tile configs: vllm_zeda's own tables, tuned at the ZEDA operating point, come before vLLM's
    defaults (`tuned_configs.zeda_moe_config`; 0.26 has no H100 table for Qwen3-30B-A3B's shape).
 All three read "live ids" ([M, K], -1 where the map says -1). The router's kernel writes them
@@ -101,14 +102,27 @@ def _live_ids(topk_ids: torch.Tensor, expert_map: torch.Tensor) -> torch.Tensor:
 
 # Slot rows from which the live-slot SiLU beats vLLM's silu_and_mul over every row. H100,
 # Qwen3-30B-A3B's 2 x 768 columns, a third of the slots dead (benchmarks/RESULTS.md §2,
-# profile_moe_pieces.py): vLLM's kernel is 0.6-0.8 µs faster up to 2,048 rows (launch-bound),
-# level at 8,192, 30% slower at 32,768 (it moves the dead rows too).
-LIVE_SILU_MIN_ROWS = 8192
+# profile_moe_pieces.py): on the device vLLM's kernel is 0.6-0.8 µs faster up to 2,048 rows
+# (launch-bound), level at 8,192, 30% slower at 32,768 (it moves the dead rows too). Batches this
+# large run outside CUDA graphs, where a Triton launch also costs ~12 µs more host time than
+# vLLM's op (H200, benchmarks/bench_host.py) and steps of 1-2k tokens are host-bound while
+# serving: so not before 16,384 rows.
+LIVE_SILU_MIN_ROWS = 16384
 
 
 def live_activation_pays(rows: int) -> bool:
     """Whether the gated SiLU should run over live slot rows only (else over every row)."""
     return rows >= LIVE_SILU_MIN_ROWS
+
+
+def live_sum_pays(device: torch.device) -> bool:
+    """Whether the sum over slots should be our Triton kernel (else vLLM's CUDA `moe_sum` given
+    the ids and the map, which reads no mapped-out slot either). Inside a CUDA graph only device
+    time counts, and ours is the faster there (H200: 2.1 vs 4.0 µs at 1 token, 4.4 vs 6.1 at
+    1,024). Eager forwards (steps above the largest graph: mixed prefill + decode steps while
+    serving) pay every launch on the host, each step: 19-28 µs for the Triton launch against 7-8
+    µs for vLLM's op (benchmarks/bench_host.py, RESULTS.md §5), and such steps are host-bound."""
+    return _capturing(device)
 
 
 def _grouped_int_weights(kwargs) -> bool:
@@ -135,31 +149,39 @@ class ZedaTritonExperts(TritonExperts):
     @property
     def _live(self) -> torch.Tensor | None:
         """[M, K] live ids of this thread's apply() in progress, else None."""
-        return getattr(self._state, "live", None)
+        slots = getattr(self._state, "slots", None)
+        return None if slots is None else slots[0]
 
     def apply(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation, global_num_experts,
               expert_map, *args, **kwargs):
         if expert_map is None or _LIVE_APPLY is None or self._lora_context is not None:
             return super().apply(output, hidden_states, w1, w2, topk_weights, topk_ids, activation,
                                  global_num_experts, expert_map, *args, **kwargs)
-        live = self._state.live = _live_ids(topk_ids, expert_map)
+        live = _live_ids(topk_ids, expert_map)
+        self._state.slots = (live, topk_ids, expert_map)  # upstream calls moe_sum without ids or map
         try:
             with live_ids_hint(topk_ids, live):  # for assign_live_slots
                 return _LIVE_APPLY(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation,
                                    global_num_experts, expert_map, *args, **kwargs)
         finally:
-            self._state.live = None
+            self._state.slots = None
 
     def activation(self, activation, output, input, **kwargs) -> None:
-        if (self._live is not None and activation == MoEActivation.SILU and live_activation_pays(output.shape[0])
+        live = self._live
+        if (live is not None and activation == MoEActivation.SILU and live_activation_pays(output.shape[0])
                 and self.quant_config.gemm1_clamp_limit is None and output.dtype == input.dtype):
-            live_silu_and_mul_(output, input, self._live)
+            live_silu_and_mul_(output, input, live)
             return
         super().activation(activation, output, input, **kwargs)
 
     def moe_sum(self, input, output, topk_ids=None, expert_map=None) -> None:
-        if self._live is not None:
-            live_moe_sum_(output, input, self._live)  # skips slots mapped to -1
+        slots = getattr(self._state, "slots", None)
+        if slots is not None:  # both skip the slots mapped to -1
+            live, topk_ids, expert_map = slots
+            if live_sum_pays(output.device):
+                live_moe_sum_(output, input, live)
+            else:
+                ops.moe_sum(input, output, topk_ids, expert_map)
         elif expert_map is not None:
             ops.moe_sum(input, output, topk_ids, expert_map)
         else:
