@@ -12,6 +12,7 @@
 #   e2e75     bench_e2e.py --configs static8 ideal2 zeda --targets 0.75 --quick                 ~6 min
 #   serve     bench_serve.py --zero-bias 2.6e-6 (stock static vs the plugin, OpenAI server)      ~5 min
 #   serve3    the same with a stock top-4 server (the ideal), one run of 192 after 64 warm-up     ~9 min
+#   serve-ideal  the plugin vs a stock top-4 server (the ideal) alone, two runs each after 64 warm-up ~6 min
 #   serve-profile  ideal4 and zeda servers, each with one more run under torch.profiler (device time
 #             by kernel under the mixed load) and the zero fraction by phase                   ~7 min
 #   parity    gpu_parity.py --modes skip remap masked (fp32, CUDA graphs)                        ~5 min
@@ -30,7 +31,7 @@
 # logs are packed into $OUT/logs.tgz at the end (the device tool returns at most 8 files).
 set -uo pipefail
 [ $# -gt 0 ] || { awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"; exit 2; }
-STAGES="kernels layer host e2e50 e2e50p e2e75 serve serve3 serve-profile parity tune env tp-parity tp-train tp-e2e ep-e2e tp-serve ep-serve"
+STAGES="kernels layer host e2e50 e2e50p e2e75 serve serve3 serve-ideal serve-profile parity tune env tp-parity tp-train tp-e2e ep-e2e tp-serve ep-serve"
 for stage in "$@"; do  # before staging the bundle: a typo costs nothing
   [[ " $STAGES " == *" $stage "* ]] || { echo "device_suite: unknown stage '$stage' ($STAGES)" >&2; exit 2; }
 done
@@ -61,7 +62,7 @@ for stage in "$@"; do
     kernels) run 120 route python3 benchmarks/bench_route.py --out "$OUT/route.json"
              run 90 pieces python3 benchmarks/profile_moe_pieces.py --out "$OUT/pieces.json"
              run 360 layer python3 benchmarks/bench_moe_layer.py --out "$OUT/layer.json" ;;
-    host) run 240 host python3 benchmarks/bench_host.py --out "$OUT/host.json" ;;
+    host) run 120 host python3 benchmarks/bench_host.py --out "$OUT/host.json" ;;
     layer) run 300 layer python3 benchmarks/bench_moe_layer.py --out "$OUT/layer.json" ;;
     e2e50) run 585 e2e50 python3 benchmarks/bench_e2e.py --out "$OUT/e2e50.json" --configs static8 ideal4 zeda \
              --targets 0 0.5 --quick --timeout 220 ;;
@@ -72,6 +73,8 @@ for stage in "$@"; do
     serve) run 585 serve python3 benchmarks/bench_serve.py --out "$OUT/serve.json" --zero-bias 2.6e-6 --requests 256 ;;
     serve3) run 585 serve3 python3 benchmarks/bench_serve.py --out "$OUT/serve3.json" --zero-bias 2.6e-6 \
              --configs static8 zeda ideal4 --requests 192 --warmup 64 --repeats 1 ;;
+    serve-ideal) run 420 serve_ideal python3 benchmarks/bench_serve.py --out "$OUT/serve_ideal.json" --zero-bias 2.6e-6 \
+             --configs zeda ideal4 --requests 192 --warmup 64 --repeats 2 ;;
     serve-profile) run 585 serve_profile python3 benchmarks/bench_serve.py --out "$OUT/serve_profile.json" \
              --zero-bias 2.6e-6 --configs ideal4 zeda --requests 192 --warmup 128 --repeats 1 --profile ;;
     parity) run 420 parity python3 benchmarks/gpu_parity.py --out "$OUT/parity.json" --modes skip remap masked \
