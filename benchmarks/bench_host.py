@@ -187,6 +187,13 @@ def main() -> None:
             row["sum_vllm_map_finite"] = bool(torch.isfinite(out).all())
         except Exception as exc:
             row["sum_vllm_map_check"] = f"{type(exc).__name__}: {exc}"[:300]
+        # the plugin's eager path against upstream's remap on the same routing (bf16: the sums add
+        # the same live rows in the same order, so equal to the bit), with the router's live ids
+        # and with ids gathered through the map (the expert-parallel path)
+        remap_out = apply(stock8, x, r["zw"], r["rids"]).float()
+        row["ours_eager_vs_remap_maxdiff"] = float((experts_ours().float() - remap_out).abs().max())
+        row["ours_gather_vs_remap_maxdiff"] = float((apply(ours_kernel, x, r["zw"], r["zids"], zmap).float()
+                                                     - remap_out).abs().max())
         if m == a.cprofile:
             row["cprofile"] = {n: python_profile(variants[n], 200)
                                for n in ("layer_static", "layer_ours", "experts_stock_map")}

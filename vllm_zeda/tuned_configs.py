@@ -53,11 +53,18 @@ def shipped_table(e: int, n: int, dtype: str | None, block_shape: tuple[int, ...
     return load_table(name)
 
 
+@functools.lru_cache(maxsize=1)
+def _vllm_config_functions():
+    """(get_config, fused_moe module): imported once, not in every layer of every eager forward."""
+    from vllm.model_executor.layers.fused_moe import fused_moe as fm
+    from vllm.model_executor.layers.fused_moe import get_config
+
+    return get_config, fm
+
+
 def zeda_moe_config(w1_shape, w2_shape, top_k, dtype, M, block_shape=None):
     """`try_get_optimal_moe_config` with vllm_zeda's tables between the user's and vLLM's."""
-    from vllm.model_executor.layers.fused_moe import get_config
-    from vllm.model_executor.layers.fused_moe import fused_moe as fm
-
+    get_config, fm = _vllm_config_functions()
     if get_config() is None:
         e, _, n = w2_shape
         table = shipped_table(e, n, dtype, tuple(block_shape) if block_shape else None)

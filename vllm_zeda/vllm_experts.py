@@ -6,7 +6,6 @@ are -1 on every rank). The Triton kernel does no GEMM for a block whose expert i
 """
 from __future__ import annotations
 
-import contextlib
 import threading
 
 import torch
@@ -27,14 +26,22 @@ def router_live_ids(topk_ids: torch.Tensor) -> torch.Tensor | None:
     return hint[1] if hint is not None and hint[0] is topk_ids else None
 
 
-@contextlib.contextmanager
-def live_ids_hint(topk_ids: torch.Tensor, live: torch.Tensor):
-    saved = getattr(_LIVE_HINT, "value", None)
-    _LIVE_HINT.value = (topk_ids, live)
-    try:
-        yield
-    finally:
-        _LIVE_HINT.value = saved
+class live_ids_hint:  # noqa: N801 (used like contextlib's lowercase context managers)
+    """`with live_ids_hint(topk_ids, live):` makes `live` what router_live_ids(topk_ids) returns.
+    A class rather than a generator context manager: it runs in every MoE layer of every eager
+    forward, where host time counts."""
+
+    __slots__ = ("_value", "_saved")
+
+    def __init__(self, topk_ids: torch.Tensor, live: torch.Tensor):
+        self._value = (topk_ids, live)
+
+    def __enter__(self) -> None:
+        self._saved = getattr(_LIVE_HINT, "value", None)
+        _LIVE_HINT.value = self._value
+
+    def __exit__(self, *exc) -> None:
+        _LIVE_HINT.value = self._saved
 
 
 def zero_expert_map(base_map: torch.Tensor | None, num_real: int, num_zero: int, device) -> torch.Tensor:

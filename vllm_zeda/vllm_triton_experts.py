@@ -29,6 +29,7 @@ other activations, a vLLM whose apply has no such hook) falls back to the stock 
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import threading
 
@@ -55,7 +56,7 @@ def assign_live_slots(topk_ids, config, num_tokens, top_k_num, global_num_expert
         # one block per slot, in slot order; a -1 block exits at once (its rows are never read).
         # ZedaTritonExperts.apply has already made this call's live ids: reuse them.
         live = router_live_ids(topk_ids)
-        expert_ids = (live if live is not None else _live_ids(topk_ids, expert_map)).reshape(-1)
+        expert_ids = (live if live is not None else _live_ids(topk_ids, expert_map)[0]).reshape(-1)
         return None, expert_ids, slot_blocks_end(topk_ids.numel() * config["BLOCK_SIZE_M"], topk_ids.device)
     kwargs["ignore_invalid_experts"] = True
     return _UPSTREAM_ASSIGN(topk_ids, config, num_tokens, top_k_num, global_num_experts, expert_map, **kwargs)
@@ -87,17 +88,21 @@ def _capturing(device: torch.device) -> bool:
 LIVE_ID_SOURCES: collections.Counter = collections.Counter()  # "router" / "gather", counted in Python
 
 
-def _live_ids(topk_ids: torch.Tensor, expert_map: torch.Tensor) -> torch.Tensor:
-    """[M, K] int32 local expert ids, -1 for slots not computed here. Free when the router made
-    them for this very tensor (no expert parallelism); else one gather through the map. (Under
-    CUDA graphs this Python runs at capture only; the counter says which path was captured.)"""
+def _live_ids(topk_ids: torch.Tensor, expert_map: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """([M, K] int32 local expert ids, -1 for slots not computed here; whether the router made
+    them). Free when the router made them for this very tensor (no expert parallelism); else one
+    gather through the map. (Under CUDA graphs this Python runs at capture only; the counter says
+    which path was captured.)"""
     live = router_live_ids(topk_ids)
     source = "router" if live is not None else "gather"
     if not LIVE_ID_SOURCES[source]:
         logger.info("ZEDA experts: live ids %s", "from the router kernel" if live is not None else
                     "gathered through the expert map")
     LIVE_ID_SOURCES[source] += 1
-    return live if live is not None else expert_map[topk_ids.long()].to(torch.int32)
+    return (live, True) if live is not None else (expert_map[topk_ids.long()].to(torch.int32), False)
+
+
+_NO_HINT = contextlib.nullcontext()
 
 
 # Slot rows from which the live-slot SiLU beats vLLM's silu_and_mul over every row. H100,
@@ -157,10 +162,10 @@ class ZedaTritonExperts(TritonExperts):
         if expert_map is None or _LIVE_APPLY is None or self._lora_context is not None:
             return super().apply(output, hidden_states, w1, w2, topk_weights, topk_ids, activation,
                                  global_num_experts, expert_map, *args, **kwargs)
-        live = _live_ids(topk_ids, expert_map)
+        live, from_router = _live_ids(topk_ids, expert_map)
         self._state.slots = (live, topk_ids, expert_map)  # upstream calls moe_sum without ids or map
-        try:
-            with live_ids_hint(topk_ids, live):  # for assign_live_slots
+        try:  # assign_live_slots reads the live ids through the hint (the router's is set already)
+            with _NO_HINT if from_router else live_ids_hint(topk_ids, live):
                 return _LIVE_APPLY(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation,
                                    global_num_experts, expert_map, *args, **kwargs)
         finally:
