@@ -17,9 +17,10 @@ Zero slots reach the experts with ids E..E+Z-1 and an expert map that sends them
    map-aware CUDA `moe_sum` in eager forwards, where host launch time counts (`live_sum_pays`).
 4. Tile configs: vllm_zeda's own tables, tuned at the ZEDA operating point, come before vLLM's
    defaults (`tuned_configs.zeda_moe_config`; 0.26 has no H100 table for Qwen3-30B-A3B's shape).
-All three read "live ids" ([M, K], -1 where the map says -1). The router's kernel writes them
-while routing (vllm_experts.router_live_ids); only with expert parallelism, or when vLLM hands
-the experts a copy or chunk of the ids, are they gathered through the map (one small kernel).
+1-3 read "live ids" ([M, K], -1 where the map says -1; vLLM's eager sum reads the ids and the
+map instead). The router's kernel writes them while routing (vllm_experts.router_live_ids); only
+with expert parallelism, or when vLLM hands the experts a copy or chunk of the ids, are they
+gathered through the map (one small kernel).
 
 1 and 4 are applied by running upstream's own `apply` with its module-level
 `_prepare_expert_assignment` and `try_get_optimal_moe_config` rebound (compat.rebind_globals), so the rest of upstream's logic,
