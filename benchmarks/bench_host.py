@@ -6,8 +6,8 @@ of the time. Steps larger than the biggest CUDA graph (mixed prefill + decode) r
 Python and kernel launches each step, so host time per layer is what such steps pay.
 
 Host µs per call = wall time of `--calls` back-to-back calls with no sync inside, divided by the
-count (fewest over `--reps` tries): the GPU work is queued, not waited for, as long as the launch
-queue does not fill. Variants, each what the layer runs after its gate GEMM:
+count; median (and fewest) over `--reps` rounds that time every variant in turn. The GPU work is
+queued, not waited for, as long as the launch queue does not fill. Variants, each what the layer runs after its gate GEMM:
 
   route_static   vLLM's fused_topk over E=128 logits, top-8 (what a stock layer's router runs)
   route_ours     vllm_zeda's ZedaRouter._compute_routing over E+Z=192 logits (one Triton kernel)
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -40,21 +41,31 @@ from bench_moe_layer import make_kernel, make_routings, time_graph  # noqa: E402
 E, H, I, K, Z = 128, 2048, 768, 8, 64
 
 
-def host_us(fn, calls: int, reps: int) -> float | str:
-    try:
-        fn()
-        torch.cuda.synchronize()
-    except Exception as exc:  # one variant this vLLM lacks must not cost the others
-        return f"{type(exc).__name__}: {exc}"[:300]
-    best = float("inf")
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(calls):
+def host_us(variants: dict, calls: int, reps: int) -> tuple[dict, dict]:
+    """({name: median µs per call}, {name: fewest µs per call}) over `reps` rounds; each round
+    times every variant once, in turn, so a slow spell of the machine falls on all of them alike
+    (one variant after another, min of 15, read the same static layer at 268 and 524 µs in two
+    calls). A variant that fails (an op this vLLM lacks) reports its error instead."""
+    live, out = {}, {}
+    for name, fn in variants.items():
+        try:
             fn()
-        best = min(best, (time.perf_counter() - t) / calls)
-        torch.cuda.synchronize()
-    return round(best * 1e6, 2)
+            torch.cuda.synchronize()
+            live[name] = []
+        except Exception as exc:
+            out[name] = f"{type(exc).__name__}: {exc}"[:300]
+    for _ in range(reps):
+        for name, times in live.items():
+            fn = variants[name]
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            times.append((time.perf_counter() - t) / calls)
+            torch.cuda.synchronize()
+    median = {n: round(statistics.median(t) * 1e6, 2) for n, t in live.items()}
+    fewest = {n: round(min(t) * 1e6, 2) for n, t in live.items()}
+    return {**median, **out}, fewest
 
 
 def python_profile(fn, calls: int, top: int = 35) -> str:
@@ -81,7 +92,7 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--tokens", nargs="+", type=int, default=[1, 256, 1024, 4096])
     p.add_argument("--calls", type=int, default=40)
-    p.add_argument("--reps", type=int, default=15)
+    p.add_argument("--reps", type=int, default=21)
     p.add_argument("--cprofile", type=int, default=1024, help="cProfile the layer variants at this many tokens (0: off)")
     a = p.parse_args()
     import vllm
@@ -163,16 +174,15 @@ def main() -> None:
                     "experts_stock_map": lambda: apply(stock8, x, r["zw"], r["zids"], zmap),
                     "layer_static": layer_static, "layer_ideal": layer_ideal, "layer_ours": layer_ours,
                     "sum_live": sum_live, "sum_vllm": sum_vllm, "sum_vllm_map": sum_vllm_map}
-        row = {"tokens": m, "host_us": {n: host_us(f, a.calls, a.reps) for n, f in variants.items()}}
         # the launch alone: Triton's JIT path vs the compiled kernel's runner, same kernel and args
         block = min(1024, 1 << (H - 1).bit_length())
         grid = (m, -(-H // block), 1)
         args = (slots, out, r["zlive"].reshape(-1), H, out.stride(0))
-        compiled = gpu_kernels._live_moe_sum[grid](*args, K=K, BLOCK=block)
-        runner = compiled[grid]
-        row["host_us"]["triton_jit_launch"] = host_us(lambda: gpu_kernels._live_moe_sum[grid](*args, K=K, BLOCK=block),
-                                                      a.calls, a.reps)
-        row["host_us"]["triton_compiled_launch"] = host_us(lambda: runner(*args, K, block), a.calls, a.reps)
+        runner = gpu_kernels._live_moe_sum[grid](*args, K=K, BLOCK=block)[grid]
+        variants["triton_jit_launch"] = lambda: gpu_kernels._live_moe_sum[grid](*args, K=K, BLOCK=block)
+        variants["triton_compiled_launch"] = lambda: runner(*args, K, block)
+        median, fewest = host_us(variants, a.calls, a.reps)
+        row = {"tokens": m, "host_us": median, "host_us_min": fewest}
         row["device_us"] = {}
         for n, f in (("sum_live", sum_live), ("sum_vllm", sum_vllm), ("sum_vllm_map", sum_vllm_map)):
             try:
@@ -204,7 +214,7 @@ def main() -> None:
     meta = {"device": torch.cuda.get_device_name(), "vllm": vllm.__version__, "torch": torch.__version__,
             "triton": __import__("triton").__version__, "date": time.strftime("%Y-%m-%d"),
             "shape": f"E={E} (+Z={Z}) H={H} I={I} top-{K}, skip 0.5", "calls": a.calls, "reps": a.reps,
-            "unit": "host µs per call (eager, no sync inside); device µs: CUDA-graph replay, median"}
+            "unit": "host µs per call (eager, no sync inside; median over rounds, host_us_min the fewest); device µs: CUDA-graph replay, median"}
     Path(a.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print(json.dumps(meta))
 
