@@ -9,7 +9,6 @@ torch.compile never fuses anything there: every torch op would be its own launch
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -127,28 +126,23 @@ def zeda_route_(logits: torch.Tensor, num_real: int, top_k: int, renormalize: bo
     the 128 real logits (4.5-4.8), where 16 rows on 4 warps took 9.1-9.5 (few rows per program:
     more programs at once, less unrolled code in each)."""
     m, n_all = logits.shape
-    # one allocation for the three outputs (4-byte elements each): in eager forwards, where
-    # every layer's host time counts, an allocation is ~1.5 µs
-    out = torch.empty(3, m, top_k, dtype=torch.int32, device=logits.device)
-    weights, ids, live = out[0].view(torch.float32), out[1], out[2]
+    weights = torch.empty(m, top_k, dtype=torch.float32, device=logits.device)
+    ids = torch.empty(m, top_k, dtype=torch.int32, device=logits.device)
+    live = torch.empty_like(ids)
     if m == 0:
         return weights, ids, live
     assert logits.stride(1) == 1, "router logits must be contiguous along experts"
+    block_e = triton.next_power_of_2(n_all)
     block_m = block_m or (1 if m == 1 else 2)
     num_warps = num_warps or min(block_m, 8)
     assert block_m & (block_m - 1) == 0, f"block_m must be a power of 2, got {block_m}"
     pad = padding.view(torch.uint8) if padding is not None else ids
-    _zeda_route[((m + block_m - 1) // block_m,)](
+    _zeda_route[(triton.cdiv(m, block_m),)](
         logits, logits.stride(0), bias, pad, weights, ids, live, counts, m, num_real, n_all,
-        K=top_k, K_PAD=_pow2(top_k), RENORM=renormalize, REMAP=remap,
-        HAS_PAD=padding is not None, BLOCK_M=block_m, BLOCK_E=_pow2(n_all), num_warps=num_warps,
+        K=top_k, K_PAD=triton.next_power_of_2(top_k), RENORM=renormalize, REMAP=remap,
+        HAS_PAD=padding is not None, BLOCK_M=block_m, BLOCK_E=block_e, num_warps=num_warps,
     )
     return weights, ids, live
-
-
-@functools.lru_cache
-def _pow2(n: int) -> int:
-    return triton.next_power_of_2(n)
 
 
 def live_silu_and_mul_(out: torch.Tensor, x: torch.Tensor, live_ids: torch.Tensor) -> None:
