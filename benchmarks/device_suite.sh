@@ -12,7 +12,8 @@
 #   e2e75     bench_e2e.py --configs static8 ideal2 zeda --targets 0.75 --quick                 ~6 min
 #   serve     bench_serve.py --zero-bias 2.6e-6 (stock static vs the plugin, OpenAI server)      ~5 min
 #   serve3    the same with a stock top-4 server (the ideal), one run of 192 after 64 warm-up     ~9 min
-#   serve-ideal  the plugin vs a stock top-4 server (the ideal) alone, two runs each after 64 warm-up ~6 min
+#   serve-ideal  the plugin vs a stock top-4 server (the ideal) alone, two runs of 192 each after a
+#             128-request warm-up (a first run after 64 was ~30% slower than the second)     ~7 min
 #   serve-profile  ideal4 and zeda servers, each with one more run under torch.profiler (device time
 #             by kernel under the mixed load) and the zero fraction by phase                   ~7 min
 #   parity    gpu_parity.py --modes skip remap masked (fp32, CUDA graphs)                        ~5 min
@@ -73,8 +74,8 @@ for stage in "$@"; do
     serve) run 585 serve python3 benchmarks/bench_serve.py --out "$OUT/serve.json" --zero-bias 2.6e-6 --requests 256 ;;
     serve3) run 585 serve3 python3 benchmarks/bench_serve.py --out "$OUT/serve3.json" --zero-bias 2.6e-6 \
              --configs static8 zeda ideal4 --requests 192 --warmup 64 --repeats 1 ;;
-    serve-ideal) run 420 serve_ideal python3 benchmarks/bench_serve.py --out "$OUT/serve_ideal.json" --zero-bias 2.6e-6 \
-             --configs zeda ideal4 --requests 192 --warmup 64 --repeats 2 ;;
+    serve-ideal) run 480 serve_ideal python3 benchmarks/bench_serve.py --out "$OUT/serve_ideal.json" --zero-bias 2.6e-6 \
+             --configs zeda ideal4 --requests 192 --warmup 128 --repeats 2 ;;
     serve-profile) run 585 serve_profile python3 benchmarks/bench_serve.py --out "$OUT/serve_profile.json" \
              --zero-bias 2.6e-6 --configs ideal4 zeda --requests 192 --warmup 128 --repeats 1 --profile ;;
     parity) run 420 parity python3 benchmarks/gpu_parity.py --out "$OUT/parity.json" --modes skip remap masked \
