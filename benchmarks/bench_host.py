@@ -95,6 +95,8 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=21)
     p.add_argument("--cprofile", type=int, default=1024, help="cProfile the layer variants at this many tokens (0: off)")
     a = p.parse_args()
+    if not torch.cuda.is_available():
+        p.error("needs a CUDA GPU and the vLLM GPU bundle (benchmarks/device_suite.sh host)")
     import vllm
     from vllm import _custom_ops as ops
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation
@@ -215,7 +217,9 @@ def main() -> None:
             "triton": __import__("triton").__version__, "date": time.strftime("%Y-%m-%d"),
             "shape": f"E={E} (+Z={Z}) H={H} I={I} top-{K}, skip 0.5", "calls": a.calls, "reps": a.reps,
             "unit": "host µs per call (eager, no sync inside; median over rounds, host_us_min the fewest); device µs: CUDA-graph replay, median"}
-    Path(a.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    tmp = Path(a.out).with_suffix(".partial")  # a killed run leaves no half-written JSON
+    tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    tmp.replace(a.out)
     print(json.dumps(meta))
 
 

@@ -182,13 +182,12 @@ class ZedaTritonExperts(TritonExperts):
 
     def moe_sum(self, input, output, topk_ids=None, expert_map=None) -> None:
         slots = getattr(self._state, "slots", None)
-        if slots is not None:  # both skip the slots mapped to -1
+        if slots is not None:  # our apply() in progress: its ids and map (both sums skip -1 slots)
             live, topk_ids, expert_map = slots
             if live_sum_pays(output.device):
                 live_moe_sum_(output, input, live)
-            else:
-                ops.moe_sum(input, output, topk_ids, expert_map)
-        elif expert_map is not None:
+                return
+        if expert_map is not None:
             ops.moe_sum(input, output, topk_ids, expert_map)
         else:
             super().moe_sum(input, output)
