@@ -6,12 +6,14 @@
 #   kernels   bench_route.py (routing kernel vs fused_topk), profile_moe_pieces.py (SiLU/sum
 #             variants), bench_moe_layer.py (both shapes)                                      ~3 min
 #   layer     bench_moe_layer.py alone (both shapes)                                           ~2 min
-#   host      bench_host.py: host µs per MoE layer call in eager mode, stock vs the plugin      ~1 min
+#   host      bench_host.py: host µs per MoE layer call in eager mode, stock vs the plugin; the
+#             Triton kernel tests on the GPU (tests/test_gpu_kernels.py); bench_route.py       ~3 min
 #   e2e50     bench_e2e.py --configs static8 ideal4 zeda --targets 0 0.5 --quick                ~8 min
 #   e2e50p    e2e50 plus --profile-decode: device µs by kernel of a batch-1 decode step, per engine ~9 min
 #   e2e75     bench_e2e.py --configs static8 ideal2 zeda --targets 0.75 --quick                 ~6 min
 #   serve     bench_serve.py --zero-bias 2.6e-6 (stock static vs the plugin, OpenAI server)      ~5 min
-#   serve3    the same with a stock top-4 server (the ideal), one run of 192 after 64 warm-up     ~9 min
+#   serve3    the same with a stock top-4 server (the ideal): two runs of 192 each after a
+#             128-request warm-up, the three servers in one call                              ~9 min
 #   serve-ideal  the plugin vs a stock top-4 server (the ideal) alone, two runs of 192 each after a
 #             128-request warm-up (a first run after 64 was ~30% slower than the second)     ~7 min
 #   serve-profile  ideal4 and zeda servers, each with one more run under torch.profiler (device time
@@ -63,7 +65,9 @@ for stage in "$@"; do
     kernels) run 120 route python3 benchmarks/bench_route.py --out "$OUT/route.json"
              run 90 pieces python3 benchmarks/profile_moe_pieces.py --out "$OUT/pieces.json"
              run 360 layer python3 benchmarks/bench_moe_layer.py --out "$OUT/layer.json" ;;
-    host) run 120 host python3 benchmarks/bench_host.py --out "$OUT/host.json" ;;
+    host) run 120 host python3 benchmarks/bench_host.py --out "$OUT/host.json"
+          run 120 kernel_tests env TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py
+          run 120 route python3 benchmarks/bench_route.py --out "$OUT/route.json" ;;
     layer) run 300 layer python3 benchmarks/bench_moe_layer.py --out "$OUT/layer.json" ;;
     e2e50) run 585 e2e50 python3 benchmarks/bench_e2e.py --out "$OUT/e2e50.json" --configs static8 ideal4 zeda \
              --targets 0 0.5 --quick --timeout 220 ;;
@@ -73,7 +77,7 @@ for stage in "$@"; do
              --targets 0.75 --quick --timeout 220 ;;
     serve) run 585 serve python3 benchmarks/bench_serve.py --out "$OUT/serve.json" --zero-bias 2.6e-6 --requests 256 ;;
     serve3) run 585 serve3 python3 benchmarks/bench_serve.py --out "$OUT/serve3.json" --zero-bias 2.6e-6 \
-             --configs static8 zeda ideal4 --requests 192 --warmup 64 --repeats 1 ;;
+             --configs static8 zeda ideal4 --requests 192 --warmup 128 --repeats 2 ;;
     serve-ideal) run 480 serve_ideal python3 benchmarks/bench_serve.py --out "$OUT/serve_ideal.json" --zero-bias 2.6e-6 \
              --configs zeda ideal4 --requests 192 --warmup 128 --repeats 2 ;;
     serve-profile) run 585 serve_profile python3 benchmarks/bench_serve.py --out "$OUT/serve_profile.json" \

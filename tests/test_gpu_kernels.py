@@ -106,3 +106,25 @@ def test_route_kernel_keeps_ids_in_range_for_nan_rows(remap):
     ref = route_softmax(logits[[0, 5]].cpu(), e, k, True)
     assert torch.equal(live[[0, 5]].long(), ref.ids.masked_fill(ref.is_zero, -1))
     assert 3 not in ids[2].tolist()  # a NaN logit is never picked over finite ones
+
+
+def test_route_kernel_is_compiled_once_and_reused_across_batch_sizes():
+    """One compiled routing kernel serves every batch size of a launch shape: the first call goes
+    through Triton's JIT, later ones through the compiled kernel's runner (`_ROUTE_KERNELS`; on a
+    GPU). Each call must still match the reference, padding and counters included. The
+    interpreter compiles nothing, so there every call takes the JIT path and nothing is kept."""
+    gk._ROUTE_KERNELS.clear()
+    g = torch.Generator().manual_seed(11)
+    bias = torch.tensor([0.1], device=DEVICE)
+    for m in (3, 40, 17, 16):  # 16: an int Triton would otherwise specialise (divisible by 16)
+        logits = torch.randn(m, 48, generator=g).to(DEVICE)
+        padding = torch.zeros(m, dtype=torch.bool, device=DEVICE)
+        padding[0] = True
+        counts = torch.zeros(2, dtype=torch.int64, device=DEVICE)
+        w, ids, live = gk.zeda_route_(logits, 32, 4, True, bias, counts, padding)
+        ref = route_softmax(logits.cpu(), 32, 4, True, zero_bias=0.1)
+        assert torch.equal(ids.cpu().long(), ref.ids)
+        assert torch.equal(live.cpu().long(), ref.ids.masked_fill(ref.is_zero, -1))
+        assert torch.allclose(w.cpu().masked_fill(ref.is_zero, 0.0), ref.weights, atol=1e-6)
+        assert counts.cpu().tolist() == [int(ref.is_zero[1:].sum()), (m - 1) * 4]
+    assert len(gk._ROUTE_KERNELS) == (0 if os.environ["TRITON_INTERPRET"] == "1" else 1)

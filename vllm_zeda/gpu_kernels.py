@@ -33,7 +33,12 @@ if triton is not None:
         def _silu(x):  # vLLM's CUDA silu: IEEE division by (1 + expf(-x)), expf from libdevice
             return tl.div_rn(x, 1.0 + libdevice.exp(-x))
 
-    @triton.jit
+    # No argument specialisation (ints equal to 1 or divisible by 16, 16-byte aligned pointers):
+    # one compiled kernel then serves every call of one dtype and launch shape, and zeda_route_
+    # reuses it through its runner instead of the JIT's binder (`_ROUTE_KERNELS`)
+    @triton.jit(do_not_specialize=("stride_lm", "M", "n_real", "n_all"),
+                do_not_specialize_on_alignment=("logits_ptr", "bias_ptr", "pad_ptr", "w_ptr", "ids_ptr", "live_ptr",
+                                                "counts_ptr"))
     def _zeda_route(logits_ptr, stride_lm, bias_ptr, pad_ptr, w_ptr, ids_ptr, live_ptr, counts_ptr, M, n_real, n_all,
                     K: tl.constexpr, K_PAD: tl.constexpr, RENORM: tl.constexpr, REMAP: tl.constexpr,
                     HAS_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
@@ -137,12 +142,27 @@ def zeda_route_(logits: torch.Tensor, num_real: int, top_k: int, renormalize: bo
     num_warps = num_warps or min(block_m, 8)
     assert block_m & (block_m - 1) == 0, f"block_m must be a power of 2, got {block_m}"
     pad = padding.view(torch.uint8) if padding is not None else ids
-    _zeda_route[(triton.cdiv(m, block_m),)](
-        logits, logits.stride(0), bias, pad, weights, ids, live, counts, m, num_real, n_all,
-        K=top_k, K_PAD=triton.next_power_of_2(top_k), RENORM=renormalize, REMAP=remap,
-        HAS_PAD=padding is not None, BLOCK_M=block_m, BLOCK_E=block_e, num_warps=num_warps,
-    )
+    grid = (triton.cdiv(m, block_m), 1, 1)
+    args = (logits, logits.stride(0), bias, pad, weights, ids, live, counts, m, num_real, n_all,
+            top_k, triton.next_power_of_2(top_k), renormalize, remap, padding is not None, block_m, block_e)
+    key = (logits.device.index, logits.dtype, num_warps, m >= 2**31, *args[11:])
+    compiled = _ROUTE_KERNELS.get(key)
+    if compiled is not None:
+        compiled[grid](*args)
+    else:
+        compiled = _zeda_route[grid](*args, num_warps=num_warps)
+        if hasattr(compiled, "packed_metadata"):  # a CompiledKernel (None in the interpreter)
+            _ROUTE_KERNELS[key] = compiled
     return weights, ids, live
+
+
+# Compiled routing kernels by everything that selects one: device, logits dtype, warps, whether
+# M needs 64 bits, and the constexprs (HAS_PAD also fixes the padding pointer's dtype; every other
+# pointer has one dtype). Triton's own launch path (`kernel[grid](...)`) binds and specialises
+# every argument and looks its cache up on each call: ~13 µs of host time on the H200, against
+# ~8 µs for the compiled kernel's runner (benchmarks/bench_host.py), paid by every MoE layer of
+# every step that runs outside a CUDA graph.
+_ROUTE_KERNELS: dict[tuple, object] = {}
 
 
 def live_silu_and_mul_(out: torch.Tensor, x: torch.Tensor, live_ids: torch.Tensor) -> None:
