@@ -8,9 +8,10 @@ logits, top-8, bf16 logits), median µs over CUDA-graph replays (device machine)
                    renormalisation, counters, live ids) at launch shape BLOCK_M=M rows per
                    program, N warps; "default" = the shipped launch
   zeda_route specialised  the same kernel and default launch, compiled the way Triton does by
-                   default (ints equal to 1 or divisible by 16 and 16-byte aligned pointers
-                   specialised); the shipped kernel is compiled without that, so one compiled
-                   kernel can be reused on every call: this row is the device time that costs
+                   default (every int equal to 1 or divisible by 16 and every 16-byte aligned
+                   pointer specialised); the shipped kernel is not specialised on the batch size
+                   and three pointers, so one compiled kernel serves every call of a layer and
+                   is reused through its runner: this row is the device time that may cost
 
 Purpose: pick zeda_route_'s launch shape per batch size (decode at batch 1 paid ~12 µs per layer
 more than stock end to end, RESULTS.md §3).

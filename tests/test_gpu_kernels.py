@@ -128,3 +128,11 @@ def test_route_kernel_is_compiled_once_and_reused_across_batch_sizes():
         assert torch.allclose(w.cpu().masked_fill(ref.is_zero, 0.0), ref.weights, atol=1e-6)
         assert counts.cpu().tolist() == [int(ref.is_zero[1:].sum()), (m - 1) * 4]
     assert len(gk._ROUTE_KERNELS) == (0 if os.environ["TRITON_INTERPRET"] == "1" else 1)
+    # the same shape with logits 4 bytes off a 16-byte boundary: a kernel compiled for aligned
+    # logits may vectorise their loads, so this call must compile (and keep) its own
+    logits = torch.randn(16 * 48 + 1, generator=g).to(DEVICE)[1:].view(16, 48)
+    counts = torch.zeros(2, dtype=torch.int64, device=DEVICE)
+    w, ids, live = gk.zeda_route_(logits, 32, 4, True, bias, counts, padding)
+    ref = route_softmax(logits.cpu(), 32, 4, True, zero_bias=0.1)
+    assert torch.equal(live.cpu().long(), ref.ids.masked_fill(ref.is_zero, -1))
+    assert len(gk._ROUTE_KERNELS) == (0 if os.environ["TRITON_INTERPRET"] == "1" else 2)

@@ -33,12 +33,13 @@ if triton is not None:
         def _silu(x):  # vLLM's CUDA silu: IEEE division by (1 + expf(-x)), expf from libdevice
             return tl.div_rn(x, 1.0 + libdevice.exp(-x))
 
-    # No argument specialisation (ints equal to 1 or divisible by 16, 16-byte aligned pointers):
-    # one compiled kernel then serves every call of one dtype and launch shape, and zeda_route_
-    # reuses it through its runner instead of the JIT's binder (`_ROUTE_KERNELS`)
-    @triton.jit(do_not_specialize=("stride_lm", "M", "n_real", "n_all"),
-                do_not_specialize_on_alignment=("logits_ptr", "bias_ptr", "pad_ptr", "w_ptr", "ids_ptr", "live_ptr",
-                                                "counts_ptr"))
+    # Not specialised on the batch size M (Triton specialises ints equal to 1 or divisible by 16)
+    # nor on the alignment of the one-element / padding pointers: what it is specialised on is
+    # fixed for a layer, so one compiled kernel serves every call of a layer and launch shape, and
+    # zeda_route_ reuses it through its runner instead of the JIT's binder (`_ROUTE_KERNELS`).
+    # (Unspecialised strides, sizes and logits pointer cost 1.4 µs of device time a call on the
+    # H200, benchmarks/bench_route.py.)
+    @triton.jit(do_not_specialize=("M",), do_not_specialize_on_alignment=("bias_ptr", "pad_ptr", "counts_ptr"))
     def _zeda_route(logits_ptr, stride_lm, bias_ptr, pad_ptr, w_ptr, ids_ptr, live_ptr, counts_ptr, M, n_real, n_all,
                     K: tl.constexpr, K_PAD: tl.constexpr, RENORM: tl.constexpr, REMAP: tl.constexpr,
                     HAS_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
@@ -137,15 +138,16 @@ def zeda_route_(logits: torch.Tensor, num_real: int, top_k: int, renormalize: bo
     if m == 0:
         return weights, ids, live
     assert logits.stride(1) == 1, "router logits must be contiguous along experts"
-    block_e = triton.next_power_of_2(n_all)
     block_m = block_m or (1 if m == 1 else 2)
     num_warps = num_warps or min(block_m, 8)
     assert block_m & (block_m - 1) == 0, f"block_m must be a power of 2, got {block_m}"
     pad = padding.view(torch.uint8) if padding is not None else ids
-    grid = (triton.cdiv(m, block_m), 1, 1)
+    grid = (-(-m // block_m), 1, 1)
     args = (logits, logits.stride(0), bias, pad, weights, ids, live, counts, m, num_real, n_all,
-            top_k, triton.next_power_of_2(top_k), renormalize, remap, padding is not None, block_m, block_e)
-    key = (logits.device.index, logits.dtype, num_warps, m >= 2**31, *args[11:])
+            top_k, _pow2(top_k), renormalize, remap, padding is not None, block_m, _pow2(n_all))
+    # Every input of the kernel's compilation: weights, ids and live are allocated above (whole
+    # allocations of the caching allocator: 16-byte aligned), the others are not specialised on
+    key = (logits.device.index, logits.dtype, logits.data_ptr() % 16 == 0, args[1], num_warps, m >= 2**31, *args[9:])
     compiled = _ROUTE_KERNELS.get(key)
     if compiled is not None:
         compiled[grid](*args)
@@ -156,13 +158,20 @@ def zeda_route_(logits: torch.Tensor, num_real: int, top_k: int, renormalize: bo
     return weights, ids, live
 
 
-# Compiled routing kernels by everything that selects one: device, logits dtype, warps, whether
-# M needs 64 bits, and the constexprs (HAS_PAD also fixes the padding pointer's dtype; every other
-# pointer has one dtype). Triton's own launch path (`kernel[grid](...)`) binds and specialises
-# every argument and looks its cache up on each call: ~13 µs of host time on the H200, against
-# ~8 µs for the compiled kernel's runner (benchmarks/bench_host.py), paid by every MoE layer of
-# every step that runs outside a CUDA graph.
+# Compiled routing kernels by everything that selects one: device, logits dtype and alignment,
+# row stride, warps, whether M needs 64 bits, the expert counts and the constexprs (HAS_PAD also
+# fixes the padding pointer's dtype; every other pointer has one dtype). Triton's own launch path
+# (`kernel[grid](...)`) binds and specialises every argument and looks its cache up on each call:
+# ~13 µs of host time on the H200, against ~8 µs for the compiled kernel's runner
+# (benchmarks/bench_host.py), paid by every MoE layer of every step outside a CUDA graph.
 _ROUTE_KERNELS: dict[tuple, object] = {}
+
+
+def _pow2(n: int) -> int:
+    """The smallest power of 2 >= n (n >= 1) in plain Python: triton.next_power_of_2 and
+    triton.cdiv are JIT functions whose every host call runs Triton's call machinery (a chain of
+    Python calls per use in bench_host.py's cProfile)."""
+    return 1 << (n - 1).bit_length()
 
 
 def live_silu_and_mul_(out: torch.Tensor, x: torch.Tensor, live_ids: torch.Tensor) -> None:
@@ -173,8 +182,8 @@ def live_silu_and_mul_(out: torch.Tensor, x: torch.Tensor, live_ids: torch.Tenso
     assert x.shape == (rows, 2 * n) and live_ids.numel() == rows, (x.shape, out.shape, live_ids.shape)
     if rows == 0:
         return
-    block = min(1024, triton.next_power_of_2(n))
-    _live_silu_and_mul[(rows, triton.cdiv(n, block))](
+    block = min(1024, _pow2(n))
+    _live_silu_and_mul[(rows, -(-n // block))](
         x, out, live_ids.reshape(-1), n, x.stride(0), out.stride(0), BLOCK=block
     )
 
@@ -185,8 +194,8 @@ def live_moe_sum_(out: torch.Tensor, slots: torch.Tensor, live_ids: torch.Tensor
     assert slots.is_contiguous() and live_ids.shape == (m, k) and out.shape == (m, d), (slots.shape, out.shape)
     if m == 0:
         return
-    block = min(1024, triton.next_power_of_2(d))
-    _live_moe_sum[(m, triton.cdiv(d, block))](slots, out, live_ids.reshape(-1), d, out.stride(0), K=k, BLOCK=block)
+    block = min(1024, _pow2(d))
+    _live_moe_sum[(m, -(-d // block))](slots, out, live_ids.reshape(-1), d, out.stride(0), K=k, BLOCK=block)
 
 
 def available() -> bool:
