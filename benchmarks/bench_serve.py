@@ -30,6 +30,7 @@ import json
 import math
 import os
 import random
+import shlex
 import statistics
 import sys
 import tempfile
@@ -150,6 +151,9 @@ def main() -> None:
     p.add_argument("--tp", type=int, default=1, help="--tensor-parallel-size of every server")
     p.add_argument("--profile", action="store_true",
                    help="after the timed runs, one profiled run per server: device time by kernel (GPU)")
+    p.add_argument("--server-args", default="",
+                   help="more `vllm serve` arguments for every server, one shell-quoted string "
+                        "(e.g. a --compilation-config with larger CUDA-graph sizes)")
     p.add_argument("--configs", nargs="+", default=None,
                    help="servers to run, the first is the baseline (GPU: static8 zeda ideal4 zeda_ep; default static8 zeda; "
                         "zeda_ep = the plugin with --enable-expert-parallel, needs --tp > 1)")
@@ -165,9 +169,10 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="zeda-serve-"))
     result = {"meta": {"date": time.strftime("%Y-%m-%d"), "tiny": a.tiny, "requests": n, "concurrency": conc,
                        "prompt_tokens": prompt_range, "output_tokens": output_range, "zero_bias": a.zero_bias,
-                       "tensor_parallel_size": a.tp, "warmup_requests": len(warm), "repeats": a.repeats},
+                       "tensor_parallel_size": a.tp, "warmup_requests": len(warm), "repeats": a.repeats,
+                       "server_args": a.server_args},
               "configs": {}}
-    parallel = ["--tensor-parallel-size", str(a.tp)] if a.tp > 1 else []
+    parallel = (["--tensor-parallel-size", str(a.tp)] if a.tp > 1 else []) + shlex.split(a.server_args)
     env = {"VLLM_CPU_OMP_THREADS_BIND": "|".join(map(str, range(a.tp)))} if a.tiny and a.tp > 1 else None
     available = models(a, root)
     chosen = a.configs or list(available)[:2]
