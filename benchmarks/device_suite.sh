@@ -18,7 +18,8 @@
 #             128-request warm-up (a first run after 64 was ~30% slower than the second)     ~7 min
 #   serve-graphs  static8 and zeda with CUDA graphs up to 8,192 tokens (vLLM's default sizes to 512,
 #             then 17 more): mixed prefill + decode steps replay graphs instead of running every
-#             layer's Python; two runs of 192 each after a 128-request warm-up             ~8 min
+#             layer's Python; two runs of 192 each after a 128-request warm-up             ~5 min
+#   serve-graphs-ideal  the same, zeda and ideal4                                               ~5 min
 #   serve-profile  ideal4 and zeda servers, each with one more run under torch.profiler (device time
 #             by kernel under the mixed load) and the zero fraction by phase                   ~7 min
 #   parity    gpu_parity.py --modes skip remap masked (fp32, CUDA graphs)                        ~5 min
@@ -37,7 +38,7 @@
 # logs are packed into $OUT/logs.tgz at the end (the device tool returns at most 8 files).
 set -uo pipefail
 [ $# -gt 0 ] || { awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"; exit 2; }
-STAGES="kernels layer host e2e50 e2e50p e2e75 serve serve3 serve-ideal serve-graphs serve-profile parity tune env tp-parity tp-train tp-e2e ep-e2e tp-serve ep-serve"
+STAGES="kernels layer host e2e50 e2e50p e2e75 serve serve3 serve-ideal serve-graphs serve-graphs-ideal serve-profile parity tune env tp-parity tp-train tp-e2e ep-e2e tp-serve ep-serve"
 for stage in "$@"; do  # before staging the bundle: a typo costs nothing
   [[ " $STAGES " == *" $stage "* ]] || { echo "device_suite: unknown stage '$stage' ($STAGES)" >&2; exit 2; }
 done
@@ -83,10 +84,12 @@ for stage in "$@"; do
              --configs static8 zeda ideal4 --requests 192 --warmup 128 --repeats 2 ;;
     serve-ideal) run 480 serve_ideal python3 benchmarks/bench_serve.py --out "$OUT/serve_ideal.json" --zero-bias 2.6e-6 \
              --configs zeda ideal4 --requests 192 --warmup 128 --repeats 2 ;;
-    serve-graphs) sizes=$(python3 -c 'print(",".join(map(str, [1, 2, 4, *range(8, 256, 8), *range(256, 513, 16),
+    serve-graphs|serve-graphs-ideal)
+             configs="static8 zeda"; [ "$stage" = serve-graphs ] || configs="zeda ideal4"
+             sizes=$(python3 -c 'print(",".join(map(str, [1, 2, 4, *range(8, 256, 8), *range(256, 513, 16),
                         576, 640, 768, 896, 1024, 1280, 1536, 1792, 2048, 2560, 3072, 3584, 4096, 5120, 6144, 7168, 8192])))')
-             run 570 serve_graphs python3 benchmarks/bench_serve.py --out "$OUT/serve_graphs.json" --zero-bias 2.6e-6 \
-             --configs static8 zeda --requests 192 --warmup 128 --repeats 2 \
+             run 570 "${stage//-/_}" python3 benchmarks/bench_serve.py --out "$OUT/${stage//-/_}.json" --zero-bias 2.6e-6 \
+             --configs $configs --requests 192 --warmup 128 --repeats 2 \
              --server-args "--compilation-config '{\"cudagraph_capture_sizes\": [$sizes]}'" ;;
     serve-profile) run 585 serve_profile python3 benchmarks/bench_serve.py --out "$OUT/serve_profile.json" \
              --zero-bias 2.6e-6 --configs ideal4 zeda --requests 192 --warmup 128 --repeats 1 --profile ;;
