@@ -83,7 +83,8 @@ def _wrap_engine_args() -> None:
 
 def apply_cli_settings(engine_args, args) -> None:
     """Check a ZEDA checkpoint before the engine starts (one clear line instead of a worker
-    traceback), carry the settings, and switch on the statistics with --enable-zeda."""
+    traceback), carry the settings, and with --enable-zeda switch on the statistics and CUDA
+    graphs for mixed steps (cuda_graphs.py)."""
     from . import compat
     from .errors import ZedaError
     from .preflight import check_checkpoint, check_parallel_layout
@@ -114,6 +115,9 @@ def apply_cli_settings(engine_args, args) -> None:
     engine_args.additional_config = extra
     if not enabled:
         return
+    from .cuda_graphs import extend_for_mixed_steps
+
+    extend_for_mixed_steps(engine_args, on_cpu=compat.is_cpu_platform())
     if not engine_args.worker_extension_cls:  # vLLM's default is ""
         engine_args.worker_extension_cls = WORKER_EXTENSION
     elif not extends_stats_worker(engine_args.worker_extension_cls):
