@@ -46,7 +46,8 @@ def test_a_gpu_server_gets_graphs_for_mixed_steps_up_to_its_batch_token_limit(tm
 @pytest.mark.parametrize("argv", [["--enforce-eager"], ["--max-cudagraph-capture-size", "64"],
                                   ["--cudagraph-capture-sizes", "1", "2", "8"],
                                   ["--compilation-config", '{"cudagraph_capture_sizes": [1, 2]}'],
-                                  ["--compilation-config", '{"max_cudagraph_capture_size": 32}']])
+                                  ["--compilation-config", '{"max_cudagraph_capture_size": 32}'],
+                                  ["--performance-mode", "interactivity"]])
 def test_the_users_choice_of_graphs_and_the_cpu_are_left_alone(argv, tmp_path):
     args = _engine_args(tmp_path, *argv)
     before = _compilation_sizes(args)

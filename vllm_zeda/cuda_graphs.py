@@ -37,12 +37,18 @@ def capture_sizes(max_tokens: int = LARGEST) -> list[int]:
     return sorted({size for size in sizes if size <= max_tokens} | {max_tokens})
 
 
+GRAPH_SIZE_FIELDS = ("cudagraph_capture_sizes", "max_cudagraph_capture_size")  # EngineArgs and CompilationConfig
+
+
 def user_chose_graphs(engine_args) -> bool:
-    """Whether the command line already decides which steps get CUDA graphs (or none do)."""
+    """Whether the command line already decides which steps get CUDA graphs: sizes or a largest
+    size (as flags or in --compilation-config), eager mode, or vLLM's "interactivity" mode (which
+    sizes its own graphs, one per batch size up to 32)."""
     compilation = getattr(engine_args, "compilation_config", None)
-    chosen = (getattr(engine_args, "cudagraph_capture_sizes", None), getattr(engine_args, "max_cudagraph_capture_size", None),
-              getattr(compilation, "cudagraph_capture_sizes", None), getattr(compilation, "max_cudagraph_capture_size", None))
-    return bool(getattr(engine_args, "enforce_eager", False)) or any(value is not None for value in chosen)
+    sized = any(getattr(holder, field, None) is not None
+                for holder in (engine_args, compilation) for field in GRAPH_SIZE_FIELDS)
+    return (sized or bool(getattr(engine_args, "enforce_eager", False))
+            or getattr(engine_args, "performance_mode", None) == "interactivity")
 
 
 def extend_for_mixed_steps(engine_args, on_cpu: bool) -> list[int] | None:
