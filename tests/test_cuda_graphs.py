@@ -41,6 +41,8 @@ def test_a_gpu_server_gets_graphs_for_mixed_steps_up_to_its_batch_token_limit(tm
     assert _compilation_sizes(args) is None  # vLLM's default ...
     extend_for_mixed_steps(args, on_cpu=False)
     assert _compilation_sizes(args)[-1] == 16384  # ... and ours (vLLM drops what exceeds its limit)
+    args = _engine_args(tmp_path, "--max-num-batched-tokens", "65536")
+    assert extend_for_mixed_steps(args, on_cpu=False)[-1] == 16384  # larger steps are GPU-bound
 
 
 @pytest.mark.parametrize("argv", [["--enforce-eager"], ["--max-cudagraph-capture-size", "64"],

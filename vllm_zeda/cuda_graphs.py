@@ -10,8 +10,9 @@ same load ran at 1.110x stock's speed (stock given the same graphs), the ideal t
 about 1.125x (benchmarks/RESULTS.md §5).
 
 So with --enable-zeda on a GPU, unless the user chose graph sizes (or eager mode), the capture
-sizes are vLLM's default ones up to 512 tokens, then four per doubling up to 16,384 (a padded step
-runs at most 25% more tokens than it holds); vLLM drops the sizes above `max_num_batched_tokens`.
+sizes are vLLM's default ones up to 512 tokens, then four per doubling (a padded step runs at most
+25% more tokens than it holds) up to `max_num_batched_tokens`, at most 16,384: a step larger than
+that is GPU-bound anyway, and its graph would hold that many tokens' activations.
 Measured cost at 8,192 tokens: 1.1-1.2 GiB of graph memory instead of 0.6, capture time level
 (~20 s). The Python API (`LLM(...)`) is left to its caller: pass `cudagraph_capture_sizes`.
 """
@@ -22,7 +23,7 @@ import logging
 logger = logging.getLogger("vllm.zeda")
 
 VLLM_DEFAULT_MAX = 512  # vLLM's largest default capture size
-LARGEST = 16384  # vLLM's largest default max_num_batched_tokens (the LLM class on large GPUs)
+LARGEST = 16384  # the largest size captured; vLLM's largest default max_num_batched_tokens (LLM class)
 
 
 def capture_sizes(max_tokens: int = LARGEST) -> list[int]:
@@ -56,7 +57,7 @@ def extend_for_mixed_steps(engine_args, on_cpu: bool) -> list[int] | None:
     or the user chose; returns the sizes set, or None."""
     if on_cpu or user_chose_graphs(engine_args):
         return None
-    sizes = capture_sizes(getattr(engine_args, "max_num_batched_tokens", None) or LARGEST)
+    sizes = capture_sizes(min(getattr(engine_args, "max_num_batched_tokens", None) or LARGEST, LARGEST))
     engine_args.cudagraph_capture_sizes = sizes
     logger.info("[zeda] CUDA graphs up to %d tokens (mixed prefill + decode steps too; vLLM's default stops at %d): "
                 "--cudagraph-capture-sizes or --max-cudagraph-capture-size choose otherwise", sizes[-1],
