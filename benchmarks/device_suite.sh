@@ -11,14 +11,17 @@
 #   e2e50     bench_e2e.py --configs static8 ideal4 zeda --targets 0 0.5 --quick                ~8 min
 #   e2e50p    e2e50 plus --profile-decode: device µs by kernel of a batch-1 decode step, per engine ~9 min
 #   e2e75     bench_e2e.py --configs static8 ideal2 zeda --targets 0.75 --quick                 ~6 min
-#   serve     bench_serve.py --zero-bias 2.6e-6 (stock static vs the plugin, OpenAI server)      ~5 min
-#   serve3    the same with a stock top-4 server (the ideal): two runs of 192 each after a
-#             128-request warm-up, the three servers in one call                              ~9 min
-#   serve-ideal  the plugin vs a stock top-4 server (the ideal) alone, two runs of 192 each after a
-#             128-request warm-up (a first run after 64 was ~30% slower than the second)     ~7 min
-#   serve-graphs  static8 and zeda with CUDA graphs up to 8,192 tokens (vLLM's default sizes to 512,
-#             then 17 more): mixed prefill + decode steps replay graphs instead of running every
-#             layer's Python; two runs of 192 each after a 128-request warm-up             ~5 min
+#   serve     bench_serve.py --zero-bias 2.6e-6: stock static vs the plugin through the OpenAI
+#             server, two runs of 192 each after a 128-request warm-up; every server with the
+#             plugin's CUDA-graph sizes (bench_serve --graphs zeda, its default)               ~5 min
+#   serve-ideal  the same, the plugin vs a stock top-4 server (the ideal): with `serve`, the pair
+#             that gives the share of the ideal's gain (the plugin's runs join the two calls)  ~5 min
+#   serve3    all three servers in one call, but only one run each after a 64-request warm-up
+#             (three servers with `serve`'s warm-up and runs do not fit a call; a first run
+#             after 64 warm-up requests was ~30% slower than the second)                     ~8 min
+#   serve-graphs  static8 and zeda, every server given one explicit list of CUDA-graph sizes up to
+#             8,192 tokens (vLLM's to 512, then 17 more; how the plugin's default was found, RESULTS
+#             §5); two runs of 192 each after a 128-request warm-up                          ~5 min
 #   serve-graphs-ideal  the same, zeda and ideal4                                               ~5 min
 #   serve-profile  ideal4 and zeda servers, each with one more run under torch.profiler (device time
 #             by kernel under the mixed load) and the zero fraction by phase                   ~7 min
@@ -79,10 +82,11 @@ for stage in "$@"; do
              --targets 0 0.5 --quick --profile-decode --timeout 220 ;;
     e2e75) run 585 e2e75 python3 benchmarks/bench_e2e.py --out "$OUT/e2e75.json" --configs static8 ideal2 zeda \
              --targets 0.75 --quick --timeout 220 ;;
-    serve) run 585 serve python3 benchmarks/bench_serve.py --out "$OUT/serve.json" --zero-bias 2.6e-6 --requests 256 ;;
+    serve) run 570 serve python3 benchmarks/bench_serve.py --out "$OUT/serve.json" --zero-bias 2.6e-6 \
+             --configs static8 zeda --requests 192 --warmup 128 --repeats 2 ;;
     serve3) run 585 serve3 python3 benchmarks/bench_serve.py --out "$OUT/serve3.json" --zero-bias 2.6e-6 \
-             --configs static8 zeda ideal4 --requests 192 --warmup 128 --repeats 2 ;;
-    serve-ideal) run 480 serve_ideal python3 benchmarks/bench_serve.py --out "$OUT/serve_ideal.json" --zero-bias 2.6e-6 \
+             --configs static8 zeda ideal4 --requests 192 --warmup 64 --repeats 1 ;;
+    serve-ideal) run 570 serve_ideal python3 benchmarks/bench_serve.py --out "$OUT/serve_ideal.json" --zero-bias 2.6e-6 \
              --configs zeda ideal4 --requests 192 --warmup 128 --repeats 2 ;;
     serve-graphs|serve-graphs-ideal)
              configs="static8 zeda"; [ "$stage" = serve-graphs ] || configs="zeda ideal4"
