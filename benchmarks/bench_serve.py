@@ -193,7 +193,11 @@ def main() -> None:
                        "tensor_parallel_size": a.tp, "warmup_requests": len(warm), "repeats": a.repeats,
                        "server_args": a.server_args, "graphs": None if a.tiny else a.graphs},
               "configs": {}}
-    parallel = (["--tensor-parallel-size", str(a.tp)] if a.tp > 1 else []) + shlex.split(a.server_args)
+    try:
+        extra = shlex.split(a.server_args)
+    except ValueError as exc:  # unbalanced quotes: one line, not a traceback
+        p.error(f"--server-args: {exc}")
+    parallel = (["--tensor-parallel-size", str(a.tp)] if a.tp > 1 else []) + extra
     env = {"VLLM_CPU_OMP_THREADS_BIND": "|".join(map(str, range(a.tp)))} if a.tiny and a.tp > 1 else None
     available = models(a, root)
     chosen = a.configs or list(available)[:2]

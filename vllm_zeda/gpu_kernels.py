@@ -119,6 +119,15 @@ if triton is not None:
         tl.store(out_ptr + tok * stride_out + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+# Compiled routing kernels by everything that selects one: device, logits dtype and alignment,
+# row stride, warps, whether M needs 64 bits, the expert counts and the constexprs (HAS_PAD also
+# fixes the padding pointer's dtype; every other pointer has one dtype). Triton's own launch path
+# (`kernel[grid](...)`) binds and specialises every argument and looks its cache up on each call:
+# ~13 µs of host time on the H200, against ~8 µs for the compiled kernel's runner
+# (benchmarks/bench_host.py), paid by every MoE layer of every step outside a CUDA graph.
+_ROUTE_KERNELS: dict[tuple, object] = {}
+
+
 def zeda_route_(logits: torch.Tensor, num_real: int, top_k: int, renormalize: bool, bias: torch.Tensor,
                 counts: torch.Tensor, padding: torch.Tensor | None, remap: bool = False, *,
                 block_m: int | None = None, num_warps: int | None = None):
@@ -156,15 +165,6 @@ def zeda_route_(logits: torch.Tensor, num_real: int, top_k: int, renormalize: bo
         if hasattr(compiled, "packed_metadata"):  # a CompiledKernel (None in the interpreter)
             _ROUTE_KERNELS[key] = compiled
     return weights, ids, live
-
-
-# Compiled routing kernels by everything that selects one: device, logits dtype and alignment,
-# row stride, warps, whether M needs 64 bits, the expert counts and the constexprs (HAS_PAD also
-# fixes the padding pointer's dtype; every other pointer has one dtype). Triton's own launch path
-# (`kernel[grid](...)`) binds and specialises every argument and looks its cache up on each call:
-# ~13 µs of host time on the H200, against ~8 µs for the compiled kernel's runner
-# (benchmarks/bench_host.py), paid by every MoE layer of every step outside a CUDA graph.
-_ROUTE_KERNELS: dict[tuple, object] = {}
 
 
 def _pow2(n: int) -> int:
