@@ -17,7 +17,8 @@ unquantized layer calls), built by `make_unquantized_moe_kernel` as vLLM builds 
 Median microseconds per call over CUDA-graph replays of 8 rotating routings. Each row also checks
 ours against stock_map and remap numerically (bf16 max abs diff).
 
-    python3 benchmarks/bench_moe_layer.py --out $OUT/moe_layer.json [--shapes qwen3 glm47] [--tokens ...]
+    python3 benchmarks/bench_moe_layer.py --out $OUT/moe_layer.json [--shapes qwen3_30b_a3b glm47_flash]
+        [--tokens ...] [--skips ...] [--exact-zeros]
 """
 from __future__ import annotations
 
@@ -39,13 +40,19 @@ TOKENS = [1, 4, 16, 64, 256, 1024, 4096, 16384]
 SKIPS = [0.0, 0.25, 0.5, 0.75]
 
 
-def make_routings(m, e, k, skip, n, gen):
-    """n routings: K distinct real experts per token, then a random `skip` share of slots -> zero."""
+def make_routings(m, e, k, skip, n, gen, exact=False):
+    """n routings: K distinct real experts per token, then a random `skip` share of slots -> zero
+    (each slot on its own; `exact`: exactly round(K*skip) slots of every token, so that ours and
+    the ideal run the same number of live slots per token)."""
     out = []
     for _ in range(n):
         ids = torch.argsort(torch.rand(m, e, device="cuda", generator=gen), dim=-1)[:, :k].to(torch.int32)
         w = torch.softmax(torch.randn(m, k, device="cuda", generator=gen), -1)
-        zero = torch.rand(m, k, device="cuda", generator=gen) < skip
+        if exact:
+            rank = torch.argsort(torch.rand(m, k, device="cuda", generator=gen), dim=-1)
+            zero = rank < round(k * skip)
+        else:
+            zero = torch.rand(m, k, device="cuda", generator=gen) < skip
         zw = w.masked_fill(zero, 0.0)
         zids = torch.where(zero, e + torch.randint(0, e // 2, (m, k), device="cuda", generator=gen, dtype=torch.int32), ids)
         rids = torch.where(zero, torch.zeros_like(ids), ids)
@@ -104,7 +111,7 @@ def make_kernel(experts_cls, e, h, i, k, dtype):
                                        backend=UnquantizedMoeBackend.TRITON, experts_cls=experts_cls)
 
 
-def bench_shape(name, e, h, i, k, tokens, skips, dtype=torch.bfloat16):
+def bench_shape(name, e, h, i, k, tokens, skips, exact=False, dtype=torch.bfloat16):
     from vllm.model_executor.layers.fused_moe import override_config
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation
     from vllm.model_executor.layers.fused_moe.experts.triton_moe import TritonExperts
@@ -141,7 +148,7 @@ def bench_shape(name, e, h, i, k, tokens, skips, dtype=torch.bfloat16):
         x = torch.randn(m, h, device="cuda", dtype=dtype, generator=gen)
         tiles = zeda_moe_config(tuple(w1.shape), tuple(w2.shape), k, None, m)  # what ours runs at this M
         for s in skips:
-            rs = make_routings(m, e, k, s, 8, gen)
+            rs = make_routings(m, e, k, s, 8, gen, exact)
             keep = rs[0]["cids"].shape[1]
             variants = {
                 "static": [lambda r=r: call(stock[k], x, r["w"], r["ids"]) for r in rs],
@@ -155,7 +162,8 @@ def bench_shape(name, e, h, i, k, tokens, skips, dtype=torch.bfloat16):
                                         for r in rs]
                 variants["ideal_t"] = [lambda r=r: with_tiles(tiles, lambda: call(stock[keep], x, r["cw"], r["cids"]))
                                        for r in rs]
-            row = {"shape": name, "tokens": m, "skip": s, "tiles": "shipped table" if tuned else "vLLM"}
+            row = {"shape": name, "tokens": m, "skip": s, "exact_zeros": exact,
+                   "tiles": "shipped table" if tuned else "vLLM"}
             for v, fns in variants.items():
                 row[v] = round(time_graph(fns), 2)
             if not tuned:
@@ -184,7 +192,12 @@ def main():
     p.add_argument("--shapes", nargs="+", default=list(SHAPES))
     p.add_argument("--tokens", nargs="+", type=int, default=TOKENS)
     p.add_argument("--skips", nargs="+", type=float, default=SKIPS)
+    p.add_argument("--exact-zeros", action="store_true",
+                   help="every token gets exactly round(K*skip) zero slots (default: each slot zero with "
+                        "probability skip), so ours/ideal isolates the zero slots' own cost from the spread")
     a = p.parse_args()
+    if a.exact_zeros and any(not 0 <= s < 1 for s in a.skips):
+        p.error("--exact-zeros needs every skip in [0, 1): the ideal keeps at least one slot")
     import vllm
     from vllm.v1.worker.workspace import init_workspace_manager
 
@@ -192,7 +205,7 @@ def main():
     t0 = time.time()
     rows = []
     for s in a.shapes:
-        rows += bench_shape(s, *SHAPES[s], a.tokens, a.skips)
+        rows += bench_shape(s, *SHAPES[s], a.tokens, a.skips, a.exact_zeros)
     meta = {"device": torch.cuda.get_device_name(), "vllm": vllm.__version__, "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d"), "seconds": round(time.time() - t0, 1), "unit": "us per fused-MoE call"}
     Path(a.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))

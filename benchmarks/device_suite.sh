@@ -6,6 +6,8 @@
 #   kernels   bench_route.py (routing kernel vs fused_topk), profile_moe_pieces.py (SiLU/sum
 #             variants), bench_moe_layer.py (both shapes)                                      ~3 min
 #   layer     bench_moe_layer.py alone (both shapes)                                           ~2 min
+#   layer-live  bench_moe_layer.py --exact-zeros, Qwen3 shape, 1/4/16 tokens, 0-7 of 8 slots zero:
+#             ours vs the ideal at the same live slots per token (the zero slots' own cost)     ~1 min
 #   host      bench_host.py: host µs per MoE layer call in eager mode, stock vs the plugin; the
 #             Triton kernel tests on the GPU (tests/test_gpu_kernels.py); bench_route.py       ~3 min
 #   e2e50     bench_e2e.py --configs static8 ideal4 zeda --targets 0 0.5 --quick                ~8 min
@@ -41,7 +43,7 @@
 # logs are packed into $OUT/logs.tgz at the end (the device tool returns at most 8 files).
 set -uo pipefail
 [ $# -gt 0 ] || { awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"; exit 2; }
-STAGES="kernels layer host e2e50 e2e50p e2e75 serve serve3 serve-ideal serve-graphs serve-graphs-ideal serve-profile parity tune env tp-parity tp-train tp-e2e ep-e2e tp-serve ep-serve"
+STAGES="kernels layer layer-live host e2e50 e2e50p e2e75 serve serve3 serve-ideal serve-graphs serve-graphs-ideal serve-profile parity tune env tp-parity tp-train tp-e2e ep-e2e tp-serve ep-serve"
 for stage in "$@"; do  # before staging the bundle: a typo costs nothing
   [[ " $STAGES " == *" $stage "* ]] || { echo "device_suite: unknown stage '$stage' ($STAGES)" >&2; exit 2; }
 done
@@ -76,6 +78,8 @@ for stage in "$@"; do
           run 120 kernel_tests env TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py
           run 120 route python3 benchmarks/bench_route.py --out "$OUT/route.json" ;;
     layer) run 300 layer python3 benchmarks/bench_moe_layer.py --out "$OUT/layer.json" ;;
+    layer-live) run 200 layer_live python3 benchmarks/bench_moe_layer.py --out "$OUT/layer_live.json" \
+             --shapes qwen3_30b_a3b --tokens 1 4 16 --skips 0 0.125 0.25 0.375 0.5 0.625 0.75 0.875 --exact-zeros ;;
     e2e50) run 585 e2e50 python3 benchmarks/bench_e2e.py --out "$OUT/e2e50.json" --configs static8 ideal4 zeda \
              --targets 0 0.5 --quick --timeout 220 ;;
     e2e50p) run 585 e2e50p python3 benchmarks/bench_e2e.py --out "$OUT/e2e50p.json" --configs static8 ideal4 zeda \
