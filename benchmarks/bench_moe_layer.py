@@ -9,6 +9,9 @@ unquantized layer calls), built by `make_unquantized_moe_kernel` as vLLM builds 
              makes while routing: the plugin's layer path (routing itself is timed in no variant)
   stock_map  stock TritonExperts given the same ids and map (the plugin before ZedaTritonExperts)
   remap      upstream's ZeroExpertRouter way: zero slots -> expert 0 with weight 0
+  ours_lf    ours given the same slots with each token's live ones first (a routing kernel could
+             order them so; today's keeps the top-K order): whether the zero slots' blocks cost less
+             when they come after every live block at small batches
   ideal      stock, compact top-round(K*(1-s)) over real experts (what skipping can at best reach)
   static_t, ideal_t   static and ideal on the tile configs ours uses (vllm_zeda's shipped table,
              through vLLM's `override_config`): ours/ideal_t is the cost of the zero slots alone,
@@ -58,8 +61,12 @@ def make_routings(m, e, k, skip, n, gen, exact=False):
         rids = torch.where(zero, torch.zeros_like(ids), ids)
         zlive = torch.where(zero, torch.full_like(ids, -1), ids)  # what the router kernel hands over
         keep = max(1, round(k * (1 - skip)))
+        # the same slots, each token's live ones first (their order kept): at small batches the
+        # fused-MoE grid runs a block per slot in slot order, so the zero slots' blocks come last
+        lf = torch.sort(zero.to(torch.int8), dim=-1, stable=True).indices
         out.append(dict(ids=ids, w=w, zids=zids, zw=zw, rids=rids, zlive=zlive, cids=ids[:, :keep].contiguous(),
-                        cw=w[:, :keep].contiguous()))
+                        cw=w[:, :keep].contiguous(), lf_ids=zids.gather(1, lf), lf_w=zw.gather(1, lf),
+                        lf_live=zlive.gather(1, lf)))
     return out
 
 
@@ -128,9 +135,10 @@ def bench_shape(name, e, h, i, k, tokens, skips, exact=False, dtype=torch.bfloat
     stock = {kk: make_kernel(TritonExperts, e, h, i, kk, dtype) for kk in range(1, k + 1)}
     ours_kernel = make_kernel(ZedaTritonExperts, e, h, i, k, dtype)
 
-    def ours(x, r):
-        with live_ids_hint(r["zids"], r["zlive"]):  # as ZedaRoutedExperts does with the router's
-            return call(ours_kernel, x, r["zw"], r["zids"], zmap)
+    def ours(x, r, prefix="z"):
+        ids, w, live = (r["zids"], r["zw"], r["zlive"]) if prefix == "z" else (r["lf_ids"], r["lf_w"], r["lf_live"])
+        with live_ids_hint(ids, live):  # as ZedaRoutedExperts does with the router's
+            return call(ours_kernel, x, w, ids, zmap)
 
     def call(kernel, x, w, ids, expert_map=None):
         return kernel.apply(hidden_states=x, w1=w1, w2=w2, topk_weights=w, topk_ids=ids,
@@ -153,6 +161,7 @@ def bench_shape(name, e, h, i, k, tokens, skips, exact=False, dtype=torch.bfloat
             variants = {
                 "static": [lambda r=r: call(stock[k], x, r["w"], r["ids"]) for r in rs],
                 "ours": [lambda r=r: ours(x, r) for r in rs],
+                "ours_lf": [lambda r=r: ours(x, r, "lf") for r in rs],
                 "stock_map": [lambda r=r: call(stock[k], x, r["zw"], r["zids"], zmap) for r in rs],
                 "remap": [lambda r=r: call(stock[k], x, r["zw"], r["rids"]) for r in rs],
                 "ideal": [lambda r=r: call(stock[keep], x, r["cw"], r["cids"]) for r in rs],
@@ -173,13 +182,15 @@ def bench_shape(name, e, h, i, k, tokens, skips, exact=False, dtype=torch.bfloat
             row["ours_vs_stock_map_maxdiff"] = float((ours_out - call(stock[k], x, r0["zw"], r0["zids"], zmap).float()).abs().max())
             row["ours_vs_remap_maxdiff"] = float((ours_out - call(stock[k], x, r0["zw"], r0["rids"]).float()).abs().max())
             row["out_absmax"] = float(ours_out.abs().max())
+            row["ours_lf_vs_ours_maxdiff"] = float((ours(x, r0, "lf").float() - ours_out).abs().max())
             for v in ("static", "ideal", "remap", "stock_map", "static_t", "ideal_t"):
                 row[f"ours/{v}"] = round(row["ours"] / row[v], 3)
+            row["ours_lf/ideal"] = round(row["ours_lf"] / row["ideal"], 3)
             rows.append(row)
             print(f"{name:14s} M={m:6d} skip={s:.2f}  static {row['static']:8.1f}  ours {row['ours']:8.1f}  "
                   f"stock_map {row['stock_map']:8.1f}  remap {row['remap']:8.1f}  ideal {row['ideal']:8.1f}  "
-                  f"ours/ideal {row['ours/ideal']:.3f}  ideal_t {row['ideal_t']:8.1f}  ours/ideal_t {row['ours/ideal_t']:.3f}  "
-                  f"diff {row['ours_vs_remap_maxdiff']:.2e}", flush=True)
+                  f"ours/ideal {row['ours/ideal']:.3f}  ours_lf/ideal {row['ours_lf/ideal']:.3f}  ideal_t {row['ideal_t']:8.1f}  ours/ideal_t {row['ours/ideal_t']:.3f}  "
+                  f"diff {row['ours_vs_remap_maxdiff']:.2e} lf {row['ours_lf_vs_ours_maxdiff']:.1e}", flush=True)
     from vllm_zeda.vllm_triton_experts import LIVE_ID_SOURCES
 
     print("live id sources of ours (Python calls):", dict(LIVE_ID_SOURCES), flush=True)

@@ -7,7 +7,8 @@
 #             variants), bench_moe_layer.py (both shapes)                                      ~3 min
 #   layer     bench_moe_layer.py alone (both shapes)                                           ~2 min
 #   layer-live  bench_moe_layer.py --exact-zeros, Qwen3 shape, 1/4/16 tokens, 0-7 of 8 slots zero:
-#             ours vs the ideal at the same live slots per token (the zero slots' own cost)     ~1 min
+#             ours vs the ideal at the same live slots per token (the zero slots' own cost), and
+#             ours_lf: the same slots with each token's live ones first                        ~1 min
 #   host      bench_host.py: host µs per MoE layer call in eager mode, stock vs the plugin; the
 #             Triton kernel tests on the GPU (tests/test_gpu_kernels.py); bench_route.py       ~3 min
 #   e2e50     bench_e2e.py --configs static8 ideal4 zeda --targets 0 0.5 --quick                ~8 min
