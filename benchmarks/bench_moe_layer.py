@@ -21,7 +21,7 @@ Median microseconds per call over CUDA-graph replays of 8 rotating routings. Eac
 ours against stock_map and remap numerically (bf16 max abs diff).
 
     python3 benchmarks/bench_moe_layer.py --out $OUT/moe_layer.json [--shapes qwen3_30b_a3b glm47_flash]
-        [--tokens ...] [--skips ...] [--exact-zeros]
+        [--tokens ...] [--skips ...] [--exact-zeros] [--profile TOKENS...]
 """
 from __future__ import annotations
 
@@ -70,8 +70,8 @@ def make_routings(m, e, k, skip, n, gen, exact=False):
     return out
 
 
-def time_graph(fn_list, reps=20):
-    """Capture all calls in one CUDA graph; median time per call over replays (µs)."""
+def capture(fn_list):
+    """All calls in one CUDA graph (after one eager warm-up pass on a side stream), replayed once."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -84,6 +84,30 @@ def time_graph(fn_list, reps=20):
             f()
     g.replay()
     torch.cuda.synchronize()
+    return g
+
+
+def profile_graph(fn_list, reps=10, top=8):
+    """{kernel: device µs per call} over `reps` replays of the calls' CUDA graph (torch.profiler,
+    CUDA activity): which kernels a variant's time is made of."""
+    g = capture(fn_list)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            g.replay()
+        torch.cuda.synchronize()
+    calls = reps * len(fn_list)
+    out = {}
+    for evt in prof.key_averages():
+        us = getattr(evt, "self_device_time_total", None)
+        us = evt.self_cuda_time_total if us is None else us
+        if us > 0:
+            out[evt.key[:80]] = round(us / calls, 2)
+    return dict(sorted(out.items(), key=lambda kv: -kv[1])[:top])
+
+
+def time_graph(fn_list, reps=20):
+    """Capture all calls in one CUDA graph; median time per call over replays (µs)."""
+    g = capture(fn_list)
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -118,7 +142,7 @@ def make_kernel(experts_cls, e, h, i, k, dtype):
                                        backend=UnquantizedMoeBackend.TRITON, experts_cls=experts_cls)
 
 
-def bench_shape(name, e, h, i, k, tokens, skips, exact=False, dtype=torch.bfloat16):
+def bench_shape(name, e, h, i, k, tokens, skips, exact=False, profile=(), dtype=torch.bfloat16):
     from vllm.model_executor.layers.fused_moe import override_config
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation
     from vllm.model_executor.layers.fused_moe.experts.triton_moe import TritonExperts
@@ -175,6 +199,8 @@ def bench_shape(name, e, h, i, k, tokens, skips, exact=False, dtype=torch.bfloat
                    "tiles": "shipped table" if tuned else "vLLM"}
             for v, fns in variants.items():
                 row[v] = round(time_graph(fns), 2)
+            if m in profile:
+                row["kernels"] = {v: profile_graph(variants[v]) for v in ("static", "ours", "ours_lf", "ideal")}
             if not tuned:
                 row["static_t"], row["ideal_t"] = row["static"], row["ideal"]
             r0 = rs[0]
@@ -206,6 +232,9 @@ def main():
     p.add_argument("--exact-zeros", action="store_true",
                    help="every token gets exactly round(K*skip) zero slots (default: each slot zero with "
                         "probability skip), so ours/ideal isolates the zero slots' own cost from the spread")
+    p.add_argument("--profile", nargs="*", type=int, default=[], metavar="TOKENS",
+                   help="at these token counts also record device µs per call by kernel (torch.profiler over "
+                        "CUDA-graph replays) for static, ours, ours_lf and ideal")
     a = p.parse_args()
     if a.exact_zeros and any(not 0 <= s < 1 for s in a.skips):
         p.error("--exact-zeros needs every skip in [0, 1): the ideal keeps at least one slot")
@@ -216,7 +245,7 @@ def main():
     t0 = time.time()
     rows = []
     for s in a.shapes:
-        rows += bench_shape(s, *SHAPES[s], a.tokens, a.skips, a.exact_zeros)
+        rows += bench_shape(s, *SHAPES[s], a.tokens, a.skips, a.exact_zeros, a.profile)
     meta = {"device": torch.cuda.get_device_name(), "vllm": vllm.__version__, "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d"), "seconds": round(time.time() - t0, 1), "unit": "us per fused-MoE call"}
     Path(a.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))

@@ -8,7 +8,8 @@
 #   layer     bench_moe_layer.py alone (both shapes)                                           ~2 min
 #   layer-live  bench_moe_layer.py --exact-zeros, Qwen3 shape, 1/4/16 tokens, 0-7 of 8 slots zero:
 #             ours vs the ideal at the same live slots per token (the zero slots' own cost), and
-#             ours_lf: the same slots with each token's live ones first                        ~1 min
+#             ours_lf: the same slots with each token's live ones first; at 1 and 4 tokens also the
+#             device µs by kernel of static, ours, ours_lf and ideal (torch.profiler)          ~2 min
 #   host      bench_host.py: host µs per MoE layer call in eager mode, stock vs the plugin; the
 #             Triton kernel tests on the GPU (tests/test_gpu_kernels.py); bench_route.py       ~3 min
 #   e2e50     bench_e2e.py --configs static8 ideal4 zeda --targets 0 0.5 --quick                ~8 min
@@ -80,7 +81,8 @@ for stage in "$@"; do
           run 120 route python3 benchmarks/bench_route.py --out "$OUT/route.json" ;;
     layer) run 300 layer python3 benchmarks/bench_moe_layer.py --out "$OUT/layer.json" ;;
     layer-live) run 200 layer_live python3 benchmarks/bench_moe_layer.py --out "$OUT/layer_live.json" \
-             --shapes qwen3_30b_a3b --tokens 1 4 16 --skips 0 0.125 0.25 0.375 0.5 0.625 0.75 0.875 --exact-zeros ;;
+             --shapes qwen3_30b_a3b --tokens 1 4 16 --skips 0 0.125 0.25 0.375 0.5 0.625 0.75 0.875 --exact-zeros \
+             --profile 1 4 ;;
     e2e50) run 585 e2e50 python3 benchmarks/bench_e2e.py --out "$OUT/e2e50.json" --configs static8 ideal4 zeda \
              --targets 0 0.5 --quick --timeout 220 ;;
     e2e50p) run 585 e2e50p python3 benchmarks/bench_e2e.py --out "$OUT/e2e50p.json" --configs static8 ideal4 zeda \
