@@ -12,6 +12,10 @@ unquantized layer calls), built by `make_unquantized_moe_kernel` as vLLM builds 
   ours_lf    ours given the same slots with each token's live ones first (a routing kernel could
              order them so; today's keeps the top-K order): whether the zero slots' blocks cost less
              when they come after every live block at small batches
+  ours_lf_end  (1 token only) ours_lf with `num_tokens_post_padded` = live slots x BLOCK_SIZE_M, so
+             the zero slots' blocks leave at the kernel's first check instead of loading their
+             expert id and writing a row of zeros (their rows are then never written: the live-slot
+             sum never reads them); a router that knew BLOCK_SIZE_M could hand that value over
   ideal      stock, compact top-round(K*(1-s)) over real experts (what skipping can at best reach)
   static_t, ideal_t   static and ideal on the tile configs ours uses (vllm_zeda's shipped table,
              through vLLM's `override_config`): ours/ideal_t is the cost of the zero slots alone,
@@ -147,6 +151,7 @@ def bench_shape(name, e, h, i, k, tokens, skips, exact=False, profile=(), dtype=
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation
     from vllm.model_executor.layers.fused_moe.experts.triton_moe import TritonExperts
 
+    from vllm_zeda import vllm_triton_experts as vte
     from vllm_zeda.tuned_configs import shipped_table, zeda_moe_config
     from vllm_zeda.vllm_experts import live_ids_hint, zero_expert_map
     from vllm_zeda.vllm_triton_experts import ZedaTritonExperts
@@ -158,6 +163,14 @@ def bench_shape(name, e, h, i, k, tokens, skips, exact=False, profile=(), dtype=
     zmap = zero_expert_map(None, e, z, "cuda")
     stock = {kk: make_kernel(TritonExperts, e, h, i, kk, dtype) for kk in range(1, k + 1)}
     ours_kernel = make_kernel(ZedaTritonExperts, e, h, i, k, dtype)
+
+    def ours_lf_end(x, r):
+        real = vte.slot_blocks_end  # what assign_live_slots passes as num_tokens_post_padded
+        vte.slot_blocks_end = lambda value, device: r["lf_end"]
+        try:
+            return ours(x, r, "lf")
+        finally:
+            vte.slot_blocks_end = real
 
     def ours(x, r, prefix="z"):
         ids, w, live = (r["zids"], r["zw"], r["zlive"]) if prefix == "z" else (r["lf_ids"], r["lf_w"], r["lf_live"])
@@ -182,10 +195,14 @@ def bench_shape(name, e, h, i, k, tokens, skips, exact=False, profile=(), dtype=
         for s in skips:
             rs = make_routings(m, e, k, s, 8, gen, exact)
             keep = rs[0]["cids"].shape[1]
+            for r in rs:  # ours_lf_end: the live slots' blocks end (1 token: one block per slot)
+                r["lf_end"] = torch.tensor([int((r["zlive"] >= 0).sum()) * tiles["BLOCK_SIZE_M"]],
+                                           dtype=torch.int32, device="cuda")
             variants = {
                 "static": [lambda r=r: call(stock[k], x, r["w"], r["ids"]) for r in rs],
                 "ours": [lambda r=r: ours(x, r) for r in rs],
                 "ours_lf": [lambda r=r: ours(x, r, "lf") for r in rs],
+                "ours_lf_end": [lambda r=r: ours_lf_end(x, r) for r in rs] if m == 1 else [],
                 "stock_map": [lambda r=r: call(stock[k], x, r["zw"], r["zids"], zmap) for r in rs],
                 "remap": [lambda r=r: call(stock[k], x, r["zw"], r["rids"]) for r in rs],
                 "ideal": [lambda r=r: call(stock[keep], x, r["cw"], r["cids"]) for r in rs],
@@ -197,10 +214,12 @@ def bench_shape(name, e, h, i, k, tokens, skips, exact=False, profile=(), dtype=
                                        for r in rs]
             row = {"shape": name, "tokens": m, "skip": s, "exact_zeros": exact,
                    "tiles": "shipped table" if tuned else "vLLM"}
+            variants = {v: fns for v, fns in variants.items() if fns}
             for v, fns in variants.items():
                 row[v] = round(time_graph(fns), 2)
             if m in profile:
-                row["kernels"] = {v: profile_graph(variants[v]) for v in ("static", "ours", "ours_lf", "ideal")}
+                row["kernels"] = {v: profile_graph(variants[v])
+                                  for v in ("static", "ours", "ours_lf", "ours_lf_end", "ideal") if v in variants}
             if not tuned:
                 row["static_t"], row["ideal_t"] = row["static"], row["ideal"]
             r0 = rs[0]
@@ -209,13 +228,17 @@ def bench_shape(name, e, h, i, k, tokens, skips, exact=False, profile=(), dtype=
             row["ours_vs_remap_maxdiff"] = float((ours_out - call(stock[k], x, r0["zw"], r0["rids"]).float()).abs().max())
             row["out_absmax"] = float(ours_out.abs().max())
             row["ours_lf_vs_ours_maxdiff"] = float((ours(x, r0, "lf").float() - ours_out).abs().max())
+            if "ours_lf_end" in variants:
+                row["ours_lf_end_vs_ours_maxdiff"] = float((ours_lf_end(x, r0).float() - ours_out).abs().max())
+                row["ours_lf_end/ideal"] = round(row["ours_lf_end"] / row["ideal"], 3)
             for v in ("static", "ideal", "remap", "stock_map", "static_t", "ideal_t"):
                 row[f"ours/{v}"] = round(row["ours"] / row[v], 3)
             row["ours_lf/ideal"] = round(row["ours_lf"] / row["ideal"], 3)
             rows.append(row)
             print(f"{name:14s} M={m:6d} skip={s:.2f}  static {row['static']:8.1f}  ours {row['ours']:8.1f}  "
                   f"stock_map {row['stock_map']:8.1f}  remap {row['remap']:8.1f}  ideal {row['ideal']:8.1f}  "
-                  f"ours/ideal {row['ours/ideal']:.3f}  ours_lf/ideal {row['ours_lf/ideal']:.3f}  ideal_t {row['ideal_t']:8.1f}  ours/ideal_t {row['ours/ideal_t']:.3f}  "
+                  f"ours/ideal {row['ours/ideal']:.3f}  ours_lf/ideal {row['ours_lf/ideal']:.3f}  "
+                  f"ours_lf_end/ideal {row.get('ours_lf_end/ideal', float('nan')):.3f}  ideal_t {row['ideal_t']:8.1f}  ours/ideal_t {row['ours/ideal_t']:.3f}  "
                   f"diff {row['ours_vs_remap_maxdiff']:.2e} lf {row['ours_lf_vs_ours_maxdiff']:.1e}", flush=True)
     from vllm_zeda.vllm_triton_experts import LIVE_ID_SOURCES
 
@@ -234,7 +257,7 @@ def main():
                         "probability skip), so ours/ideal isolates the zero slots' own cost from the spread")
     p.add_argument("--profile", nargs="*", type=int, default=[], metavar="TOKENS",
                    help="at these token counts also record device µs per call by kernel (torch.profiler over "
-                        "CUDA-graph replays) for static, ours, ours_lf and ideal")
+                        "CUDA-graph replays) for static, ours, ours_lf, ours_lf_end (1 token) and ideal")
     a = p.parse_args()
     if a.exact_zeros and any(not 0 <= s < 1 for s in a.skips):
         p.error("--exact-zeros needs every skip in [0, 1): the ideal keeps at least one slot")
