@@ -239,7 +239,8 @@ def bench_shape(name, e, h, i, k, tokens, skips, exact=False, profile=(), dtype=
                   f"stock_map {row['stock_map']:8.1f}  remap {row['remap']:8.1f}  ideal {row['ideal']:8.1f}  "
                   f"ours/ideal {row['ours/ideal']:.3f}  ours_lf/ideal {row['ours_lf/ideal']:.3f}  "
                   f"ours_lf_end/ideal {row.get('ours_lf_end/ideal', float('nan')):.3f}  ideal_t {row['ideal_t']:8.1f}  ours/ideal_t {row['ours/ideal_t']:.3f}  "
-                  f"diff {row['ours_vs_remap_maxdiff']:.2e} lf {row['ours_lf_vs_ours_maxdiff']:.1e}", flush=True)
+                  f"diff {row['ours_vs_remap_maxdiff']:.2e} lf {row['ours_lf_vs_ours_maxdiff']:.1e} "
+                  f"lf_end {row.get('ours_lf_end_vs_ours_maxdiff', float('nan')):.1e}", flush=True)
     from vllm_zeda.vllm_triton_experts import LIVE_ID_SOURCES
 
     print("live id sources of ours (Python calls):", dict(LIVE_ID_SOURCES), flush=True)

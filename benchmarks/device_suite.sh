@@ -10,7 +10,7 @@
 #             ours vs the ideal at the same live slots per token (the zero slots' own cost), and
 #             ours_lf: the same slots with each token's live ones first (ours_lf_end at 1 token: and
 #             their blocks past the live ones leave at the first check); at 1 and 4 tokens also the
-#             device µs by kernel of static, ours, ours_lf and ideal (torch.profiler)          ~2 min
+#             device µs by kernel of static, ours, ours_lf(_end) and ideal (torch.profiler)   ~2 min
 #   host      bench_host.py: host µs per MoE layer call in eager mode, stock vs the plugin; the
 #             Triton kernel tests on the GPU (tests/test_gpu_kernels.py); bench_route.py       ~3 min
 #   e2e50     bench_e2e.py --configs static8 ideal4 zeda --targets 0 0.5 --quick                ~8 min
