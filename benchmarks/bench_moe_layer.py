@@ -212,7 +212,7 @@ def bench_shape(name, e, h, i, k, tokens, skips, exact=False, profile=(), dtype=
                                         for r in rs]
                 variants["ideal_t"] = [lambda r=r: with_tiles(tiles, lambda: call(stock[keep], x, r["cw"], r["cids"]))
                                        for r in rs]
-            row = {"shape": name, "tokens": m, "skip": s, "exact_zeros": exact,
+            row = {"shape": name, "tokens": m, "skip": s, "top_k": k, "exact_zeros": exact,
                    "tiles": "shipped table" if tuned else "vLLM"}
             variants = {v: fns for v, fns in variants.items() if fns}
             for v, fns in variants.items():

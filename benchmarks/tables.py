@@ -5,6 +5,8 @@
     python3 benchmarks/tables.py route benchmarks/results/route_h100_2026-11-23.json
     python3 benchmarks/tables.py tune benchmarks/results/tune_moe_h100_2026-11-23.json
     python3 benchmarks/tables.py profile benchmarks/results/e2e_h100_2026-11-23_c.json
+    python3 benchmarks/tables.py live benchmarks/results/moe_layer_live_h200_2026-11-30.json
+    python3 benchmarks/tables.py layer-kernels <bench_moe_layer.py --profile JSON>
 """
 from __future__ import annotations
 
@@ -63,6 +65,43 @@ def e2e(data: dict) -> str:
     return "\n".join(out)
 
 
+LIVE_VARIANTS = ("ours", "ours_lf", "ours_lf_end")
+
+
+def live(data: dict) -> str:
+    """bench_moe_layer.py --exact-zeros: each variant minus the ideal (µs a layer call), by token
+    count and zero slots per token (K x skip)."""
+    rows = data["rows"]
+    k = rows[0].get("top_k", 8)  # runs before 2026-12 did not record it: the Qwen3 shape's 8
+    out = ["| tokens, variant | " + " | ".join(str(z) for z in range(k)) + " |", "| --- |" + " ---: |" * k]
+    for m in dict.fromkeys(r["tokens"] for r in rows):
+        by_zero = {round(r["skip"] * k): r for r in rows if r["tokens"] == m}
+        for v in LIVE_VARIANTS:
+            if not any(v in r for r in by_zero.values()):
+                continue
+            cells = [f"{by_zero[z][v] - by_zero[z]['ideal']:+.1f}" if z in by_zero and v in by_zero[z] else ""
+                     for z in range(k)]
+            out.append(f"| {m}, {v} − ideal | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def layer_kernels(data: dict) -> str:
+    """bench_moe_layer.py --profile: device µs a layer call by kernel group, per variant."""
+    out = []
+    for r in (r for r in data["rows"] if "kernels" in r):
+        names = list(r["kernels"])
+        groups: dict[str, list[float]] = {}
+        for i, n in enumerate(names):
+            for kernel, us in r["kernels"][n].items():
+                label = next((lab for lab, key in KERNEL_GROUPS if key in kernel), kernel[:40])
+                groups.setdefault(label, [0.0] * len(names))[i] += us
+        out += [f"**{r['shape']}, {r['tokens']} tokens, skip {r['skip']:.3f}** (µs a call)", "",
+                "| kernel | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names)]
+        out += [f"| {label} | " + " | ".join(f"{v:.2f}" for v in vals) + " |" for label, vals in groups.items()]
+        out.append("")
+    return "\n".join(out)
+
+
 def route(data: dict) -> str:
     rows = data["rows"]
     names = [k for k in rows[0] if k != "tokens"]
@@ -113,4 +152,5 @@ def profile(data: dict) -> str:
 
 if __name__ == "__main__":
     kind, path = sys.argv[1], sys.argv[2]
-    print({"layer": layer, "e2e": e2e, "route": route, "tune": tune, "profile": profile}[kind](json.load(open(path))))
+    print({"layer": layer, "e2e": e2e, "route": route, "tune": tune, "profile": profile, "live": live,
+           "layer-kernels": layer_kernels}[kind](json.load(open(path))))
