@@ -147,7 +147,12 @@ def run_workloads(llm, label: str, g, biases: dict | None, runs: int = 3) -> dic
                  "warmup_seconds": round(warmup, 3),
                  "unit": "input tok/s" if wname == "prefill" else "output tok/s"}
         if biases:
-            entry["zero_fraction"] = round(llm.collective_rpc("zeda_stats")[0]["zero_fraction"], 4)
+            stats = llm.collective_rpc("zeda_stats")[0]
+            entry["zero_fraction"] = round(stats["zero_fraction"], 4)
+            # by layer too (the last timed run): at batch 1 the zero slots' cost depends on how
+            # the live slots spread over layers, not only on their mean
+            entry["zero_fraction_by_layer"] = [round(x["zero_slots"] / max(x["total_slots"], 1), 3)
+                                               for x in stats.get("layers", [])]
         out[wname] = entry
         print(label, wname, entry, flush=True)
     return out
