@@ -72,7 +72,7 @@ def live(data: dict) -> str:
     """bench_moe_layer.py --exact-zeros: each variant minus the ideal (µs a layer call), by token
     count and zero slots per token (K x skip)."""
     rows = data["rows"]
-    k = rows[0].get("top_k", 8)  # runs before 2026-12 did not record it: the Qwen3 shape's 8
+    k = rows[0].get("top_k", 8)  # the first run (2026-11-30) did not record it: the Qwen3 shape's 8
     out = ["| tokens, variant | " + " | ".join(str(z) for z in range(k)) + " |", "| --- |" + " ---: |" * k]
     for m in dict.fromkeys(r["tokens"] for r in rows):
         by_zero = {round(r["skip"] * k): r for r in rows if r["tokens"] == m}
@@ -150,7 +150,10 @@ def profile(data: dict) -> str:
     return "\n".join(out)
 
 
+TABLES = {"layer": layer, "e2e": e2e, "route": route, "tune": tune, "profile": profile, "live": live,
+          "layer-kernels": layer_kernels}
+
 if __name__ == "__main__":
-    kind, path = sys.argv[1], sys.argv[2]
-    print({"layer": layer, "e2e": e2e, "route": route, "tune": tune, "profile": profile, "live": live,
-           "layer-kernels": layer_kernels}[kind](json.load(open(path))))
+    if len(sys.argv) != 3 or sys.argv[1] not in TABLES:
+        sys.exit(f"usage: python3 benchmarks/tables.py {{{'|'.join(TABLES)}}} RESULTS.json")
+    print(TABLES[sys.argv[1]](json.load(open(sys.argv[2]))))
