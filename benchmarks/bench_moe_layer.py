@@ -99,13 +99,10 @@ def profile_graph(fn_list, reps=10, top=8):
         for _ in range(reps):
             g.replay()
         torch.cuda.synchronize()
+    from benchmarks.kernel_profile import kernel_totals
+
     calls = reps * len(fn_list)
-    out = {}
-    for evt in prof.key_averages():
-        us = getattr(evt, "self_device_time_total", None)
-        us = evt.self_cuda_time_total if us is None else us
-        if us > 0:
-            out[evt.key[:80]] = round(us / calls, 2)
+    out = {name[:80]: round(us / calls, 2) for name, (_, us) in kernel_totals(prof).items()}
     return dict(sorted(out.items(), key=lambda kv: -kv[1])[:top])
 
 

@@ -34,16 +34,22 @@ class KernelProfileExtension:
         """{kernel name: [launches, total device µs]} since bench_profile_start (CPU: op self µs)."""
         prof, self._bench_prof = self._bench_prof, None
         prof.__exit__(None, None, None)
-        out = {}
-        for evt in prof.key_averages():
-            if self._bench_on_gpu:
-                us = getattr(evt, "self_device_time_total", None)
-                us = evt.self_cuda_time_total if us is None else us
-            else:
-                us = evt.self_cpu_time_total
-            if us > 0:
-                out[evt.key] = [evt.count, us]
-        return out
+        return kernel_totals(prof, self._bench_on_gpu)
+
+
+def kernel_totals(prof, on_gpu: bool = True) -> dict[str, list[float]]:
+    """{name: [launches, total µs]} of a finished torch.profiler run: self device time by kernel
+    (on_gpu), else self CPU time by op; names with no time left out."""
+    out = {}
+    for evt in prof.key_averages():
+        if on_gpu:
+            us = getattr(evt, "self_device_time_total", None)
+            us = evt.self_cuda_time_total if us is None else us
+        else:
+            us = evt.self_cpu_time_total
+        if us > 0:
+            out[evt.key] = [evt.count, us]
+    return out
 
 
 class ZedaProfileExtension(ZedaWorkerExtension, KernelProfileExtension):

@@ -93,8 +93,7 @@ def layer_kernels(data: dict) -> str:
         groups: dict[str, list[float]] = {}
         for i, n in enumerate(names):
             for kernel, us in r["kernels"][n].items():
-                label = next((lab for lab, key in KERNEL_GROUPS if key in kernel), kernel[:40])
-                groups.setdefault(label, [0.0] * len(names))[i] += us
+                groups.setdefault(kernel_group(kernel, kernel[:40]), [0.0] * len(names))[i] += us
         out += [f"**{r['shape']}, {r['tokens']} tokens, skip {r['skip']:.3f}** (µs a call)", "",
                 "| kernel | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names)]
         out += [f"| {label} | " + " | ".join(f"{v:.2f}" for v in vals) + " |" for label, vals in groups.items()]
@@ -133,14 +132,18 @@ KERNEL_GROUPS = [  # (label, substring of the kernel name), first match wins
 ]
 
 
+def kernel_group(kernel: str, other: str) -> str:
+    """The KERNEL_GROUPS label of a kernel name, else `other`."""
+    return next((label for label, key in KERNEL_GROUPS if key in kernel), other)
+
+
 def profile(data: dict) -> str:
     configs = {n: r["decode_profile"] for n, r in data["configs"].items() if "kernels" in r.get("decode_profile", {})}
     names = list(configs)
     groups: dict[str, list[float]] = {}
     for i, n in enumerate(names):
         for kernel, (_, us) in configs[n]["kernels"].items():
-            label = next((lab for lab, key in KERNEL_GROUPS if key in kernel), "everything else")
-            groups.setdefault(label, [0.0] * len(names))[i] += us
+            groups.setdefault(kernel_group(kernel, "everything else"), [0.0] * len(names))[i] += us
     out = ["| µs per decode step (batch 1, 48 layers) | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names)]
     order = [lab for lab, _ in KERNEL_GROUPS] + ["everything else"]
     for label, vals in sorted(groups.items(), key=lambda kv: order.index(kv[0])):
