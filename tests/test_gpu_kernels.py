@@ -13,7 +13,7 @@ pytest.importorskip("triton")
 import torch  # noqa: E402
 
 from vllm_zeda import gpu_kernels as gk  # noqa: E402
-from vllm_zeda.routing import route_softmax  # noqa: E402
+from vllm_zeda.routing import live_first, route_softmax  # noqa: E402
 
 if os.environ["TRITON_INTERPRET"] != "1" and not torch.cuda.is_available():
     pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1", allow_module_level=True)
@@ -38,6 +38,29 @@ def test_route_kernel_matches_reference(m, e, z, k, renorm, bias, remap):
     assert torch.allclose(w.masked_fill(zero, 0.0), ref.weights, atol=1e-6)
     if remap:
         assert torch.all(w[zero] == 0)
+    valid = ~padding.cpu()
+    assert counts.cpu().tolist() == [int(zero[valid].sum()), int(valid.sum()) * k]
+
+
+@pytest.mark.parametrize("m,e,z,k,bias", [(1, 128, 64, 8, 0.0), (37, 128, 64, 8, 0.3), (5, 8, 4, 2, 2.0),
+                                          (19, 16, 16, 3, -9.0), (6, 16, 16, 4, 9.0)])
+@pytest.mark.parametrize("remap", [False, True])
+def test_route_kernel_live_first_matches_reference(m, e, z, k, bias, remap):
+    """live_first: each row's slots as routing.live_first orders the reference's (live ones in
+    top-K order, then the zero ones); no-zero rows (bias -9) and all-zero rows (bias 9) included,
+    as is K = 3 (a padded slot column); counters as without it."""
+    g = torch.Generator().manual_seed(m + k)
+    logits = torch.randn(m, e + z, generator=g).to(DEVICE)
+    padding = torch.zeros(m, dtype=torch.bool, device=DEVICE)
+    padding[0] = m > 1
+    counts = torch.zeros(2, dtype=torch.int64, device=DEVICE)
+    w, ids, live = gk.zeda_route_(logits, e, k, True, torch.tensor([bias], device=DEVICE), counts, padding, remap,
+                                  live_first=True)
+    ref = live_first(route_softmax(logits.cpu(), e, k, True, zero_bias=bias))
+    zero = ref.is_zero
+    assert torch.equal(live.cpu().long(), ref.ids.masked_fill(zero, -1))
+    assert torch.equal(ids.cpu().long(), ref.ids.masked_fill(zero, 0) if remap else ref.ids)
+    assert torch.allclose(w.cpu().masked_fill(zero, 0.0), ref.weights, atol=1e-6)
     valid = ~padding.cpu()
     assert counts.cpu().tolist() == [int(zero[valid].sum()), int(valid.sum()) * k]
 

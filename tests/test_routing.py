@@ -4,6 +4,7 @@ import torch
 from vllm_zeda.routing import (
     balance_weight,
     group_balance_loss,
+    live_first,
     route_softmax,
     routed_expert_flops,
     zero_slot_counts,
@@ -40,6 +41,18 @@ def test_zero_slots_dilute_and_contribute_nothing():
     # the real weights of a token with a zero slot sum to less than 1: zero slots dilute
     has_zero = r.is_zero.any(-1)
     assert torch.all(r.weights[has_zero].sum(-1) < 1)
+
+
+def test_live_first_is_a_stable_partition_of_each_token():
+    r = route_softmax(logits(128), E, K, True, zero_bias=0.5)
+    lf = live_first(r)
+    assert r.is_zero.any(-1).any() and (~r.is_zero).any(-1).any()
+    for t in range(r.ids.shape[0]):
+        live, zero = r.ids[t][~r.is_zero[t]], r.ids[t][r.is_zero[t]]
+        assert lf.ids[t].tolist() == live.tolist() + zero.tolist()  # live first, each part in order
+        assert lf.weights[t].tolist() == r.weights[t][~r.is_zero[t]].tolist() + r.weights[t][r.is_zero[t]].tolist()
+    n_live = (~r.is_zero).sum(-1, keepdim=True)
+    assert torch.equal(lf.is_zero, torch.arange(K) >= n_live)
 
 
 def test_zero_bias_moves_skip_fraction_monotonically():

@@ -42,7 +42,8 @@ if triton is not None:
     @triton.jit(do_not_specialize=("M",), do_not_specialize_on_alignment=("bias_ptr", "pad_ptr", "counts_ptr"))
     def _zeda_route(logits_ptr, stride_lm, bias_ptr, pad_ptr, w_ptr, ids_ptr, live_ptr, counts_ptr, M, n_real, n_all,
                     K: tl.constexpr, K_PAD: tl.constexpr, RENORM: tl.constexpr, REMAP: tl.constexpr,
-                    HAS_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+                    LIVE_FIRST: tl.constexpr, HAS_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_E: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.arange(0, BLOCK_E)
         rmask = rows < M
@@ -79,7 +80,14 @@ if triton is not None:
             w = tl.where(is_zero, 0.0, w)
             ids = tl.where(is_zero, 0, ids)
         out_mask = rmask[:, None] & (slot[None, :] < K)
-        offs = rows[:, None].to(tl.int64) * K + slot[None, :]
+        pos = slot[None, :]
+        if LIVE_FIRST:  # stable partition of each row: live slots to 0..L-1, zero slots after them
+            live_f = (~is_zero & (slot[None, :] < K)).to(tl.int32)
+            zero_f = (is_zero & (slot[None, :] < K)).to(tl.int32)
+            n_live = tl.sum(live_f, axis=1)
+            pos = tl.where(is_zero, n_live[:, None] + tl.cumsum(zero_f, axis=1) - zero_f,
+                           tl.cumsum(live_f, axis=1) - live_f)
+        offs = rows[:, None].to(tl.int64) * K + pos
         tl.store(w_ptr + offs, w, mask=out_mask)
         tl.store(ids_ptr + offs, ids, mask=out_mask)
         tl.store(live_ptr + offs, live, mask=out_mask)
@@ -130,11 +138,12 @@ _ROUTE_KERNELS: dict[tuple, object] = {}
 
 def zeda_route_(logits: torch.Tensor, num_real: int, top_k: int, renormalize: bool, bias: torch.Tensor,
                 counts: torch.Tensor, padding: torch.Tensor | None, remap: bool = False, *,
-                block_m: int | None = None, num_warps: int | None = None):
+                live_first: bool = False, block_m: int | None = None, num_warps: int | None = None):
     """(weights fp32 [M,K], ids int32 [M,K], live int32 [M,K]) with the semantics of
     routing.route_softmax (zero bias added in fp32); counts[0] += zero slots, counts[1] += slots,
     padding rows excluded; no host sync. `bias` is a 1-element fp32 tensor (a dial that CUDA
-    graphs read at replay). remap: zero slots come back as expert 0 with weight 0.
+    graphs read at replay). remap: zero slots come back as expert 0 with weight 0. live_first:
+    each row's slots come back as routing.live_first orders them (live ones first, order kept).
     block_m / num_warps override the launch shape (rows per program, warps per program). Default,
     from bench_route.py on an H100 (E+Z=192, benchmarks/RESULTS.md §2): 2 rows on 2 warps, 1 row on
     1 warp for a single token — 4.3-4.9 µs from 1 to 256 tokens, level with vLLM's fused_topk over
@@ -153,7 +162,7 @@ def zeda_route_(logits: torch.Tensor, num_real: int, top_k: int, renormalize: bo
     pad = padding.view(torch.uint8) if padding is not None else ids
     grid = (-(-m // block_m), 1, 1)
     args = (logits, logits.stride(0), bias, pad, weights, ids, live, counts, m, num_real, n_all,
-            top_k, _pow2(top_k), renormalize, remap, padding is not None, block_m, _pow2(n_all))
+            top_k, _pow2(top_k), renormalize, remap, live_first, padding is not None, block_m, _pow2(n_all))
     # Every input of the kernel's compilation: weights, ids and live are allocated above (whole
     # allocations of the caching allocator: 16-byte aligned), the others are not specialised on
     key = (logits.device.index, logits.dtype, logits.data_ptr() % 16 == 0, args[1], num_warps, m >= 2**31, *args[9:])

@@ -50,6 +50,16 @@ def route_softmax(
     return Routing(weights=weights, ids=ids, num_real=num_real)
 
 
+def live_first(routing: Routing) -> Routing:
+    """The same slots with each token's live (real-expert) ones first, in their top-K order, then
+    its zero slots in theirs: a stable partition. Outputs are unchanged (the sum over a token's
+    live slots keeps its order); at small batches the fused-MoE grid runs one block per slot in
+    slot order, so the zero slots' early-exiting blocks come after every live one."""
+    order = torch.sort(routing.is_zero.to(torch.int8), dim=-1, stable=True).indices
+    return Routing(weights=routing.weights.gather(-1, order), ids=routing.ids.gather(-1, order),
+                   num_real=routing.num_real)
+
+
 def _bias_zero(logits: torch.Tensor, num_real: int, zero_bias: float) -> torch.Tensor:
     if zero_bias == 0.0:
         return logits

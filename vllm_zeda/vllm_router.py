@@ -79,9 +79,12 @@ class ZedaRouter(compat.base_router_class()):
         weights, ids, live = zeda_route_(
             router_logits, self.num_real, self.top_k, self.renormalize, self._bias_tensor(router_logits.device),
             self.counts, compat.padding_mask(router_logits.shape[0]), remap=self.zero_slots == "remap",
+            live_first=self.zero_slots != "remap",
         )
         # "skip": zero slots keep ids >= E and their (unused) weights; the expert map sends
-        # them to -1, so the kernel neither computes nor adds them.
+        # them to -1, so the kernel neither computes nor adds them. Each token's live slots come
+        # first (routing.live_first): a small batch's fused-MoE grid, a block per slot in slot
+        # order, then runs every live block before the zero slots' early-exiting ones.
         if indices_type not in (None, torch.int32):
             ids = ids.to(indices_type)
         self.last_live_ids = (ids, live)
