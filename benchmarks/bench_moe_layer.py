@@ -5,24 +5,22 @@ unquantized layer calls), built by `make_unquantized_moe_kernel` as vLLM builds 
 
   static     stock TritonExperts, top-K over E real experts, no expert map
   ours       vllm_zeda.vllm_triton_experts.ZedaTritonExperts, zero ids E..E+Z-1, global E+Z and
-             the map [0..E-1, -1 x Z] from ZedaRoutedExperts, plus the live ids the router kernel
-             makes while routing: the plugin's layer path (routing itself is timed in no variant)
+             the map [0..E-1, -1 x Z] from ZedaRoutedExperts, plus what the router kernel hands
+             over: each token's slots live ones first (routing.live_first), their live ids, and at
+             one token where the live slots' blocks end: the plugin's layer path (routing itself
+             is timed in no variant)
+  ours_topk_order  ours given the slots in top-K order and no end (the plugin before the router
+             put live slots first): at small batches the zero slots' blocks then sit between live
+             ones and each loads its expert id and writes a row of zeros before it exits
   stock_map  stock TritonExperts given the same ids and map (the plugin before ZedaTritonExperts)
   remap      upstream's ZeroExpertRouter way: zero slots -> expert 0 with weight 0
-  ours_lf    ours given the same slots with each token's live ones first (a routing kernel could
-             order them so; today's keeps the top-K order): whether the zero slots' blocks cost less
-             when they come after every live block at small batches
-  ours_lf_end  (1 token only) ours_lf with `num_tokens_post_padded` = live slots x BLOCK_SIZE_M, so
-             the zero slots' blocks leave at the kernel's first check instead of loading their
-             expert id and writing a row of zeros (their rows are then never written: the live-slot
-             sum never reads them); a router that knew BLOCK_SIZE_M could hand that value over
   ideal      stock, compact top-round(K*(1-s)) over real experts (what skipping can at best reach)
   static_t, ideal_t   static and ideal on the tile configs ours uses (vllm_zeda's shipped table,
              through vLLM's `override_config`): ours/ideal_t is the cost of the zero slots alone,
              tuning set apart. Shapes without a shipped table run vLLM's configs in every variant,
              so there these columns repeat static and ideal (not timed twice).
 Median microseconds per call over CUDA-graph replays of 8 rotating routings. Each row also checks
-ours against stock_map and remap numerically (bf16 max abs diff).
+ours against ours_topk_order, stock_map and remap numerically (bf16 max abs diff).
 
     python3 benchmarks/bench_moe_layer.py --out $OUT/moe_layer.json [--shapes qwen3_30b_a3b glm47_flash]
         [--tokens ...] [--skips ...] [--exact-zeros] [--profile TOKENS...]
@@ -39,6 +37,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from vllm_zeda.gpu_kernels import LIVE_END_BLOCK_M  # noqa: E402
+from vllm_zeda.routing import Routing, live_first  # noqa: E402
 SHAPES = {  # name: (E, H, I, K)
     "qwen3_30b_a3b": (128, 2048, 768, 8),
     "glm47_flash": (64, 2048, 1536, 4),
@@ -65,12 +65,15 @@ def make_routings(m, e, k, skip, n, gen, exact=False):
         rids = torch.where(zero, torch.zeros_like(ids), ids)
         zlive = torch.where(zero, torch.full_like(ids, -1), ids)  # what the router kernel hands over
         keep = max(1, round(k * (1 - skip)))
-        # the same slots, each token's live ones first (their order kept): at small batches the
-        # fused-MoE grid runs a block per slot in slot order, so the zero slots' blocks come last
-        lf = torch.sort(zero.to(torch.int8), dim=-1, stable=True).indices
+        # what the plugin's router hands the experts: each token's live slots first, and at one
+        # token the end of their blocks (gpu_kernels.zeda_route_ with live_first and live_end)
+        lf = live_first(Routing(weights=zw, ids=zids, num_real=e))
+        lf_ids = lf.ids.to(torch.int32)
+        end = (torch.tensor([int((~lf.is_zero).sum()) * LIVE_END_BLOCK_M], dtype=torch.int32, device="cuda")
+               if m == 1 else None)
         out.append(dict(ids=ids, w=w, zids=zids, zw=zw, rids=rids, zlive=zlive, cids=ids[:, :keep].contiguous(),
-                        cw=w[:, :keep].contiguous(), lf_ids=zids.gather(1, lf), lf_w=zw.gather(1, lf),
-                        lf_live=zlive.gather(1, lf)))
+                        cw=w[:, :keep].contiguous(), lf_ids=lf_ids, lf_w=lf.weights,
+                        lf_live=torch.where(lf.is_zero, -1, lf_ids), lf_end=end))
     return out
 
 
@@ -148,7 +151,6 @@ def bench_shape(name, e, h, i, k, tokens, skips, exact=False, profile=(), dtype=
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation
     from vllm.model_executor.layers.fused_moe.experts.triton_moe import TritonExperts
 
-    from vllm_zeda import vllm_triton_experts as vte
     from vllm_zeda.tuned_configs import shipped_table, zeda_moe_config
     from vllm_zeda.vllm_experts import live_ids_hint, zero_expert_map
     from vllm_zeda.vllm_triton_experts import ZedaTritonExperts
@@ -161,18 +163,13 @@ def bench_shape(name, e, h, i, k, tokens, skips, exact=False, profile=(), dtype=
     stock = {kk: make_kernel(TritonExperts, e, h, i, kk, dtype) for kk in range(1, k + 1)}
     ours_kernel = make_kernel(ZedaTritonExperts, e, h, i, k, dtype)
 
-    def ours_lf_end(x, r):
-        real = vte.slot_blocks_end  # what assign_live_slots passes as num_tokens_post_padded
-        vte.slot_blocks_end = lambda value, device: r["lf_end"]
-        try:
-            return ours(x, r, "lf")
-        finally:
-            vte.slot_blocks_end = real
+    def ours(x, r):
+        with live_ids_hint(r["lf_ids"], r["lf_live"], r["lf_end"]):  # as ZedaRoutedExperts does with the router's
+            return call(ours_kernel, x, r["lf_w"], r["lf_ids"], zmap)
 
-    def ours(x, r, prefix="z"):
-        ids, w, live = (r["zids"], r["zw"], r["zlive"]) if prefix == "z" else (r["lf_ids"], r["lf_w"], r["lf_live"])
-        with live_ids_hint(ids, live):  # as ZedaRoutedExperts does with the router's
-            return call(ours_kernel, x, w, ids, zmap)
+    def ours_topk_order(x, r):
+        with live_ids_hint(r["zids"], r["zlive"]):
+            return call(ours_kernel, x, r["zw"], r["zids"], zmap)
 
     def call(kernel, x, w, ids, expert_map=None):
         return kernel.apply(hidden_states=x, w1=w1, w2=w2, topk_weights=w, topk_ids=ids,
@@ -192,14 +189,10 @@ def bench_shape(name, e, h, i, k, tokens, skips, exact=False, profile=(), dtype=
         for s in skips:
             rs = make_routings(m, e, k, s, 8, gen, exact)
             keep = rs[0]["cids"].shape[1]
-            for r in rs:  # ours_lf_end: the live slots' blocks end (1 token: one block per slot)
-                r["lf_end"] = torch.tensor([int((r["zlive"] >= 0).sum()) * tiles["BLOCK_SIZE_M"]],
-                                           dtype=torch.int32, device="cuda")
             variants = {
                 "static": [lambda r=r: call(stock[k], x, r["w"], r["ids"]) for r in rs],
                 "ours": [lambda r=r: ours(x, r) for r in rs],
-                "ours_lf": [lambda r=r: ours(x, r, "lf") for r in rs],
-                "ours_lf_end": [lambda r=r: ours_lf_end(x, r) for r in rs] if m == 1 else [],
+                "ours_topk_order": [lambda r=r: ours_topk_order(x, r) for r in rs],
                 "stock_map": [lambda r=r: call(stock[k], x, r["zw"], r["zids"], zmap) for r in rs],
                 "remap": [lambda r=r: call(stock[k], x, r["zw"], r["rids"]) for r in rs],
                 "ideal": [lambda r=r: call(stock[keep], x, r["cw"], r["cids"]) for r in rs],
@@ -211,12 +204,11 @@ def bench_shape(name, e, h, i, k, tokens, skips, exact=False, profile=(), dtype=
                                        for r in rs]
             row = {"shape": name, "tokens": m, "skip": s, "top_k": k, "exact_zeros": exact,
                    "tiles": "shipped table" if tuned else "vLLM"}
-            variants = {v: fns for v, fns in variants.items() if fns}
             for v, fns in variants.items():
                 row[v] = round(time_graph(fns), 2)
             if m in profile:
                 row["kernels"] = {v: profile_graph(variants[v])
-                                  for v in ("static", "ours", "ours_lf", "ours_lf_end", "ideal") if v in variants}
+                                  for v in ("static", "ours", "ours_topk_order", "ideal")}
             if not tuned:
                 row["static_t"], row["ideal_t"] = row["static"], row["ideal"]
             r0 = rs[0]
@@ -224,20 +216,16 @@ def bench_shape(name, e, h, i, k, tokens, skips, exact=False, profile=(), dtype=
             row["ours_vs_stock_map_maxdiff"] = float((ours_out - call(stock[k], x, r0["zw"], r0["zids"], zmap).float()).abs().max())
             row["ours_vs_remap_maxdiff"] = float((ours_out - call(stock[k], x, r0["zw"], r0["rids"]).float()).abs().max())
             row["out_absmax"] = float(ours_out.abs().max())
-            row["ours_lf_vs_ours_maxdiff"] = float((ours(x, r0, "lf").float() - ours_out).abs().max())
-            if "ours_lf_end" in variants:
-                row["ours_lf_end_vs_ours_maxdiff"] = float((ours_lf_end(x, r0).float() - ours_out).abs().max())
-                row["ours_lf_end/ideal"] = round(row["ours_lf_end"] / row["ideal"], 3)
-            for v in ("static", "ideal", "remap", "stock_map", "static_t", "ideal_t"):
+            row["ours_vs_topk_order_maxdiff"] = float((ours_topk_order(x, r0).float() - ours_out).abs().max())
+            for v in ("static", "ideal", "remap", "stock_map", "static_t", "ideal_t", "ours_topk_order"):
                 row[f"ours/{v}"] = round(row["ours"] / row[v], 3)
-            row["ours_lf/ideal"] = round(row["ours_lf"] / row["ideal"], 3)
+            row["ours_topk_order/ideal"] = round(row["ours_topk_order"] / row["ideal"], 3)
             rows.append(row)
             print(f"{name:14s} M={m:6d} skip={s:.2f}  static {row['static']:8.1f}  ours {row['ours']:8.1f}  "
                   f"stock_map {row['stock_map']:8.1f}  remap {row['remap']:8.1f}  ideal {row['ideal']:8.1f}  "
-                  f"ours/ideal {row['ours/ideal']:.3f}  ours_lf/ideal {row['ours_lf/ideal']:.3f}  "
-                  f"ours_lf_end/ideal {row.get('ours_lf_end/ideal', float('nan')):.3f}  ideal_t {row['ideal_t']:8.1f}  ours/ideal_t {row['ours/ideal_t']:.3f}  "
-                  f"diff {row['ours_vs_remap_maxdiff']:.2e} lf {row['ours_lf_vs_ours_maxdiff']:.1e} "
-                  f"lf_end {row.get('ours_lf_end_vs_ours_maxdiff', float('nan')):.1e}", flush=True)
+                  f"ours/ideal {row['ours/ideal']:.3f}  topk_order/ideal {row['ours_topk_order/ideal']:.3f}  "
+                  f"ideal_t {row['ideal_t']:8.1f}  ours/ideal_t {row['ours/ideal_t']:.3f}  "
+                  f"diff {row['ours_vs_remap_maxdiff']:.2e} order {row['ours_vs_topk_order_maxdiff']:.1e}", flush=True)
     from vllm_zeda.vllm_triton_experts import LIVE_ID_SOURCES
 
     print("live id sources of ours (Python calls):", dict(LIVE_ID_SOURCES), flush=True)
@@ -255,7 +243,7 @@ def main():
                         "probability skip), so ours/ideal isolates the zero slots' own cost from the spread")
     p.add_argument("--profile", nargs="*", type=int, default=[], metavar="TOKENS",
                    help="at these token counts also record device µs per call by kernel (torch.profiler over "
-                        "CUDA-graph replays) for static, ours, ours_lf, ours_lf_end (1 token) and ideal")
+                        "CUDA-graph replays) for static, ours, ours_topk_order and ideal")
     a = p.parse_args()
     if a.exact_zeros and any(not 0 <= s < 1 for s in a.skips):
         p.error("--exact-zeros needs every skip in [0, 1): the ideal keeps at least one slot")

@@ -6,11 +6,13 @@
 #   kernels   bench_route.py (routing kernel vs fused_topk), profile_moe_pieces.py (SiLU/sum
 #             variants), bench_moe_layer.py (both shapes)                                      ~3 min
 #   layer     bench_moe_layer.py alone (both shapes)                                           ~2 min
+#   pieces    profile_moe_pieces.py alone                                                      <1 min
+#   kernel-tests  tests/test_gpu_kernels.py on the GPU (compiled, not the interpreter)         <1 min
 #   layer-live  bench_moe_layer.py --exact-zeros, Qwen3 shape, 1/4/16 tokens, 0-7 of 8 slots zero:
 #             ours vs the ideal at the same live slots per token (the zero slots' own cost), and
-#             ours_lf: the same slots with each token's live ones first (ours_lf_end at 1 token: and
-#             their blocks past the live ones leave at the first check); at 1 and 4 tokens also the
-#             device µs by kernel of static, ours, ours_lf(_end) and ideal (torch.profiler)   ~2 min
+#             ours_topk_order (the slots in top-K order, as before the router put live ones first);
+#             at 1 and 4 tokens also the device µs by kernel of static, ours, ours_topk_order and
+#             ideal (torch.profiler)                                                           ~2 min
 #   host      bench_host.py: host µs per MoE layer call in eager mode, stock vs the plugin; the
 #             Triton kernel tests on the GPU (tests/test_gpu_kernels.py); bench_route.py       ~3 min
 #   e2e50     bench_e2e.py --configs static8 ideal4 zeda --targets 0 0.5 --quick                ~8 min
@@ -46,7 +48,7 @@
 # logs are packed into $OUT/logs.tgz at the end (the device tool returns at most 8 files).
 set -uo pipefail
 [ $# -gt 0 ] || { awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"; exit 2; }
-STAGES="kernels layer layer-live host e2e50 e2e50p e2e75 serve serve3 serve-ideal serve-graphs serve-graphs-ideal serve-profile parity tune env tp-parity tp-train tp-e2e ep-e2e tp-serve ep-serve"
+STAGES="kernels layer pieces kernel-tests layer-live host e2e50 e2e50p e2e75 serve serve3 serve-ideal serve-graphs serve-graphs-ideal serve-profile parity tune env tp-parity tp-train tp-e2e ep-e2e tp-serve ep-serve"
 for stage in "$@"; do  # before staging the bundle: a typo costs nothing
   [[ " $STAGES " == *" $stage "* ]] || { echo "device_suite: unknown stage '$stage' ($STAGES)" >&2; exit 2; }
 done
@@ -81,6 +83,8 @@ for stage in "$@"; do
           run 120 kernel_tests env TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py
           run 120 route python3 benchmarks/bench_route.py --out "$OUT/route.json" ;;
     layer) run 300 layer python3 benchmarks/bench_moe_layer.py --out "$OUT/layer.json" ;;
+    pieces) run 90 pieces python3 benchmarks/profile_moe_pieces.py --out "$OUT/pieces.json" ;;
+    kernel-tests) run 120 kernel_tests env TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py ;;
     layer-live) run 200 layer_live python3 benchmarks/bench_moe_layer.py --out "$OUT/layer_live.json" \
              --shapes qwen3_30b_a3b --tokens 1 4 16 --skips 0 0.125 0.25 0.375 0.5 0.625 0.75 0.875 --exact-zeros \
              --profile 1 4 ;;

@@ -65,7 +65,8 @@ def e2e(data: dict) -> str:
     return "\n".join(out)
 
 
-LIVE_VARIANTS = ("ours", "ours_lf", "ours_lf_end")
+# ours_lf / ours_lf_end: the first runs (2026-11-30), before the router put live slots first
+LIVE_VARIANTS = ("ours", "ours_topk_order", "ours_lf", "ours_lf_end")
 
 
 def live(data: dict) -> str:

@@ -20,7 +20,7 @@ GPU (tests/test_tuned_configs.py checks that this reproduces it):
 
     python3 benchmarks/tune_moe_configs.py --out $OUT/tune.json --table-dir $OUT/tables
     python3 benchmarks/tune_moe_configs.py --table-from benchmarks/results/tune_moe_h100_2026-11-23.json \
-        --table-dir vllm_zeda/moe_configs --variants ours
+        --table-dir vllm_zeda/moe_configs --variants ours      # and tune_moe_h200_2026-11-30.json
 """
 from __future__ import annotations
 
@@ -40,10 +40,12 @@ EXTRA = [  # (BLOCK_SIZE_M, N, K, GROUP_SIZE_M, num_warps, num_stages)
     (128, 128, 64, 1, 8, 3), (128, 128, 64, 16, 8, 4), (128, 256, 64, 16, 8, 3),
 ]
 KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "num_warps", "num_stages")
-TABLE_NAME = f"E={E},N={I},device_name=NVIDIA_H100_80GB_HBM3.json"  # vLLM's name on the tuned GPU
-
-
 CAPTURED_UP_TO = 512  # vLLM's largest CUDA-graph size by default: its tile config compiles at start-up
+
+
+def table_name(device: str) -> str:
+    """vLLM's file name for this shape's table on a GPU named `device` (as torch names it)."""
+    return f"E={E},N={I},device_name={device.replace(' ', '_')}.json"
 
 
 def _key(cfg: dict) -> tuple:
@@ -114,8 +116,8 @@ def main():
     p.add_argument("--budget-s", type=float, default=400, help="stop timing new batch sizes after this")
     a = p.parse_args()
     if a.table_from:
-        return write_tables(json.loads(Path(a.table_from).read_text()), a.table_dir, a.variants, a.min_gain,
-                            TABLE_NAME)
+        grid = json.loads(Path(a.table_from).read_text())
+        return write_tables(grid, a.table_dir, a.variants, a.min_gain, table_name(grid["meta"]["device"]))
     if not a.out:
         p.error("--out is required unless --table-from is given")
     import torch

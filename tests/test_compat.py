@@ -76,6 +76,27 @@ def test_small_batches_keep_sort_free_assignment_with_zero_experts_mapped_out():
     assert assign_live_slots(ids, {"BLOCK_SIZE_M": 16}, 3, 2, 16 + 16, zmap)[2] is padded  # no fill per call
 
 
+def test_one_token_blocks_end_where_the_router_says_its_live_slots_end():
+    """A single token routed live-first: the router's end (16 x live slots) becomes
+    num_tokens_post_padded, so the zero slots' blocks after the live ones exit at the first
+    check; with another BLOCK_SIZE_M, or ids the router did not make, every slot's block runs."""
+    from vllm_zeda.gpu_kernels import LIVE_END_BLOCK_M
+    from vllm_zeda.vllm_experts import live_ids_hint, zero_expert_map
+    from vllm_zeda.vllm_triton_experts import assign_live_slots
+
+    ids = torch.tensor([[3, 0, 9, 12]], dtype=torch.int32)  # live first: 2 live, 2 zero (E=8, Z=8)
+    live = torch.tensor([[3, 0, -1, -1]], dtype=torch.int32)
+    end = torch.tensor([2 * LIVE_END_BLOCK_M], dtype=torch.int32)
+    zmap = zero_expert_map(None, 8, 8, "cpu")
+    with live_ids_hint(ids, live, end):
+        _, expert_ids, padded = assign_live_slots(ids, {"BLOCK_SIZE_M": LIVE_END_BLOCK_M}, 1, 4, 16 + 16, zmap)
+        assert padded is end and expert_ids.tolist() == [3, 0, -1, -1]
+        other = assign_live_slots(ids, {"BLOCK_SIZE_M": 2 * LIVE_END_BLOCK_M}, 1, 4, 16 + 16, zmap)[2]
+        assert other.tolist() == [4 * 2 * LIVE_END_BLOCK_M]
+        assert assign_live_slots(ids.clone(), {"BLOCK_SIZE_M": 16}, 1, 4, 16 + 16, zmap)[2].tolist() == [4 * 16]
+    assert assign_live_slots(ids, {"BLOCK_SIZE_M": 16}, 1, 4, 16 + 16, zmap)[2].tolist() == [4 * 16]
+
+
 def test_slot_blocks_end_is_not_kept_from_inside_a_graph_capture(monkeypatch):
     """A tensor made during CUDA-graph capture lives in the graph's pool: used, never cached."""
     from vllm_zeda import vllm_triton_experts as vte

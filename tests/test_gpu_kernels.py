@@ -65,6 +65,25 @@ def test_route_kernel_live_first_matches_reference(m, e, z, k, bias, remap):
     assert counts.cpu().tolist() == [int(zero[valid].sum()), int(valid.sum()) * k]
 
 
+@pytest.mark.parametrize("bias", [-9.0, 0.0, 0.4, 9.0])
+def test_route_kernel_writes_where_one_tokens_live_blocks_end(bias):
+    """A single token routed live-first with live_end: LIVE_END_BLOCK_M x its live slots, from 8
+    (no zero slot, bias -9) down to 0 (all zero, bias 9); the slots as without it."""
+    logits = torch.randn(1, 192, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    bias_t = torch.tensor([bias], device=DEVICE)
+    counts = torch.zeros(2, dtype=torch.int64, device=DEVICE)
+    end = torch.full((1,), -7, dtype=torch.int32, device=DEVICE)
+    w, ids, live = gk.zeda_route_(logits, 128, 8, True, bias_t, counts, None, live_first=True, live_end=end)
+    ref = live_first(route_softmax(logits.cpu(), 128, 8, True, zero_bias=bias))
+    n_live = int((~ref.is_zero).sum())
+    assert end.cpu().tolist() == [gk.LIVE_END_BLOCK_M * n_live]
+    assert torch.equal(live.cpu().long(), ref.ids.masked_fill(ref.is_zero, -1))
+    if bias in (-9.0, 9.0):
+        assert n_live == (8 if bias < 0 else 0)
+    with pytest.raises(AssertionError, match="live_end"):
+        gk.zeda_route_(logits, 128, 8, True, bias_t, counts, None, live_end=end)  # not live_first
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_live_activation_and_sum_touch_live_slots_only(dtype):
     g = torch.Generator().manual_seed(0)

@@ -3,7 +3,8 @@ torch.compile never fuses anything there: every torch op would be its own launch
 
 - `zeda_route_`: the router in one launch: bias on the zero experts' logits, softmax over E+Z,
   top-K, renormalisation, the zero/total slot counters (padding rows excluded) and the "live"
-  ids (zero slots -1) that let the experts skip zero slots without a gather.
+  ids (zero slots -1) that let the experts skip zero slots without a gather; optionally each
+  token's live slots first and, for a single token, where their fused-MoE blocks end.
 - `live_silu_and_mul_`, `live_moe_sum_`: the gated activation and the sum over slots of the
   fused-MoE experts, restricted to live slots (vllm_triton_experts).
 """
@@ -39,11 +40,12 @@ if triton is not None:
     # zeda_route_ reuses it through its runner instead of the JIT's binder (`_ROUTE_KERNELS`).
     # (Unspecialised strides, sizes and logits pointer cost 1.4 µs of device time a call on the
     # H200, benchmarks/bench_route.py.)
-    @triton.jit(do_not_specialize=("M",), do_not_specialize_on_alignment=("bias_ptr", "pad_ptr", "counts_ptr"))
-    def _zeda_route(logits_ptr, stride_lm, bias_ptr, pad_ptr, w_ptr, ids_ptr, live_ptr, counts_ptr, M, n_real, n_all,
-                    K: tl.constexpr, K_PAD: tl.constexpr, RENORM: tl.constexpr, REMAP: tl.constexpr,
-                    LIVE_FIRST: tl.constexpr, HAS_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_E: tl.constexpr):
+    @triton.jit(do_not_specialize=("M",),
+                do_not_specialize_on_alignment=("bias_ptr", "pad_ptr", "counts_ptr", "end_ptr"))
+    def _zeda_route(logits_ptr, stride_lm, bias_ptr, pad_ptr, w_ptr, ids_ptr, live_ptr, counts_ptr, end_ptr, M,
+                    n_real, n_all, K: tl.constexpr, K_PAD: tl.constexpr, RENORM: tl.constexpr,
+                    REMAP: tl.constexpr, LIVE_FIRST: tl.constexpr, END_BLOCK: tl.constexpr,
+                    HAS_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.arange(0, BLOCK_E)
         rmask = rows < M
@@ -87,6 +89,8 @@ if triton is not None:
             n_live = tl.sum(live_f, axis=1)
             pos = tl.where(is_zero, n_live[:, None] + tl.cumsum(zero_f, axis=1) - zero_f,
                            tl.cumsum(live_f, axis=1) - live_f)
+            if END_BLOCK > 0:  # a single token: its live slots' blocks end at END_BLOCK x their count
+                tl.store(end_ptr + rows * 0, n_live * END_BLOCK, mask=rows == 0)
         offs = rows[:, None].to(tl.int64) * K + pos
         tl.store(w_ptr + offs, w, mask=out_mask)
         tl.store(ids_ptr + offs, ids, mask=out_mask)
@@ -135,15 +139,26 @@ if triton is not None:
 # (benchmarks/bench_host.py), paid by every MoE layer of every step outside a CUDA graph.
 _ROUTE_KERNELS: dict[tuple, object] = {}
 
+# The fused-MoE BLOCK_SIZE_M that `live_end` is written for. At one token vLLM's Triton experts
+# run a block per slot in slot order (the sort-free assignment) and a block whose first row is
+# at or past `num_tokens_post_padded` returns at once: with each token's live slots first, that
+# value at 16 x live slots stops the zero slots' blocks before they load an expert id or write a
+# row. 16 is what every shipped table and vLLM's default pick at one token; vllm_triton_experts
+# uses the value only when the call's config has it.
+LIVE_END_BLOCK_M = 16
+
 
 def zeda_route_(logits: torch.Tensor, num_real: int, top_k: int, renormalize: bool, bias: torch.Tensor,
                 counts: torch.Tensor, padding: torch.Tensor | None, remap: bool = False, *,
-                live_first: bool = False, block_m: int | None = None, num_warps: int | None = None):
+                live_first: bool = False, live_end: torch.Tensor | None = None, block_m: int | None = None,
+                num_warps: int | None = None):
     """(weights fp32 [M,K], ids int32 [M,K], live int32 [M,K]) with the semantics of
     routing.route_softmax (zero bias added in fp32); counts[0] += zero slots, counts[1] += slots,
     padding rows excluded; no host sync. `bias` is a 1-element fp32 tensor (a dial that CUDA
     graphs read at replay). remap: zero slots come back as expert 0 with weight 0. live_first:
     each row's slots come back as routing.live_first orders them (live ones first, order kept).
+    live_end (one token, with live_first): a [1] int32 tensor the kernel sets to
+    LIVE_END_BLOCK_M x the token's live slots.
     block_m / num_warps override the launch shape (rows per program, warps per program). Default,
     from bench_route.py on an H100 (E+Z=192, benchmarks/RESULTS.md §2): 2 rows on 2 warps, 1 row on
     1 warp for a single token — 4.3-4.9 µs from 1 to 256 tokens, level with vLLM's fused_topk over
@@ -159,13 +174,17 @@ def zeda_route_(logits: torch.Tensor, num_real: int, top_k: int, renormalize: bo
     block_m = block_m or (1 if m == 1 else 2)
     num_warps = num_warps or min(block_m, 8)
     assert block_m & (block_m - 1) == 0, f"block_m must be a power of 2, got {block_m}"
+    assert live_end is None or (live_first and m == 1 and live_end.dtype == torch.int32), \
+        "live_end is for a single token routed live_first, into an int32 tensor"
     pad = padding.view(torch.uint8) if padding is not None else ids
     grid = (-(-m // block_m), 1, 1)
-    args = (logits, logits.stride(0), bias, pad, weights, ids, live, counts, m, num_real, n_all,
-            top_k, _pow2(top_k), renormalize, remap, live_first, padding is not None, block_m, _pow2(n_all))
+    end_block = LIVE_END_BLOCK_M if live_end is not None else 0
+    args = (logits, logits.stride(0), bias, pad, weights, ids, live, counts, ids if live_end is None else live_end,
+            m, num_real, n_all, top_k, _pow2(top_k), renormalize, remap, live_first, end_block, padding is not None,
+            block_m, _pow2(n_all))
     # Every input of the kernel's compilation: weights, ids and live are allocated above (whole
     # allocations of the caching allocator: 16-byte aligned), the others are not specialised on
-    key = (logits.device.index, logits.dtype, logits.data_ptr() % 16 == 0, args[1], num_warps, m >= 2**31, *args[9:])
+    key = (logits.device.index, logits.dtype, logits.data_ptr() % 16 == 0, args[1], num_warps, m >= 2**31, *args[10:])
     compiled = _ROUTE_KERNELS.get(key)
     if compiled is not None:
         compiled[grid](*args)

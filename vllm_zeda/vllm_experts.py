@@ -26,15 +26,23 @@ def router_live_ids(topk_ids: torch.Tensor) -> torch.Tensor | None:
     return hint[1] if hint is not None and hint[0] is topk_ids else None
 
 
+def router_live_end(topk_ids: torch.Tensor) -> torch.Tensor | None:
+    """For a single token routed live-first: the [1] int32 tensor holding
+    gpu_kernels.LIVE_END_BLOCK_M x its live slots, made by the router for exactly this
+    `topk_ids`; else None."""
+    hint = getattr(_LIVE_HINT, "value", None)
+    return hint[2] if hint is not None and hint[0] is topk_ids else None
+
+
 class live_ids_hint:  # noqa: N801 (used like contextlib's lowercase context managers)
-    """`with live_ids_hint(topk_ids, live):` makes `live` what router_live_ids(topk_ids) returns.
-    A class rather than a generator context manager: it runs in every MoE layer of every eager
-    forward, where host time counts."""
+    """`with live_ids_hint(topk_ids, live, end):` makes `live` and `end` what router_live_ids and
+    router_live_end return for `topk_ids`. A class rather than a generator context manager: it
+    runs in every MoE layer of every eager forward, where host time counts."""
 
     __slots__ = ("_value", "_saved")
 
-    def __init__(self, topk_ids: torch.Tensor, live: torch.Tensor):
-        self._value = (topk_ids, live)
+    def __init__(self, topk_ids: torch.Tensor, live: torch.Tensor, end: torch.Tensor | None = None):
+        self._value = (topk_ids, live, end)
 
     def __enter__(self) -> None:
         self._saved = getattr(_LIVE_HINT, "value", None)
@@ -80,7 +88,7 @@ class ZedaRoutedExperts(RoutedExperts):
         last = getattr(self._zeda_router, "last_live_ids", None)
         if last is None or last[0] is not topk_ids or self._expert_map is not None:
             return super().forward_modular(x, topk_weights, topk_ids, *args, **kwargs)
-        with live_ids_hint(topk_ids, last[1]):
+        with live_ids_hint(topk_ids, last[1], last[2]):
             return super().forward_modular(x, topk_weights, topk_ids, *args, **kwargs)
 
     def _set_moe_config(self, new_moe_config):

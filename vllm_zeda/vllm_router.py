@@ -43,8 +43,9 @@ class ZedaRouter(compat.base_router_class()):
         self.renormalize, self.masked, self.zero_bias = renormalize, masked, zero_bias
         self.zero_slots = zero_slots
         self.counts = torch.zeros(2, dtype=torch.int64)  # [zero slots, total slots]
-        # GPU: (ids returned by the last routing, the same ids with zero slots as -1)
-        self.last_live_ids: tuple[torch.Tensor, torch.Tensor] | None = None
+        # GPU: (ids returned by the last routing, the same ids with zero slots as -1, and for a
+        # single token in skip mode where its live slots' fused-MoE blocks end, else None)
+        self.last_live_ids: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
 
     @property
     def routing_method_type(self):
@@ -76,18 +77,22 @@ class ZedaRouter(compat.base_router_class()):
             return weights, ids
         if self.counts.device != router_logits.device:
             self.counts = self.counts.to(router_logits.device)
+        live_first = self.zero_slots != "remap"
+        end = (torch.empty(1, dtype=torch.int32, device=router_logits.device)
+               if live_first and router_logits.shape[0] == 1 else None)
         weights, ids, live = zeda_route_(
             router_logits, self.num_real, self.top_k, self.renormalize, self._bias_tensor(router_logits.device),
             self.counts, compat.padding_mask(router_logits.shape[0]), remap=self.zero_slots == "remap",
-            live_first=self.zero_slots != "remap",
+            live_first=live_first, live_end=end,
         )
         # "skip": zero slots keep ids >= E and their (unused) weights; the expert map sends
         # them to -1, so the kernel neither computes nor adds them. Each token's live slots come
         # first (routing.live_first): a small batch's fused-MoE grid, a block per slot in slot
-        # order, then runs every live block before the zero slots' early-exiting ones.
+        # order, then runs every live block before the zero slots' blocks, and at one token
+        # `end` lets those leave at the kernel's first check (vllm_triton_experts).
         if indices_type not in (None, torch.int32):
             ids = ids.to(indices_type)
-        self.last_live_ids = (ids, live)
+        self.last_live_ids = (ids, live, end)
         return weights, ids
 
     def _bias_tensor(self, device) -> torch.Tensor:

@@ -8,7 +8,11 @@ Zero slots reach the experts with ids E..E+Z-1 and an expert map that sends them
    summed. Here mapped-out slots are dropped before alignment (as 0.32+ does for an expert map).
    For tiny batches (M*K*4 <= E+Z) upstream uses a sort-free "naive" assignment, but only without
    an expert map; here it is kept, with the live ids as block experts, so a decode step of one
-   token runs exactly the live slots' blocks plus early-exiting blocks for the zero ones.
+   token runs exactly the live slots' blocks plus early-exiting blocks for the zero ones. The
+   router puts each token's live slots first, and for a single token also says where their
+   blocks end (`num_tokens_post_padded`): the zero slots' blocks then return at the kernel's
+   first check instead of loading an expert id and writing a row of zeros into the gated
+   activation's input (vLLM's SiLU divides 0 by 2 there, a slow path of IEEE division).
 2. Activation. The gated SiLU ran over all M*K rows; here only over live rows
    (`gpu_kernels.live_silu_and_mul_`) once there are enough rows for that to pay
    (`live_activation_pays`); below, vLLM's CUDA kernel runs over every row, dead ones too (their
@@ -41,9 +45,9 @@ from vllm.model_executor.layers.fused_moe.experts import triton_moe
 from vllm.model_executor.layers.fused_moe.experts.triton_moe import TritonExperts
 
 from . import compat
-from .gpu_kernels import live_moe_sum_, live_silu_and_mul_
+from .gpu_kernels import LIVE_END_BLOCK_M, live_moe_sum_, live_silu_and_mul_
 from .tuned_configs import zeda_moe_config
-from .vllm_experts import live_ids_hint, router_live_ids
+from .vllm_experts import live_ids_hint, router_live_end, router_live_ids
 
 logger = logging.getLogger("vllm.zeda")
 _UPSTREAM_ASSIGN = getattr(triton_moe, "_prepare_expert_assignment", None)
@@ -58,7 +62,10 @@ def assign_live_slots(topk_ids, config, num_tokens, top_k_num, global_num_expert
         # ZedaTritonExperts.apply has already made this call's live ids: reuse them.
         live = router_live_ids(topk_ids)
         expert_ids = (live if live is not None else _live_ids(topk_ids, expert_map)[0]).reshape(-1)
-        return None, expert_ids, slot_blocks_end(topk_ids.numel() * config["BLOCK_SIZE_M"], topk_ids.device)
+        end = router_live_end(topk_ids) if config["BLOCK_SIZE_M"] == LIVE_END_BLOCK_M else None
+        if end is None:
+            end = slot_blocks_end(topk_ids.numel() * config["BLOCK_SIZE_M"], topk_ids.device)
+        return None, expert_ids, end
     kwargs["ignore_invalid_experts"] = True
     return _UPSTREAM_ASSIGN(topk_ids, config, num_tokens, top_k_num, global_num_experts, expert_map, **kwargs)
 
