@@ -12,7 +12,10 @@ Zero slots reach the experts with ids E..E+Z-1 and an expert map that sends them
    router puts each token's live slots first, and for a single token also says where their
    blocks end (`num_tokens_post_padded`): the zero slots' blocks then return at the kernel's
    first check instead of loading an expert id and writing a row of zeros into the gated
-   activation's input (vLLM's SiLU divides 0 by 2 there, a slow path of IEEE division).
+   activation's input (vLLM's silu_and_mul takes 3.0 instead of 2.1 µs over 8 rows once any row
+   is zeros, H200, benchmarks/profile_moe_pieces.py; its SiLU is an IEEE division, whose slow
+   path a zero dividend is thought to take). Batch-1 decode step on the H200: 119 instead of 216
+   µs of kernels more than the ideal top-4 (benchmarks/RESULTS.md §3, run H).
 2. Activation. The gated SiLU ran over all M*K rows; here only over live rows
    (`gpu_kernels.live_silu_and_mul_`) once there are enough rows for that to pay
    (`live_activation_pays`); below, vLLM's CUDA kernel runs over every row, dead ones too (their
