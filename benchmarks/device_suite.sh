@@ -18,11 +18,15 @@
 #   e2e50     bench_e2e.py --configs static8 ideal4 zeda --targets 0 0.5 --quick                ~8 min
 #   e2e50p    e2e50 plus --profile-decode: device µs by kernel of a batch-1 decode step, per engine ~9 min
 #   e2e75     bench_e2e.py --configs static8 ideal2 zeda --targets 0.75 --quick                 ~6 min
+#   e2e50t    e2e50 with VLLM_TUNED_CONFIG_FOLDER=vllm_zeda/moe_configs: stock engines on the tile
+#             table ZEDA layers use (same E=128, N=768 lookup), so the shares measure skipping alone ~8 min
 #   serve     bench_serve.py --zero-bias 2.6e-6: stock static vs the plugin through the OpenAI
 #             server, two runs of 192 each after a 128-request warm-up; every server with the
 #             plugin's CUDA-graph sizes (bench_serve --graphs zeda, its default)               ~5 min
 #   serve-ideal  the same, the plugin vs a stock top-4 server (the ideal): with `serve`, the pair
 #             that gives the share of the ideal's gain (the plugin's runs join the two calls)  ~5 min
+#   serve-ideal-tiles  serve-ideal with VLLM_TUNED_CONFIG_FOLDER=vllm_zeda/moe_configs: the ideal
+#             on the plugin's tile table too (tuning set apart from skipping)               ~5 min
 #   serve3    all three servers in one call, but only one run each after a 64-request warm-up
 #             (three servers with `serve`'s warm-up and runs do not fit a call; a first run
 #             after 64 warm-up requests was ~30% slower than the second)                     ~8 min
@@ -48,7 +52,7 @@
 # logs are packed into $OUT/logs.tgz at the end (the device tool returns at most 8 files).
 set -uo pipefail
 [ $# -gt 0 ] || { awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"; exit 2; }
-STAGES="kernels layer pieces kernel-tests layer-live host e2e50 e2e50p e2e75 serve serve3 serve-ideal serve-graphs serve-graphs-ideal serve-profile parity tune env tp-parity tp-train tp-e2e ep-e2e tp-serve ep-serve"
+STAGES="kernels layer pieces kernel-tests layer-live host e2e50 e2e50p e2e50t e2e75 serve serve3 serve-ideal serve-ideal-tiles serve-graphs serve-graphs-ideal serve-profile parity tune env tp-parity tp-train tp-e2e ep-e2e tp-serve ep-serve"
 for stage in "$@"; do  # before staging the bundle: a typo costs nothing
   [[ " $STAGES " == *" $stage "* ]] || { echo "device_suite: unknown stage '$stage' ($STAGES)" >&2; exit 2; }
 done
@@ -92,6 +96,8 @@ for stage in "$@"; do
              --targets 0 0.5 --quick --timeout 220 ;;
     e2e50p) run 585 e2e50p python3 benchmarks/bench_e2e.py --out "$OUT/e2e50p.json" --configs static8 ideal4 zeda \
              --targets 0 0.5 --quick --profile-decode --timeout 220 ;;
+    e2e50t) run 585 e2e50t env VLLM_TUNED_CONFIG_FOLDER="$PWD/vllm_zeda/moe_configs" python3 benchmarks/bench_e2e.py \
+             --out "$OUT/e2e50t.json" --configs static8 ideal4 zeda --targets 0 0.5 --quick --timeout 220 ;;
     e2e75) run 585 e2e75 python3 benchmarks/bench_e2e.py --out "$OUT/e2e75.json" --configs static8 ideal2 zeda \
              --targets 0.75 --quick --timeout 220 ;;
     serve) run 570 serve python3 benchmarks/bench_serve.py --out "$OUT/serve.json" --zero-bias 2.6e-6 \
@@ -99,6 +105,9 @@ for stage in "$@"; do
     serve3) run 585 serve3 python3 benchmarks/bench_serve.py --out "$OUT/serve3.json" --zero-bias 2.6e-6 \
              --configs static8 zeda ideal4 --requests 192 --warmup 64 --repeats 1 ;;
     serve-ideal) run 570 serve_ideal python3 benchmarks/bench_serve.py --out "$OUT/serve_ideal.json" --zero-bias 2.6e-6 \
+             --configs zeda ideal4 --requests 192 --warmup 128 --repeats 2 ;;
+    serve-ideal-tiles) run 570 serve_ideal_tiles env VLLM_TUNED_CONFIG_FOLDER="$PWD/vllm_zeda/moe_configs" \
+             python3 benchmarks/bench_serve.py --out "$OUT/serve_ideal_tiles.json" --zero-bias 2.6e-6 \
              --configs zeda ideal4 --requests 192 --warmup 128 --repeats 2 ;;
     serve-graphs|serve-graphs-ideal)
              configs="static8 zeda"; [ "$stage" = serve-graphs ] || configs="zeda ideal4"
