@@ -117,7 +117,10 @@ def main():
     a = p.parse_args()
     if a.table_from:
         grid = json.loads(Path(a.table_from).read_text())
-        return write_tables(grid, a.table_dir, a.variants, a.min_gain, table_name(grid["meta"]["device"]))
+        device = grid.get("meta", {}).get("device")
+        if not device:
+            p.error(f"{a.table_from} has no meta.device (the GPU the table is for): not a grid written by --out")
+        return write_tables(grid, a.table_dir, a.variants, a.min_gain, table_name(device))
     if not a.out:
         p.error("--out is required unless --table-from is given")
     import torch

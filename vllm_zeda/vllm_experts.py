@@ -14,24 +14,30 @@ from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
 from .spec import ZedaSpec
 
 
-# (topk_ids, live ids) of the MoE forward in progress, per thread (vLLM's dual-batch overlap
-# runs micro-batches in threads)
+# (topk_ids, live ids, live blocks' end or None) of the MoE forward in progress, per thread
+# (vLLM's dual-batch overlap runs micro-batches in threads)
 _LIVE_HINT = threading.local()
+
+
+def _router_hint(topk_ids: torch.Tensor) -> tuple | None:
+    """The hint of the router that made exactly this `topk_ids` tensor (not a chunk or a copy)."""
+    hint = getattr(_LIVE_HINT, "value", None)
+    return hint if hint is not None and hint[0] is topk_ids else None
 
 
 def router_live_ids(topk_ids: torch.Tensor) -> torch.Tensor | None:
     """The live ids (zero slots -1) made for exactly this `topk_ids` tensor (not a chunk or a
     copy of it) by the router of the MoE forward in progress."""
-    hint = getattr(_LIVE_HINT, "value", None)
-    return hint[1] if hint is not None and hint[0] is topk_ids else None
+    hint = _router_hint(topk_ids)
+    return None if hint is None else hint[1]
 
 
 def router_live_end(topk_ids: torch.Tensor) -> torch.Tensor | None:
     """For a single token routed live-first: the [1] int32 tensor holding
     gpu_kernels.LIVE_END_BLOCK_M x its live slots, made by the router for exactly this
     `topk_ids`; else None."""
-    hint = getattr(_LIVE_HINT, "value", None)
-    return hint[2] if hint is not None and hint[0] is topk_ids else None
+    hint = _router_hint(topk_ids)
+    return None if hint is None else hint[2]
 
 
 class live_ids_hint:  # noqa: N801 (used like contextlib's lowercase context managers)
