@@ -4,14 +4,14 @@ logits, top-8, bf16 logits), median µs over CUDA-graph replays (device machine)
   stock            vLLM's fused_topk over the 128 real logits (what a static model pays)
   bias+fused_topk  the plugin's earlier routing minus its counting kernel: bias add, then
                    fused_topk over 192 logits
+  fused_topk 192   vLLM's fused_topk over all 192 logits, no bias: vLLM's own price of a
+                   top-8 over E+Z (the floor our one kernel is measured against)
   zeda_route bM/wN vllm_zeda.gpu_kernels.zeda_route_ (one kernel: bias, softmax, top-K,
                    renormalisation, counters, live ids) at launch shape BLOCK_M=M rows per
-                   program, N warps; "default" = the shipped launch
-  zeda_route specialised  the same kernel and default launch, compiled the way Triton does by
-                   default (every int equal to 1 or divisible by 16 and every 16-byte aligned
-                   pointer specialised); the shipped kernel is not specialised on the batch size
-                   and three pointers, so one compiled kernel serves every call of a layer and
-                   is reused through its runner: this row is the device time that may cost
+                   program, N warps, slots in top-K order; "default" = the shipped launch
+  zeda_route plugin  the call the plugin's router makes: the default launch with each token's
+                   live slots first, and at one token where their fused-MoE blocks end
+                   (live_end)
 
 Purpose: pick zeda_route_'s launch shape per batch size (decode at batch 1 paid ~12 µs per layer
 more than stock end to end, RESULTS.md §3).
@@ -40,24 +40,7 @@ def main():
     a = p.parse_args()
     from vllm.model_executor.layers.fused_moe.router.fused_topk_router import fused_topk
 
-    import triton
-
-    from vllm_zeda import gpu_kernels
     from vllm_zeda.gpu_kernels import zeda_route_
-
-    specialised = triton.jit(gpu_kernels._zeda_route.fn)  # Triton's default specialisation
-
-    def zeda_route_specialised(logits, e, k, bias, counts):
-        m = logits.shape[0]
-        w = torch.empty(m, k, dtype=torch.float32, device=logits.device)
-        ids = torch.empty(m, k, dtype=torch.int32, device=logits.device)
-        live = torch.empty_like(ids)
-        block_m = 1 if m == 1 else 2
-        specialised[(triton.cdiv(m, block_m),)](
-            logits, logits.stride(0), bias, ids, w, ids, live, counts, m, e, logits.shape[1], k,
-            triton.next_power_of_2(k), True, False, False, block_m, triton.next_power_of_2(logits.shape[1]),
-            num_warps=block_m)
-        return w, ids, live
 
     e, z, k = 128, 64, 8
     bias = torch.full((1,), 0.1, device="cuda")
@@ -69,11 +52,14 @@ def main():
         logits = torch.randn(m, e + z, device="cuda", dtype=torch.bfloat16)
         real = logits[:, :e].contiguous()
         x = torch.empty(m, 2048, device="cuda", dtype=torch.bfloat16)
+        end = torch.zeros(1, dtype=torch.int32, device="cuda")
         variants = {
             "stock": lambda: fused_topk(x, real, k, True, torch.int32),
             "bias+fused_topk": lambda: fused_topk(x, logits + bias_row, k, True, torch.int32),
+            "fused_topk 192": lambda: fused_topk(x, logits, k, True, torch.int32),
             "zeda_route default": lambda: zeda_route_(logits, e, k, True, bias, counts, None),
-            "zeda_route specialised": lambda: zeda_route_specialised(logits, e, k, bias, counts),
+            "zeda_route plugin": lambda: zeda_route_(logits, e, k, True, bias, counts, None, live_first=True,
+                                                     live_end=end if m == 1 else None),
         }
         for bm, nw in SHAPES:
             variants[f"zeda_route b{bm}/w{nw}"] = lambda bm=bm, nw=nw: zeda_route_(
@@ -81,7 +67,7 @@ def main():
         ref = zeda_route_(logits, e, k, True, bias, counts, None)
         row = {"tokens": m}
         for name, fn in variants.items():
-            if name.startswith("zeda_route b") or name == "zeda_route specialised":
+            if name.startswith("zeda_route b"):
                 out = fn()
                 assert torch.equal(out[1], ref[1]) and torch.equal(out[2], ref[2]), name  # same routing
             row[name] = round(time_graph([fn] * 8), 2)

@@ -7,6 +7,8 @@
 #             variants), bench_moe_layer.py (both shapes)                                      ~3 min
 #   layer     bench_moe_layer.py alone (both shapes)                                           ~2 min
 #   pieces    profile_moe_pieces.py alone                                                      <1 min
+#   route     bench_route.py alone (the routing kernel's launch shapes and the plugin's call vs
+#             vLLM's fused_topk over 128 and over 192 logits)                                  <1 min
 #   kernel-tests  tests/test_gpu_kernels.py on the GPU (compiled, not the interpreter)         <1 min
 #   layer-live  bench_moe_layer.py --exact-zeros, Qwen3 shape, 1/4/16 tokens, 0-7 of 8 slots zero:
 #             ours vs the ideal at the same live slots per token (the zero slots' own cost), and
@@ -52,7 +54,7 @@
 # logs are packed into $OUT/logs.tgz at the end (the device tool returns at most 8 files).
 set -uo pipefail
 [ $# -gt 0 ] || { awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"; exit 2; }
-STAGES="kernels layer pieces kernel-tests layer-live host e2e50 e2e50p e2e50t e2e75 serve serve3 serve-ideal serve-ideal-tiles serve-graphs serve-graphs-ideal serve-profile parity tune env tp-parity tp-train tp-e2e ep-e2e tp-serve ep-serve"
+STAGES="kernels layer pieces route kernel-tests layer-live host e2e50 e2e50p e2e50t e2e75 serve serve3 serve-ideal serve-ideal-tiles serve-graphs serve-graphs-ideal serve-profile parity tune env tp-parity tp-train tp-e2e ep-e2e tp-serve ep-serve"
 for stage in "$@"; do  # before staging the bundle: a typo costs nothing
   [[ " $STAGES " == *" $stage "* ]] || { echo "device_suite: unknown stage '$stage' ($STAGES)" >&2; exit 2; }
 done
@@ -87,6 +89,7 @@ for stage in "$@"; do
           run 120 kernel_tests env TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py
           run 120 route python3 benchmarks/bench_route.py --out "$OUT/route.json" ;;
     layer) run 300 layer python3 benchmarks/bench_moe_layer.py --out "$OUT/layer.json" ;;
+    route) run 120 route python3 benchmarks/bench_route.py --out "$OUT/route.json" ;;
     pieces) run 90 pieces python3 benchmarks/profile_moe_pieces.py --out "$OUT/pieces.json" ;;
     kernel-tests) run 120 kernel_tests env TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py ;;
     layer-live) run 200 layer_live python3 benchmarks/bench_moe_layer.py --out "$OUT/layer_live.json" \

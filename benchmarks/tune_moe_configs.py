@@ -12,7 +12,9 @@ and a few neighbours. Each candidate is timed per batch size through vLLM's modu
 
 median µs over CUDA-graph replays of 8 rotating routings. Writes the full grid to --out and, into
 --table-dir, vLLM-format tables (batch size -> config) per variant: the best candidate where it
-beats vLLM's default by more than --min-gain (a best-of-25 pick carries noise), else the default;
+beats vLLM's default by more than --min-gain (a best-of-25 pick carries noise), else the default,
+the ours table only among tiles at most --static-within slower than vLLM's default in the static
+run (ours at skip 0: a tile tuned at half the slots must not lose with none);
 above 512 tokens a config that start-up compiles anyway (CUDA-graph capture, the profile run) is
 kept where it is within 1% of that pick (each other config is a first-use compile while serving).
 The shipped table (vllm_zeda/moe_configs/) is the "ours" table; rebuild it from a grid without a
@@ -52,19 +54,38 @@ def _key(cfg: dict) -> tuple:
     return tuple(cfg[k] for k in KEYS)
 
 
+def eligible(row: dict, variant: str, static_within: float | None) -> list[bool]:
+    """Which of the grid's candidates this row may pick. For "ours" (timed at skip 0.5) with
+    static_within: only tiles whose static top-K time (the same kernel with no zero slot, i.e.
+    ours at skip 0) is within static_within of vLLM's default. A tile that wins at half the slots
+    but loses with none makes ZEDA layers slower than stock ones at low skip (the H200 grid's
+    4-token pick: 4.5% faster at skip 0.5, 11% slower at skip 0)."""
+    times = row[f"{variant}_all"]
+    if variant != "ours" or static_within is None or "static_all" not in row:
+        return [t is not None for t in times]
+    limit = (1 + static_within) * row["static_default"]
+    return [t is not None and s is not None and s <= limit for t, s in zip(times, row["static_all"])]
+
+
 def table_from_rows(rows: list[dict], variant: str, min_gain: float = 0.01, candidates: list[dict] | None = None,
-                    reuse_within: float = 0.01, captured_up_to: int = CAPTURED_UP_TO) -> dict[str, dict]:
-    """vLLM-format table: per batch size the variant's best config if it beats vLLM's default by
-    more than min_gain, else the default. Given the grid's candidates, a batch size above
-    captured_up_to takes instead a config that start-up compiles anyway (the pick at the largest
-    captured size: CUDA-graph capture; at the largest batch size: vLLM's profile run) when that one
-    is within reuse_within of the pick: any other config is a first-use Triton compile in the middle
+                    reuse_within: float = 0.01, captured_up_to: int = CAPTURED_UP_TO,
+                    static_within: float | None = 0.02) -> dict[str, dict]:
+    """vLLM-format table: per batch size the variant's fastest `eligible` config if it beats
+    vLLM's default by more than min_gain, else the default (without the grid's candidates: the
+    row's recorded best, unguarded). Given the candidates, a batch size above captured_up_to takes
+    instead an eligible config that start-up compiles anyway (the pick at the largest captured
+    size: CUDA-graph capture; at the largest batch size: vLLM's profile run) when that one is
+    within reuse_within of the pick: any other config is a first-use Triton compile in the middle
     of serving (benchmarks/RESULTS.md §5)."""
     picks = {}
     for r in rows:
-        better = r[f"{variant}_best"] < (1 - min_gain) * r[f"{variant}_default"]
-        picks[r["tokens"]] = (r[f"{variant}_best_config"], r[f"{variant}_best"]) if better else \
-                             (r["default"], r[f"{variant}_default"])
+        cfg, t = r[f"{variant}_best_config"], r[f"{variant}_best"]
+        if candidates is not None:
+            ok = eligible(r, variant, static_within)
+            t, i = min(((tc, i) for i, tc in enumerate(r[f"{variant}_all"]) if ok[i]), default=(None, None))
+            cfg = candidates[i] if i is not None else None
+        better = t is not None and t < (1 - min_gain) * r[f"{variant}_default"]
+        picks[r["tokens"]] = (cfg, t) if better else (r["default"], r[f"{variant}_default"])
     if candidates is not None:
         sizes = sorted(picks)
         captured = [m for m in sizes if m <= captured_up_to]
@@ -74,18 +95,19 @@ def table_from_rows(rows: list[dict], variant: str, min_gain: float = 0.01, cand
             m, (cfg, t) = r["tokens"], picks[r["tokens"]]
             if m <= captured_up_to or _key(cfg) in warm:
                 continue
-            timed = [(r[f"{variant}_all"][keys.index(w)], w) for w in warm if w in keys]
-            fastest = min(((tw, w) for tw, w in timed if tw is not None), default=None)
+            ok = eligible(r, variant, static_within)
+            timed = [(r[f"{variant}_all"][keys.index(w)], w) for w in warm if w in keys and ok[keys.index(w)]]
+            fastest = min(timed, default=None)
             if fastest is not None and fastest[0] <= (1 + reuse_within) * t:
                 picks[m] = (dict(zip(KEYS, fastest[1])), fastest[0])
     return {str(r["tokens"]): {k: picks[r["tokens"]][0][k] for k in KEYS} for r in rows}
 
 
-def write_tables(grid: dict, table_dir: str, variants, min_gain: float, name: str) -> None:
+def write_tables(grid: dict, table_dir: str, variants, min_gain: float, name: str, static_within: float) -> None:
     for v in variants:
         d = Path(table_dir) if len(variants) == 1 else Path(table_dir) / v
         d.mkdir(parents=True, exist_ok=True)
-        table = table_from_rows(grid["rows"], v, min_gain, grid.get("candidates"))
+        table = table_from_rows(grid["rows"], v, min_gain, grid.get("candidates"), static_within=static_within)
         (d / name).write_text(json.dumps(table, indent=1) + "\n")
 
 
@@ -112,6 +134,8 @@ def main():
     p.add_argument("--table-from", help="a grid JSON written by --out: only (re)write the tables")
     p.add_argument("--variants", nargs="+", default=["static", "ours"], choices=["static", "ours"])
     p.add_argument("--min-gain", type=float, default=0.01)
+    p.add_argument("--static-within", type=float, default=0.02,
+                   help="the ours table only takes tiles at most this much slower than vLLM's default at skip 0")
     p.add_argument("--batches", nargs="+", type=int, default=BATCHES)
     p.add_argument("--budget-s", type=float, default=400, help="stop timing new batch sizes after this")
     a = p.parse_args()
@@ -120,7 +144,7 @@ def main():
         device = grid.get("meta", {}).get("device")
         if not device:
             p.error(f"{a.table_from} has no meta.device (the GPU the table is for): not a grid written by --out")
-        return write_tables(grid, a.table_dir, a.variants, a.min_gain, table_name(device))
+        return write_tables(grid, a.table_dir, a.variants, a.min_gain, table_name(device), a.static_within)
     if not a.out:
         p.error("--out is required unless --table-from is given")
     import torch
@@ -186,7 +210,7 @@ def main():
             "triton": __import__("triton").__version__}
     Path(a.out).write_text(json.dumps({"meta": meta, "candidates": cands, "rows": rows}, indent=1))
     name = fm.get_config_file_name(E, I, None)
-    write_tables({"candidates": cands, "rows": rows}, a.table_dir, a.variants, a.min_gain, name)
+    write_tables({"candidates": cands, "rows": rows}, a.table_dir, a.variants, a.min_gain, name, a.static_within)
     print(json.dumps(meta), "tables:", name)
 
 

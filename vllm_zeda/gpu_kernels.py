@@ -63,14 +63,23 @@ if triton is not None:
         slot = tl.arange(0, K_PAD)
         w = tl.zeros((BLOCK_M, K_PAD), tl.float32)
         ids = tl.zeros((BLOCK_M, K_PAD), tl.int32)
+        # each slot's place among its kind (live / zero) and the live slots so far, kept per pick:
+        # the live-first positions and the zero count need no reduction or scan over the slots
+        # (those cost the single-token launch 0.3 µs, RESULTS.md §3 run H)
+        rank = tl.zeros((BLOCK_M, K_PAD), tl.int32)
+        n_live = tl.zeros((BLOCK_M,), tl.int32)
         picked = tl.zeros((BLOCK_M,), tl.float32)
         for k in tl.static_range(K):  # top-K on the (biased) logits: exact order, lowest id wins ties
             xk, idx = tl.max(x, axis=1, return_indices=True, return_indices_tie_break_left=True)
             idx = tl.minimum(idx.to(tl.int32), n_all - 1)  # in range whatever the row holds
             ek = tl.exp(xk - top)  # its softmax numerator, from the reduction's value: no second reduction
             picked += ek
-            w = tl.where(slot[None, :] == k, ek[:, None], w)
-            ids = tl.where(slot[None, :] == k, idx[:, None], ids)
+            here = slot[None, :] == k
+            w = tl.where(here, ek[:, None], w)
+            ids = tl.where(here, idx[:, None], ids)
+            zk = idx >= n_real
+            rank = tl.where(here, tl.where(zk, k - n_live, n_live)[:, None], rank)
+            n_live += (~zk).to(tl.int32)
             x = tl.where(cols[None, :] == idx[:, None], float("-inf"), x)
         if RENORM:
             w = w / picked[:, None]
@@ -84,11 +93,7 @@ if triton is not None:
         out_mask = rmask[:, None] & (slot[None, :] < K)
         pos = slot[None, :]
         if LIVE_FIRST:  # stable partition of each row: live slots to 0..L-1, zero slots after them
-            live_f = (~is_zero & (slot[None, :] < K)).to(tl.int32)
-            zero_f = (is_zero & (slot[None, :] < K)).to(tl.int32)
-            n_live = tl.sum(live_f, axis=1)
-            pos = tl.where(is_zero, n_live[:, None] + tl.cumsum(zero_f, axis=1) - zero_f,
-                           tl.cumsum(live_f, axis=1) - live_f)
+            pos = tl.where(is_zero, n_live[:, None] + rank, rank)
             if END_BLOCK > 0:  # a single token: its live slots' blocks end at END_BLOCK x their count
                 tl.store(end_ptr + rows * 0, n_live * END_BLOCK, mask=rows == 0)
         offs = rows[:, None].to(tl.int64) * K + pos
@@ -98,7 +103,7 @@ if triton is not None:
         valid = rmask
         if HAS_PAD:
             valid = valid & (tl.load(pad_ptr + rows, mask=rmask, other=1) == 0)
-        zero = tl.sum(tl.sum((is_zero & out_mask & valid[:, None]).to(tl.int64), axis=1), axis=0)
+        zero = tl.sum(tl.where(valid, K - n_live, 0).to(tl.int64), axis=0)
         tl.atomic_add(counts_ptr, zero)
         tl.atomic_add(counts_ptr + 1, tl.sum(valid.to(tl.int64), axis=0) * K)
 
