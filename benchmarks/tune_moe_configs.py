@@ -10,13 +10,16 @@ and a few neighbours. Each candidate is timed per batch size through vLLM's modu
   static   stock TritonExperts, top-8 routing
   ours     ZedaTritonExperts, half the slots on zero experts (the ZEDA operating point)
 
-median µs over CUDA-graph replays of 8 rotating routings. Writes the full grid to --out and, into
---table-dir, vLLM-format tables (batch size -> config) per variant: the best candidate where it
-beats vLLM's default by more than --min-gain (a best-of-25 pick carries noise), else the default,
-the ours table only among tiles at most --static-within slower than vLLM's default in the static
-run (ours at skip 0: a tile tuned at half the slots must not lose with none);
-above 512 tokens a config that start-up compiles anyway (CUDA-graph capture, the profile run) is
-kept where it is within 1% of that pick (each other config is a first-use compile while serving).
+median µs over CUDA-graph replays of 8 rotating routings. "Stock" is the config vLLM itself runs
+at that batch size on this GPU: its own table's entry where it ships one (vLLM 0.26: for the H200,
+not the H100), else `get_default_config`; the grid records that table (meta.vllm_table). Writes the
+full grid to --out and, into --table-dir, vLLM-format tables (batch size -> config) per variant:
+the fastest candidate where it beats stock by more than --min-gain (a best-of-25 pick carries
+noise), else stock's config; the ours table takes only tiles at most --static-within slower than
+stock's in the static run (ours at skip 0: a tile tuned at half the slots must not lose with
+none). Both comparisons use stock's own timing in the candidate sweep. Above 512 tokens a config
+that start-up compiles anyway (CUDA-graph capture, the profile run) is kept where it is within 1%
+of that pick (each other config is a first-use compile while serving).
 The shipped table (vllm_zeda/moe_configs/) is the "ours" table; rebuild it from a grid without a
 GPU (tests/test_tuned_configs.py checks that this reproduces it):
 
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -54,60 +58,90 @@ def _key(cfg: dict) -> tuple:
     return tuple(cfg[k] for k in KEYS)
 
 
-def eligible(row: dict, variant: str, static_within: float | None) -> list[bool]:
+def stock_config(row: dict, stock_table: dict | None) -> dict:
+    """The tile config stock vLLM runs at this row's batch size: the nearest entry of its own table
+    for this shape and GPU where it ships one (vLLM 0.26 does for the H200, not for the H100),
+    else `get_default_config` (the row's "default")."""
+    if not stock_table:
+        return row["default"]
+    m = row["tokens"]
+    return stock_table[min(stock_table, key=lambda k: (abs(int(k) - m), int(k)))]
+
+
+def _stock_times(row: dict, variant: str, keys: list[tuple] | None, stock: dict) -> tuple[float, float]:
+    """(static µs, variant µs) of the stock config: its own timing in the candidate sweep where it
+    is a candidate (same conditions as its rivals: from 1,024 tokens on, the H200 grid's sweeps ran
+    up to 10% slower than the row's first timing), else the row's first ("default") timing."""
+    if keys is not None and _key(stock) in keys:
+        i = keys.index(_key(stock))
+        s, t = row.get("static_all", [None] * len(keys))[i], row[f"{variant}_all"][i]
+        if t is not None:
+            return (s if s is not None else row.get("static_default")), t
+    return row.get("static_default"), row[f"{variant}_default"]
+
+
+def eligible(row: dict, variant: str, static_within: float | None, static_ref: float | None) -> list[bool]:
     """Which of the grid's candidates this row may pick. For "ours" (timed at skip 0.5) with
     static_within: only tiles whose static top-K time (the same kernel with no zero slot, i.e.
-    ours at skip 0) is within static_within of vLLM's default. A tile that wins at half the slots
-    but loses with none makes ZEDA layers slower than stock ones at low skip (the H200 grid's
+    ours at skip 0) is within static_within of stock's (static_ref). A tile that wins at half the
+    slots but loses with none makes ZEDA layers slower than stock ones at low skip (the H200 grid's
     4-token pick: 4.5% faster at skip 0.5, 11% slower at skip 0)."""
     times = row[f"{variant}_all"]
-    if variant != "ours" or static_within is None or "static_all" not in row:
+    if variant != "ours" or static_within is None or "static_all" not in row or static_ref is None:
         return [t is not None for t in times]
-    limit = (1 + static_within) * row["static_default"]
+    limit = (1 + static_within) * static_ref
     return [t is not None and s is not None and s <= limit for t, s in zip(times, row["static_all"])]
 
 
 def table_from_rows(rows: list[dict], variant: str, min_gain: float = 0.01, candidates: list[dict] | None = None,
                     reuse_within: float = 0.01, captured_up_to: int = CAPTURED_UP_TO,
-                    static_within: float | None = 0.02) -> dict[str, dict]:
-    """vLLM-format table: per batch size the variant's fastest `eligible` config if it beats
-    vLLM's default by more than min_gain, else the default (without the grid's candidates: the
-    row's recorded best, unguarded). Given the candidates, a batch size above captured_up_to takes
-    instead an eligible config that start-up compiles anyway (the pick at the largest captured
-    size: CUDA-graph capture; at the largest batch size: vLLM's profile run) when that one is
-    within reuse_within of the pick: any other config is a first-use Triton compile in the middle
-    of serving (benchmarks/RESULTS.md §5)."""
-    picks = {}
+                    static_within: float | None = 0.02, stock_table: dict | None = None) -> dict[str, dict]:
+    """vLLM-format table: per batch size the variant's fastest `eligible` config if it beats the
+    config stock vLLM runs there (`stock_config`) by more than min_gain, else that config (without
+    the grid's candidates: the row's recorded best, unguarded). Given the candidates, a batch size
+    above captured_up_to takes instead an eligible config that start-up compiles anyway (the pick at
+    the largest captured size: CUDA-graph capture; at the largest batch size: vLLM's profile run)
+    when that one is within reuse_within of the pick: any other config is a first-use Triton compile
+    in the middle of serving (benchmarks/RESULTS.md §5)."""
+    keys = [_key(c) for c in candidates] if candidates is not None else None
+    picks, ok = {}, {}
     for r in rows:
+        stock = stock_config(r, stock_table)
+        static_ref, ref = _stock_times(r, variant, keys, stock)
         cfg, t = r[f"{variant}_best_config"], r[f"{variant}_best"]
         if candidates is not None:
-            ok = eligible(r, variant, static_within)
-            t, i = min(((tc, i) for i, tc in enumerate(r[f"{variant}_all"]) if ok[i]), default=(None, None))
+            ok[r["tokens"]] = eligible(r, variant, static_within, static_ref)
+            t, i = min(((tc, i) for i, tc in enumerate(r[f"{variant}_all"]) if ok[r["tokens"]][i]),
+                       default=(None, None))
             cfg = candidates[i] if i is not None else None
-        better = t is not None and t < (1 - min_gain) * r[f"{variant}_default"]
-        picks[r["tokens"]] = (cfg, t) if better else (r["default"], r[f"{variant}_default"])
+        better = t is not None and t < (1 - min_gain) * ref
+        picks[r["tokens"]] = (cfg, t) if better else (stock, ref)
     if candidates is not None:
         sizes = sorted(picks)
         captured = [m for m in sizes if m <= captured_up_to]
         warm = {_key(picks[m][0]) for m in captured[-1:] + sizes[-1:]}
-        keys = [_key(c) for c in candidates]
         for r in rows:
             m, (cfg, t) = r["tokens"], picks[r["tokens"]]
             if m <= captured_up_to or _key(cfg) in warm:
                 continue
-            ok = eligible(r, variant, static_within)
-            timed = [(r[f"{variant}_all"][keys.index(w)], w) for w in warm if w in keys and ok[keys.index(w)]]
+            timed = [(r[f"{variant}_all"][keys.index(w)], w) for w in warm if w in keys and ok[m][keys.index(w)]]
             fastest = min(timed, default=None)
             if fastest is not None and fastest[0] <= (1 + reuse_within) * t:
                 picks[m] = (dict(zip(KEYS, fastest[1])), fastest[0])
     return {str(r["tokens"]): {k: picks[r["tokens"]][0][k] for k in KEYS} for r in rows}
 
 
+def table_from_grid(grid: dict, variant: str, **kw) -> dict[str, dict]:
+    """table_from_rows over a grid written by --out (its candidates and stock vLLM's own table)."""
+    return table_from_rows(grid["rows"], variant, candidates=grid.get("candidates"),
+                           stock_table=grid.get("meta", {}).get("vllm_table"), **kw)
+
+
 def write_tables(grid: dict, table_dir: str, variants, min_gain: float, name: str, static_within: float) -> None:
     for v in variants:
         d = Path(table_dir) if len(variants) == 1 else Path(table_dir) / v
         d.mkdir(parents=True, exist_ok=True)
-        table = table_from_rows(grid["rows"], v, min_gain, grid.get("candidates"), static_within=static_within)
+        table = table_from_grid(grid, v, min_gain=min_gain, static_within=static_within)
         (d / name).write_text(json.dumps(table, indent=1) + "\n")
 
 
@@ -135,7 +169,7 @@ def main():
     p.add_argument("--variants", nargs="+", default=["static", "ours"], choices=["static", "ours"])
     p.add_argument("--min-gain", type=float, default=0.01)
     p.add_argument("--static-within", type=float, default=0.02,
-                   help="the ours table only takes tiles at most this much slower than vLLM's default at skip 0")
+                   help="the ours table only takes tiles at most this much slower than stock vLLM's config at skip 0")
     p.add_argument("--batches", nargs="+", type=int, default=BATCHES)
     p.add_argument("--budget-s", type=float, default=400, help="stop timing new batch sizes after this")
     a = p.parse_args()
@@ -147,6 +181,7 @@ def main():
         return write_tables(grid, a.table_dir, a.variants, a.min_gain, table_name(device), a.static_within)
     if not a.out:
         p.error("--out is required unless --table-from is given")
+    os.environ.pop("VLLM_TUNED_CONFIG_FOLDER", None)  # "default" is stock vLLM's own lookup
     import torch
     import vllm
     import vllm.model_executor.layers.fused_moe.fused_moe as fm
@@ -178,7 +213,11 @@ def main():
             return call(ours_k, x, r["zw"], r["zids"], zmap)
 
     cands = candidates()
-    print(f"{len(cands)} candidate configs", flush=True)
+    own = fm.get_moe_configs(E, I, None)  # stock vLLM's own table for this GPU (VLLM_TUNED_CONFIG_FOLDER unset)
+    meta = {"device": torch.cuda.get_device_name(), "vllm": vllm.__version__, "date": time.strftime("%Y-%m-%d"),
+            "unit": "us per fused-MoE call", "shape": [E, H, I, K], "triton": __import__("triton").__version__,
+            "vllm_table": {str(k): v for k, v in own.items()} if own else None}
+    print(f"{len(cands)} candidate configs; vLLM's own table: {'yes' if own else 'none'}", flush=True)
     rows = []
     for m in a.batches:
         if time.time() - t0 > a.budget_s:
@@ -189,8 +228,10 @@ def main():
         fns = {"static": [lambda r=r: call(stock, x, r["w"], r["ids"]) for r in rs],
                "ours": [lambda r=r: ours(x, r) for r in rs]}
         row = {"tokens": m, "default": fm.get_default_config(m, E, I, H, K, None)}
+        row["default"] = {**stock_config(row, meta["vllm_table"]), "SPLIT_K": 1}  # what stock vLLM runs at m
         for v, fl in fns.items():
-            row[f"{v}_default"] = round(time_graph(fl), 2)
+            with override_config(row["default"]):  # ours would otherwise look up vllm_zeda's shipped table
+                row[f"{v}_default"] = round(time_graph(fl), 2)
             times = []
             for c in cands:
                 try:
@@ -204,13 +245,12 @@ def main():
         rows.append(row)
         print(f"M={m:6d} static default {row['static_default']:8.1f} best {row['static_best']:8.1f} | "
               f"ours(s=0.5) default {row['ours_default']:8.1f} best {row['ours_best']:8.1f}", flush=True)
-        Path(a.out).write_text(json.dumps({"candidates": cands, "rows": rows}, indent=1))
-    meta = {"device": torch.cuda.get_device_name(), "vllm": vllm.__version__, "date": time.strftime("%Y-%m-%d"),
-            "seconds": round(time.time() - t0, 1), "unit": "us per fused-MoE call", "shape": [E, H, I, K],
-            "triton": __import__("triton").__version__}
-    Path(a.out).write_text(json.dumps({"meta": meta, "candidates": cands, "rows": rows}, indent=1))
+        Path(a.out).write_text(json.dumps({"meta": meta, "candidates": cands, "rows": rows}, indent=1))
+    meta["seconds"] = round(time.time() - t0, 1)
+    grid = {"meta": meta, "candidates": cands, "rows": rows}
+    Path(a.out).write_text(json.dumps(grid, indent=1))
     name = fm.get_config_file_name(E, I, None)
-    write_tables({"candidates": cands, "rows": rows}, a.table_dir, a.variants, a.min_gain, name, a.static_within)
+    write_tables(grid, a.table_dir, a.variants, a.min_gain, name, a.static_within)
     print(json.dumps(meta), "tables:", name)
 
 
