@@ -247,3 +247,27 @@ def test_worker_extension_subclasses_keep_the_stats_rpcs():
     assert extends_stats_worker("benchmarks.kernel_profile.ZedaProfileExtension")
     assert not extends_stats_worker("benchmarks.kernel_profile.KernelProfileExtension")
     assert not extends_stats_worker("no_such_module.Extension") and not extends_stats_worker("Bare")
+
+
+@pytest.mark.parametrize("m,live_first", [(1, True), (6, True), (7, False), (64, False)])
+def test_router_puts_live_slots_first_only_where_the_assignment_is_sort_free(monkeypatch, m, live_first):
+    """The GPU router asks the routing kernel for live-first slots only where vLLM's Triton
+    experts run a block per slot in slot order (M x K x 4 <= E+Z; Qwen3 shape: up to 6 tokens),
+    and for where the live blocks end only at one token; remap mode never reorders."""
+    from vllm_zeda import vllm_router
+
+    calls = []
+
+    def fake_route(logits, num_real, top_k, renormalize, bias, counts, padding, remap=False, **kw):
+        calls.append(kw)
+        ids = torch.zeros(logits.shape[0], top_k, dtype=torch.int32)
+        return torch.zeros(logits.shape[0], top_k), ids, ids
+
+    monkeypatch.setattr(vllm_router, "zeda_route_", fake_route)
+    for mode in ("skip", "remap"):
+        router = vllm_router.ZedaRouter(layer_idx=0, top_k=8, num_real=128, num_zero=64, renormalize=True,
+                                        masked=False, zero_bias=0.0, zero_slots=mode)
+        router._compute_routing_fused(None, torch.zeros(m, 192), None)
+    skip, remap = calls
+    assert skip["live_first"] is live_first and (skip["live_end"] is not None) == (m == 1)
+    assert remap["live_first"] is False and remap["live_end"] is None

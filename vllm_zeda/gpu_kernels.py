@@ -153,6 +153,15 @@ _ROUTE_KERNELS: dict[tuple, object] = {}
 LIVE_END_BLOCK_M = 16
 
 
+def sort_free(num_tokens: int, top_k: int, num_experts: int) -> bool:
+    """Whether vLLM's Triton experts give a call the sort-free ("naive") assignment, one block per
+    slot in slot order, instead of aligning the slots by expert (`_prepare_expert_assignment`,
+    0.26: num_tokens x top_k x 4 <= global experts). Only there does the order of a token's slots
+    decide which blocks run, so only there are live slots put first (route kernel: +0.1-1.2 µs a
+    call from 16 tokens on, benchmarks/RESULTS.md §2)."""
+    return num_tokens * top_k * 4 <= num_experts
+
+
 def zeda_route_(logits: torch.Tensor, num_real: int, top_k: int, renormalize: bool, bias: torch.Tensor,
                 counts: torch.Tensor, padding: torch.Tensor | None, remap: bool = False, *,
                 live_first: bool = False, live_end: torch.Tensor | None = None, block_m: int | None = None,

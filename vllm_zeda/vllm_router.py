@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from . import compat
-from .gpu_kernels import zeda_route_
+from .gpu_kernels import sort_free, zeda_route_
 from .routing import route_softmax
 
 ZERO_SLOT_MODES = ("skip", "gather", "remap")
@@ -77,19 +77,19 @@ class ZedaRouter(compat.base_router_class()):
             return weights, ids
         if self.counts.device != router_logits.device:
             self.counts = self.counts.to(router_logits.device)
-        live_first = self.zero_slots != "remap"
-        end = (torch.empty(1, dtype=torch.int32, device=router_logits.device)
-               if live_first and router_logits.shape[0] == 1 else None)
+        m, n_all = router_logits.shape
+        live_first = self.zero_slots != "remap" and sort_free(m, self.top_k, n_all)
+        end = torch.empty(1, dtype=torch.int32, device=router_logits.device) if live_first and m == 1 else None
         weights, ids, live = zeda_route_(
             router_logits, self.num_real, self.top_k, self.renormalize, self._bias_tensor(router_logits.device),
             self.counts, compat.padding_mask(router_logits.shape[0]), remap=self.zero_slots == "remap",
             live_first=live_first, live_end=end,
         )
         # "skip": zero slots keep ids >= E and their (unused) weights; the expert map sends
-        # them to -1, so the kernel neither computes nor adds them. Each token's live slots come
-        # first (routing.live_first): a small batch's fused-MoE grid, a block per slot in slot
-        # order, then runs every live block before the zero slots' blocks, and at one token
-        # `end` lets those leave at the kernel's first check (vllm_triton_experts).
+        # them to -1, so the kernel neither computes nor adds them. Where the experts take the
+        # sort-free assignment (a block per slot in slot order) each token's live slots come first
+        # (routing.live_first): every live block runs before the zero slots' blocks, and at one
+        # token `end` lets those leave at the kernel's first check (vllm_triton_experts).
         if indices_type not in (None, torch.int32):
             ids = ids.to(indices_type)
         self.last_live_ids = (ids, live, end)

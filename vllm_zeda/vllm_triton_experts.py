@@ -48,7 +48,7 @@ from vllm.model_executor.layers.fused_moe.experts import triton_moe
 from vllm.model_executor.layers.fused_moe.experts.triton_moe import TritonExperts
 
 from . import compat
-from .gpu_kernels import LIVE_END_BLOCK_M, live_moe_sum_, live_silu_and_mul_
+from .gpu_kernels import LIVE_END_BLOCK_M, live_moe_sum_, live_silu_and_mul_, sort_free
 from .tuned_configs import zeda_moe_config
 from .vllm_experts import live_ids_hint, router_live_end, router_live_ids
 
@@ -60,7 +60,7 @@ def assign_live_slots(topk_ids, config, num_tokens, top_k_num, global_num_expert
     """`_prepare_expert_assignment` that never gives a mapped-out (zero) slot a block."""
     if expert_map is None:
         return _UPSTREAM_ASSIGN(topk_ids, config, num_tokens, top_k_num, global_num_experts, expert_map, **kwargs)
-    if num_tokens * top_k_num * 4 <= global_num_experts and not _grouped_int_weights(kwargs):
+    if sort_free(num_tokens, top_k_num, global_num_experts) and not _grouped_int_weights(kwargs):
         # one block per slot, in slot order; a -1 block exits at once (its rows are never read).
         # ZedaTritonExperts.apply has already made this call's live ids: reuse them.
         live = router_live_ids(topk_ids)
