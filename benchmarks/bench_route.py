@@ -9,9 +9,10 @@ logits, top-8, bf16 logits), median µs over CUDA-graph replays (device machine)
   zeda_route bM/wN vllm_zeda.gpu_kernels.zeda_route_ (one kernel: bias, softmax, top-K,
                    renormalisation, counters, live ids) at launch shape BLOCK_M=M rows per
                    program, N warps, slots in top-K order; "default" = the shipped launch
-  zeda_route plugin  the call the plugin's router makes: the default launch with each token's
-                   live slots first, and at one token where their fused-MoE blocks end
-                   (live_end)
+  zeda_route live_first  the default launch with each token's live slots first, and at one token
+                   where their fused-MoE blocks end (live_end)
+  zeda_route plugin  the call the plugin's router makes: live_first where the experts take the
+                   sort-free assignment (gpu_kernels.sort_free: up to 6 tokens here), else default
 
 Purpose: pick zeda_route_'s launch shape per batch size (decode at batch 1 paid ~12 µs per layer
 more than stock end to end, RESULTS.md §3).
@@ -40,7 +41,7 @@ def main():
     a = p.parse_args()
     from vllm.model_executor.layers.fused_moe.router.fused_topk_router import fused_topk
 
-    from vllm_zeda.gpu_kernels import zeda_route_
+    from vllm_zeda.gpu_kernels import sort_free, zeda_route_
 
     e, z, k = 128, 64, 8
     bias = torch.full((1,), 0.1, device="cuda")
@@ -53,13 +54,16 @@ def main():
         real = logits[:, :e].contiguous()
         x = torch.empty(m, 2048, device="cuda", dtype=torch.bfloat16)
         end = torch.zeros(1, dtype=torch.int32, device="cuda")
+        lf = sort_free(m, k, e + z)
         variants = {
             "stock": lambda: fused_topk(x, real, k, True, torch.int32),
             "bias+fused_topk": lambda: fused_topk(x, logits + bias_row, k, True, torch.int32),
             "fused_topk 192": lambda: fused_topk(x, logits, k, True, torch.int32),
             "zeda_route default": lambda: zeda_route_(logits, e, k, True, bias, counts, None),
-            "zeda_route plugin": lambda: zeda_route_(logits, e, k, True, bias, counts, None, live_first=True,
-                                                     live_end=end if m == 1 else None),
+            "zeda_route live_first": lambda: zeda_route_(logits, e, k, True, bias, counts, None, live_first=True,
+                                                         live_end=end if m == 1 else None),
+            "zeda_route plugin": lambda: zeda_route_(logits, e, k, True, bias, counts, None, live_first=lf,
+                                                     live_end=end if lf and m == 1 else None),
         }
         for bm, nw in SHAPES:
             variants[f"zeda_route b{bm}/w{nw}"] = lambda bm=bm, nw=nw: zeda_route_(

@@ -114,7 +114,7 @@ def route(data: dict) -> str:
 
 
 def tune(data: dict) -> str:
-    out = ["| tokens | static, vLLM default | static, best | ours s=0.5, vLLM default | ours s=0.5, best | "
+    out = ["| tokens | static, stock tiles | static, best | ours s=0.5, stock tiles | ours s=0.5, best | "
            "ours gain | best config for ours (M/N/K/group/warps/stages) |", "|---:|---:|---:|---:|---:|---:|---|"]
     for r in data["rows"]:
         c = r["ours_best_config"]
