@@ -20,25 +20,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vllm_zeda import gpu_kernels  # noqa: E402
 
 SIGNATURE = {"logits_ptr": "*bf16", "stride_lm": "i32", "bias_ptr": "*fp32", "pad_ptr": "*u8", "w_ptr": "*fp32",
-             "ids_ptr": "*i32", "live_ptr": "*i32", "counts_ptr": "*i64", "M": "i32", "n_real": "i32", "n_all": "i32",
-             "K": "constexpr", "K_PAD": "constexpr", "RENORM": "constexpr", "REMAP": "constexpr",
-             "HAS_PAD": "constexpr", "BLOCK_M": "constexpr", "BLOCK_E": "constexpr"}
-SHAPES = [(16, 4), (16, 8), (4, 4), (16, 1), (8, 1), (4, 1), (2, 1), (1, 1), (1, 2), (2, 2)]
+             "ids_ptr": "*i32", "live_ptr": "*i32", "counts_ptr": "*i64", "end_ptr": "*i32", "M": "i32",
+             "n_real": "i32", "n_all": "i32", "K": "constexpr", "K_PAD": "constexpr", "RENORM": "constexpr",
+             "REMAP": "constexpr", "LIVE_FIRST": "constexpr", "END_BLOCK": "constexpr", "HAS_PAD": "constexpr",
+             "BLOCK_M": "constexpr", "BLOCK_E": "constexpr", "TOPK_SORT": "constexpr"}
+# (rows per program, warps, live first, end block, bitonic top-K): the shipped launches at 1 token
+# (the plugin's call: live first + end) and from 2 tokens, and the tl.topk variant of each
+SHAPES = [(1, 1, True, 16, False), (1, 1, True, 16, True), (1, 1, False, 0, False), (1, 1, False, 0, True),
+          (2, 2, False, 0, False), (2, 2, False, 0, True), (2, 2, True, 0, False), (4, 4, False, 0, False)]
 
 
 def main() -> None:
     print("Qwen3-30B-A3B router: 128 + 64 logits (BLOCK_E 256), top-8, renormalised, sm_90\n")
-    print("| rows per program | warps | PTX lines | shfl.sync | bar.sync | st.shared | shared bytes | warps over [rows, experts] |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
-    for block_m, warps in SHAPES:
+    print("| rows per program | warps | live first | end | top-K | PTX lines | shfl.sync | bar.sync | st.shared "
+          "| shared bytes | warps over [rows, experts] |")
+    print("| ---: | ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |")
+    for block_m, warps, live_first, end_block, topk_sort in SHAPES:
         src = ASTSource(gpu_kernels._zeda_route, SIGNATURE, constexprs={
-            "K": 8, "K_PAD": 8, "RENORM": True, "REMAP": False, "HAS_PAD": True, "BLOCK_M": block_m, "BLOCK_E": 256})
+            "K": 8, "K_PAD": 8, "RENORM": True, "REMAP": False, "LIVE_FIRST": live_first, "END_BLOCK": end_block,
+            "HAS_PAD": True, "BLOCK_M": block_m, "BLOCK_E": 256, "TOPK_SORT": topk_sort})
         kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
         ptx, ttgir = kernel.asm["ptx"], kernel.asm["ttgir"]
         layout = re.search(r"warpsPerCTA = (\[[^\]]*\])", ttgir).group(1)
-        print(f"| {block_m} | {warps} | {ptx.count(chr(10))} | {ptx.count('shfl.sync')} | {ptx.count('bar.sync')} | {ptx.count('st.shared')} "
-              f"| {kernel.metadata.shared} | {layout} |")
-
+        print(f"| {block_m} | {warps} | {'yes' if live_first else 'no'} | {end_block or '-'} "
+              f"| {'tl.topk' if topk_sort else 'K argmax'} | {ptx.count(chr(10))} | {ptx.count('shfl.sync')} "
+              f"| {ptx.count('bar.sync')} | {ptx.count('st.shared')} | {kernel.metadata.shared} | {layout} |")
 
 if __name__ == "__main__":
     main()
