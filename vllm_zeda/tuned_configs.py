@@ -2,10 +2,11 @@
 
 vLLM looks its tables up by `get_config_file_name(E, N, dtype, block_shape)` (E experts, N the
 expert intermediate size, the GPU's name) in VLLM_TUNED_CONFIG_FOLDER, then in its own configs
-folder, else it uses `get_default_config`. vLLM 0.26 ships no table for Qwen3-30B-A3B's expert
-shape (E=128, N=768) on H100. `moe_configs/` holds tables (H100, H200) in vLLM's format, tuned
-with half of the slots on zero experts (the ZEDA operating point; benchmarks/tune_moe_configs.py);
-above 512 tokens they reuse the configs that start-up compiles where those are within 1% (fewer
+folder, else it uses `get_default_config`. vLLM 0.26 ships a table for Qwen3-30B-A3B's expert
+shape (E=128, N=768) on H200, none on H100. `moe_configs/` holds tables (H100, H200) in vLLM's
+format, tuned with half of the slots on zero experts (the ZEDA operating point;
+benchmarks/tune_moe_configs.py) among tiles at most 2% slower than stock's own at skip 0; above
+512 tokens they reuse the configs that start-up compiles where those are within 1% (fewer
 first-use Triton compiles while serving).
 
 `zeda_moe_config` replaces `try_get_optimal_moe_config` inside ZedaTritonExperts.apply only, so
