@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from vllm_zeda.tuned_configs import nearest  # noqa: E402 (vLLM's nearest-batch-size rule)
 
 E, H, I, K = 128, 2048, 768, 8
 BATCHES = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024, 1536, 2048, 3072, 4096, 8192, 16384]
@@ -64,8 +65,7 @@ def stock_config(row: dict, stock_table: dict | None) -> dict:
     else `get_default_config` (the row's "default")."""
     if not stock_table:
         return row["default"]
-    m = row["tokens"]
-    return stock_table[min(stock_table, key=lambda k: (abs(int(k) - m), int(k)))]
+    return nearest({int(k): cfg for k, cfg in stock_table.items()}, row["tokens"])
 
 
 def _stock_times(row: dict, variant: str, keys: list[tuple] | None, stock: dict) -> tuple[float, float]:
@@ -174,7 +174,10 @@ def main():
     p.add_argument("--budget-s", type=float, default=400, help="stop timing new batch sizes after this")
     a = p.parse_args()
     if a.table_from:
-        grid = json.loads(Path(a.table_from).read_text())
+        try:
+            grid = json.loads(Path(a.table_from).read_text())
+        except (OSError, ValueError) as exc:
+            p.error(f"cannot read the grid {a.table_from}: {exc}")
         device = grid.get("meta", {}).get("device")
         if not device:
             p.error(f"{a.table_from} has no meta.device (the GPU the table is for): not a grid written by --out")
@@ -227,8 +230,8 @@ def main():
         rs = make_routings(m, E, K, 0.5, 8, gen)
         fns = {"static": [lambda r=r: call(stock, x, r["w"], r["ids"]) for r in rs],
                "ours": [lambda r=r: ours(x, r) for r in rs]}
-        row = {"tokens": m, "default": fm.get_default_config(m, E, I, H, K, None)}
-        row["default"] = {**stock_config(row, meta["vllm_table"]), "SPLIT_K": 1}  # what stock vLLM runs at m
+        fallback = {"tokens": m, "default": fm.get_default_config(m, E, I, H, K, None)}
+        row = {"tokens": m, "default": {**stock_config(fallback, meta["vllm_table"]), "SPLIT_K": 1}}  # stock's tiles
         for v, fl in fns.items():
             with override_config(row["default"]):  # ours would otherwise look up vllm_zeda's shipped table
                 row[f"{v}_default"] = round(time_graph(fl), 2)

@@ -82,7 +82,7 @@ class ZedaRouter(compat.base_router_class()):
         end = torch.empty(1, dtype=torch.int32, device=router_logits.device) if live_first and m == 1 else None
         weights, ids, live = zeda_route_(
             router_logits, self.num_real, self.top_k, self.renormalize, self._bias_tensor(router_logits.device),
-            self.counts, compat.padding_mask(router_logits.shape[0]), remap=self.zero_slots == "remap",
+            self.counts, compat.padding_mask(m), remap=self.zero_slots == "remap",
             live_first=live_first, live_end=end,
         )
         # "skip": zero slots keep ids >= E and their (unused) weights; the expert map sends
