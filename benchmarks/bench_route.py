@@ -13,9 +13,6 @@ logits, top-8, bf16 logits), median µs over CUDA-graph replays (device machine)
                    where their fused-MoE blocks end (live_end)
   zeda_route plugin  the call the plugin's router makes: live_first where the experts take the
                    sort-free assignment (gpu_kernels.sort_free: up to 6 tokens here), else default
-  zeda_route topk, topk plugin  "default" and "plugin" with the top-K taken by one bitonic
-                   tl.topk over packed (logit, column) keys instead of K argmax reductions
-                   (topk_sort=True; not the plugin's choice unless these rows say so)
 
 Purpose: pick zeda_route_'s launch shape per batch size (decode at batch 1 paid ~12 µs per layer
 more than stock end to end, RESULTS.md §3).
@@ -67,9 +64,6 @@ def main():
                                                          live_end=end if m == 1 else None),
             "zeda_route plugin": lambda: zeda_route_(logits, e, k, True, bias, counts, None, live_first=lf,
                                                      live_end=end if lf and m == 1 else None),
-            "zeda_route topk": lambda: zeda_route_(logits, e, k, True, bias, counts, None, topk_sort=True),
-            "zeda_route topk plugin": lambda: zeda_route_(logits, e, k, True, bias, counts, None, live_first=lf,
-                                                          live_end=end if lf and m == 1 else None, topk_sort=True),
         }
         for bm, nw in SHAPES:
             variants[f"zeda_route b{bm}/w{nw}"] = lambda bm=bm, nw=nw: zeda_route_(
@@ -77,7 +71,7 @@ def main():
         ref = zeda_route_(logits, e, k, True, bias, counts, None)
         row = {"tokens": m}
         for name, fn in variants.items():
-            if name.startswith("zeda_route b") or name == "zeda_route topk":
+            if name.startswith("zeda_route b"):
                 out = fn()
                 assert torch.equal(out[1], ref[1]) and torch.equal(out[2], ref[2]), name  # same routing
             row[name] = round(time_graph([fn] * 8), 2)

@@ -23,15 +23,13 @@ DEVICE = "cuda" if torch.cuda.is_available() and os.environ["TRITON_INTERPRET"] 
 @pytest.mark.parametrize("m,e,z,k,renorm,bias", [(1, 8, 4, 2, True, 0.0), (37, 128, 64, 8, True, 0.3),
                                                  (5, 64, 32, 4, False, -0.5), (19, 16, 16, 4, True, 2.0)])
 @pytest.mark.parametrize("remap", [False, True])
-@pytest.mark.parametrize("topk_sort", [False, True])
-def test_route_kernel_matches_reference(m, e, z, k, renorm, bias, remap, topk_sort):
+def test_route_kernel_matches_reference(m, e, z, k, renorm, bias, remap):
     g = torch.Generator().manual_seed(m)
     logits = torch.randn(m, e + z, generator=g).to(DEVICE)
     padding = torch.zeros(m, dtype=torch.bool, device=DEVICE)
     padding[-1] = m > 1
     counts = torch.zeros(2, dtype=torch.int64, device=DEVICE)
-    w, ids, live = gk.zeda_route_(logits, e, k, renorm, torch.tensor([bias], device=DEVICE), counts, padding, remap,
-                                  topk_sort=topk_sort)
+    w, ids, live = gk.zeda_route_(logits, e, k, renorm, torch.tensor([bias], device=DEVICE), counts, padding, remap)
     ref = route_softmax(logits.cpu(), e, k, renorm, zero_bias=bias)
     zero = ref.is_zero
     assert torch.equal(live.cpu().long(), ref.ids.masked_fill(zero, -1))
@@ -47,8 +45,7 @@ def test_route_kernel_matches_reference(m, e, z, k, renorm, bias, remap, topk_so
 @pytest.mark.parametrize("m,e,z,k,bias", [(1, 128, 64, 8, 0.0), (37, 128, 64, 8, 0.3), (5, 8, 4, 2, 2.0),
                                           (19, 16, 16, 3, -9.0), (6, 16, 16, 4, 9.0)])
 @pytest.mark.parametrize("remap", [False, True])
-@pytest.mark.parametrize("topk_sort", [False, True])
-def test_route_kernel_live_first_matches_reference(m, e, z, k, bias, remap, topk_sort):
+def test_route_kernel_live_first_matches_reference(m, e, z, k, bias, remap):
     """live_first: each row's slots as routing.live_first orders the reference's (live ones in
     top-K order, then the zero ones); no-zero rows (bias -9) and all-zero rows (bias 9) included,
     as is K = 3 (a padded slot column); counters as without it."""
@@ -58,7 +55,7 @@ def test_route_kernel_live_first_matches_reference(m, e, z, k, bias, remap, topk
     padding[0] = m > 1
     counts = torch.zeros(2, dtype=torch.int64, device=DEVICE)
     w, ids, live = gk.zeda_route_(logits, e, k, True, torch.tensor([bias], device=DEVICE), counts, padding, remap,
-                                  live_first=True, topk_sort=topk_sort)
+                                  live_first=True)
     ref = live_first(route_softmax(logits.cpu(), e, k, True, zero_bias=bias))
     zero = ref.is_zero
     assert torch.equal(live.cpu().long(), ref.ids.masked_fill(zero, -1))
@@ -69,16 +66,14 @@ def test_route_kernel_live_first_matches_reference(m, e, z, k, bias, remap, topk
 
 
 @pytest.mark.parametrize("bias", [-9.0, 0.0, 0.4, 9.0])
-@pytest.mark.parametrize("topk_sort", [False, True])
-def test_route_kernel_writes_where_one_tokens_live_blocks_end(bias, topk_sort):
+def test_route_kernel_writes_where_one_tokens_live_blocks_end(bias):
     """A single token routed live-first with live_end: LIVE_END_BLOCK_M x its live slots, from 8
     (no zero slot, bias -9) down to 0 (all zero, bias 9); the slots as without it."""
     logits = torch.randn(1, 192, generator=torch.Generator().manual_seed(3)).to(DEVICE)
     bias_t = torch.tensor([bias], device=DEVICE)
     counts = torch.zeros(2, dtype=torch.int64, device=DEVICE)
     end = torch.full((1,), -7, dtype=torch.int32, device=DEVICE)
-    w, ids, live = gk.zeda_route_(logits, 128, 8, True, bias_t, counts, None, live_first=True, live_end=end,
-                                  topk_sort=topk_sort)
+    w, ids, live = gk.zeda_route_(logits, 128, 8, True, bias_t, counts, None, live_first=True, live_end=end)
     ref = live_first(route_softmax(logits.cpu(), 128, 8, True, zero_bias=bias))
     n_live = int((~ref.is_zero).sum())
     assert end.cpu().tolist() == [gk.LIVE_END_BLOCK_M * n_live]
@@ -123,20 +118,17 @@ def test_route_kernel_launch_shape_does_not_change_routing(block_m):
 
 
 @pytest.mark.parametrize("bias,first", [(0.0, 0), (0.5, 8)])
-@pytest.mark.parametrize("topk_sort", [False, True])
-def test_route_kernel_breaks_ties_towards_the_lowest_id(bias, first, topk_sort):
+def test_route_kernel_breaks_ties_towards_the_lowest_id(bias, first):
     logits = torch.zeros(3, 12, device=DEVICE)  # 8 real + 4 zero experts, every logit equal
     counts = torch.zeros(2, dtype=torch.int64, device=DEVICE)
-    w, ids, live = gk.zeda_route_(logits, 8, 3, True, torch.tensor([bias], device=DEVICE), counts, None,
-                                  topk_sort=topk_sort)
+    w, ids, live = gk.zeda_route_(logits, 8, 3, True, torch.tensor([bias], device=DEVICE), counts, None)
     assert ids.cpu().tolist() == [[first, first + 1, first + 2]] * 3
     assert torch.allclose(w.cpu(), torch.full((3, 3), 1 / 3))
     assert counts.cpu().tolist() == [9 if first else 0, 9]
 
 
 @pytest.mark.parametrize("remap", [False, True])
-@pytest.mark.parametrize("topk_sort", [False, True])
-def test_route_kernel_keeps_ids_in_range_for_nan_rows(remap, topk_sort):
+def test_route_kernel_keeps_ids_in_range_for_nan_rows(remap):
     """Rows of garbage (NaN, inf: CUDA-graph padding rows can hold them) still get ids inside
     [0, E+Z): the experts look ids up in the expert map, and expert parallelism gathers through
     it (an id past the map was a device-side assert on two GPUs). Finite rows are unaffected."""
@@ -149,8 +141,7 @@ def test_route_kernel_keeps_ids_in_range_for_nan_rows(remap, topk_sort):
     logits[4] = float("-inf")
     logits = logits.to(DEVICE)
     counts = torch.zeros(2, dtype=torch.int64, device=DEVICE)
-    w, ids, live = gk.zeda_route_(logits, e, k, True, torch.tensor([0.0], device=DEVICE), counts, None, remap,
-                                  topk_sort=topk_sort)
+    w, ids, live = gk.zeda_route_(logits, e, k, True, torch.tensor([0.0], device=DEVICE), counts, None, remap)
     ids, live = ids.cpu(), live.cpu()
     assert ids.min() >= 0 and ids.max() < e + z
     assert live.min() >= -1 and live.max() < e

@@ -45,7 +45,7 @@ if triton is not None:
     def _zeda_route(logits_ptr, stride_lm, bias_ptr, pad_ptr, w_ptr, ids_ptr, live_ptr, counts_ptr, end_ptr, M,
                     n_real, n_all, K: tl.constexpr, K_PAD: tl.constexpr, RENORM: tl.constexpr,
                     REMAP: tl.constexpr, LIVE_FIRST: tl.constexpr, END_BLOCK: tl.constexpr,
-                    HAS_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, TOPK_SORT: tl.constexpr):
+                    HAS_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.arange(0, BLOCK_E)
         rmask = rows < M
@@ -61,45 +61,30 @@ if triton is not None:
             top = tl.max(x, axis=1)
             denom = tl.sum(tl.exp(x - top[:, None]), axis=1)
         slot = tl.arange(0, K_PAD)
-        if TOPK_SORT:  # one bitonic top-K (tl.topk) over keys packing each logit with its column
-            bits = x.to(tl.int32, bitcast=True)
-            keys = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) * 65536 + (65535 - cols)[None, :]
-            keys = tl.topk(keys, K_PAD)  # [BLOCK_M, K_PAD], largest first; equal logits: lowest id first
-            ids = tl.minimum((65535 - (keys & 65535)).to(tl.int32), n_all - 1)
-            ordered = (keys >> 16).to(tl.int32)
-            xs = (ordered ^ ((ordered >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
-            if RENORM:  # any shift gives the same ratios; the largest pick keeps exp() in range
-                top = tl.max(xs, axis=1)
-            w = tl.where(slot[None, :] < K, tl.exp(xs - top[:, None]), 0.0)
-            picked = tl.sum(w, axis=1)
-            is_pick_zero = (ids >= n_real) & (slot[None, :] < K)
-            n_live = K - tl.sum(is_pick_zero.to(tl.int32), axis=1)
-            live_f = (~is_pick_zero & (slot[None, :] < K)).to(tl.int32)
-            zero_f = is_pick_zero.to(tl.int32)
-            rank = tl.where(is_pick_zero, tl.cumsum(zero_f, axis=1) - zero_f, tl.cumsum(live_f, axis=1) - live_f)
-        else:  # K argmax reductions
-            w = tl.zeros((BLOCK_M, K_PAD), tl.float32)
-            ids = tl.zeros((BLOCK_M, K_PAD), tl.int32)
-            # each slot's place among its kind (live / zero) and the live slots so far, kept per
-            # pick: the live-first positions and the zero count need no scan or reduction over
-            # the slots
-            rank = tl.zeros((BLOCK_M, K_PAD), tl.int32)
-            n_live = tl.zeros((BLOCK_M,), tl.int32)
-            picked = tl.zeros((BLOCK_M,), tl.float32)
-            for k in tl.static_range(K):  # top-K on the (biased) logits: exact order, lowest id wins ties
-                xk, idx = tl.max(x, axis=1, return_indices=True, return_indices_tie_break_left=True)
-                idx = tl.minimum(idx.to(tl.int32), n_all - 1)  # in range whatever the row holds
-                if RENORM and k == 0:  # the first pick is the row's max: the shift, no reduction of its own
-                    top = xk
-                ek = tl.exp(xk - top)  # its softmax numerator, from the reduction's value
-                picked += ek
-                here = slot[None, :] == k
-                w = tl.where(here, ek[:, None], w)
-                ids = tl.where(here, idx[:, None], ids)
-                zk = idx >= n_real
-                rank = tl.where(here, tl.where(zk, k - n_live, n_live)[:, None], rank)
-                n_live += (~zk).to(tl.int32)
-                x = tl.where(cols[None, :] == idx[:, None], float("-inf"), x)
+        w = tl.zeros((BLOCK_M, K_PAD), tl.float32)
+        ids = tl.zeros((BLOCK_M, K_PAD), tl.int32)
+        # each slot's place among its kind (live / zero) and the live slots so far, kept per
+        # pick: the live-first positions and the zero count need no scan or reduction over the
+        # slots. (One bitonic tl.topk over packed logit/column keys instead of the K argmax
+        # reductions below was timed and dropped: level from 1 to 256 tokens, 1.1-1.5x slower
+        # from 1,024; benchmarks/RESULTS.md §2.)
+        rank = tl.zeros((BLOCK_M, K_PAD), tl.int32)
+        n_live = tl.zeros((BLOCK_M,), tl.int32)
+        picked = tl.zeros((BLOCK_M,), tl.float32)
+        for k in tl.static_range(K):  # top-K on the (biased) logits: exact order, lowest id wins ties
+            xk, idx = tl.max(x, axis=1, return_indices=True, return_indices_tie_break_left=True)
+            idx = tl.minimum(idx.to(tl.int32), n_all - 1)  # in range whatever the row holds
+            if RENORM and k == 0:  # the first pick is the row's max: the shift, no reduction of its own
+                top = xk
+            ek = tl.exp(xk - top)  # its softmax numerator, from the reduction's value
+            picked += ek
+            here = slot[None, :] == k
+            w = tl.where(here, ek[:, None], w)
+            ids = tl.where(here, idx[:, None], ids)
+            zk = idx >= n_real
+            rank = tl.where(here, tl.where(zk, k - n_live, n_live)[:, None], rank)
+            n_live += (~zk).to(tl.int32)
+            x = tl.where(cols[None, :] == idx[:, None], float("-inf"), x)
         if RENORM:
             w = w / picked[:, None]
         else:
@@ -184,7 +169,7 @@ def sort_free(num_tokens: int, top_k: int, num_experts: int) -> bool:
 def zeda_route_(logits: torch.Tensor, num_real: int, top_k: int, renormalize: bool, bias: torch.Tensor,
                 counts: torch.Tensor, padding: torch.Tensor | None, remap: bool = False, *,
                 live_first: bool = False, live_end: torch.Tensor | None = None, block_m: int | None = None,
-                num_warps: int | None = None, topk_sort: bool = False):
+                num_warps: int | None = None):
     """(weights fp32 [M,K], ids int32 [M,K], live int32 [M,K]) with the semantics of
     routing.route_softmax (zero bias added in fp32); counts[0] += zero slots, counts[1] += slots,
     padding rows excluded; no host sync. `bias` is a 1-element fp32 tensor (a dial that CUDA
@@ -192,10 +177,6 @@ def zeda_route_(logits: torch.Tensor, num_real: int, top_k: int, renormalize: bo
     each row's slots come back as routing.live_first orders them (live ones first, order kept).
     live_end (one token, with live_first): a [1] int32 tensor the kernel sets to
     LIVE_END_BLOCK_M x the token's live slots.
-    topk_sort: take the top-K with one bitonic `tl.topk` over keys that pack each logit's order
-    bits with its column (same picks, order and ties) instead of K argmax reductions; an option
-    for benchmarks/bench_route.py to time (more warp shuffles, but independent ones: 281 against
-    80 at one row in benchmarks/route_kernel_ptx.py), not what the plugin runs.
     block_m / num_warps override the launch shape (rows per program, warps per program). Default,
     from bench_route.py on an H100 (E+Z=192, benchmarks/RESULTS.md §2): 2 rows on 2 warps, 1 row on
     1 warp for a single token — 4.3-4.9 µs from 1 to 256 tokens, level with vLLM's fused_topk over
@@ -218,7 +199,7 @@ def zeda_route_(logits: torch.Tensor, num_real: int, top_k: int, renormalize: bo
     end_block = LIVE_END_BLOCK_M if live_end is not None else 0
     args = (logits, logits.stride(0), bias, pad, weights, ids, live, counts, ids if live_end is None else live_end,
             m, num_real, n_all, top_k, _pow2(top_k), renormalize, remap, live_first, end_block, padding is not None,
-            block_m, _pow2(n_all), topk_sort)
+            block_m, _pow2(n_all))
     # Every input of the kernel's compilation: weights, ids and live are allocated above (whole
     # allocations of the caching allocator: 16-byte aligned), the others are not specialised on
     key = (logits.device.index, logits.dtype, logits.data_ptr() % 16 == 0, args[1], num_warps, m >= 2**31, *args[10:])
