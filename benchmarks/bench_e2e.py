@@ -14,10 +14,12 @@ Workloads: prefill (64 x 2048 prompt tokens, 1 output: input tok/s), decode at b
 256 four either way, MIN_RUNS); the fastest is reported and all times are kept. Every engine uses
 the same CUDA-graph capture sizes (CAPTURE_SIZES) to keep start-up short.
 --profile-decode adds, per config and target, the GPU kernels of one batch-1 decode step (device
-µs by kernel name, torch.profiler in the worker: kernel_profile.py).
+µs by kernel name, torch.profiler in the worker: kernel_profile.py); --profile-prefill those of one
+prefill step of 16,384 prompt tokens (8 x 2,048). --workloads times only the ones named.
 
     python3 benchmarks/bench_e2e.py --out $OUT/e2e.json [--configs static8 ideal4 zeda] [--targets 0 0.5]
-                                    [--profile-decode] [--tp 2 [--ep]]
+                                    [--profile-decode] [--profile-prefill] [--workloads prefill ...]
+                                    [--tp 2 [--ep]]
 --tp N runs every engine tensor-parallel over N GPUs, --ep adds --enable-expert-parallel (each rank
 holds E/N real experts). The zero fraction is read from rank 0: every rank routes every token.
 """
@@ -58,6 +60,7 @@ WORKLOADS = {  # name: (num prompts, prompt len, output len)
     "decode_b16": (16, 16, 256),
     "decode_b256": (256, 16, 128),
 }
+MAX_BATCHED = 16384  # max_num_batched_tokens: a prefill step holds up to this many prompt tokens
 # Timed runs at least, whatever --quick says: on the H200 every engine's batch-256 runs took
 # either ~2.75 s or 3.3-4.6 s (runs G, H, I, the skip-0.75 run: one of two slow, sometimes both;
 # cause unknown, the warm-up of 8 tokens took 2.1 s too), so two runs often held no clean one
@@ -119,7 +122,7 @@ def calibrate(llm, target, g, kind: str) -> float:
     return bias
 
 
-def run_workloads(llm, label: str, g, biases: dict | None, runs: int = 3) -> dict:
+def run_workloads(llm, label: str, g, biases: dict | None, runs: int = 3, only=tuple(WORKLOADS)) -> dict:
     """Every workload: one short warm-up (at most 8 output tokens: the same batch shapes), then
     `runs` timed runs (MIN_RUNS at least), the fastest reported (a one-off ~1-1.4 s stall hit
     single runs of every config on 2026-11-23; two timed runs outvote one). With `biases` (a ZEDA engine) the prefill
@@ -129,6 +132,8 @@ def run_workloads(llm, label: str, g, biases: dict | None, runs: int = 3) -> dic
 
     out = {}
     for wname, (n, plen, olen) in WORKLOADS.items():
+        if wname not in only:
+            continue
         prompts = [{"prompt_token_ids": torch.randint(0, 250, (plen,), generator=g).tolist()} for _ in range(n)]
         sp = SamplingParams(max_tokens=olen, temperature=0, ignore_eos=True)
         if biases:
@@ -162,10 +167,14 @@ def run_workloads(llm, label: str, g, biases: dict | None, runs: int = 3) -> dic
     return out
 
 
-def worker(model_dir: str, name: str, targets: list[float], profile: bool, quick: bool, tp: int = 1, ep: bool = False) -> None:
+def worker(model_dir: str, name: str, a) -> None:
     import torch
     from vllm import LLM
 
+    targets, quick, tp, ep = a.targets, a.quick, a.tp, a.ep
+    needs_bias = {"prefill" if w == "prefill" else "decode" for w in a.workloads}  # zero biases to calibrate
+    needs_bias |= {"decode"} if a.profile_decode else set()
+    needs_bias |= {"prefill"} if a.profile_prefill else set()
     zeda = CONFIGS[name].get("zeda", False)
     # benchmark-only worker RPCs (kernel_profile.py); for zeda also the plugin's zero-bias dial:
     # a device tensor read by the captured graphs, set per target through the RPC
@@ -174,7 +183,7 @@ def worker(model_dir: str, name: str, targets: list[float], profile: bool, quick
         kw["additional_config"] = {"zeda": {"enabled": True, "zero_bias": 1e-9}}
     t0 = time.time()
     llm = LLM(model_dir, load_format="dummy", dtype="bfloat16", max_model_len=4096, gpu_memory_utilization=0.88,
-              max_num_seqs=256, max_num_batched_tokens=16384, tensor_parallel_size=tp, enable_expert_parallel=ep,
+              max_num_seqs=256, max_num_batched_tokens=MAX_BATCHED, tensor_parallel_size=tp, enable_expert_parallel=ep,
               # every run repeats the warm-up's prompts: with prefix caching on, timed runs would skip
               # the prefill (2 x H200 at TP=2 have room to cache all 131k prefill tokens) and take
               # other batch shapes than the warm-up did
@@ -185,18 +194,27 @@ def worker(model_dir: str, name: str, targets: list[float], profile: bool, quick
     for target in (targets if zeda else [None]):
         label = name if target is None else f"zeda_s{round(target * 100)}"
         res = {"config": label, "init_s": init_s}
-        biases = {kind: calibrate(llm, target, g, kind) for kind in PROBES} if zeda else None
+        kinds = [kind for kind in PROBES if kind in needs_bias]
+        biases = {kind: calibrate(llm, target, g, kind) for kind in kinds} if zeda else None
         if biases:
             res["zero_bias"] = biases
-        res["workloads"] = run_workloads(llm, label, g, biases, runs=2 if quick else 3)
-        if profile:  # at the decode bias, which run_workloads left set
-            from benchmarks.kernel_profile import decode_step_kernels
+        res["workloads"] = run_workloads(llm, label, g, biases, runs=2 if quick else 3, only=a.workloads)
+        from benchmarks.kernel_profile import decode_step_kernels, prefill_step_kernels
 
-            try:
-                res["decode_profile"] = decode_step_kernels(llm, list(range(1, 17)))
+        profiles = {"decode_profile": a.profile_decode, "prefill_profile": a.profile_prefill}
+        for key in (k for k, on in profiles.items() if on):
+            try:  # each at its workload's bias
+                if biases:
+                    llm.collective_rpc("zeda_set_zero_bias", args=(biases["decode" if key == "decode_profile" else "prefill"],))
+                if key == "decode_profile":
+                    res[key] = decode_step_kernels(llm, list(range(1, 17)))
+                else:  # one step of max_num_batched_tokens prompt tokens
+                    plen = WORKLOADS["prefill"][1]
+                    res[key] = prefill_step_kernels(
+                        llm, [torch.randint(0, 250, (plen,), generator=g).tolist() for _ in range(MAX_BATCHED // plen)])
             except Exception as exc:  # the throughput numbers above still count
-                res["decode_profile"] = {"error": f"{type(exc).__name__}: {exc}"}
-            print(label, "decode step:", {k: v for k, v in res["decode_profile"].items() if k != "kernels"}, flush=True)
+                res[key] = {"error": f"{type(exc).__name__}: {exc}"}
+            print(label, key, {k: v for k, v in res[key].items() if k not in ("kernels", "call_spread")}, flush=True)
         print("RESULT " + json.dumps(res), flush=True)
 
 
@@ -207,13 +225,17 @@ def main() -> None:
     p.add_argument("--targets", nargs="+", type=float, default=[0.0, 0.5])
     p.add_argument("--worker", nargs=2)
     p.add_argument("--profile-decode", action="store_true")
+    p.add_argument("--profile-prefill", action="store_true",
+                   help="device µs by kernel of one prefill step of max_num_batched_tokens prompt tokens")
+    p.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS),
+                   help="the workloads to time (default: all)")
     p.add_argument("--quick", action="store_true", help="4 CUDA-graph sizes and 2 timed runs per workload")
     p.add_argument("--timeout", type=float, default=200, help="seconds per engine, plus 90 per zeda target")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size of every engine")
     p.add_argument("--ep", action="store_true", help="with --tp N: expert parallelism over the N GPUs")
     a = p.parse_args()
     if a.worker:
-        return worker(*a.worker, a.targets, a.profile_decode, a.quick, a.tp, a.ep)
+        return worker(*a.worker, a)
     import torch
     import vllm
 
@@ -228,7 +250,8 @@ def main() -> None:
         timeout = a.timeout + (90 * len(a.targets) if CONFIGS[name].get("zeda") else 0)
         proc = run_worker([sys.executable, __file__, "--out", a.out, "--worker", str(d), name,
                            "--targets", *map(str, a.targets), "--tp", str(a.tp)] + ["--ep"] * a.ep
-                          + ["--profile-decode"] * a.profile_decode + ["--quick"] * a.quick, timeout)
+                          + ["--profile-decode"] * a.profile_decode + ["--profile-prefill"] * a.profile_prefill
+                          + ["--quick"] * a.quick + ["--workloads", *a.workloads], timeout)
         out, err = proc.stdout, proc.stderr
         log.write_text(out + "\n----- stderr\n" + err[-20000:])
         lines = [json.loads(l[7:]) for l in out.splitlines() if l.startswith("RESULT ")]

@@ -6,12 +6,13 @@ unquantized layer calls), built by `make_unquantized_moe_kernel` as vLLM builds 
   static     stock TritonExperts, top-K over E real experts, no expert map
   ours       vllm_zeda.vllm_triton_experts.ZedaTritonExperts, zero ids E..E+Z-1, global E+Z and
              the map [0..E-1, -1 x Z] from ZedaRoutedExperts, plus what the router kernel hands
-             over: each token's slots live ones first (routing.live_first), their live ids, and at
-             one token where the live slots' blocks end: the plugin's layer path (routing itself
+             over (router_handover): the live ids, and where the experts take the sort-free
+             assignment (up to 6 tokens), at one token the slots live ones first and where their
+             blocks end, from two tokens the slot blocks: the plugin's layer path (routing itself
              is timed in no variant)
-  ours_topk_order  ours given the slots in top-K order and no end (the plugin before the router
-             put live slots first): at small batches the zero slots' blocks then sit between live
-             ones and each loads its expert id and writes a row of zeros before it exits
+  ours_topk_order  ours given only the live ids, slots in top-K order (the plugin before the
+             router handed over more): at small batches each zero slot's block then loads its
+             expert id and writes a row of zeros before it exits
   stock_map  stock TritonExperts given the same ids and map (the plugin before ZedaTritonExperts)
   remap      upstream's ZeroExpertRouter way: zero slots -> expert 0 with weight 0
   ideal      stock, compact top-round(K*(1-s)) over real experts (what skipping can at best reach)
@@ -19,7 +20,8 @@ unquantized layer calls), built by `make_unquantized_moe_kernel` as vLLM builds 
              through vLLM's `override_config`): ours/ideal_t is the cost of the zero slots alone,
              tuning set apart. Shapes without a shipped table run vLLM's configs in every variant,
              so there these columns repeat static and ideal (not timed twice).
-Median microseconds per call over CUDA-graph replays of 8 rotating routings. Each row also checks
+Median microseconds per call over CUDA-graph replays of 8 rotating routings, the variants' replays
+interleaved round by round (time_graphs). Each row also checks
 ours against ours_topk_order, stock_map and remap numerically (bf16 max abs diff).
 
     python3 benchmarks/bench_moe_layer.py --out $OUT/moe_layer.json [--shapes qwen3_30b_a3b glm47_flash]
@@ -37,8 +39,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from vllm_zeda.gpu_kernels import LIVE_END_BLOCK_M  # noqa: E402
-from vllm_zeda.routing import Routing, live_first  # noqa: E402
+from vllm_zeda.gpu_kernels import SLOT_BLOCK_M, sort_free  # noqa: E402
+from vllm_zeda.routing import Routing, live_first, slot_blocks  # noqa: E402
 SHAPES = {  # name: (E, H, I, K)
     "qwen3_30b_a3b": (128, 2048, 768, 8),
     "glm47_flash": (64, 2048, 1536, 4),
@@ -65,16 +67,26 @@ def make_routings(m, e, k, skip, n, gen, exact=False):
         rids = torch.where(zero, torch.zeros_like(ids), ids)
         zlive = torch.where(zero, torch.full_like(ids, -1), ids)  # what the router kernel hands over
         keep = max(1, round(k * (1 - skip)))
-        # what the plugin's router hands the experts: each token's live slots first, and at one
-        # token the end of their blocks (gpu_kernels.zeda_route_ with live_first and live_end)
-        lf = live_first(Routing(weights=zw, ids=zids, num_real=e))
-        lf_ids = lf.ids.to(torch.int32)
-        end = (torch.tensor([int((~lf.is_zero).sum()) * LIVE_END_BLOCK_M], dtype=torch.int32, device="cuda")
-               if m == 1 else None)
         out.append(dict(ids=ids, w=w, zids=zids, zw=zw, rids=rids, zlive=zlive, cids=ids[:, :keep].contiguous(),
-                        cw=w[:, :keep].contiguous(), lf_ids=lf_ids, lf_w=lf.weights,
-                        lf_live=torch.where(lf.is_zero, -1, lf_ids), lf_end=end))
+                        cw=w[:, :keep].contiguous(), plugin=router_handover(zw, zids, e, k)))
     return out
+
+
+def router_handover(zw, zids, e, k):
+    """(ids, weights, live ids, end, slot blocks): what the plugin's router hands the experts for
+    these slots (vllm_router.ZedaRouter with gpu_kernels.zeda_route_): where the experts take the
+    sort-free assignment, at one token its live slots first and where their blocks end, from two
+    tokens the slot blocks (a zero slot's block only padding); else the slots in top-K order."""
+    m = zids.shape[0]
+    r = Routing(weights=zw, ids=zids, num_real=e)
+    small = sort_free(m, k, e + e // 2)
+    if small and m == 1:
+        r = live_first(r)
+    ids = r.ids.to(torch.int32)
+    end = (torch.tensor([int((~r.is_zero).sum()) * SLOT_BLOCK_M], dtype=torch.int32, device=zids.device)
+           if small and m == 1 else None)
+    blocks = slot_blocks(r.is_zero, SLOT_BLOCK_M) if small and m > 1 else None
+    return ids, r.weights, torch.where(r.is_zero, -1, ids), end, blocks
 
 
 def capture(fn_list):
@@ -109,18 +121,35 @@ def profile_graph(fn_list, reps=10, top=8):
     return dict(sorted(out.items(), key=lambda kv: -kv[1])[:top])
 
 
+def _replay_us(g, calls: int) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    g.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1000 / calls
+
+
 def time_graph(fn_list, reps=20):
     """Capture all calls in one CUDA graph; median time per call over replays (µs)."""
     g = capture(fn_list)
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        g.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / len(fn_list))
-    return statistics.median(times)
+    return statistics.median(_replay_us(g, len(fn_list)) for _ in range(reps))
+
+
+def time_graphs(variants: dict[str, list], reps=20) -> dict[str, float]:
+    """time_graph for every variant, their replays interleaved: each round replays every
+    variant's graph once, starting one variant further on each round. A GPU that slows over a
+    row's seconds of back-to-back GEMMs then slows every variant alike (timed one after another,
+    variants timed later in a row ran up to 4.6% slower than identical work timed first at 16,384
+    tokens, benchmarks/RESULTS.md §2)."""
+    graphs = {v: capture(fns) for v, fns in variants.items()}
+    names = list(graphs)
+    times = {v: [] for v in names}
+    for rep in range(reps):
+        for i in range(len(names)):
+            v = names[(rep + i) % len(names)]
+            times[v].append(_replay_us(graphs[v], len(variants[v])))
+    return {v: statistics.median(t) for v, t in times.items()}
 
 
 def make_kernel(experts_cls, e, h, i, k, dtype):
@@ -164,8 +193,9 @@ def bench_shape(name, e, h, i, k, tokens, skips, exact=False, profile=(), dtype=
     ours_kernel = make_kernel(ZedaTritonExperts, e, h, i, k, dtype)
 
     def ours(x, r):
-        with live_ids_hint(r["lf_ids"], r["lf_live"], r["lf_end"]):  # as ZedaRoutedExperts does with the router's
-            return call(ours_kernel, x, r["lf_w"], r["lf_ids"], zmap)
+        ids, w, live, end, blocks = r["plugin"]
+        with live_ids_hint(ids, live, end, blocks):  # as ZedaRoutedExperts does with the router's
+            return call(ours_kernel, x, w, ids, zmap)
 
     def ours_topk_order(x, r):
         with live_ids_hint(r["zids"], r["zlive"]):
@@ -204,8 +234,7 @@ def bench_shape(name, e, h, i, k, tokens, skips, exact=False, profile=(), dtype=
                                        for r in rs]
             row = {"shape": name, "tokens": m, "skip": s, "top_k": k, "exact_zeros": exact,
                    "tiles": "shipped table" if tuned else "vLLM"}
-            for v, fns in variants.items():
-                row[v] = round(time_graph(fns), 2)
+            row.update({v: round(us, 2) for v, us in time_graphs(variants).items()})
             if m in profile:
                 row["kernels"] = {v: profile_graph(variants[v])
                                   for v in ("static", "ours", "ours_topk_order", "ideal")}

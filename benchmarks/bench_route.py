@@ -11,8 +11,9 @@ logits, top-8, bf16 logits), median µs over CUDA-graph replays (device machine)
                    program, N warps, slots in top-K order; "default" = the shipped launch
   zeda_route live_first  the default launch with each token's live slots first, and at one token
                    where their fused-MoE blocks end (live_end)
-  zeda_route plugin  the call the plugin's router makes: live_first where the experts take the
-                   sort-free assignment (gpu_kernels.sort_free: up to 6 tokens here), else default
+  zeda_route plugin  the call the plugin's router makes: where the experts take the sort-free
+                   assignment (gpu_kernels.sort_free: up to 6 tokens here) at one token live_first
+                   and live_end, from two the slot blocks; else default
 
 Purpose: pick zeda_route_'s launch shape per batch size (decode at batch 1 paid ~12 µs per layer
 more than stock end to end, RESULTS.md §3).
@@ -41,7 +42,7 @@ def main():
     a = p.parse_args()
     from vllm.model_executor.layers.fused_moe.router.fused_topk_router import fused_topk
 
-    from vllm_zeda.gpu_kernels import sort_free, zeda_route_
+    from vllm_zeda.gpu_kernels import SLOT_BLOCK_M, sort_free, zeda_route_
 
     e, z, k = 128, 64, 8
     bias = torch.full((1,), 0.1, device="cuda")
@@ -54,7 +55,8 @@ def main():
         real = logits[:, :e].contiguous()
         x = torch.empty(m, 2048, device="cuda", dtype=torch.bfloat16)
         end = torch.zeros(1, dtype=torch.int32, device="cuda")
-        lf = sort_free(m, k, e + z)
+        small = sort_free(m, k, e + z)
+        blocks = torch.empty(m * k * SLOT_BLOCK_M, dtype=torch.int32, device="cuda") if small and m > 1 else None
         variants = {
             "stock": lambda: fused_topk(x, real, k, True, torch.int32),
             "bias+fused_topk": lambda: fused_topk(x, logits + bias_row, k, True, torch.int32),
@@ -62,8 +64,8 @@ def main():
             "zeda_route default": lambda: zeda_route_(logits, e, k, True, bias, counts, None),
             "zeda_route live_first": lambda: zeda_route_(logits, e, k, True, bias, counts, None, live_first=True,
                                                          live_end=end if m == 1 else None),
-            "zeda_route plugin": lambda: zeda_route_(logits, e, k, True, bias, counts, None, live_first=lf,
-                                                     live_end=end if lf and m == 1 else None),
+            "zeda_route plugin": lambda: zeda_route_(logits, e, k, True, bias, counts, None, live_first=small and m == 1,
+                                                     live_end=end if small and m == 1 else None, slot_blocks=blocks),
         }
         for bm, nw in SHAPES:
             variants[f"zeda_route b{bm}/w{nw}"] = lambda bm=bm, nw=nw: zeda_route_(

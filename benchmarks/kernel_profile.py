@@ -3,7 +3,8 @@
 Worker extensions (vLLM's `worker_extension_cls`) that run torch.profiler (CUDA activity only) in
 the worker process, where the model and its CUDA graphs live, and hand back the device time per
 kernel name. `decode_step_kernels` profiles two batch-1 generations that differ only in their
-number of decode steps and divides the difference by it, so prefill and start-up cancel out.
+number of decode steps and divides the difference by it, so prefill and start-up cancel out;
+it also hands back how the calls of the MoE kernels spread in duration (call_spread).
 Also `bench_gc_collect`, which bench_e2e calls before every timed run: a full garbage collection in
 the worker's process (the engine core's, with one GPU), so that one is less likely to land inside
 a run (a ~1-1.4 s stall hit single runs of every config on 2026-11-23; cause not established).
@@ -31,10 +32,16 @@ class KernelProfileExtension:
         self._bench_prof.__enter__()
 
     def bench_profile_stop(self) -> dict[str, list[float]]:
-        """{kernel name: [launches, total device µs]} since bench_profile_start (CPU: op self µs)."""
+        """{kernel name: [launches, total device µs]} since bench_profile_start (CPU: op self µs).
+        The per-call spread of the same run is kept for bench_profile_spread."""
         prof, self._bench_prof = self._bench_prof, None
         prof.__exit__(None, None, None)
+        self._bench_spread = call_spread(prof, SPREAD_KERNELS, self._bench_on_gpu)
         return kernel_totals(prof, self._bench_on_gpu)
+
+    def bench_profile_spread(self) -> dict[str, dict]:
+        """call_spread of the last profiled run (bench_profile_stop)."""
+        return getattr(self, "_bench_spread", {})
 
 
 def kernel_totals(prof, on_gpu: bool = True) -> dict[str, list[float]]:
@@ -50,6 +57,61 @@ def kernel_totals(prof, on_gpu: bool = True) -> dict[str, list[float]]:
         if us > 0:
             out[evt.key] = [evt.count, us]
     return out
+
+
+def prefill_step_kernels(llm, prompts: list[list[int]], top: int = 40) -> dict:
+    """Device µs by kernel of the step that prefills `prompts` (together at most the engine's
+    max_num_batched_tokens, so one step) with one output token each, after the same run
+    unprofiled; also the wall time and how the MoE kernels' calls spread."""
+    from vllm import SamplingParams
+
+    sp = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    batch = [{"prompt_token_ids": p} for p in prompts]
+    llm.generate(batch, sp, use_tqdm=False)  # warm, unprofiled (prefix caching is off in bench_e2e)
+    llm.collective_rpc("bench_profile_start")
+    t = time.perf_counter()
+    llm.generate(batch, sp, use_tqdm=False)
+    wall = time.perf_counter() - t
+    kernels = llm.collective_rpc("bench_profile_stop")[0]
+    ranked = dict(sorted(kernels.items(), key=lambda kv: -kv[1][1])[:top])
+    return {"tokens": sum(map(len, prompts)), "wall_us": round(wall * 1e6, 1),
+            "kernel_us": round(sum(v[1] for v in kernels.values()), 1), "kernels": ranked,
+            "unit": "[launches, device µs] in the prefill step",
+            "call_spread": llm.collective_rpc("bench_profile_spread")[0]}
+
+
+# Kernels whose per-call durations are kept (name substrings). The fused-MoE GEMM alternates
+# between a layer's two GEMMs (gate/up, then down), so its calls are also split by parity.
+SPREAD_KERNELS = ("fused_moe_kernel", "_zeda_route", "topkGating", "act_and_mul", "moe_sum")
+QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+
+
+def call_spread(prof, names=SPREAD_KERNELS, on_gpu: bool = True) -> dict[str, dict]:
+    """{kernel: {"calls": n, "quantiles_us": [5/25/50/75/95th percentile µs], "max_us": ...}} of
+    each call of a finished torch.profiler run whose kernel name contains one of `names` (CPU: op
+    names), by call duration; for a kernel launched an even number of times also its even and
+    odd calls apart ("<name> [0::2]", "[1::2]"): how a kernel's calls spread, where the totals
+    only give their sum."""
+    from torch.autograd import DeviceType
+
+    by_name: dict[str, list[float]] = {}
+    for evt in sorted(prof.events(), key=lambda e: e.time_range.start):
+        on_device = getattr(evt, "device_type", None) == DeviceType.CUDA
+        if on_device == on_gpu and any(n in evt.name for n in names):
+            by_name.setdefault(evt.name, []).append(evt.time_range.elapsed_us())
+    out = {}
+    for name, durations in by_name.items():
+        parts = {name: durations}
+        if len(durations) % 2 == 0:
+            parts.update({f"{name} [0::2]": durations[0::2], f"{name} [1::2]": durations[1::2]})
+        out.update({key: spread(d) for key, d in parts.items()})
+    return out
+
+
+def spread(durations: list[float]) -> dict:
+    ordered = sorted(durations)
+    at = [ordered[min(len(ordered) - 1, int(q * len(ordered)))] for q in QUANTILES]
+    return {"calls": len(ordered), "quantiles_us": [round(x, 2) for x in at], "max_us": round(ordered[-1], 2)}
 
 
 class ZedaProfileExtension(ZedaWorkerExtension, KernelProfileExtension):
@@ -70,6 +132,7 @@ def decode_step_kernels(llm, prompt_ids: list[int], short: int = 33, long: int =
         llm.generate([{"prompt_token_ids": prompt_ids}], sp, use_tqdm=False)
         wall = time.perf_counter() - t
         runs.append((wall, llm.collective_rpc("bench_profile_stop")[0]))
+    spread_long = llm.collective_rpc("bench_profile_spread")[0]  # the long run's calls (1 prefill step among them)
     steps = long - short
     names = set(runs[0][1]) | set(runs[1][1])
     per_step = {}
@@ -80,4 +143,5 @@ def decode_step_kernels(llm, prompt_ids: list[int], short: int = 33, long: int =
     ranked = dict(sorted(per_step.items(), key=lambda kv: -kv[1][1])[:top])
     return {"steps": steps, "wall_us_per_step": round((runs[1][0] - runs[0][0]) / steps * 1e6, 1),
             "kernel_us_per_step": round(sum(v[1] for v in per_step.values()), 1),
-            "kernels": ranked, "unit": "[launches, device µs] per decode step"}
+            "kernels": ranked, "unit": "[launches, device µs] per decode step",
+            "call_spread": spread_long}

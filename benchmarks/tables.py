@@ -5,6 +5,7 @@
     python3 benchmarks/tables.py route benchmarks/results/route_h100_2026-11-23.json
     python3 benchmarks/tables.py tune benchmarks/results/tune_moe_h100_2026-11-23.json
     python3 benchmarks/tables.py profile benchmarks/results/e2e_h100_2026-11-23_c.json
+    python3 benchmarks/tables.py prefill-profile | spread <bench_e2e.py --profile-prefill / -decode JSON>
     python3 benchmarks/tables.py live benchmarks/results/moe_layer_live_h200_2026-11-30.json
     python3 benchmarks/tables.py layer-kernels <bench_moe_layer.py --profile JSON>
 """
@@ -138,23 +139,42 @@ def kernel_group(kernel: str, other: str) -> str:
     return next((label for label, key in KERNEL_GROUPS if key in kernel), other)
 
 
-def profile(data: dict) -> str:
-    configs = {n: r["decode_profile"] for n, r in data["configs"].items() if "kernels" in r.get("decode_profile", {})}
+def profile(data: dict, key: str = "decode_profile") -> str:
+    """Device µs by kernel group of bench_e2e's --profile-decode (a batch-1 decode step) or
+    --profile-prefill (key "prefill_profile": one prefill step), a column per config."""
+    configs = {n: r[key] for n, r in data["configs"].items() if "kernels" in r.get(key, {})}
     names = list(configs)
     groups: dict[str, list[float]] = {}
     for i, n in enumerate(names):
         for kernel, (_, us) in configs[n]["kernels"].items():
             groups.setdefault(kernel_group(kernel, "everything else"), [0.0] * len(names))[i] += us
-    out = ["| µs per decode step (batch 1, 48 layers) | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names)]
+    decode = key == "decode_profile"
+    title = "µs per decode step (batch 1, 48 layers)" if decode else "µs of one prefill step (48 layers)"
+    out = [f"| {title} | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names)]
     order = [lab for lab, _ in KERNEL_GROUPS] + ["everything else"]
     for label, vals in sorted(groups.items(), key=lambda kv: order.index(kv[0])):
         out.append(f"| {label} | " + " | ".join(f"{v:,.1f}" for v in vals) + " |")
-    out.append("| **all GPU kernels** | " + " | ".join(f"**{configs[n]['kernel_us_per_step']:,.1f}**" for n in names) + " |")
-    out.append("| wall time per step, profiler on | " + " | ".join(f"{configs[n]['wall_us_per_step']:,.1f}" for n in names) + " |")
+    total, wall = ("kernel_us_per_step", "wall_us_per_step") if decode else ("kernel_us", "wall_us")
+    out.append("| **all GPU kernels** | " + " | ".join(f"**{configs[n][total]:,.1f}**" for n in names) + " |")
+    wall_label = "wall time per step, profiler on" if decode else "wall time of the step's generate call, profiler on"
+    out.append(f"| {wall_label} | " + " | ".join(f"{configs[n][wall]:,.1f}" for n in names) + " |")
     return "\n".join(out)
 
 
-TABLES = {"layer": layer, "e2e": e2e, "route": route, "tune": tune, "profile": profile, "live": live,
+def spread(data: dict) -> str:
+    """How the calls of the MoE kernels spread in device µs (bench_e2e's profiles, call_spread):
+    a row per config, profile and kernel."""
+    out = ["| config | profile | kernel | calls | 5% | 25% | 50% | 75% | 95% | max |", "| --- | --- | --- |" + " ---: |" * 7]
+    for name, r in data["configs"].items():
+        for key in ("decode_profile", "prefill_profile"):
+            for kernel, sp in r.get(key, {}).get("call_spread", {}).items():
+                out.append(f"| {name} | {key.split('_')[0]} | {kernel[:60]} | {sp['calls']} | "
+                           + " | ".join(f"{q:.2f}" for q in sp["quantiles_us"]) + f" | {sp['max_us']:.2f} |")
+    return "\n".join(out)
+
+
+TABLES = {"layer": layer, "e2e": e2e, "route": route, "tune": tune, "profile": profile,
+          "prefill-profile": lambda data: profile(data, "prefill_profile"), "spread": spread, "live": live,
           "layer-kernels": layer_kernels}
 
 if __name__ == "__main__":

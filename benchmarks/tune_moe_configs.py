@@ -211,9 +211,10 @@ def main():
                             global_num_experts=E + z if emap is not None else E, expert_map=emap,
                             apply_router_weight_on_input=False)
 
-    def ours(x, r):
-        with live_ids_hint(r["zids"], r["zlive"]):
-            return call(ours_k, x, r["zw"], r["zids"], zmap)
+    def ours(x, r):  # the plugin's layer path, the router's hand-over included (bench_moe_layer)
+        ids, w, live, end, blocks = r["plugin"]
+        with live_ids_hint(ids, live, end, blocks):
+            return call(ours_k, x, w, ids, zmap)
 
     cands = candidates()
     own = fm.get_moe_configs(E, I, None)  # stock vLLM's own table for this GPU (VLLM_TUNED_CONFIG_FOLDER unset)

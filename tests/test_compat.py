@@ -80,21 +80,42 @@ def test_one_token_blocks_end_where_the_router_says_its_live_slots_end():
     """A single token routed live-first: the router's end (16 x live slots) becomes
     num_tokens_post_padded, so the zero slots' blocks after the live ones exit at the first
     check; with another BLOCK_SIZE_M, or ids the router did not make, every slot's block runs."""
-    from vllm_zeda.gpu_kernels import LIVE_END_BLOCK_M
+    from vllm_zeda.gpu_kernels import SLOT_BLOCK_M
     from vllm_zeda.vllm_experts import live_ids_hint, zero_expert_map
     from vllm_zeda.vllm_triton_experts import assign_live_slots
 
     ids = torch.tensor([[3, 0, 9, 12]], dtype=torch.int32)  # live first: 2 live, 2 zero (E=8, Z=8)
     live = torch.tensor([[3, 0, -1, -1]], dtype=torch.int32)
-    end = torch.tensor([2 * LIVE_END_BLOCK_M], dtype=torch.int32)
+    end = torch.tensor([2 * SLOT_BLOCK_M], dtype=torch.int32)
     zmap = zero_expert_map(None, 8, 8, "cpu")
     with live_ids_hint(ids, live, end):
-        _, expert_ids, padded = assign_live_slots(ids, {"BLOCK_SIZE_M": LIVE_END_BLOCK_M}, 1, 4, 16 + 16, zmap)
+        _, expert_ids, padded = assign_live_slots(ids, {"BLOCK_SIZE_M": SLOT_BLOCK_M}, 1, 4, 16 + 16, zmap)
         assert padded is end and expert_ids.tolist() == [3, 0, -1, -1]
-        other = assign_live_slots(ids, {"BLOCK_SIZE_M": 2 * LIVE_END_BLOCK_M}, 1, 4, 16 + 16, zmap)[2]
-        assert other.tolist() == [4 * 2 * LIVE_END_BLOCK_M]
+        other = assign_live_slots(ids, {"BLOCK_SIZE_M": 2 * SLOT_BLOCK_M}, 1, 4, 16 + 16, zmap)[2]
+        assert other.tolist() == [4 * 2 * SLOT_BLOCK_M]
         assert assign_live_slots(ids.clone(), {"BLOCK_SIZE_M": 16}, 1, 4, 16 + 16, zmap)[2].tolist() == [4 * 16]
     assert assign_live_slots(ids, {"BLOCK_SIZE_M": 16}, 1, 4, 16 + 16, zmap)[2].tolist() == [4 * 16]
+
+
+def test_small_batches_run_the_routers_slot_blocks_where_it_made_them():
+    """2+ tokens in the sort-free assignment: the router's sorted_token_ids (a zero slot's block
+    only padding), with every slot's block counted; with another BLOCK_SIZE_M, or ids the router
+    did not make, the sort-free assignment without them (a zero slot's block writes zeros)."""
+    from vllm_zeda.gpu_kernels import SLOT_BLOCK_M
+    from vllm_zeda.routing import slot_blocks
+    from vllm_zeda.vllm_experts import live_ids_hint, zero_expert_map
+    from vllm_zeda.vllm_triton_experts import assign_live_slots
+
+    ids = torch.tensor([[0, 9], [3, 12], [11, 1]], dtype=torch.int32)  # E=8 real, Z=8 zero (8..15)
+    live = torch.tensor([[0, -1], [3, -1], [-1, 1]], dtype=torch.int32)
+    blocks = slot_blocks(live < 0, SLOT_BLOCK_M)
+    zmap = zero_expert_map(None, 8, 8, "cpu")
+    with live_ids_hint(ids, live, None, blocks):
+        sorted_ids, expert_ids, padded = assign_live_slots(ids, {"BLOCK_SIZE_M": SLOT_BLOCK_M}, 3, 2, 16 + 16, zmap)
+        assert sorted_ids is blocks and expert_ids.tolist() == [0, -1, 3, -1, -1, 1]
+        assert padded.tolist() == [6 * SLOT_BLOCK_M]
+        assert assign_live_slots(ids, {"BLOCK_SIZE_M": 2 * SLOT_BLOCK_M}, 3, 2, 16 + 16, zmap)[0] is None
+        assert assign_live_slots(ids.clone(), {"BLOCK_SIZE_M": SLOT_BLOCK_M}, 3, 2, 16 + 16, zmap)[0] is None
 
 
 def test_slot_blocks_end_is_not_kept_from_inside_a_graph_capture(monkeypatch):
@@ -249,11 +270,12 @@ def test_worker_extension_subclasses_keep_the_stats_rpcs():
     assert not extends_stats_worker("no_such_module.Extension") and not extends_stats_worker("Bare")
 
 
-@pytest.mark.parametrize("m,live_first", [(1, True), (6, True), (7, False), (64, False)])
-def test_router_puts_live_slots_first_only_where_the_assignment_is_sort_free(monkeypatch, m, live_first):
-    """The GPU router asks the routing kernel for live-first slots only where vLLM's Triton
-    experts run a block per slot in slot order (M x K x 4 <= E+Z; Qwen3 shape: up to 6 tokens),
-    and for where the live blocks end only at one token; remap mode never reorders."""
+@pytest.mark.parametrize("m", [1, 2, 6, 7, 64])
+def test_router_stops_zero_blocks_only_where_the_assignment_is_sort_free(monkeypatch, m):
+    """Where vLLM's Triton experts run a block per slot (M x K x 4 <= E+Z; Qwen3 shape: up to 6
+    tokens) the GPU router asks the routing kernel for one token's live slots first and where
+    their blocks end, for 2+ tokens for the slot blocks; elsewhere, and in remap mode, for
+    neither (slots in top-K order)."""
     from vllm_zeda import vllm_router
 
     calls = []
@@ -269,5 +291,8 @@ def test_router_puts_live_slots_first_only_where_the_assignment_is_sort_free(mon
                                         masked=False, zero_bias=0.0, zero_slots=mode)
         router._compute_routing_fused(None, torch.zeros(m, 192), None)
     skip, remap = calls
-    assert skip["live_first"] is live_first and (skip["live_end"] is not None) == (m == 1)
-    assert remap["live_first"] is False and remap["live_end"] is None
+    assert skip["live_first"] is (m == 1) and (skip["live_end"] is not None) == (m == 1)
+    assert (skip["slot_blocks"] is not None) == (1 < m <= 6)
+    if skip["slot_blocks"] is not None:
+        assert skip["slot_blocks"].numel() == m * 8 * 16 and skip["slot_blocks"].dtype == torch.int32
+    assert remap["live_first"] is False and remap["live_end"] is None and remap["slot_blocks"] is None

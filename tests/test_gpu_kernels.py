@@ -13,7 +13,7 @@ pytest.importorskip("triton")
 import torch  # noqa: E402
 
 from vllm_zeda import gpu_kernels as gk  # noqa: E402
-from vllm_zeda.routing import live_first, route_softmax  # noqa: E402
+from vllm_zeda.routing import live_first, route_softmax, slot_blocks  # noqa: E402
 
 if os.environ["TRITON_INTERPRET"] != "1" and not torch.cuda.is_available():
     pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1", allow_module_level=True)
@@ -67,7 +67,7 @@ def test_route_kernel_live_first_matches_reference(m, e, z, k, bias, remap):
 
 @pytest.mark.parametrize("bias", [-9.0, 0.0, 0.4, 9.0])
 def test_route_kernel_writes_where_one_tokens_live_blocks_end(bias):
-    """A single token routed live-first with live_end: LIVE_END_BLOCK_M x its live slots, from 8
+    """A single token routed live-first with live_end: SLOT_BLOCK_M x its live slots, from 8
     (no zero slot, bias -9) down to 0 (all zero, bias 9); the slots as without it."""
     logits = torch.randn(1, 192, generator=torch.Generator().manual_seed(3)).to(DEVICE)
     bias_t = torch.tensor([bias], device=DEVICE)
@@ -76,12 +76,33 @@ def test_route_kernel_writes_where_one_tokens_live_blocks_end(bias):
     w, ids, live = gk.zeda_route_(logits, 128, 8, True, bias_t, counts, None, live_first=True, live_end=end)
     ref = live_first(route_softmax(logits.cpu(), 128, 8, True, zero_bias=bias))
     n_live = int((~ref.is_zero).sum())
-    assert end.cpu().tolist() == [gk.LIVE_END_BLOCK_M * n_live]
+    assert end.cpu().tolist() == [gk.SLOT_BLOCK_M * n_live]
     assert torch.equal(live.cpu().long(), ref.ids.masked_fill(ref.is_zero, -1))
     if bias in (-9.0, 9.0):
         assert n_live == (8 if bias < 0 else 0)
     with pytest.raises(AssertionError, match="live_end"):
         gk.zeda_route_(logits, 128, 8, True, bias_t, counts, None, live_end=end)  # not live_first
+
+
+@pytest.mark.parametrize("m,k,bias", [(2, 8, 0.0), (5, 8, 0.4), (6, 8, 9.0), (3, 8, -9.0), (4, 3, 0.2)])
+def test_route_kernel_writes_the_slot_blocks_of_the_sort_free_assignment(m, k, bias):
+    """slot_blocks: the fused-MoE sorted_token_ids of a block per slot as routing.slot_blocks
+    makes them (a zero slot's block only padding), for no-zero (bias -9) and all-zero (bias 9)
+    batches and K = 3 (a padded slot column); the routing itself as without them."""
+    logits = torch.randn(m, 192, generator=torch.Generator().manual_seed(m)).to(DEVICE)
+    bias_t = torch.tensor([bias], device=DEVICE)
+    counts = torch.zeros(2, dtype=torch.int64, device=DEVICE)
+    blocks = torch.full((m * k * gk.SLOT_BLOCK_M,), -7, dtype=torch.int32, device=DEVICE)
+    w, ids, live = gk.zeda_route_(logits, 128, k, True, bias_t, counts, None, slot_blocks=blocks)
+    ref = route_softmax(logits.cpu(), 128, k, True, zero_bias=bias)
+    assert torch.equal(blocks.cpu(), slot_blocks(ref.is_zero, gk.SLOT_BLOCK_M))
+    assert torch.equal(live.cpu().long(), ref.ids.masked_fill(ref.is_zero, -1))
+    plain = gk.zeda_route_(logits, 128, k, True, bias_t, counts, None)
+    assert all(torch.equal(a, b) for a, b in zip((w, ids, live), plain))
+    if bias in (-9.0, 9.0):  # every block live / every block padding only
+        assert int((blocks.cpu() < m * k).sum()) == (m * k if bias < 0 else 0)
+    with pytest.raises(AssertionError, match="slot_blocks"):
+        gk.zeda_route_(logits, 128, k, True, bias_t, counts, None, slot_blocks=blocks[1:])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

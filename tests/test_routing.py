@@ -7,6 +7,7 @@ from vllm_zeda.routing import (
     live_first,
     route_softmax,
     routed_expert_flops,
+    slot_blocks,
     zero_slot_counts,
 )
 
@@ -53,6 +54,13 @@ def test_live_first_is_a_stable_partition_of_each_token():
         assert lf.weights[t].tolist() == r.weights[t][~r.is_zero[t]].tolist() + r.weights[t][r.is_zero[t]].tolist()
     n_live = (~r.is_zero).sum(-1, keepdim=True)
     assert torch.equal(lf.is_zero, torch.arange(K) >= n_live)
+
+
+def test_slot_blocks_give_a_zero_slot_only_padding_rows():
+    is_zero = torch.tensor([[False, True], [True, True], [False, False]])  # 3 tokens x 2 slots
+    blocks = slot_blocks(is_zero, 4).reshape(6, 4)
+    assert blocks[:, 0].tolist() == [0, 6, 6, 6, 4, 5]  # live slots their own row, zero ones padding (6)
+    assert torch.all(blocks[:, 1:] == 6) and blocks.dtype == torch.int32
 
 
 def test_zero_bias_moves_skip_fraction_monotonically():

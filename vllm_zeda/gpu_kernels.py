@@ -41,11 +41,12 @@ if triton is not None:
     # (Unspecialised strides, sizes and logits pointer cost 1.4 µs of device time a call on the
     # H200, benchmarks/bench_route.py.)
     @triton.jit(do_not_specialize=("M",),
-                do_not_specialize_on_alignment=("bias_ptr", "pad_ptr", "counts_ptr", "end_ptr"))
-    def _zeda_route(logits_ptr, stride_lm, bias_ptr, pad_ptr, w_ptr, ids_ptr, live_ptr, counts_ptr, end_ptr, M,
-                    n_real, n_all, K: tl.constexpr, K_PAD: tl.constexpr, RENORM: tl.constexpr,
+                do_not_specialize_on_alignment=("bias_ptr", "pad_ptr", "counts_ptr", "end_ptr", "blocks_ptr"))
+    def _zeda_route(logits_ptr, stride_lm, bias_ptr, pad_ptr, w_ptr, ids_ptr, live_ptr, counts_ptr, end_ptr,
+                    blocks_ptr, M, n_real, n_all, K: tl.constexpr, K_PAD: tl.constexpr, RENORM: tl.constexpr,
                     REMAP: tl.constexpr, LIVE_FIRST: tl.constexpr, END_BLOCK: tl.constexpr,
-                    HAS_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+                    SLOT_ROWS: tl.constexpr, HAS_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_E: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.arange(0, BLOCK_E)
         rmask = rows < M
@@ -104,6 +105,15 @@ if triton is not None:
         tl.store(w_ptr + offs, w, mask=out_mask)
         tl.store(ids_ptr + offs, ids, mask=out_mask)
         tl.store(live_ptr + offs, live, mask=out_mask)
+        if SLOT_ROWS > 0:  # fused-MoE sorted_token_ids for a block of SLOT_ROWS rows per slot: a live
+            # slot's block holds the slot, then padding (M*K, past every valid row); a zero slot's
+            # block only padding, so the fused-MoE kernel's token mask leaves it nothing to write
+            padding = M * K
+            first = tl.where(is_zero, padding, offs)
+            row_in_block = tl.arange(0, SLOT_ROWS)[None, None, :]
+            tl.store(blocks_ptr + offs[:, :, None] * SLOT_ROWS + row_in_block,
+                     tl.where(row_in_block == 0, first[:, :, None], padding).to(tl.int32),
+                     mask=out_mask[:, :, None])
         valid = rmask
         if HAS_PAD:
             valid = valid & (tl.load(pad_ptr + rows, mask=rmask, other=1) == 0)
@@ -148,35 +158,44 @@ if triton is not None:
 # (benchmarks/bench_host.py), paid by every MoE layer of every step outside a CUDA graph.
 _ROUTE_KERNELS: dict[tuple, object] = {}
 
-# The fused-MoE BLOCK_SIZE_M that `live_end` is written for. At one token vLLM's Triton experts
-# run a block per slot in slot order (the sort-free assignment) and a block whose first row is
-# at or past `num_tokens_post_padded` returns at once: with each token's live slots first, that
-# value at 16 x live slots stops the zero slots' blocks before they load an expert id or write a
-# row. 16 is what every shipped table and vLLM's default pick at one token; vllm_triton_experts
-# uses the value only when the call's config has it.
-LIVE_END_BLOCK_M = 16
+# The fused-MoE BLOCK_SIZE_M that `live_end` and `slot_blocks` are written for. Small batches
+# take vLLM's sort-free assignment: a block per slot, in slot order, whose first row is the slot
+# and the rest padding, and a block with expert -1 writes zeros into its rows. Zero slots' blocks
+# run all the same. Two ways to leave them nothing to do:
+# - one token, live slots first: a block at or past `num_tokens_post_padded` returns at once, so
+#   that value at 16 x live slots stops the zero slots' blocks before they load anything;
+# - 2 to 6 tokens (live slots of several tokens cannot all come first): explicit sorted_token_ids
+#   with only padding in a zero slot's block, so its expert -1 branch masks every store.
+# Either way no zero slot writes a row of zeros into the gated activation's input, which vLLM's
+# silu_and_mul runs slower over (benchmarks/RESULTS.md §2, "Live slots first"). 16 is what every
+# shipped table and vLLM's default pick up to 16 tokens; vllm_triton_experts uses these only when
+# the call's config has it.
+SLOT_BLOCK_M = 16
 
 
 def sort_free(num_tokens: int, top_k: int, num_experts: int) -> bool:
     """Whether vLLM's Triton experts give a call the sort-free ("naive") assignment, one block per
     slot in slot order, instead of aligning the slots by expert (`_prepare_expert_assignment`,
-    0.26: num_tokens x top_k x 4 <= global experts). Only there does the order of a token's slots
-    decide which blocks run, so only there are live slots put first (route kernel: +0.1-1.2 µs a
-    call from 16 tokens on, benchmarks/RESULTS.md §2)."""
+    0.26: num_tokens x top_k x 4 <= global experts). Only there does the router hand over how the
+    zero slots' blocks are stopped (SLOT_BLOCK_M above); live slots first costs the route kernel
+    0.1-1.2 µs a call from 16 tokens on (benchmarks/RESULTS.md §2)."""
     return num_tokens * top_k * 4 <= num_experts
 
 
 def zeda_route_(logits: torch.Tensor, num_real: int, top_k: int, renormalize: bool, bias: torch.Tensor,
                 counts: torch.Tensor, padding: torch.Tensor | None, remap: bool = False, *,
-                live_first: bool = False, live_end: torch.Tensor | None = None, block_m: int | None = None,
-                num_warps: int | None = None):
+                live_first: bool = False, live_end: torch.Tensor | None = None,
+                slot_blocks: torch.Tensor | None = None, block_m: int | None = None, num_warps: int | None = None):
     """(weights fp32 [M,K], ids int32 [M,K], live int32 [M,K]) with the semantics of
     routing.route_softmax (zero bias added in fp32); counts[0] += zero slots, counts[1] += slots,
     padding rows excluded; no host sync. `bias` is a 1-element fp32 tensor (a dial that CUDA
     graphs read at replay). remap: zero slots come back as expert 0 with weight 0. live_first:
     each row's slots come back as routing.live_first orders them (live ones first, order kept).
     live_end (one token, with live_first): a [1] int32 tensor the kernel sets to
-    LIVE_END_BLOCK_M x the token's live slots.
+    SLOT_BLOCK_M x the token's live slots.
+    slot_blocks: an int32 tensor of M*K*SLOT_BLOCK_M the kernel fills with the fused-MoE
+    sorted_token_ids of a block per slot (in the order the slots come back): a live slot's block
+    holds the slot's index, then M*K (padding); a zero slot's block only M*K.
     block_m / num_warps override the launch shape (rows per program, warps per program). Default,
     from bench_route.py on an H100 (E+Z=192, benchmarks/RESULTS.md §2): 2 rows on 2 warps, 1 row on
     1 warp for a single token — 4.3-4.9 µs from 1 to 256 tokens, level with vLLM's fused_topk over
@@ -194,15 +213,18 @@ def zeda_route_(logits: torch.Tensor, num_real: int, top_k: int, renormalize: bo
     assert block_m & (block_m - 1) == 0, f"block_m must be a power of 2, got {block_m}"
     assert live_end is None or (live_first and m == 1 and live_end.dtype == torch.int32), \
         "live_end is for a single token routed live_first, into an int32 tensor"
+    assert slot_blocks is None or (slot_blocks.dtype == torch.int32 and slot_blocks.numel() == m * top_k * SLOT_BLOCK_M
+                                   and slot_blocks.is_contiguous()), "slot_blocks: int32, M x K x SLOT_BLOCK_M"
     pad = padding.view(torch.uint8) if padding is not None else ids
     grid = (-(-m // block_m), 1, 1)
-    end_block = LIVE_END_BLOCK_M if live_end is not None else 0
+    end_block = SLOT_BLOCK_M if live_end is not None else 0
     args = (logits, logits.stride(0), bias, pad, weights, ids, live, counts, ids if live_end is None else live_end,
-            m, num_real, n_all, top_k, _pow2(top_k), renormalize, remap, live_first, end_block, padding is not None,
-            block_m, _pow2(n_all))
+            ids if slot_blocks is None else slot_blocks, m, num_real, n_all, top_k, _pow2(top_k), renormalize, remap,
+            live_first, end_block, SLOT_BLOCK_M if slot_blocks is not None else 0, padding is not None, block_m,
+            _pow2(n_all))
     # Every input of the kernel's compilation: weights, ids and live are allocated above (whole
     # allocations of the caching allocator: 16-byte aligned), the others are not specialised on
-    key = (logits.device.index, logits.dtype, logits.data_ptr() % 16 == 0, args[1], num_warps, m >= 2**31, *args[10:])
+    key = (logits.device.index, logits.dtype, logits.data_ptr() % 16 == 0, args[1], num_warps, m >= 2**31, *args[11:])
     compiled = _ROUTE_KERNELS.get(key)
     if compiled is not None:
         compiled[grid](*args)

@@ -60,6 +60,17 @@ def live_first(routing: Routing) -> Routing:
                    num_real=routing.num_real)
 
 
+def slot_blocks(is_zero: torch.Tensor, block: int) -> torch.Tensor:
+    """[T*K*block] int32: the fused-MoE `sorted_token_ids` of one block of `block` rows per slot,
+    in slot order. A live slot's block holds its flat index, then padding (T*K, past every valid
+    row); a zero slot's block only padding, so the kernel's token mask leaves it no row to write."""
+    slots = is_zero.numel()
+    out = torch.full((slots, block), slots, dtype=torch.int32, device=is_zero.device)
+    index = torch.arange(slots, dtype=torch.int32, device=is_zero.device)
+    out[:, 0] = index.masked_fill(is_zero.reshape(-1), slots)
+    return out.reshape(-1)
+
+
 def _bias_zero(logits: torch.Tensor, num_real: int, zero_bias: float) -> torch.Tensor:
     if zero_bias == 0.0:
         return logits

@@ -14,8 +14,8 @@ from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
 from .spec import ZedaSpec
 
 
-# (topk_ids, live ids, live blocks' end or None) of the MoE forward in progress, per thread
-# (vLLM's dual-batch overlap runs micro-batches in threads)
+# (topk_ids, live ids, live blocks' end or None, slot blocks or None) of the MoE forward in
+# progress, per thread (vLLM's dual-batch overlap runs micro-batches in threads)
 _LIVE_HINT = threading.local()
 
 
@@ -34,21 +34,31 @@ def router_live_ids(topk_ids: torch.Tensor) -> torch.Tensor | None:
 
 def router_live_end(topk_ids: torch.Tensor) -> torch.Tensor | None:
     """For a single token routed live-first: the [1] int32 tensor holding
-    gpu_kernels.LIVE_END_BLOCK_M x its live slots, made by the router for exactly this
+    gpu_kernels.SLOT_BLOCK_M x its live slots, made by the router for exactly this
     `topk_ids`; else None."""
     hint = _router_hint(topk_ids)
     return None if hint is None else hint[2]
 
 
+def router_slot_blocks(topk_ids: torch.Tensor) -> torch.Tensor | None:
+    """For 2 or more tokens in the sort-free assignment: the fused-MoE sorted_token_ids of a block
+    of gpu_kernels.SLOT_BLOCK_M rows per slot, zero slots' blocks all padding, made by the router
+    for exactly this `topk_ids`; else None."""
+    hint = _router_hint(topk_ids)
+    return None if hint is None else hint[3]
+
+
 class live_ids_hint:  # noqa: N801 (used like contextlib's lowercase context managers)
-    """`with live_ids_hint(topk_ids, live, end):` makes `live` and `end` what router_live_ids and
-    router_live_end return for `topk_ids`. A class rather than a generator context manager: it
-    runs in every MoE layer of every eager forward, where host time counts."""
+    """`with live_ids_hint(topk_ids, live, end, blocks):` makes `live`, `end` and `blocks` what
+    router_live_ids, router_live_end and router_slot_blocks return for `topk_ids`. A class rather
+    than a generator context manager: it runs in every MoE layer of every eager forward, where
+    host time counts."""
 
     __slots__ = ("_value", "_saved")
 
-    def __init__(self, topk_ids: torch.Tensor, live: torch.Tensor, end: torch.Tensor | None = None):
-        self._value = (topk_ids, live, end)
+    def __init__(self, topk_ids: torch.Tensor, live: torch.Tensor, end: torch.Tensor | None = None,
+                 blocks: torch.Tensor | None = None):
+        self._value = (topk_ids, live, end, blocks)
 
     def __enter__(self) -> None:
         self._saved = getattr(_LIVE_HINT, "value", None)
@@ -94,7 +104,7 @@ class ZedaRoutedExperts(RoutedExperts):
         last = getattr(self._zeda_router, "last_live_ids", None)
         if last is None or last[0] is not topk_ids or self._expert_map is not None:
             return super().forward_modular(x, topk_weights, topk_ids, *args, **kwargs)
-        with live_ids_hint(topk_ids, last[1], last[2]):
+        with live_ids_hint(topk_ids, *last[1:]):
             return super().forward_modular(x, topk_weights, topk_ids, *args, **kwargs)
 
     def _set_moe_config(self, new_moe_config):

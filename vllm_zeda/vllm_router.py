@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from . import compat
-from .gpu_kernels import sort_free, zeda_route_
+from .gpu_kernels import SLOT_BLOCK_M, sort_free, zeda_route_
 from .routing import route_softmax
 
 ZERO_SLOT_MODES = ("skip", "gather", "remap")
@@ -43,9 +43,10 @@ class ZedaRouter(compat.base_router_class()):
         self.renormalize, self.masked, self.zero_bias = renormalize, masked, zero_bias
         self.zero_slots = zero_slots
         self.counts = torch.zeros(2, dtype=torch.int64)  # [zero slots, total slots]
-        # GPU: (ids returned by the last routing, the same ids with zero slots as -1, and for a
-        # single token in skip mode where its live slots' fused-MoE blocks end, else None)
-        self.last_live_ids: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
+        # GPU: (ids returned by the last routing, the same ids with zero slots as -1, and in skip
+        # mode where the experts take the sort-free assignment, for a single token where its live
+        # slots' fused-MoE blocks end, for more the blocks' sorted_token_ids; else None, None)
+        self.last_live_ids: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None = None
 
     @property
     def routing_method_type(self):
@@ -78,21 +79,25 @@ class ZedaRouter(compat.base_router_class()):
         if self.counts.device != router_logits.device:
             self.counts = self.counts.to(router_logits.device)
         m, n_all = router_logits.shape
-        live_first = self.zero_slots != "remap" and sort_free(m, self.top_k, n_all)
-        end = torch.empty(1, dtype=torch.int32, device=router_logits.device) if live_first and m == 1 else None
+        device = router_logits.device
+        small = self.zero_slots != "remap" and sort_free(m, self.top_k, n_all)
+        end = torch.empty(1, dtype=torch.int32, device=device) if small and m == 1 else None
+        blocks = torch.empty(m * self.top_k * SLOT_BLOCK_M, dtype=torch.int32, device=device) \
+            if small and m > 1 else None
         weights, ids, live = zeda_route_(
-            router_logits, self.num_real, self.top_k, self.renormalize, self._bias_tensor(router_logits.device),
+            router_logits, self.num_real, self.top_k, self.renormalize, self._bias_tensor(device),
             self.counts, compat.padding_mask(m), remap=self.zero_slots == "remap",
-            live_first=live_first, live_end=end,
+            live_first=end is not None, live_end=end, slot_blocks=blocks,
         )
         # "skip": zero slots keep ids >= E and their (unused) weights; the expert map sends
         # them to -1, so the kernel neither computes nor adds them. Where the experts take the
-        # sort-free assignment (a block per slot in slot order) each token's live slots come first
-        # (routing.live_first): every live block runs before the zero slots' blocks, and at one
-        # token `end` lets those leave at the kernel's first check (vllm_triton_experts).
+        # sort-free assignment (a block per slot) the zero slots' blocks would still write rows of
+        # zeros: a single token's live slots come first and `end` stops the blocks after them at
+        # the kernel's first check; from 2 tokens `blocks` leaves a zero slot's block only padding
+        # rows (gpu_kernels.SLOT_BLOCK_M, vllm_triton_experts.assign_live_slots).
         if indices_type not in (None, torch.int32):
             ids = ids.to(indices_type)
-        self.last_live_ids = (ids, live, end)
+        self.last_live_ids = (ids, live, end, blocks)
         return weights, ids
 
     def _bias_tensor(self, device) -> torch.Tensor:

@@ -8,14 +8,16 @@ Zero slots reach the experts with ids E..E+Z-1 and an expert map that sends them
    summed. Here mapped-out slots are dropped before alignment (as 0.32+ does for an expert map).
    For tiny batches (M*K*4 <= E+Z) upstream uses a sort-free "naive" assignment, but only without
    an expert map; here it is kept, with the live ids as block experts, so a decode step of one
-   token runs exactly the live slots' blocks plus early-exiting blocks for the zero ones. The
-   router puts each token's live slots first, and for a single token also says where their
-   blocks end (`num_tokens_post_padded`): the zero slots' blocks then return at the kernel's
-   first check instead of loading an expert id and writing a row of zeros into the gated
-   activation's input (vLLM's silu_and_mul takes 3.0 instead of 2.1 µs over 8 rows once any row
-   is zeros, H200, benchmarks/profile_moe_pieces.py; its SiLU is an IEEE division, whose slow
-   path a zero dividend is thought to take). Batch-1 decode step on the H200: 119 instead of 216
-   µs of kernels more than the ideal top-4 (benchmarks/RESULTS.md §3, run H).
+   token runs exactly the live slots' blocks plus early-exiting blocks for the zero ones. A zero
+   slot's block would still write a row of zeros into the gated activation's input (vLLM's
+   silu_and_mul takes 3.0 instead of 2.1 µs over 8 rows once any row is zeros, H200,
+   benchmarks/profile_moe_pieces.py; its SiLU is an IEEE division, whose slow path a zero
+   dividend is thought to take). So the router hands over how to stop them: for a single token
+   its live slots first and where their blocks end (`num_tokens_post_padded`: the zero slots'
+   blocks return at the kernel's first check; batch-1 decode step on the H200: 119 instead of
+   216 µs of kernels more than the ideal top-4, benchmarks/RESULTS.md §3, run H), from 2 tokens
+   the blocks' sorted_token_ids with only padding rows in a zero slot's block (every store of
+   its expert -1 branch masked).
 2. Activation. The gated SiLU ran over all M*K rows; here only over live rows
    (`gpu_kernels.live_silu_and_mul_`) once there are enough rows for that to pay
    (`live_activation_pays`); below, vLLM's CUDA kernel runs over every row, dead ones too (their
@@ -48,9 +50,9 @@ from vllm.model_executor.layers.fused_moe.experts import triton_moe
 from vllm.model_executor.layers.fused_moe.experts.triton_moe import TritonExperts
 
 from . import compat
-from .gpu_kernels import LIVE_END_BLOCK_M, live_moe_sum_, live_silu_and_mul_, sort_free
+from .gpu_kernels import SLOT_BLOCK_M, live_moe_sum_, live_silu_and_mul_, sort_free
 from .tuned_configs import zeda_moe_config
-from .vllm_experts import live_ids_hint, router_live_end, router_live_ids
+from .vllm_experts import live_ids_hint, router_live_end, router_live_ids, router_slot_blocks
 
 logger = logging.getLogger("vllm.zeda")
 _UPSTREAM_ASSIGN = getattr(triton_moe, "_prepare_expert_assignment", None)
@@ -61,14 +63,18 @@ def assign_live_slots(topk_ids, config, num_tokens, top_k_num, global_num_expert
     if expert_map is None:
         return _UPSTREAM_ASSIGN(topk_ids, config, num_tokens, top_k_num, global_num_experts, expert_map, **kwargs)
     if sort_free(num_tokens, top_k_num, global_num_experts) and not _grouped_int_weights(kwargs):
-        # one block per slot, in slot order; a -1 block exits at once (its rows are never read).
-        # ZedaTritonExperts.apply has already made this call's live ids: reuse them.
+        # one block per slot, in slot order, a zero slot's with expert -1 (no GEMM; its rows are
+        # never read). ZedaTritonExperts.apply has already made this call's live ids: reuse them.
         live = router_live_ids(topk_ids)
         expert_ids = (live if live is not None else _live_ids(topk_ids, expert_map)[0]).reshape(-1)
-        end = router_live_end(topk_ids) if config["BLOCK_SIZE_M"] == LIVE_END_BLOCK_M else None
-        if end is None:
-            end = slot_blocks_end(topk_ids.numel() * config["BLOCK_SIZE_M"], topk_ids.device)
-        return None, expert_ids, end
+        blocks = None
+        if config["BLOCK_SIZE_M"] == SLOT_BLOCK_M:  # the router's way to stop zero slots' blocks
+            end = router_live_end(topk_ids)
+            if end is not None:  # 1 token, live slots first: zero slots' blocks past the end
+                return None, expert_ids, end
+            blocks = router_slot_blocks(topk_ids)  # 2+ tokens: zero slots' blocks only padding
+        # else (no hint, another block size) every zero slot's block writes a row of zeros
+        return blocks, expert_ids, slot_blocks_end(topk_ids.numel() * config["BLOCK_SIZE_M"], topk_ids.device)
     kwargs["ignore_invalid_experts"] = True
     return _UPSTREAM_ASSIGN(topk_ids, config, num_tokens, top_k_num, global_num_experts, expert_map, **kwargs)
 
