@@ -207,11 +207,12 @@ def worker(model_dir: str, name: str, a) -> None:
                 if biases:
                     llm.collective_rpc("zeda_set_zero_bias", args=(biases["decode" if key == "decode_profile" else "prefill"],))
                 if key == "decode_profile":
-                    res[key] = decode_step_kernels(llm, list(range(1, 17)))
+                    res[key] = decode_step_kernels(llm, list(range(1, 17)), zeda=zeda)
                 else:  # one step of max_num_batched_tokens prompt tokens
                     plen = WORKLOADS["prefill"][1]
                     res[key] = prefill_step_kernels(
-                        llm, [torch.randint(0, 250, (plen,), generator=g).tolist() for _ in range(MAX_BATCHED // plen)])
+                        llm, [torch.randint(0, 250, (plen,), generator=g).tolist() for _ in range(MAX_BATCHED // plen)],
+                        zeda=zeda)
             except Exception as exc:  # the throughput numbers above still count
                 res[key] = {"error": f"{type(exc).__name__}: {exc}"}
             print(label, key, {k: v for k, v in res[key].items() if k not in ("kernels", "call_spread")}, flush=True)

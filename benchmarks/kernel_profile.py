@@ -59,27 +59,6 @@ def kernel_totals(prof, on_gpu: bool = True) -> dict[str, list[float]]:
     return out
 
 
-def prefill_step_kernels(llm, prompts: list[list[int]], top: int = 40) -> dict:
-    """Device µs by kernel of the step that prefills `prompts` (together at most the engine's
-    max_num_batched_tokens, so one step) with one output token each, after the same run
-    unprofiled; also the wall time and how the MoE kernels' calls spread."""
-    from vllm import SamplingParams
-
-    sp = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
-    batch = [{"prompt_token_ids": p} for p in prompts]
-    llm.generate(batch, sp, use_tqdm=False)  # warm, unprofiled (prefix caching is off in bench_e2e)
-    llm.collective_rpc("bench_profile_start")
-    t = time.perf_counter()
-    llm.generate(batch, sp, use_tqdm=False)
-    wall = time.perf_counter() - t
-    kernels = llm.collective_rpc("bench_profile_stop")[0]
-    ranked = dict(sorted(kernels.items(), key=lambda kv: -kv[1][1])[:top])
-    return {"tokens": sum(map(len, prompts)), "wall_us": round(wall * 1e6, 1),
-            "kernel_us": round(sum(v[1] for v in kernels.values()), 1), "kernels": ranked,
-            "unit": "[launches, device µs] in the prefill step",
-            "call_spread": llm.collective_rpc("bench_profile_spread")[0]}
-
-
 # Kernels whose per-call durations are kept (name substrings). The fused-MoE GEMM alternates
 # between a layer's two GEMMs (gate/up, then down), so its calls are also split by parity.
 SPREAD_KERNELS = ("fused_moe_kernel", "_zeda_route", "topkGating", "act_and_mul", "moe_sum")
@@ -118,20 +97,40 @@ class ZedaProfileExtension(ZedaWorkerExtension, KernelProfileExtension):
     pass
 
 
-def decode_step_kernels(llm, prompt_ids: list[int], short: int = 33, long: int = 97, top: int = 40) -> dict:
+def zero_slots(llm) -> tuple[int, int]:
+    """(zero slots, slots) routed so far by a ZEDA engine's layers (rank 0's counters)."""
+    layers = llm.collective_rpc("zeda_stats")[0]["layers"]
+    return sum(x["zero_slots"] for x in layers), sum(x["total_slots"] for x in layers)
+
+
+def _fraction(before, after) -> float | None:
+    if before is None or after[1] == before[1]:
+        return None
+    return round((after[0] - before[0]) / (after[1] - before[1]), 4)
+
+
+def decode_step_kernels(llm, prompt_ids: list[int], short: int = 33, long: int = 97, top: int = 40,
+                        zeda: bool = False) -> dict:
     """Device µs per decode step (batch 1) by kernel, from two profiled runs of `short` and
-    `long` output tokens; also the summed kernel time and the wall time per step."""
+    `long` output tokens; also the summed kernel time and the wall time per step, how the MoE
+    kernels' calls spread (long run) and, for a ZEDA engine, the zero fraction of these very
+    steps (the counters' difference between the runs: the profiled token sequence is not the
+    workload's, and at batch 1 the expert GEMMs follow its live slots)."""
     from vllm import SamplingParams
 
-    runs = []
+    runs, slots = [], []
     for n in (short, long):
         sp = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
         llm.generate([{"prompt_token_ids": prompt_ids}], sp, use_tqdm=False)  # warm, unprofiled
+        before = zero_slots(llm) if zeda else None
         llm.collective_rpc("bench_profile_start")
         t = time.perf_counter()
         llm.generate([{"prompt_token_ids": prompt_ids}], sp, use_tqdm=False)
         wall = time.perf_counter() - t
         runs.append((wall, llm.collective_rpc("bench_profile_stop")[0]))
+        if zeda:
+            after = zero_slots(llm)
+            slots.append((after[0] - before[0], after[1] - before[1]))
     spread_long = llm.collective_rpc("bench_profile_spread")[0]  # the long run's calls (1 prefill step among them)
     steps = long - short
     names = set(runs[0][1]) | set(runs[1][1])
@@ -144,4 +143,28 @@ def decode_step_kernels(llm, prompt_ids: list[int], short: int = 33, long: int =
     return {"steps": steps, "wall_us_per_step": round((runs[1][0] - runs[0][0]) / steps * 1e6, 1),
             "kernel_us_per_step": round(sum(v[1] for v in per_step.values()), 1),
             "kernels": ranked, "unit": "[launches, device µs] per decode step",
-            "call_spread": spread_long}
+            "call_spread": spread_long, "zero_fraction": _fraction(*slots) if slots else None}
+
+
+def prefill_step_kernels(llm, prompts: list[list[int]], top: int = 40, zeda: bool = False) -> dict:
+    """Device µs by kernel of the step that prefills `prompts` (together at most the engine's
+    max_num_batched_tokens, so one step) with one output token each, after the same run
+    unprofiled; also the wall time, how the MoE kernels' calls spread and (zeda) the step's own
+    zero fraction."""
+    from vllm import SamplingParams
+
+    sp = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    batch = [{"prompt_token_ids": p} for p in prompts]
+    llm.generate(batch, sp, use_tqdm=False)  # warm, unprofiled (prefix caching is off in bench_e2e)
+    before = zero_slots(llm) if zeda else None
+    llm.collective_rpc("bench_profile_start")
+    t = time.perf_counter()
+    llm.generate(batch, sp, use_tqdm=False)
+    wall = time.perf_counter() - t
+    kernels = llm.collective_rpc("bench_profile_stop")[0]
+    after = zero_slots(llm) if zeda else None
+    ranked = dict(sorted(kernels.items(), key=lambda kv: -kv[1][1])[:top])
+    return {"tokens": sum(map(len, prompts)), "wall_us": round(wall * 1e6, 1),
+            "kernel_us": round(sum(v[1] for v in kernels.values()), 1), "kernels": ranked,
+            "unit": "[launches, device µs] in the prefill step",
+            "call_spread": llm.collective_rpc("bench_profile_spread")[0], "zero_fraction": _fraction(before, after)}

@@ -156,6 +156,9 @@ def profile(data: dict, key: str = "decode_profile") -> str:
         out.append(f"| {label} | " + " | ".join(f"{v:,.1f}" for v in vals) + " |")
     total, wall = ("kernel_us_per_step", "wall_us_per_step") if decode else ("kernel_us", "wall_us")
     out.append("| **all GPU kernels** | " + " | ".join(f"**{configs[n][total]:,.1f}**" for n in names) + " |")
+    if any(configs[n].get("zero_fraction") is not None for n in names):
+        out.append("| zero fraction of the profiled steps | " + " | ".join(
+            "" if configs[n].get("zero_fraction") is None else f"{configs[n]['zero_fraction']:.3f}" for n in names) + " |")
     wall_label = "wall time per step, profiler on" if decode else "wall time of the step's generate call, profiler on"
     out.append(f"| {wall_label} | " + " | ".join(f"{configs[n][wall]:,.1f}" for n in names) + " |")
     return "\n".join(out)
