@@ -43,6 +43,8 @@
 #             by kernel under the mixed load) and the zero fraction by phase                   ~7 min
 #   parity    gpu_parity.py --modes skip remap masked (fp32, CUDA graphs)                        ~5 min
 #   tune      tune_moe_configs.py (tile search, E=128 N=768)                                     ~4 min
+#   tune-glm  the same for GLM-4.7-Flash's experts (E=64 N=1536, top-4): vLLM 0.26 ships no H200
+#             table for them; the grid and tables land in $OUT/tune_glm.json, $OUT/tables_glm  ~4 min
 # Two GPUs (nvidia-h200-x2):
 #   env       GPUs and their links (nvidia-smi topo), torch's device count                      <1 min
 #   tp-parity gpu_parity.py: skip and masked on one GPU, at TP=2; skip at TP=2 + EP           ~6 min
@@ -57,7 +59,7 @@
 # logs are packed into $OUT/logs.tgz at the end (the device tool returns at most 8 files).
 set -uo pipefail
 [ $# -gt 0 ] || { awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"; exit 2; }
-STAGES="kernels layer pieces route kernel-tests layer-live host e2e50 e2e50p e2e50t e2e75 prefill-profile serve serve3 serve-ideal serve-ideal-tiles serve-graphs serve-graphs-ideal serve-profile parity tune env tp-parity tp-train tp-e2e ep-e2e tp-serve ep-serve"
+STAGES="kernels layer pieces route kernel-tests layer-live host e2e50 e2e50p e2e50t e2e75 prefill-profile serve serve3 serve-ideal serve-ideal-tiles serve-graphs serve-graphs-ideal serve-profile parity tune tune-glm env tp-parity tp-train tp-e2e ep-e2e tp-serve ep-serve"
 for stage in "$@"; do  # before staging the bundle: a typo costs nothing
   [[ " $STAGES " == *" $stage "* ]] || { echo "device_suite: unknown stage '$stage' ($STAGES)" >&2; exit 2; }
 done
@@ -130,6 +132,8 @@ for stage in "$@"; do
     parity) run 420 parity python3 benchmarks/gpu_parity.py --out "$OUT/parity.json" --modes skip remap masked \
              --worker-timeout 120 ;;
     tune) run 450 tune python3 benchmarks/tune_moe_configs.py --out "$OUT/tune.json" --table-dir "$OUT/tables" ;;
+    tune-glm) run 450 tune_glm python3 benchmarks/tune_moe_configs.py --shape glm47_flash --out "$OUT/tune_glm.json" \
+             --table-dir "$OUT/tables_glm" ;;
     env) run 30 env bash -c 'nvidia-smi -L; nvidia-smi topo -m; python3 -c "import torch; print(torch.__version__, torch.cuda.device_count())"' ;;
     tp-parity) run 480 tp_parity python3 benchmarks/gpu_parity.py --out "$OUT/tp_parity.json" \
              --modes skip skip@tp2 skip@tp2ep masked masked@tp2 --worker-timeout 110 ;;

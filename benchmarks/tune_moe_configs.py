@@ -1,14 +1,16 @@
-"""Fused-MoE Triton tile configs for the Qwen3-30B-A3B expert shape (E=128, N=768, bf16) on this
-GPU: a candidate search (device machine, vLLM bundle).
+"""Fused-MoE Triton tile configs for an expert shape on this GPU (bf16): a candidate search
+(device machine, vLLM bundle). Shapes (--shape, bench_moe_layer.SHAPES): Qwen3-30B-A3B (E=128,
+N=768, top-8; the default) and GLM-4.7-Flash (E=64, N=1536, top-4).
 
 vLLM 0.26 ships no `E=128,N=768,device_name=NVIDIA_H100_80GB_HBM3.json`, so on an H100 every MoE
-layer of this shape runs `get_default_config`. Candidates: every distinct config of vLLM's own
-H200 table for this shape (same SM90 chip, more bandwidth), vLLM's default for each batch size,
-and a few neighbours. Each candidate is timed per batch size through vLLM's modular kernel
-(`bench_moe_layer.make_kernel`) for
+layer of Qwen3's shape runs `get_default_config`; for GLM's it ships the H100's and not the H200's.
+Candidates: every distinct config of vLLM's own tables for the shape on the SM90 GPUs (H200, H100:
+same chip), vLLM's default for each batch size, and a few neighbours. Each candidate is timed per
+batch size through vLLM's modular kernel (`bench_moe_layer.make_kernel`) for
 
-  static   stock TritonExperts, top-8 routing
-  ours     ZedaTritonExperts, half the slots on zero experts (the ZEDA operating point)
+  static   stock TritonExperts, top-K routing
+  ours     ZedaTritonExperts, half the slots on zero experts (the ZEDA operating point), given
+           what the plugin's router hands over (bench_moe_layer.router_handover)
 
 median µs over CUDA-graph replays of 8 rotating routings. "Stock" is the config vLLM itself runs
 at that batch size on this GPU: its own table's entry where it ships one (vLLM 0.26: for the H200,
@@ -23,7 +25,7 @@ of that pick (each other config is a first-use compile while serving).
 The shipped table (vllm_zeda/moe_configs/) is the "ours" table; rebuild it from a grid without a
 GPU (tests/test_tuned_configs.py checks that this reproduces it):
 
-    python3 benchmarks/tune_moe_configs.py --out $OUT/tune.json --table-dir $OUT/tables
+    python3 benchmarks/tune_moe_configs.py --out $OUT/tune.json --table-dir $OUT/tables [--shape glm47_flash]
     python3 benchmarks/tune_moe_configs.py --table-from benchmarks/results/tune_moe_h100_2026-11-23.json \
         --table-dir vllm_zeda/moe_configs --variants ours      # and tune_moe_h200_2026-11-30.json
 """
@@ -39,7 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vllm_zeda.tuned_configs import nearest  # noqa: E402 (vLLM's nearest-batch-size rule)
 
-E, H, I, K = 128, 2048, 768, 8
+SM90_GPUS = ("NVIDIA_H200", "NVIDIA_H100_80GB_HBM3")  # whose vLLM tables seed the candidates
 BATCHES = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024, 1536, 2048, 3072, 4096, 8192, 16384]
 EXTRA = [  # (BLOCK_SIZE_M, N, K, GROUP_SIZE_M, num_warps, num_stages)
     (16, 64, 128, 1, 4, 4), (16, 128, 128, 1, 4, 3), (32, 64, 128, 1, 4, 4), (32, 128, 64, 1, 4, 4),
@@ -50,9 +52,10 @@ KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "num_war
 CAPTURED_UP_TO = 512  # vLLM's largest CUDA-graph size by default: its tile config compiles at start-up
 
 
-def table_name(device: str) -> str:
-    """vLLM's file name for this shape's table on a GPU named `device` (as torch names it)."""
-    return f"E={E},N={I},device_name={device.replace(' ', '_')}.json"
+def table_name(device: str, e: int, n: int) -> str:
+    """vLLM's file name for the table of E experts of intermediate size N on a GPU named `device`
+    (as torch names it)."""
+    return f"E={e},N={n},device_name={device.replace(' ', '_')}.json"
 
 
 def _key(cfg: dict) -> tuple:
@@ -145,12 +148,14 @@ def write_tables(grid: dict, table_dir: str, variants, min_gain: float, name: st
         (d / name).write_text(json.dumps(table, indent=1) + "\n")
 
 
-def candidates() -> list[dict]:
+def candidates(e: int, h: int, i: int, k: int) -> list[dict]:
     import vllm.model_executor.layers.fused_moe.fused_moe as fm
 
-    h200 = Path(fm.__file__).parent / "configs" / f"E={E},N={I},device_name=NVIDIA_H200.json"
-    found = list(json.loads(h200.read_text()).values()) if h200.exists() else []
-    found += [fm.get_default_config(m, E, I, H, K, None) for m in BATCHES]
+    found = []
+    for gpu in SM90_GPUS:
+        table = Path(fm.__file__).parent / "configs" / table_name(gpu, e, i)
+        found += list(json.loads(table.read_text()).values()) if table.exists() else []
+    found += [fm.get_default_config(m, e, i, h, k, None) for m in BATCHES]
     found += [dict(zip(KEYS, c)) for c in EXTRA]
     out, seen = [], set()
     for c in found:
@@ -172,23 +177,27 @@ def main():
                    help="the ours table only takes tiles at most this much slower than stock vLLM's config at skip 0")
     p.add_argument("--batches", nargs="+", type=int, default=BATCHES)
     p.add_argument("--budget-s", type=float, default=400, help="stop timing new batch sizes after this")
+    p.add_argument("--shape", default="qwen3_30b_a3b", choices=["qwen3_30b_a3b", "glm47_flash"],
+                   help="the expert shape to tune (bench_moe_layer.SHAPES)")
     a = p.parse_args()
     if a.table_from:
         try:
             grid = json.loads(Path(a.table_from).read_text())
         except (OSError, ValueError) as exc:
             p.error(f"cannot read the grid {a.table_from}: {exc}")
-        device = grid.get("meta", {}).get("device")
-        if not device:
-            p.error(f"{a.table_from} has no meta.device (the GPU the table is for): not a grid written by --out")
-        return write_tables(grid, a.table_dir, a.variants, a.min_gain, table_name(device), a.static_within)
+        device, shape = grid.get("meta", {}).get("device"), grid.get("meta", {}).get("shape")
+        if not device or not shape:
+            p.error(f"{a.table_from} has no meta.device and meta.shape (the GPU and experts the table is for): "
+                    "not a grid written by --out")
+        name = table_name(device, shape[0], shape[2])
+        return write_tables(grid, a.table_dir, a.variants, a.min_gain, name, a.static_within)
     if not a.out:
         p.error("--out is required unless --table-from is given")
     os.environ.pop("VLLM_TUNED_CONFIG_FOLDER", None)  # "default" is stock vLLM's own lookup
     import torch
     import vllm
     import vllm.model_executor.layers.fused_moe.fused_moe as fm
-    from bench_moe_layer import make_kernel, make_routings, time_graph
+    from bench_moe_layer import SHAPES, make_kernel, make_routings, time_graph
     from vllm.model_executor.layers.fused_moe import override_config
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation
     from vllm.model_executor.layers.fused_moe.experts.triton_moe import TritonExperts
@@ -197,6 +206,7 @@ def main():
     from vllm_zeda.vllm_experts import live_ids_hint, zero_expert_map
     from vllm_zeda.vllm_triton_experts import ZedaTritonExperts
 
+    E, H, I, K = SHAPES[a.shape]  # noqa: N806 (the shape's usual names)
     init_workspace_manager(torch.device("cuda"))
     t0 = time.time()
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -216,7 +226,7 @@ def main():
         with live_ids_hint(ids, live, end, blocks):
             return call(ours_k, x, w, ids, zmap)
 
-    cands = candidates()
+    cands = candidates(E, H, I, K)
     own = fm.get_moe_configs(E, I, None)  # stock vLLM's own table for this GPU (VLLM_TUNED_CONFIG_FOLDER unset)
     meta = {"device": torch.cuda.get_device_name(), "vllm": vllm.__version__, "date": time.strftime("%Y-%m-%d"),
             "unit": "us per fused-MoE call", "shape": [E, H, I, K], "triton": __import__("triton").__version__,

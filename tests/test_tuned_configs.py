@@ -84,7 +84,7 @@ def test_shipped_table_is_the_recorded_search_result(tune, grid_file, device, na
     measured grid in benchmarks/results (the provenance RESULTS.md §2 states), under the name
     vLLM looks up on that GPU."""
     grid = json.loads((ROOT / "benchmarks" / "results" / grid_file).read_text())
-    assert grid["meta"]["device"] == device and tune.table_name(device) == name
+    assert grid["meta"]["device"] == device and tune.table_name(device, *grid["meta"]["shape"][::2]) == name
     table = tune.table_from_grid(grid, "ours")
     assert table == json.loads((tc.TABLE_DIR / name).read_text())
     above_capture = {json.dumps(cfg, sort_keys=True) for m, cfg in table.items() if int(m) > tune.CAPTURED_UP_TO}
