@@ -15,6 +15,11 @@ logits, top-8, bf16 logits), median µs over CUDA-graph replays (device machine)
                    assignment (gpu_kernels.sort_free: up to 6 tokens here) at one token live_first
                    and live_end, from two the slot blocks; else default
 
+and, up to 256 tokens, the router's gate GEMM before it (hidden 2048, bf16):
+  gate cuBLAS 128 / 192   F.linear over the 128 real / 128 + 64 gate rows (what vLLM's gate runs)
+  gate triton 192 bnN     gpu_kernels.gate_logits_: N gate rows per program (a candidate for
+                   small batches: cuBLAS took 5.0-5.3 µs a layer at batch 1, RESULTS.md §3 run J)
+
 Purpose: pick zeda_route_'s launch shape per batch size (decode at batch 1 paid ~12 µs per layer
 more than stock end to end, RESULTS.md §3).
 
@@ -42,13 +47,15 @@ def main():
     a = p.parse_args()
     from vllm.model_executor.layers.fused_moe.router.fused_topk_router import fused_topk
 
-    from vllm_zeda.gpu_kernels import SLOT_BLOCK_M, sort_free, zeda_route_
+    from vllm_zeda.gpu_kernels import SLOT_BLOCK_M, gate_logits_, sort_free, zeda_route_
 
     e, z, k = 128, 64, 8
     bias = torch.full((1,), 0.1, device="cuda")
     bias_row = torch.zeros(e + z, device="cuda", dtype=torch.bfloat16)
     bias_row[e:] = 0.1
     counts = torch.zeros(2, dtype=torch.int64, device="cuda")
+    gate = torch.randn(e + z, 2048, device="cuda", dtype=torch.bfloat16) * 0.02
+    gate_real = gate[:e].contiguous()
     rows = []
     for m in a.tokens:
         logits = torch.randn(m, e + z, device="cuda", dtype=torch.bfloat16)
@@ -70,6 +77,14 @@ def main():
         for bm, nw in SHAPES:
             variants[f"zeda_route b{bm}/w{nw}"] = lambda bm=bm, nw=nw: zeda_route_(
                 logits, e, k, True, bias, counts, None, block_m=bm, num_warps=nw)
+        if m <= 256:
+            hidden = torch.randn(m, 2048, device="cuda", dtype=torch.bfloat16)
+            variants["gate cuBLAS 128"] = lambda: torch.nn.functional.linear(hidden, gate_real)
+            variants["gate cuBLAS 192"] = lambda: torch.nn.functional.linear(hidden, gate)
+            for bn in (2, 4, 8, 16):
+                variants[f"gate triton 192 bn{bn}"] = lambda bn=bn: gate_logits_(hidden, gate, block_n=bn)
+                got, want = gate_logits_(hidden, gate, block_n=bn).float(), torch.nn.functional.linear(hidden, gate).float()
+                assert torch.allclose(got, want, rtol=2 ** -7, atol=1e-3), (m, bn)  # a bf16 rounding apart
         ref = zeda_route_(logits, e, k, True, bias, counts, None)
         row = {"tokens": m}
         for name, fn in variants.items():

@@ -149,6 +149,26 @@ if triton is not None:
             acc += tl.load(in_ptr + (tok * K + k) * d + offs, mask=mask & live, other=0.0).to(tl.float32)
         tl.store(out_ptr + tok * stride_out + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
+    @triton.jit
+    def _gate_logits(x_ptr, w_ptr, out_ptr, M, N, H, stride_xm, stride_wn, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """out[m, n] = sum_k x[m, k] * w[n, k] in fp32, stored in out's dtype: a few gate rows per
+        program, so that a small batch's router GEMM spreads over many SMs."""
+        rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rmask, cmask = rows < M, cols < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for k0 in range(0, H, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            kmask = ks < H
+            x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + ks[None, :],
+                        mask=rmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + cols[:, None].to(tl.int64) * stride_wn + ks[None, :],
+                        mask=cmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+            acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+        tl.store(out_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=rmask[:, None] & cmask[None, :])
+
 
 # Compiled routing kernels by everything that selects one: device, logits dtype and alignment,
 # row stride, warps, whether M needs 64 bits, the expert counts and the constexprs (HAS_PAD also
@@ -264,6 +284,24 @@ def live_moe_sum_(out: torch.Tensor, slots: torch.Tensor, live_ids: torch.Tensor
         return
     block = min(1024, _pow2(d))
     _live_moe_sum[(m, -(-d // block))](slots, out, live_ids.reshape(-1), d, out.stride(0), K=k, BLOCK=block)
+
+
+def gate_logits_(x: torch.Tensor, weight: torch.Tensor, block_n: int = 4, block_k: int = 512) -> torch.Tensor:
+    """Router logits x [M, H] @ weight [N, H]^T, [M, N] in x's dtype (fp32 accumulation), for
+    small batches: BLOCK_N gate rows per program, so N / BLOCK_N programs share the weight reads
+    (cuBLAS took 5.0-5.3 µs a layer for a batch-1 decode step's 128-192 gate rows on the H200,
+    benchmarks/RESULTS.md §3 run J). A candidate timed by benchmarks/bench_route.py; the plugin's
+    gate does not use it."""
+    m, h = x.shape
+    n = weight.shape[0]
+    assert weight.shape[1] == h and x.stride(1) == 1 and weight.stride(1) == 1, (x.shape, weight.shape)
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out
+    block_m = min(_pow2(m), 4)
+    _gate_logits[(-(-n // block_n), -(-m // block_m))](x, weight, out, m, n, h, x.stride(0), weight.stride(0),
+                                                       BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=min(block_k, _pow2(h)))
+    return out
 
 
 def available() -> bool:
