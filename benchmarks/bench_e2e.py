@@ -14,7 +14,7 @@ Workloads: prefill (64 x 2048 prompt tokens, 1 output: input tok/s), decode at b
 256 four either way, MIN_RUNS); the fastest is reported and all times are kept. Every engine uses
 the same CUDA-graph capture sizes (CAPTURE_SIZES) to keep start-up short.
 --profile-decode adds, per config and target, the GPU kernels of one batch-1 decode step (device
-µs by kernel name, torch.profiler in the worker: kernel_profile.py); --profile-prefill those of one
+µs by kernel name, torch.profiler in the worker: kernel_profile.py; --profile-batch N: of N); --profile-prefill those of one
 prefill step of 16,384 prompt tokens (8 x 2,048). --workloads times only the ones named.
 
     python3 benchmarks/bench_e2e.py --out $OUT/e2e.json [--configs static8 ideal4 zeda] [--targets 0 0.5]
@@ -207,7 +207,7 @@ def worker(model_dir: str, name: str, a) -> None:
                 if biases:
                     llm.collective_rpc("zeda_set_zero_bias", args=(biases["decode" if key == "decode_profile" else "prefill"],))
                 if key == "decode_profile":
-                    res[key] = decode_step_kernels(llm, list(range(1, 17)), zeda=zeda)
+                    res[key] = decode_step_kernels(llm, list(range(1, 17)), zeda=zeda, batch=a.profile_batch)
                 else:  # one step of max_num_batched_tokens prompt tokens
                     plen = WORKLOADS["prefill"][1]
                     res[key] = prefill_step_kernels(
@@ -226,6 +226,7 @@ def main() -> None:
     p.add_argument("--targets", nargs="+", type=float, default=[0.0, 0.5])
     p.add_argument("--worker", nargs=2)
     p.add_argument("--profile-decode", action="store_true")
+    p.add_argument("--profile-batch", type=int, default=1, help="sequences in the --profile-decode step")
     p.add_argument("--profile-prefill", action="store_true",
                    help="device µs by kernel of one prefill step of max_num_batched_tokens prompt tokens")
     p.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS),
@@ -252,6 +253,7 @@ def main() -> None:
         proc = run_worker([sys.executable, __file__, "--out", a.out, "--worker", str(d), name,
                            "--targets", *map(str, a.targets), "--tp", str(a.tp)] + ["--ep"] * a.ep
                           + ["--profile-decode"] * a.profile_decode + ["--profile-prefill"] * a.profile_prefill
+                          + ["--profile-batch", str(a.profile_batch)]
                           + ["--quick"] * a.quick + ["--workloads", *a.workloads], timeout)
         out, err = proc.stdout, proc.stderr
         log.write_text(out + "\n----- stderr\n" + err[-20000:])

@@ -20,6 +20,9 @@
 #   e2e50     bench_e2e.py --configs static8 ideal4 zeda --targets 0 0.5 --quick                ~8 min
 #   e2e50p    e2e50 plus --profile-decode: device µs by kernel of a batch-1 decode step, per engine ~9 min
 #   e2e75     bench_e2e.py --configs static8 ideal2 zeda --targets 0.75 --quick                 ~6 min
+#   b256-profile  bench_e2e.py --configs static8 zeda --targets 0 0.5 --workloads decode_b256
+#             --profile-decode --profile-batch 256: batch-256 decode (4 runs: the alternation) and one
+#             batch-256 step by kernel, with the MoE kernels' per-call spread                ~5 min
 #   prefill-profile  bench_e2e.py --workloads prefill --profile-prefill: prefill throughput and the
 #             device µs by kernel of one 16,384-token prefill step, static8 / ideal4 / ideal2 and
 #             zeda at skip 0, 0.5, 0.75 (where skip 0's ~2% and skip 0.75's ~12% of the gap go) ~7 min
@@ -59,7 +62,7 @@
 # logs are packed into $OUT/logs.tgz at the end (the device tool returns at most 8 files).
 set -uo pipefail
 [ $# -gt 0 ] || { awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"; exit 2; }
-STAGES="kernels layer pieces route kernel-tests layer-live host e2e50 e2e50p e2e50t e2e75 prefill-profile serve serve3 serve-ideal serve-ideal-tiles serve-graphs serve-graphs-ideal serve-profile parity tune tune-glm env tp-parity tp-train tp-e2e ep-e2e tp-serve ep-serve"
+STAGES="kernels layer pieces route kernel-tests layer-live host e2e50 e2e50p e2e50t e2e75 b256-profile prefill-profile serve serve3 serve-ideal serve-ideal-tiles serve-graphs serve-graphs-ideal serve-profile parity tune tune-glm env tp-parity tp-train tp-e2e ep-e2e tp-serve ep-serve"
 for stage in "$@"; do  # before staging the bundle: a typo costs nothing
   [[ " $STAGES " == *" $stage "* ]] || { echo "device_suite: unknown stage '$stage' ($STAGES)" >&2; exit 2; }
 done
@@ -108,6 +111,9 @@ for stage in "$@"; do
              --out "$OUT/e2e50t.json" --configs static8 ideal4 zeda --targets 0 0.5 --quick --timeout 220 ;;
     e2e75) run 585 e2e75 python3 benchmarks/bench_e2e.py --out "$OUT/e2e75.json" --configs static8 ideal2 zeda \
              --targets 0.75 --quick --timeout 220 ;;
+    b256-profile) run 585 b256_profile python3 benchmarks/bench_e2e.py --out "$OUT/b256_profile.json" \
+             --configs static8 zeda --targets 0 0.5 --quick --workloads decode_b256 --profile-decode \
+             --profile-batch 256 --timeout 150 ;;
     prefill-profile) run 585 prefill_profile python3 benchmarks/bench_e2e.py --out "$OUT/prefill_profile.json" \
              --configs static8 ideal4 ideal2 zeda --targets 0 0.5 0.75 --quick --workloads prefill --profile-prefill \
              --timeout 150 ;;

@@ -110,22 +110,23 @@ def _fraction(before, after) -> float | None:
 
 
 def decode_step_kernels(llm, prompt_ids: list[int], short: int = 33, long: int = 97, top: int = 40,
-                        zeda: bool = False) -> dict:
-    """Device µs per decode step (batch 1) by kernel, from two profiled runs of `short` and
-    `long` output tokens; also the summed kernel time and the wall time per step, how the MoE
-    kernels' calls spread (long run) and, for a ZEDA engine, the zero fraction of these very
-    steps (the counters' difference between the runs: the profiled token sequence is not the
+                        zeda: bool = False, batch: int = 1) -> dict:
+    """Device µs per decode step (of `batch` sequences) by kernel, from two profiled runs of
+    `short` and `long` output tokens; also the summed kernel time and the wall time per step, how
+    the MoE kernels' calls spread (long run) and, for a ZEDA engine, the zero fraction of these
+    very steps (the counters' difference between the runs: the profiled token sequence is not the
     workload's, and at batch 1 the expert GEMMs follow its live slots)."""
     from vllm import SamplingParams
 
+    prompts = [{"prompt_token_ids": [(t + i) % 250 for t in prompt_ids]} for i in range(batch)]  # i=0: prompt_ids
     runs, slots = [], []
     for n in (short, long):
         sp = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
-        llm.generate([{"prompt_token_ids": prompt_ids}], sp, use_tqdm=False)  # warm, unprofiled
+        llm.generate(prompts, sp, use_tqdm=False)  # warm, unprofiled
         before = zero_slots(llm) if zeda else None
         llm.collective_rpc("bench_profile_start")
         t = time.perf_counter()
-        llm.generate([{"prompt_token_ids": prompt_ids}], sp, use_tqdm=False)
+        llm.generate(prompts, sp, use_tqdm=False)
         wall = time.perf_counter() - t
         runs.append((wall, llm.collective_rpc("bench_profile_stop")[0]))
         if zeda:
@@ -140,7 +141,7 @@ def decode_step_kernels(llm, prompt_ids: list[int], short: int = 33, long: int =
         c1, t1 = runs[1][1].get(name, [0, 0.0])
         per_step[name] = [round((c1 - c0) / steps, 2), round((t1 - t0) / steps, 2)]
     ranked = dict(sorted(per_step.items(), key=lambda kv: -kv[1][1])[:top])
-    return {"steps": steps, "wall_us_per_step": round((runs[1][0] - runs[0][0]) / steps * 1e6, 1),
+    return {"batch": batch, "steps": steps, "wall_us_per_step": round((runs[1][0] - runs[0][0]) / steps * 1e6, 1),
             "kernel_us_per_step": round(sum(v[1] for v in per_step.values()), 1),
             "kernels": ranked, "unit": "[launches, device µs] per decode step",
             "call_spread": spread_long, "zero_fraction": _fraction(*slots) if slots else None}

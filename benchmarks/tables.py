@@ -149,7 +149,8 @@ def profile(data: dict, key: str = "decode_profile") -> str:
         for kernel, (_, us) in configs[n]["kernels"].items():
             groups.setdefault(kernel_group(kernel, "everything else"), [0.0] * len(names))[i] += us
     decode = key == "decode_profile"
-    title = "µs per decode step (batch 1, 48 layers)" if decode else "µs of one prefill step (48 layers)"
+    batch = next(iter(configs.values()), {}).get("batch", 1)
+    title = f"µs per decode step (batch {batch}, 48 layers)" if decode else "µs of one prefill step (48 layers)"
     out = [f"| {title} | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names)]
     order = [lab for lab, _ in KERNEL_GROUPS] + ["everything else"]
     for label, vals in sorted(groups.items(), key=lambda kv: order.index(kv[0])):
