@@ -171,6 +171,8 @@ def worker(model_dir: str, name: str, a) -> None:
     import torch
     from vllm import LLM
 
+    from benchmarks.kernel_profile import decode_step_kernels, prefill_step_kernels
+
     targets, quick, tp, ep = a.targets, a.quick, a.tp, a.ep
     needs_bias = {"prefill" if w == "prefill" else "decode" for w in a.workloads}  # zero biases to calibrate
     needs_bias |= {"decode"} if a.profile_decode else set()
@@ -199,8 +201,6 @@ def worker(model_dir: str, name: str, a) -> None:
         if biases:
             res["zero_bias"] = biases
         res["workloads"] = run_workloads(llm, label, g, biases, runs=2 if quick else 3, only=a.workloads)
-        from benchmarks.kernel_profile import decode_step_kernels, prefill_step_kernels
-
         profiles = {"decode_profile": a.profile_decode, "prefill_profile": a.profile_prefill}
         for key in (k for k, on in profiles.items() if on):
             try:  # each at its workload's bias
@@ -236,6 +236,8 @@ def main() -> None:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size of every engine")
     p.add_argument("--ep", action="store_true", help="with --tp N: expert parallelism over the N GPUs")
     a = p.parse_args()
+    if a.profile_batch < 1:
+        p.error(f"--profile-batch must be at least 1, got {a.profile_batch}")
     if a.worker:
         return worker(*a.worker, a)
     import torch

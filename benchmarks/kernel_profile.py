@@ -97,6 +97,11 @@ class ZedaProfileExtension(ZedaWorkerExtension, KernelProfileExtension):
     pass
 
 
+def top_kernels(kernels: dict[str, list[float]], top: int) -> dict[str, list[float]]:
+    """The `top` kernels of {name: [launches, µs]} by device time, largest first."""
+    return dict(sorted(kernels.items(), key=lambda kv: -kv[1][1])[:top])
+
+
 def zero_slots(llm) -> tuple[int, int]:
     """(zero slots, slots) routed so far by a ZEDA engine's layers (rank 0's counters)."""
     layers = llm.collective_rpc("zeda_stats")[0]["layers"]
@@ -140,10 +145,9 @@ def decode_step_kernels(llm, prompt_ids: list[int], short: int = 33, long: int =
         c0, t0 = runs[0][1].get(name, [0, 0.0])
         c1, t1 = runs[1][1].get(name, [0, 0.0])
         per_step[name] = [round((c1 - c0) / steps, 2), round((t1 - t0) / steps, 2)]
-    ranked = dict(sorted(per_step.items(), key=lambda kv: -kv[1][1])[:top])
     return {"batch": batch, "steps": steps, "wall_us_per_step": round((runs[1][0] - runs[0][0]) / steps * 1e6, 1),
             "kernel_us_per_step": round(sum(v[1] for v in per_step.values()), 1),
-            "kernels": ranked, "unit": "[launches, device µs] per decode step",
+            "kernels": top_kernels(per_step, top), "unit": "[launches, device µs] per decode step",
             "call_spread": spread_long, "zero_fraction": _fraction(*slots) if slots else None}
 
 
@@ -164,8 +168,7 @@ def prefill_step_kernels(llm, prompts: list[list[int]], top: int = 40, zeda: boo
     wall = time.perf_counter() - t
     kernels = llm.collective_rpc("bench_profile_stop")[0]
     after = zero_slots(llm) if zeda else None
-    ranked = dict(sorted(kernels.items(), key=lambda kv: -kv[1][1])[:top])
     return {"tokens": sum(map(len, prompts)), "wall_us": round(wall * 1e6, 1),
-            "kernel_us": round(sum(v[1] for v in kernels.values()), 1), "kernels": ranked,
+            "kernel_us": round(sum(v[1] for v in kernels.values()), 1), "kernels": top_kernels(kernels, top),
             "unit": "[launches, device µs] in the prefill step",
             "call_spread": llm.collective_rpc("bench_profile_spread")[0], "zero_fraction": _fraction(before, after)}

@@ -19,15 +19,16 @@ def test_spread_takes_quantiles_of_the_sorted_durations():
 def test_call_spread_splits_alternating_calls():
     """Two ops called in turn (as a layer's two fused-MoE GEMMs are): each op's calls, and for an
     even count its even and odd calls apart; ops not named are left out."""
-    small, large = torch.ones(8), torch.ones(1 << 20)
+    x, y = torch.ones(8), torch.ones(64)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         for _ in range(6):
-            small.mul(2.0)
-            large.add(1.0)
+            x.mul(2.0)
+            y.add(1.0)
     out = call_spread(prof, ("aten::mul", "aten::add"), on_gpu=False)
     assert set(out) == {f"{op}{part}" for op in ("aten::mul", "aten::add") for part in ("", " [0::2]", " [1::2]")}
     assert out["aten::add"]["calls"] == 6 and out["aten::add [0::2]"]["calls"] == 3
-    assert out["aten::mul"]["quantiles_us"][2] < out["aten::add"]["quantiles_us"][2]  # 8 floats vs a million
+    for sp in out.values():  # quantiles in order, the largest call last
+        assert sp["quantiles_us"] == sorted(sp["quantiles_us"]) and sp["max_us"] >= sp["quantiles_us"][-1]
     assert call_spread(prof, ("no_such_op",), on_gpu=False) == {}
 
 
