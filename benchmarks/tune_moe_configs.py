@@ -19,7 +19,8 @@ full grid to --out and, into --table-dir, vLLM-format tables (batch size -> conf
 the fastest candidate where it beats stock by more than --min-gain (a best-of-25 pick carries
 noise), else stock's config; the ours table takes only tiles at most --static-within slower than
 stock's in the static run (ours at skip 0: a tile tuned at half the slots must not lose with
-none). Both comparisons use stock's own timing in the candidate sweep. Above 512 tokens a config
+none), and where the slot assignment is sort-free only BLOCK_SIZE_M 16 tiles (`slot_block_tiles`).
+Both comparisons use stock's own timing in the candidate sweep. Above 512 tokens a config
 that start-up compiles anyway (CUDA-graph capture, the profile run) is kept where it is within 1%
 of that pick (each other config is a first-use compile while serving).
 The shipped table (vllm_zeda/moe_configs/) is the "ours" table; rebuild it from a grid without a
@@ -27,7 +28,7 @@ GPU (tests/test_tuned_configs.py checks that this reproduces it):
 
     python3 benchmarks/tune_moe_configs.py --out $OUT/tune.json --table-dir $OUT/tables [--shape glm47_flash]
     python3 benchmarks/tune_moe_configs.py --table-from benchmarks/results/tune_moe_h100_2026-11-23.json \
-        --table-dir vllm_zeda/moe_configs --variants ours      # and tune_moe_h200_2026-11-30.json
+        --table-dir vllm_zeda/moe_configs --variants ours      # and tune_moe_{,glm_}h200_2026-11-30.json
 """
 from __future__ import annotations
 
@@ -96,10 +97,30 @@ def eligible(row: dict, variant: str, static_within: float | None, static_ref: f
     return [t is not None and s is not None and s <= limit for t, s in zip(times, row["static_all"])]
 
 
+def slot_block_tiles(candidates: list[dict], tokens: int, shape: list[int] | None, zero_experts: int | None) -> list[bool]:
+    """Which candidates keep the router's hand-over at this batch size. Where vLLM's Triton experts
+    assign slots sort-free (gpu_kernels.sort_free: 1-6 tokens for Qwen3's E+Z=192 and top-8), the
+    router stops the zero slots' blocks (live slots first at 1 token, slot blocks from 2) only for
+    BLOCK_SIZE_M == SLOT_BLOCK_M; with any other tile every zero slot's block writes a row of
+    zeros. The grid times ours at skip 0.5 alone, where that costs little: the H200 GLM grid's
+    4-token pick, BLOCK_SIZE_M 64, was 0.8% faster there than the default's 16, and 16% slower
+    at skip 0.75 in the layer benchmark (benchmarks/RESULTS.md §2). So there only such tiles."""
+    if not shape:
+        return [True] * len(candidates)
+    from vllm_zeda.gpu_kernels import SLOT_BLOCK_M, sort_free
+
+    e, k = shape[0], shape[3]
+    if not sort_free(tokens, k, e + (zero_experts if zero_experts is not None else e // 2)):
+        return [True] * len(candidates)
+    return [c["BLOCK_SIZE_M"] == SLOT_BLOCK_M for c in candidates]
+
+
 def table_from_rows(rows: list[dict], variant: str, min_gain: float = 0.01, candidates: list[dict] | None = None,
                     reuse_within: float = 0.01, captured_up_to: int = CAPTURED_UP_TO,
-                    static_within: float | None = 0.02, stock_table: dict | None = None) -> dict[str, dict]:
-    """vLLM-format table: per batch size the variant's fastest `eligible` config if it beats the
+                    static_within: float | None = 0.02, stock_table: dict | None = None,
+                    shape: list[int] | None = None, zero_experts: int | None = None) -> dict[str, dict]:
+    """vLLM-format table: per batch size the variant's fastest `eligible` config (for ours, in
+    the sort-free range, a `slot_block_tiles` one) if it beats the
     config stock vLLM runs there (`stock_config`) by more than min_gain, else that config (without
     the grid's candidates: the row's recorded best, unguarded). Given the candidates, a batch size
     above captured_up_to takes instead an eligible config that start-up compiles anyway (the pick at
@@ -114,6 +135,9 @@ def table_from_rows(rows: list[dict], variant: str, min_gain: float = 0.01, cand
         cfg, t = r[f"{variant}_best_config"], r[f"{variant}_best"]
         if candidates is not None:
             ok[r["tokens"]] = eligible(r, variant, static_within, static_ref)
+            if variant == "ours":
+                keep = slot_block_tiles(candidates, r["tokens"], shape, zero_experts)
+                ok[r["tokens"]] = [a and b for a, b in zip(ok[r["tokens"]], keep)]
             t, i = min(((tc, i) for i, tc in enumerate(r[f"{variant}_all"]) if ok[r["tokens"]][i]),
                        default=(None, None))
             cfg = candidates[i] if i is not None else None
@@ -135,9 +159,11 @@ def table_from_rows(rows: list[dict], variant: str, min_gain: float = 0.01, cand
 
 
 def table_from_grid(grid: dict, variant: str, **kw) -> dict[str, dict]:
-    """table_from_rows over a grid written by --out (its candidates and stock vLLM's own table)."""
-    return table_from_rows(grid["rows"], variant, candidates=grid.get("candidates"),
-                           stock_table=grid.get("meta", {}).get("vllm_table"), **kw)
+    """table_from_rows over a grid written by --out (its candidates, stock vLLM's own table and
+    the expert shape)."""
+    meta = grid.get("meta", {})
+    return table_from_rows(grid["rows"], variant, candidates=grid.get("candidates"), stock_table=meta.get("vllm_table"),
+                           shape=meta.get("shape"), zero_experts=meta.get("zero_experts"), **kw)
 
 
 def write_tables(grid: dict, table_dir: str, variants, min_gain: float, name: str, static_within: float) -> None:
@@ -154,12 +180,13 @@ def candidates(e: int, h: int, i: int, k: int) -> list[dict]:
     found = []
     for gpu in SM90_GPUS:
         table = Path(fm.__file__).parent / "configs" / table_name(gpu, e, i)
-        found += list(json.loads(table.read_text()).values()) if table.exists() else []
+        entries = json.loads(table.read_text()).values() if table.exists() else []
+        found += [c for c in entries if isinstance(c, dict)]  # tables may carry "triton_version": "..."
     found += [fm.get_default_config(m, e, i, h, k, None) for m in BATCHES]
     found += [dict(zip(KEYS, c)) for c in EXTRA]
     out, seen = [], set()
     for c in found:
-        key = tuple(c.get(k, 1) for k in KEYS)
+        key = tuple(c.get(name, 1) for name in KEYS)
         if key not in seen:
             seen.add(key)
             out.append(dict(zip(KEYS, key)))
@@ -229,7 +256,7 @@ def main():
     cands = candidates(E, H, I, K)
     own = fm.get_moe_configs(E, I, None)  # stock vLLM's own table for this GPU (VLLM_TUNED_CONFIG_FOLDER unset)
     meta = {"device": torch.cuda.get_device_name(), "vllm": vllm.__version__, "date": time.strftime("%Y-%m-%d"),
-            "unit": "us per fused-MoE call", "shape": [E, H, I, K], "triton": __import__("triton").__version__,
+            "unit": "us per fused-MoE call", "shape": [E, H, I, K], "zero_experts": z, "triton": __import__("triton").__version__,
             "vllm_table": {str(k): v for k, v in own.items()} if own else None}
     print(f"{len(cands)} candidate configs; vLLM's own table: {'yes' if own else 'none'}", flush=True)
     rows = []

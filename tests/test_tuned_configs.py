@@ -78,7 +78,8 @@ def test_users_table_and_override_come_first(h100_names, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("grid_file,device,name", [
     ("tune_moe_h100_2026-11-23.json", "NVIDIA H100 80GB HBM3", QWEN3_H100),
-    ("tune_moe_h200_2026-11-30.json", "NVIDIA H200", "E=128,N=768,device_name=NVIDIA_H200.json")])
+    ("tune_moe_h200_2026-11-30.json", "NVIDIA H200", "E=128,N=768,device_name=NVIDIA_H200.json"),
+    ("tune_moe_glm_h200_2026-11-30.json", "NVIDIA H200", "E=64,N=1536,device_name=NVIDIA_H200.json")])
 def test_shipped_table_is_the_recorded_search_result(tune, grid_file, device, name):
     """Each shipped table is exactly what benchmarks/tune_moe_configs.py derives from the
     measured grid in benchmarks/results (the provenance RESULTS.md §2 states), under the name
@@ -90,8 +91,9 @@ def test_shipped_table_is_the_recorded_search_result(tune, grid_file, device, na
     above_capture = {json.dumps(cfg, sort_keys=True) for m, cfg in table.items() if int(m) > tune.CAPTURED_UP_TO}
     at_start_up = {json.dumps(table[m], sort_keys=True) for m in ("512", "16384")}
     # On the H100 no tile config is first met while serving, even with vLLM's own CUDA-graph sizes
-    # (up to 512). On the H200 the picks from 3,072 to 8,192 tokens are a config of vLLM's own
-    # table (its 1,536-3,072 entry, 1-3% faster there than the start-up ones at skip 0.5): with the
+    # (up to 512). On the H200 some picks above 512 tokens are not (Qwen3: from 3,072 to 8,192
+    # tokens a config of vLLM's own table, its 1,536-3,072 entry, 1-3% faster there than the
+    # start-up ones at skip 0.5; GLM: 8,192): with the
     # plugin's default sizes (vllm_zeda.cuda_graphs, up to max_num_batched_tokens) it compiles at
     # capture; with vLLM's, at first use, as it does for stock vLLM.
     assert (above_capture <= at_start_up) == device.startswith("NVIDIA H100")
@@ -100,6 +102,27 @@ def test_shipped_table_is_the_recorded_search_result(tune, grid_file, device, na
     for r in grid["rows"]:
         stock = keys.index(tune._key(tune.stock_config(r, grid["meta"].get("vllm_table"))))
         assert r["static_all"][keys.index(tune._key(table[str(r["tokens"])]))] <= 1.02 * r["static_all"][stock], r
+
+
+@pytest.mark.parametrize("grid_file", ["tune_moe_h100_2026-11-23.json", "tune_moe_h200_2026-11-30.json",
+                                       "tune_moe_glm_h200_2026-11-30.json"])
+def test_sort_free_batch_sizes_keep_the_routers_hand_over(tune, grid_file):
+    """Where the slot assignment is sort-free the ours table only takes BLOCK_SIZE_M ==
+    SLOT_BLOCK_M tiles (the router's hand-over that stops zero slots' blocks needs them); larger
+    batch sizes are not restricted. The GLM grid shows why: unrestricted, its 4-token pick is a
+    BLOCK_SIZE_M 64 tile."""
+    from vllm_zeda.gpu_kernels import SLOT_BLOCK_M, sort_free
+
+    grid = json.loads((ROOT / "benchmarks" / "results" / grid_file).read_text())
+    e, _, _, k = grid["meta"]["shape"]
+    table = tune.table_from_grid(grid, "ours")
+    free = [m for m in table if sort_free(int(m), k, e + e // 2)]
+    assert free and all(table[m]["BLOCK_SIZE_M"] == SLOT_BLOCK_M for m in free)
+    unrestricted = tune.table_from_rows(grid["rows"], "ours", candidates=grid["candidates"],
+                                        stock_table=grid["meta"].get("vllm_table"))
+    assert {m: c for m, c in unrestricted.items() if m not in free} == {m: c for m, c in table.items() if m not in free}
+    if grid_file.startswith("tune_moe_glm"):
+        assert unrestricted["4"]["BLOCK_SIZE_M"] == 64 != table["4"]["BLOCK_SIZE_M"]
 
 
 def test_tile_picks_reuse_start_up_configs_within_one_percent(tune):

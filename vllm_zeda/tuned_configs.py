@@ -3,9 +3,11 @@
 vLLM looks its tables up by `get_config_file_name(E, N, dtype, block_shape)` (E experts, N the
 expert intermediate size, the GPU's name) in VLLM_TUNED_CONFIG_FOLDER, then in its own configs
 folder, else it uses `get_default_config`. vLLM 0.26 ships a table for Qwen3-30B-A3B's expert
-shape (E=128, N=768) on H200, none on H100. `moe_configs/` holds tables (H100, H200) in vLLM's
-format, tuned with half of the slots on zero experts (the ZEDA operating point;
-benchmarks/tune_moe_configs.py) among tiles at most 2% slower than stock's own at skip 0; above
+shape (E=128, N=768) on H200, none on H100, and GLM-4.7-Flash's (E=64, N=1536) on H100, not
+H200. `moe_configs/` holds tables in vLLM's format (Qwen3's shape: H100, H200; GLM's: H200),
+tuned with half of the slots on zero experts (the ZEDA operating point;
+benchmarks/tune_moe_configs.py) among tiles at most 2% slower than stock's own at skip 0, with
+BLOCK_SIZE_M 16 where the slot assignment is sort-free (the router's hand-over needs it); above
 512 tokens they reuse the configs that start-up compiles where those are within 1% (fewer
 first-use Triton compiles while serving).
 
