@@ -6,7 +6,8 @@
 #   kernels   bench_route.py (routing kernel vs fused_topk), profile_moe_pieces.py (SiLU/sum
 #             variants), bench_moe_layer.py (both shapes)                                      ~3 min
 #   layer     bench_moe_layer.py alone (both shapes)                                           ~2 min
-#   pieces    profile_moe_pieces.py alone                                                      <1 min
+#   pieces    profile_moe_pieces.py alone: decode sizes, then the live SiLU / sum launch shapes at
+#             2k-16k tokens against vLLM's kernels over every row and over the live rows   ~3 min
 #   route     bench_route.py alone (the routing kernel's launch shapes and the plugin's call vs
 #             vLLM's fused_topk over 128 and over 192 logits)                                  <1 min
 #   kernel-tests  tests/test_gpu_kernels.py on the GPU (compiled, not the interpreter)         <1 min
@@ -91,14 +92,14 @@ export PYTHONUNBUFFERED=1
 for stage in "$@"; do
   case "$stage" in
     kernels) run 120 route python3 benchmarks/bench_route.py --out "$OUT/route.json"
-             run 90 pieces python3 benchmarks/profile_moe_pieces.py --out "$OUT/pieces.json"
+             run 240 pieces python3 benchmarks/profile_moe_pieces.py --out "$OUT/pieces.json"
              run 360 layer python3 benchmarks/bench_moe_layer.py --out "$OUT/layer.json" ;;
     host) run 120 host python3 benchmarks/bench_host.py --out "$OUT/host.json"
           run 120 kernel_tests env TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py
           run 120 route python3 benchmarks/bench_route.py --out "$OUT/route.json" ;;
     layer) run 300 layer python3 benchmarks/bench_moe_layer.py --out "$OUT/layer.json" ;;
     route) run 120 route python3 benchmarks/bench_route.py --out "$OUT/route.json" ;;
-    pieces) run 90 pieces python3 benchmarks/profile_moe_pieces.py --out "$OUT/pieces.json" ;;
+    pieces) run 240 pieces python3 benchmarks/profile_moe_pieces.py --out "$OUT/pieces.json" ;;
     kernel-tests) run 120 kernel_tests env TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py ;;
     layer-live) run 200 layer_live python3 benchmarks/bench_moe_layer.py --out "$OUT/layer_live.json" \
              --shapes qwen3_30b_a3b --tokens 1 4 16 --skips 0 0.125 0.25 0.375 0.5 0.625 0.75 0.875 --exact-zeros \

@@ -9,6 +9,13 @@ there for a zero slot's block that loads its expert id -1) and with a single suc
 that loaded rows before their live ids, "speculative", were never faster on the H100 and are gone:
 RESULTS.md §2.)
 
+Then, at prefill sizes (2,048 to 16,384 tokens, 16k-131k slot rows) with no slot and with half of
+them dead, the live-slot SiLU and sum in every launch shape of LAUNCHES (rows or tokens a program,
+block columns, warps) against vLLM's kernels over every row and over the live rows alone (what
+the ideal top-K/2 runs), interleaved (bench_moe_layer.time_graphs). A 16,384-token prefill step
+put our SiLU 42% (skip 0) and 63% (skip 0.5) over vLLM's at the same live rows (RESULTS.md §3,
+prefill-profile): which shape closes that decides the plugin's default.
+
     python3 benchmarks/profile_moe_pieces.py --out $OUT/pieces.json
 """
 from __future__ import annotations
@@ -21,7 +28,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_moe_layer import time_graph  # noqa: E402
+from bench_moe_layer import time_graph, time_graphs  # noqa: E402
+
+# (rows or tokens a program, block columns, warps); the first is the plugin's launch today
+SILU_LAUNCHES = [(1, 1024, 4), (1, 256, 2), (1, 1024, 8), (2, 1024, 8), (4, 256, 4), (4, 256, 8), (8, 256, 8), (16, 256, 8)]
+SUM_LAUNCHES = [(1, 1024, 4), (1, 2048, 8), (2, 1024, 8), (4, 512, 8), (4, 1024, 8), (8, 256, 8)]
+PREFILL_TOKENS = (2048, 8192, 16384)
 
 
 def main():
@@ -61,7 +73,43 @@ def main():
             us = time_graph([fn] * 8)
             rows.append({"tokens": m, "piece": name, "us": round(us, 2)})
             print(f"M={m:3d} {name:34s} {us:7.2f} us", flush=True)
+    for m in PREFILL_TOKENS:
+        for skip in (0.0, 0.5):
+            rows += prefill_pieces(m, skip, e, h, i, k, ops, live_silu_and_mul_, live_moe_sum_)
+            Path(a.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
     Path(a.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
+
+
+def prefill_pieces(m, skip, e, h, i, k, ops, live_silu_and_mul_, live_moe_sum_) -> list[dict]:
+    """The SiLU and the sum over slots at m tokens with a `skip` share of the slots dead: ours in
+    each launch shape against vLLM's over all rows and over the live rows only (µs, interleaved)."""
+    gen = torch.Generator(device="cuda").manual_seed(m)
+    ids = torch.randint(0, e, (m, k), device="cuda", dtype=torch.int32, generator=gen)
+    dead = torch.rand(m, k, device="cuda", generator=gen) < skip
+    live = torch.where(dead, -1, ids)
+    n_live = m * k - int(dead.sum())
+    x1 = torch.randn(m * k, 2 * i, device="cuda", dtype=torch.bfloat16, generator=gen)
+    act = torch.empty(m * k, i, device="cuda", dtype=torch.bfloat16)
+    c3 = torch.randn(m, k, h, device="cuda", dtype=torch.bfloat16, generator=gen)
+    out = torch.empty(m, h, device="cuda", dtype=torch.bfloat16)
+    k_live = max(1, round(k * (1 - skip)))
+    c3_ideal = torch.randn(m, k_live, h, device="cuda", dtype=torch.bfloat16, generator=gen)
+    pieces = {
+        "silu_and_mul (vLLM CUDA), every row": lambda: torch.ops._C.silu_and_mul(act, x1),
+        "silu_and_mul (vLLM CUDA), live rows only": lambda: torch.ops._C.silu_and_mul(act[:n_live], x1[:n_live]),
+        "moe_sum (vLLM CUDA), K slots": lambda: ops.moe_sum(c3, out),
+        f"moe_sum (vLLM CUDA), {k_live} slots": lambda: ops.moe_sum(c3_ideal, out),
+    }
+    for r, b, w in SILU_LAUNCHES:
+        pieces[f"live_silu_and_mul_ rows={r} block={b} warps={w}"] = (
+            lambda r=r, b=b, w=w: live_silu_and_mul_(act, x1, live, rows_per_program=r, block=b, num_warps=w))
+    for t, b, w in SUM_LAUNCHES:
+        pieces[f"live_moe_sum_ tokens={t} block={b} warps={w}"] = (
+            lambda t=t, b=b, w=w: live_moe_sum_(out, c3, live, tokens_per_program=t, block=b, num_warps=w))
+    times = time_graphs({name: [fn] * 4 for name, fn in pieces.items()})
+    for name, us in times.items():
+        print(f"M={m:5d} skip={skip:.1f} {name:44s} {us:8.2f} us", flush=True)
+    return [{"tokens": m, "skip": skip, "piece": name, "us": round(us, 2)} for name, us in times.items()]
 
 
 if __name__ == "__main__":

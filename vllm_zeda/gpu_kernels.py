@@ -121,31 +121,47 @@ if triton is not None:
         tl.atomic_add(counts_ptr, zero)
         tl.atomic_add(counts_ptr + 1, tl.sum(valid.to(tl.int64), axis=0) * K)
 
-    @triton.jit
-    def _live_silu_and_mul(x_ptr, out_ptr, live_ptr, n, stride_x, stride_out, BLOCK: tl.constexpr):
+    @triton.jit(do_not_specialize=["rows"])  # one compile for every batch size, as before it was an argument
+    def _live_silu_and_mul(x_ptr, out_ptr, live_ptr, rows, n, stride_x, stride_out, ROWS: tl.constexpr,
+                           BLOCK: tl.constexpr):
         """out[r] = silu(x[r, :n]) * x[r, n:] for live slot rows r; dead rows are neither read nor
         written. Rounds like vLLM's silu_and_mul: silu in fp32, cast to the data type, then the
-        product (exact in fp32 for 16-bit inputs) rounded once."""
-        row = tl.program_id(0).to(tl.int64)
-        if tl.load(live_ptr + row) < 0:
-            return
+        product (exact in fp32 for 16-bit inputs) rounded once. A program takes ROWS rows (one:
+        a dead row returns at once; more: dead rows' loads and stores masked)."""
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
+        if ROWS == 1:
+            row = tl.program_id(0).to(tl.int64)
+            if tl.load(live_ptr + row) < 0:
+                return
+            mask = offs < n
+        else:
+            row = (tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS))[:, None]
+            live = tl.load(live_ptr + row, mask=row < rows, other=-1) >= 0
+            offs = offs[None, :]
+            mask = live & (offs < n)
         gate = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
         up = tl.load(x_ptr + row * stride_x + n + offs, mask=mask, other=0.0)
         act = _silu(gate).to(up.dtype)
         out = (act.to(tl.float32) * up.to(tl.float32)).to(up.dtype)
         tl.store(out_ptr + row * stride_out + offs, out, mask=mask)
 
-    @triton.jit
-    def _live_moe_sum(in_ptr, out_ptr, live_ptr, d, stride_out, K: tl.constexpr, BLOCK: tl.constexpr):
-        """out[t] = sum over live slots k of in[t, k] (fp32 accumulation); dead rows are not read."""
-        tok = tl.program_id(0).to(tl.int64)
+    @triton.jit(do_not_specialize=["m"])
+    def _live_moe_sum(in_ptr, out_ptr, live_ptr, m, d, stride_out, K: tl.constexpr, TOKENS: tl.constexpr,
+                      BLOCK: tl.constexpr):
+        """out[t] = sum over live slots k of in[t, k] (fp32 accumulation); dead rows are not read.
+        A program takes TOKENS tokens."""
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < d
-        acc = tl.zeros((BLOCK,), tl.float32)
+        if TOKENS == 1:
+            tok = tl.program_id(0).to(tl.int64)
+            mask = offs < d
+            acc = tl.zeros((BLOCK,), tl.float32)
+        else:
+            tok = (tl.program_id(0).to(tl.int64) * TOKENS + tl.arange(0, TOKENS))[:, None]
+            offs = offs[None, :]
+            mask = (tok < m) & (offs < d)
+            acc = tl.zeros((TOKENS, BLOCK), tl.float32)
         for k in tl.static_range(K):
-            live = tl.load(live_ptr + tok * K + k) >= 0
+            live = tl.load(live_ptr + tok * K + k, mask=tok < m, other=-1) >= 0
             acc += tl.load(in_ptr + (tok * K + k) * d + offs, mask=mask & live, other=0.0).to(tl.float32)
         tl.store(out_ptr + tok * stride_out + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -262,28 +278,41 @@ def _pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def live_silu_and_mul_(out: torch.Tensor, x: torch.Tensor, live_ids: torch.Tensor) -> None:
+def _launch_options(num_warps: int | None) -> dict:
+    return {} if num_warps is None else {"num_warps": num_warps}
+
+
+def live_silu_and_mul_(out: torch.Tensor, x: torch.Tensor, live_ids: torch.Tensor, *, rows_per_program: int = 1,
+                       block: int | None = None, num_warps: int | None = None) -> None:
     """Gated SiLU over the [M*K, 2N] slot rows of the first expert GEMM for live slots only
     (live_ids [M, K] int32, -1 = not computed on this GPU: zero experts, other EP ranks' experts).
-    Dead rows hold no data (their GEMM blocks never ran) and are never written."""
+    Dead rows hold no data (their GEMM blocks never ran) and are never written. The launch shape
+    (rows_per_program, block columns: a power of 2, default the row's up to 1,024; num_warps) does
+    not change the result; profile_moe_pieces.py times the candidates."""
     rows, n = out.shape
     assert x.shape == (rows, 2 * n) and live_ids.numel() == rows, (x.shape, out.shape, live_ids.shape)
     if rows == 0:
         return
-    block = min(1024, _pow2(n))
-    _live_silu_and_mul[(rows, -(-n // block))](
-        x, out, live_ids.reshape(-1), n, x.stride(0), out.stride(0), BLOCK=block
+    block = block or min(1024, _pow2(n))
+    _live_silu_and_mul[(-(-rows // rows_per_program), -(-n // block))](
+        x, out, live_ids.reshape(-1), rows, n, x.stride(0), out.stride(0), ROWS=rows_per_program, BLOCK=block,
+        **_launch_options(num_warps),
     )
 
 
-def live_moe_sum_(out: torch.Tensor, slots: torch.Tensor, live_ids: torch.Tensor) -> None:
-    """out [M, D] = sum of slots [M, K, D] over the live slots of live_ids [M, K]."""
+def live_moe_sum_(out: torch.Tensor, slots: torch.Tensor, live_ids: torch.Tensor, *, tokens_per_program: int = 1,
+                  block: int | None = None, num_warps: int | None = None) -> None:
+    """out [M, D] = sum of slots [M, K, D] over the live slots of live_ids [M, K]. The launch shape
+    does not change the result (as live_silu_and_mul_)."""
     m, k, d = slots.shape
     assert slots.is_contiguous() and live_ids.shape == (m, k) and out.shape == (m, d), (slots.shape, out.shape)
     if m == 0:
         return
-    block = min(1024, _pow2(d))
-    _live_moe_sum[(m, -(-d // block))](slots, out, live_ids.reshape(-1), d, out.stride(0), K=k, BLOCK=block)
+    block = block or min(1024, _pow2(d))
+    _live_moe_sum[(-(-m // tokens_per_program), -(-d // block))](
+        slots, out, live_ids.reshape(-1), m, d, out.stride(0), K=k, TOKENS=tokens_per_program, BLOCK=block,
+        **_launch_options(num_warps),
+    )
 
 
 def gate_logits_(x: torch.Tensor, weight: torch.Tensor, block_n: int = 4, block_k: int = 512) -> torch.Tensor:
