@@ -7,6 +7,7 @@ torch.compile never fuses anything there: every torch op would be its own launch
   token's live slots first and, for a single token, where their fused-MoE blocks end.
 - `live_silu_and_mul_`, `live_moe_sum_`: the gated activation and the sum over slots of the
   fused-MoE experts, restricted to live slots (vllm_triton_experts).
+- `gate_logits_`: the router's gate GEMM for decode-sized batches (vllm_gate).
 """
 from __future__ import annotations
 
@@ -319,8 +320,8 @@ def gate_logits_(x: torch.Tensor, weight: torch.Tensor, block_n: int = 4, block_
     """Router logits x [M, H] @ weight [N, H]^T, [M, N] in x's dtype (fp32 accumulation), for
     small batches: BLOCK_N gate rows per program, so N / BLOCK_N programs share the weight reads
     (cuBLAS took 5.0-5.3 µs a layer for a batch-1 decode step's 128-192 gate rows on the H200,
-    benchmarks/RESULTS.md §3 run J). A candidate timed by benchmarks/bench_route.py; the plugin's
-    gate does not use it."""
+    benchmarks/RESULTS.md §3 run J). The ZEDA gate runs it for batches of up to 4 tokens inside
+    CUDA graphs (vllm_gate); benchmarks/bench_route.py times it beside cuBLAS."""
     m, h = x.shape
     n = weight.shape[0]
     assert weight.shape[1] == h and x.stride(1) == 1 and weight.stride(1) == 1, (x.shape, weight.shape)

@@ -1,9 +1,10 @@
 """ZEDA model classes for vLLM: the in-tree models, built with an E+Z-row gate and our router.
 
 While the in-tree `__init__` runs, the model module's gate class and MoE factory are wrapped:
-a gate asked for E outputs gets E+Z rows (the router weights on disk), and every MoE layer is
-built with a ZedaRouter (and, on GPU, routed experts that map zero experts to -1). Expert
-weights keep E experts and load unchanged.
+a gate asked for E outputs gets E+Z rows (the router weights on disk; on a GPU with dynamic
+routing also vllm_gate's small-batch GEMM), and every MoE layer is built with a ZedaRouter
+(and, on GPU, routed experts that map zero experts to -1). Expert weights keep E experts and
+load unchanged.
 """
 from __future__ import annotations
 
@@ -87,9 +88,14 @@ class ZedaModelMixin:
         def gate_wrapper(original):
             @functools.wraps(original)
             def make_gate(input_size, output_size, *args, **kwargs):
-                if output_size == spec.num_real_experts:
-                    output_size = spec.num_router_rows
-                return original(input_size, output_size, *args, **kwargs)
+                if output_size != spec.num_real_experts:  # another linear layer of the module
+                    return original(input_size, output_size, *args, **kwargs)
+                gate = original(input_size, spec.num_router_rows, *args, **kwargs)
+                if mode == "skip" and not masked:
+                    from .vllm_gate import use_small_batch_gate
+
+                    use_small_batch_gate(gate)
+                return gate
 
             return make_gate
 

