@@ -75,18 +75,23 @@ def main():
             print(f"M={m:3d} {name:34s} {us:7.2f} us", flush=True)
     for m in PREFILL_TOKENS:
         for skip in (0.0, 0.5):
-            rows += prefill_pieces(m, skip, e, h, i, k, ops, live_silu_and_mul_, live_moe_sum_)
+            rows += prefill_pieces(m, skip, e, z, h, i, k, ops, live_silu_and_mul_, live_moe_sum_)
             Path(a.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
     Path(a.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
 
 
-def prefill_pieces(m, skip, e, h, i, k, ops, live_silu_and_mul_, live_moe_sum_) -> list[dict]:
+def prefill_pieces(m, skip, e, z, h, i, k, ops, live_silu_and_mul_, live_moe_sum_) -> list[dict]:
     """The SiLU and the sum over slots at m tokens with a `skip` share of the slots dead: ours in
-    each launch shape against vLLM's over all rows and over the live rows only (µs, interleaved)."""
+    each launch shape against vLLM's over all rows and over the live rows only (µs, interleaved),
+    and vLLM's map-aware sum (what eager forwards run, `live_sum_pays`)."""
+    from vllm_zeda.vllm_experts import zero_expert_map
+
     gen = torch.Generator(device="cuda").manual_seed(m)
     ids = torch.randint(0, e, (m, k), device="cuda", dtype=torch.int32, generator=gen)
     dead = torch.rand(m, k, device="cuda", generator=gen) < skip
     live = torch.where(dead, -1, ids)
+    zmap = zero_expert_map(None, e, z, "cuda")
+    zero_ids = torch.where(dead, e, ids)  # a dead slot on the first zero expert
     n_live = m * k - int(dead.sum())
     x1 = torch.randn(m * k, 2 * i, device="cuda", dtype=torch.bfloat16, generator=gen)
     act = torch.empty(m * k, i, device="cuda", dtype=torch.bfloat16)
@@ -99,6 +104,7 @@ def prefill_pieces(m, skip, e, h, i, k, ops, live_silu_and_mul_, live_moe_sum_) 
         "silu_and_mul (vLLM CUDA), live rows only": lambda: torch.ops._C.silu_and_mul(act[:n_live], x1[:n_live]),
         "moe_sum (vLLM CUDA), K slots": lambda: ops.moe_sum(c3, out),
         f"moe_sum (vLLM CUDA), {k_live} slots": lambda: ops.moe_sum(c3_ideal, out),
+        "moe_sum ids+map (vLLM CUDA, eager forwards)": lambda: ops.moe_sum(c3, out, zero_ids, zmap),
     }
     for r, b, w in SILU_LAUNCHES:
         pieces[f"live_silu_and_mul_ rows={r} block={b} warps={w}"] = (
