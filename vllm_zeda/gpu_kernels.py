@@ -122,7 +122,7 @@ if triton is not None:
         tl.atomic_add(counts_ptr, zero)
         tl.atomic_add(counts_ptr + 1, tl.sum(valid.to(tl.int64), axis=0) * K)
 
-    @triton.jit(do_not_specialize=["rows"])  # one compile for every batch size, as before it was an argument
+    @triton.jit(do_not_specialize=["rows"])  # the batch size: not a specialisation, one compile for all
     def _live_silu_and_mul(x_ptr, out_ptr, live_ptr, rows, n, stride_x, stride_out, ROWS: tl.constexpr,
                            BLOCK: tl.constexpr):
         """out[r] = silu(x[r, :n]) * x[r, n:] for live slot rows r; dead rows are neither read nor

@@ -31,7 +31,7 @@ def small_batch_gate_pays(x: torch.Tensor, layer: torch.nn.Module) -> bool:
         return False
     weight = layer.weight
     return (x.dtype == weight.dtype and x.stride(1) == 1 and weight.stride(1) == 1
-            and torch.cuda.is_current_stream_capturing() and not envs.VLLM_BATCH_INVARIANT)
+            and torch.cuda.is_current_stream_capturing() and not getattr(envs, "VLLM_BATCH_INVARIANT", False))
 
 
 class SmallBatchGateMethod(UnquantizedLinearMethod):
