@@ -17,8 +17,11 @@ logits, top-8, bf16 logits), median µs over CUDA-graph replays (device machine)
 
 and, up to 256 tokens, the router's gate GEMM before it (hidden 2048, bf16):
   gate cuBLAS 128 / 192   F.linear over the 128 real / 128 + 64 gate rows (what vLLM's gate runs)
-  gate triton 192 bnN     gpu_kernels.gate_logits_: N gate rows per program (a candidate for
-                   small batches: cuBLAS took 5.0-5.3 µs a layer at batch 1, RESULTS.md §3 run J)
+  gate triton 192 bnN     gpu_kernels.gate_logits_: N gate rows per program, 512 columns a step
+                   (ZEDA's gate runs bn2 for 1-4 tokens in CUDA graphs, vllm_gate; cuBLAS took
+                   5.0-5.5 µs a layer at batch 1, RESULTS.md §2 session 13)
+  gate triton 192 bnN bkB wW  up to 16 tokens: B columns a step (2,048: a gate row in one load, one
+                   memory round trip instead of four), W warps
 
 Purpose: pick zeda_route_'s launch shape per batch size (decode at batch 1 paid ~12 µs per layer
 more than stock end to end, RESULTS.md §3).
@@ -38,6 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_moe_layer import time_graph  # noqa: E402
 
 SHAPES = [(1, 1), (1, 2), (2, 2), (4, 4), (8, 4), (16, 4), (16, 8), (32, 8)]
+# the gate's (gate rows a program, columns a step, warps) beside bn2/bk512/w4, vllm_gate's launch
+GATE_SHAPES = [(1, 2048, 4), (2, 2048, 4), (2, 2048, 8), (4, 2048, 8), (2, 1024, 4)]
 
 
 def main():
@@ -85,6 +90,11 @@ def main():
                 variants[f"gate triton 192 bn{bn}"] = lambda bn=bn: gate_logits_(hidden, gate, block_n=bn)
                 got, want = gate_logits_(hidden, gate, block_n=bn).float(), torch.nn.functional.linear(hidden, gate).float()
                 assert torch.allclose(got, want, rtol=2 ** -7, atol=1e-3), (m, bn)  # a bf16 rounding apart
+            for bn, bk, nw in GATE_SHAPES if m <= 16 else ():
+                variants[f"gate triton 192 bn{bn} bk{bk} w{nw}"] = (
+                    lambda bn=bn, bk=bk, nw=nw: gate_logits_(hidden, gate, block_n=bn, block_k=bk, num_warps=nw))
+                got = gate_logits_(hidden, gate, block_n=bn, block_k=bk, num_warps=nw).float()
+                assert torch.allclose(got, torch.nn.functional.linear(hidden, gate).float(), rtol=2 ** -7, atol=1e-3)
         ref = zeda_route_(logits, e, k, True, bias, counts, None)
         row = {"tokens": m}
         for name, fn in variants.items():

@@ -115,10 +115,12 @@ def test_gate_logits_match_a_linear_layer(m, n, h, dtype, block_n):
     x = torch.randn(m, h, generator=g).to(DEVICE, dtype)
     w = torch.randn(n, h, generator=g).to(DEVICE, dtype)
     out = gk.gate_logits_(x, w, block_n=block_n, block_k=64)
+    whole_rows = gk.gate_logits_(x, w, block_n=block_n, block_k=4096, num_warps=8)  # a row in one step
     ref = (x.double() @ w.double().T).to(dtype)
     assert out.dtype == dtype and out.shape == (m, n)
     tol = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=1e-2)  # one bf16 rounding
     assert torch.allclose(out.cpu().float(), ref.cpu().float(), **tol)
+    assert torch.allclose(whole_rows.cpu().float(), ref.cpu().float(), **tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

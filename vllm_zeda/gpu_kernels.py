@@ -316,7 +316,8 @@ def live_moe_sum_(out: torch.Tensor, slots: torch.Tensor, live_ids: torch.Tensor
     )
 
 
-def gate_logits_(x: torch.Tensor, weight: torch.Tensor, block_n: int = 4, block_k: int = 512) -> torch.Tensor:
+def gate_logits_(x: torch.Tensor, weight: torch.Tensor, block_n: int = 4, block_k: int = 512,
+                 num_warps: int | None = None) -> torch.Tensor:
     """Router logits x [M, H] @ weight [N, H]^T, [M, N] in x's dtype (fp32 accumulation), for
     small batches: BLOCK_N gate rows per program, so N / BLOCK_N programs share the weight reads
     (cuBLAS took 5.0-5.3 µs a layer for a batch-1 decode step's 128-192 gate rows on the H200,
@@ -330,7 +331,8 @@ def gate_logits_(x: torch.Tensor, weight: torch.Tensor, block_n: int = 4, block_
         return out
     block_m = min(_pow2(m), 4)
     _gate_logits[(-(-n // block_n), -(-m // block_m))](x, weight, out, m, n, h, x.stride(0), weight.stride(0),
-                                                       BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=min(block_k, _pow2(h)))
+                                                       BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=min(block_k, _pow2(h)),
+                                                       **_launch_options(num_warps))
     return out
 
 
