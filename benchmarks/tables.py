@@ -3,6 +3,7 @@
     python3 benchmarks/tables.py layer benchmarks/results/moe_layer_h100_2026-11-23c.json
     python3 benchmarks/tables.py e2e benchmarks/results/e2e_h100_2026-11-23_b.json
     python3 benchmarks/tables.py route benchmarks/results/route_h100_2026-11-23.json
+    python3 benchmarks/tables.py pieces benchmarks/results/pieces_h200_2026-11-30.json
     python3 benchmarks/tables.py tune benchmarks/results/tune_moe_h100_2026-11-23.json
     python3 benchmarks/tables.py profile benchmarks/results/e2e_h100_2026-11-23_c.json
     python3 benchmarks/tables.py prefill-profile | spread <bench_e2e.py --profile-prefill / -decode JSON>
@@ -104,13 +105,49 @@ def layer_kernels(data: dict) -> str:
 
 
 def route(data: dict) -> str:
+    """Columns: every variant any row has (the gate's only up to 256 / 16 tokens: blank above);
+    the fastest routing launch shape of each row in bold."""
     rows = data["rows"]
-    names = [k for k in rows[0] if k != "tokens"]
+    names = list(dict.fromkeys(k for r in rows for k in r if k != "tokens"))
     out = ["| tokens | " + " | ".join(n.replace("zeda_route ", "") for n in names) + " |", "|---:|" + "---:|" * len(names)]
     for r in rows:
-        best = min(r[n] for n in names if n.startswith("zeda_route b"))
-        out.append(f"| {r['tokens']} | " + " | ".join(f"**{r[n]}**" if r[n] == best and n.startswith("zeda_route b")
-                                                      else str(r[n]) for n in names) + " |")
+        best = min(r[n] for n in names if n.startswith("zeda_route b") and n in r)
+        out.append(f"| {r['tokens']} | " + " | ".join(
+            "" if n not in r else f"**{r[n]}**" if r[n] == best and n.startswith("zeda_route b") else str(r[n])
+            for n in names) + " |")
+    return "\n".join(out)
+
+
+def pieces(data: dict) -> str:
+    """profile_moe_pieces.py: the decode-size pieces (µs, one column per batch size), then the
+    prefill sweep per batch size and skip, each time also over vLLM's kernel on the live rows
+    only (the ideal's SiLU; the sum over the ideal's slots), fastest launch shape in bold."""
+    rows = data["rows"]
+    decode = [r for r in rows if "skip" not in r]
+    out = []
+    if decode:
+        sizes = list(dict.fromkeys(r["tokens"] for r in decode))
+        out += ["| piece | " + " | ".join(f"{m} tok" for m in sizes) + " |", "| --- |" + " ---: |" * len(sizes)]
+        for name in dict.fromkeys(r["piece"] for r in decode):
+            us = {r["tokens"]: r["us"] for r in decode if r["piece"] == name}
+            out.append(f"| {name} | " + " | ".join(str(us.get(m, "")) for m in sizes) + " |")
+        out.append("")
+    sweep = [r for r in rows if "skip" in r]
+    for m, skip in dict.fromkeys((r["tokens"], r["skip"]) for r in sweep):
+        cell = {r["piece"]: r["us"] for r in sweep if (r["tokens"], r["skip"]) == (m, skip)}
+        target = {"silu": cell.get("silu_and_mul (vLLM CUDA), live rows only"),
+                  "sum": next((us for name, us in cell.items() if name.startswith("moe_sum (vLLM CUDA), ")
+                               and name.endswith(" slots") and "K slots" not in name), None)}
+        fastest = {kind: min((us for name, us in cell.items() if name.startswith(f"live_{kind}")), default=None)
+                   for kind in ("silu", "moe_sum")}
+        out += [f"**{m} tokens, skip {skip}** (µs; ratio to vLLM's kernel over the live rows / the ideal's slots)", "",
+                "| piece | µs | ratio |", "| --- | ---: | ---: |"]
+        for name, us in cell.items():
+            kind = "silu" if "silu" in name else "sum"
+            ref = target[kind]
+            bold = us == fastest["silu" if kind == "silu" else "moe_sum"]
+            out.append(f"| {name} | {f'**{us}**' if bold else us} | {us / ref:.2f} |" if ref else f"| {name} | {us} | |")
+        out.append("")
     return "\n".join(out)
 
 
@@ -177,7 +214,7 @@ def spread(data: dict) -> str:
     return "\n".join(out)
 
 
-TABLES = {"layer": layer, "e2e": e2e, "route": route, "tune": tune, "profile": profile,
+TABLES = {"layer": layer, "e2e": e2e, "route": route, "pieces": pieces, "tune": tune, "profile": profile,
           "prefill-profile": lambda data: profile(data, "prefill_profile"), "spread": spread, "live": live,
           "layer-kernels": layer_kernels}
 

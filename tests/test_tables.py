@@ -1,0 +1,43 @@
+"""benchmarks/tables.py renders the device scripts' JSON as RESULTS.md tables."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tables():
+    spec = importlib.util.spec_from_file_location("tables", ROOT / "benchmarks" / "tables.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_route_table_leaves_variants_a_row_lacks_blank(tables):
+    """bench_route times the gate only for small batches: larger rows have no such columns."""
+    data = {"rows": [{"tokens": 1, "stock": 4.3, "zeda_route b1/w1": 4.2, "zeda_route b2/w2": 4.1, "gate cuBLAS 192": 5.5},
+                     {"tokens": 4096, "stock": 6.6, "zeda_route b1/w1": 11.5, "zeda_route b2/w2": 9.9}]}
+    lines = tables.route(data).splitlines()
+    assert lines[0] == "| tokens | stock | b1/w1 | b2/w2 | gate cuBLAS 192 |"
+    assert lines[2] == "| 1 | 4.3 | 4.2 | **4.1** | 5.5 |"
+    assert lines[3] == "| 4096 | 6.6 | 11.5 | **9.9** |  |"
+
+
+def test_pieces_table_rates_the_sweep_against_vllms_kernels_on_live_rows(tables):
+    sweep = {"silu_and_mul (vLLM CUDA), every row": 40.0, "silu_and_mul (vLLM CUDA), live rows only": 20.0,
+             "moe_sum (vLLM CUDA), K slots": 30.0, "moe_sum (vLLM CUDA), 4 slots": 16.0,
+             "live_silu_and_mul_ rows=1 block=1024 warps=4": 32.0, "live_silu_and_mul_ rows=4 block=256 warps=4": 22.0,
+             "live_moe_sum_ tokens=1 block=1024 warps=4": 20.0}
+    data = {"rows": [{"tokens": 1, "piece": "live_moe_sum_ (ours)", "us": 2.1},
+                     *({"tokens": 2048, "skip": 0.5, "piece": name, "us": us} for name, us in sweep.items())]}
+    text = tables.pieces(data)
+    assert "| live_moe_sum_ (ours) | 2.1 |" in text
+    assert "**2048 tokens, skip 0.5**" in text
+    assert "| live_silu_and_mul_ rows=1 block=1024 warps=4 | 32.0 | 1.60 |" in text
+    assert "| live_silu_and_mul_ rows=4 block=256 warps=4 | **22.0** | 1.10 |" in text  # the fastest shape
+    assert "| live_moe_sum_ tokens=1 block=1024 warps=4 | **20.0** | 1.25 |" in text
+    assert "| silu_and_mul (vLLM CUDA), every row | 40.0 | 2.00 |" in text
