@@ -1,23 +1,14 @@
 """benchmarks/tables.py renders the device scripts' JSON as RESULTS.md tables."""
 from __future__ import annotations
 
-import importlib.util
+import sys
 from pathlib import Path
 
-import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tables():
-    spec = importlib.util.spec_from_file_location("tables", ROOT / "benchmarks" / "tables.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import tables  # noqa: E402
 
 
-def test_route_table_leaves_variants_a_row_lacks_blank(tables):
+def test_route_table_leaves_variants_a_row_lacks_blank():
     """bench_route times the gate only for small batches: larger rows have no such columns."""
     data = {"rows": [{"tokens": 1, "stock": 4.3, "zeda_route b1/w1": 4.2, "zeda_route b2/w2": 4.1, "gate cuBLAS 192": 5.5},
                      {"tokens": 4096, "stock": 6.6, "zeda_route b1/w1": 11.5, "zeda_route b2/w2": 9.9}]}
@@ -27,7 +18,7 @@ def test_route_table_leaves_variants_a_row_lacks_blank(tables):
     assert lines[3] == "| 4096 | 6.6 | 11.5 | **9.9** |  |"
 
 
-def test_pieces_table_rates_the_sweep_against_vllms_kernels_on_live_rows(tables):
+def test_pieces_table_rates_the_sweep_against_vllms_kernels_on_live_rows():
     sweep = {"silu_and_mul (vLLM CUDA), every row": 40.0, "silu_and_mul (vLLM CUDA), live rows only": 20.0,
              "moe_sum (vLLM CUDA), K slots": 30.0, "moe_sum (vLLM CUDA), 4 slots": 16.0,
              "live_silu_and_mul_ rows=1 block=1024 warps=4": 32.0, "live_silu_and_mul_ rows=4 block=256 warps=4": 22.0,
