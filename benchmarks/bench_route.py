@@ -86,15 +86,13 @@ def main():
             hidden = torch.randn(m, 2048, device="cuda", dtype=torch.bfloat16)
             variants["gate cuBLAS 128"] = lambda: torch.nn.functional.linear(hidden, gate_real)
             variants["gate cuBLAS 192"] = lambda: torch.nn.functional.linear(hidden, gate)
-            for bn in (2, 4, 8, 16):
-                variants[f"gate triton 192 bn{bn}"] = lambda bn=bn: gate_logits_(hidden, gate, block_n=bn)
-                got, want = gate_logits_(hidden, gate, block_n=bn).float(), torch.nn.functional.linear(hidden, gate).float()
-                assert torch.allclose(got, want, rtol=2 ** -7, atol=1e-3), (m, bn)  # a bf16 rounding apart
-            for bn, bk, nw in GATE_SHAPES if m <= 16 else ():
-                variants[f"gate triton 192 bn{bn} bk{bk} w{nw}"] = (
-                    lambda bn=bn, bk=bk, nw=nw: gate_logits_(hidden, gate, block_n=bn, block_k=bk, num_warps=nw))
-                got = gate_logits_(hidden, gate, block_n=bn, block_k=bk, num_warps=nw).float()
-                assert torch.allclose(got, torch.nn.functional.linear(hidden, gate).float(), rtol=2 ** -7, atol=1e-3)
+            want = torch.nn.functional.linear(hidden, gate).float()
+            shapes = [(bn, 512, None) for bn in (2, 4, 8, 16)] + (GATE_SHAPES if m <= 16 else [])
+            for bn, bk, nw in shapes:
+                name = f"gate triton 192 bn{bn}" + ("" if nw is None else f" bk{bk} w{nw}")
+                variants[name] = lambda bn=bn, bk=bk, nw=nw: gate_logits_(hidden, gate, block_n=bn, block_k=bk, num_warps=nw)
+                got = variants[name]().float()
+                assert torch.allclose(got, want, rtol=2 ** -7, atol=1e-3), (m, name)  # a bf16 rounding apart
         ref = zeda_route_(logits, e, k, True, bias, counts, None)
         row = {"tokens": m}
         for name, fn in variants.items():

@@ -153,10 +153,11 @@ def decode_step_kernels(llm, prompt_ids: list[int], short: int = 33, long: int =
 
 def prefill_step_kernels(llm, prompts: list[list[int]], top: int = 40, zeda: bool = False) -> dict:
     """Device µs by kernel of the generate call that prefills `prompts` (together at most the
-    engine's max_num_batched_tokens) with one output token each, after the same run unprofiled.
-    The scheduler may still split them over two forward passes, differently per engine (the
-    H200 run of 2026-11-30: two in every engine, RESULTS.md §3); the totals cover the same tokens; also the wall time, how the MoE kernels' calls spread and (zeda) the step's own
-    zero fraction."""
+    engine's max_num_batched_tokens) with one output token each, after the same run unprofiled;
+    also the wall time, how the MoE kernels' calls spread and (zeda) the call's own zero
+    fraction. The scheduler may still split the prompts over two forward passes, differently per
+    engine (the H200 run of 2026-11-30: two in every engine, RESULTS.md §3); the totals cover
+    the same tokens."""
     from vllm import SamplingParams
 
     sp = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)

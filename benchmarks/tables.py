@@ -138,15 +138,15 @@ def pieces(data: dict) -> str:
         target = {"silu": cell.get("silu_and_mul (vLLM CUDA), live rows only"),
                   "sum": next((us for name, us in cell.items() if name.startswith("moe_sum (vLLM CUDA), ")
                                and name.endswith(" slots") and "K slots" not in name), None)}
-        fastest = {kind: min((us for name, us in cell.items() if name.startswith(f"live_{kind}")), default=None)
-                   for kind in ("silu", "moe_sum")}
+        fastest = {kind: min((us for name, us in cell.items() if name.startswith(prefix)), default=None)
+                   for kind, prefix in (("silu", "live_silu"), ("sum", "live_moe_sum"))}
         out += [f"**{m} tokens, skip {skip}** (µs; ratio to vLLM's kernel over the live rows / the ideal's slots)", "",
                 "| piece | µs | ratio |", "| --- | ---: | ---: |"]
         for name, us in cell.items():
             kind = "silu" if "silu" in name else "sum"
             ref = target[kind]
-            bold = us == fastest["silu" if kind == "silu" else "moe_sum"]
-            out.append(f"| {name} | {f'**{us}**' if bold else us} | {us / ref:.2f} |" if ref else f"| {name} | {us} | |")
+            shown = f"**{us}**" if us == fastest[kind] else us
+            out.append(f"| {name} | {shown} | {us / ref:.2f} |" if ref else f"| {name} | {shown} | |")
         out.append("")
     return "\n".join(out)
 
