@@ -221,4 +221,11 @@ TABLES = {"layer": layer, "e2e": e2e, "route": route, "pieces": pieces, "tune": 
 if __name__ == "__main__":
     if len(sys.argv) != 3 or sys.argv[1] not in TABLES:
         sys.exit(f"usage: python3 benchmarks/tables.py {{{'|'.join(TABLES)}}} RESULTS.json")
-    print(TABLES[sys.argv[1]](json.load(open(sys.argv[2]))))
+    name, path = sys.argv[1:]
+    try:
+        data = json.loads(open(path).read())
+        print(TABLES[name](data))
+    except (OSError, ValueError) as exc:
+        sys.exit(f"tables.py: cannot read {path}: {exc}")
+    except (KeyError, TypeError, IndexError) as exc:
+        sys.exit(f"tables.py: {path} is not the JSON a '{name}' table is made from (no {exc})")
