@@ -18,10 +18,10 @@ logits, top-8, bf16 logits), median µs over CUDA-graph replays (device machine)
 and, up to 256 tokens, the router's gate GEMM before it (hidden 2048, bf16):
   gate cuBLAS 128 / 192   F.linear over the 128 real / 128 + 64 gate rows (what vLLM's gate runs)
   gate triton 192 bnN     gpu_kernels.gate_logits_: N gate rows per program, 512 columns a step
-                   (ZEDA's gate runs bn2 for 1-4 tokens in CUDA graphs, vllm_gate; cuBLAS took
-                   5.0-5.5 µs a layer at batch 1, RESULTS.md §2 session 13)
-  gate triton 192 bnN bkB wW  up to 16 tokens: B columns a step (2,048: a gate row in one load, one
-                   memory round trip instead of four), W warps
+                   (cuBLAS took 5.0-5.5 µs a layer at batch 1, RESULTS.md §2 session 13)
+  gate triton 192 bnN bkB wW  up to 64 tokens: B columns a step (2,048: a gate row in one load, one
+                   memory round trip instead of four), W warps (ZEDA's gate runs bn2 bk2048 w4 for
+                   1-16 tokens in CUDA graphs, vllm_gate.LAUNCH)
 
 Purpose: pick zeda_route_'s launch shape per batch size (decode at batch 1 paid ~12 µs per layer
 more than stock end to end, RESULTS.md §3).
@@ -87,7 +87,7 @@ def main():
             variants["gate cuBLAS 128"] = lambda: torch.nn.functional.linear(hidden, gate_real)
             variants["gate cuBLAS 192"] = lambda: torch.nn.functional.linear(hidden, gate)
             want = torch.nn.functional.linear(hidden, gate).float()
-            shapes = [(bn, 512, None) for bn in (2, 4, 8, 16)] + (GATE_SHAPES if m <= 16 else [])
+            shapes = [(bn, 512, None) for bn in (2, 4, 8, 16)] + (GATE_SHAPES if m <= 64 else [])
             for bn, bk, nw in shapes:
                 name = f"gate triton 192 bn{bn}" + ("" if nw is None else f" bk{bk} w{nw}")
                 variants[name] = lambda bn=bn, bk=bk, nw=nw: gate_logits_(hidden, gate, block_n=bn, block_k=bk, num_warps=nw)

@@ -61,15 +61,15 @@ def test_gate_method_runs_the_triton_gate_only_where_it_pays(gate, monkeypatch):
     vllm_gate.use_small_batch_gate(gate)
     calls = []
 
-    def gate_logits(x, weight, block_n):
-        calls.append((x.shape[0], block_n))
+    def gate_logits(x, weight, **launch):
+        calls.append((x.shape[0], launch))
         return x @ gate.reference.T
 
     monkeypatch.setattr(vllm_gate.gpu_kernels, "gate_logits_", gate_logits)
-    monkeypatch.setattr(vllm_gate, "small_batch_gate_pays", lambda x, layer: x.shape[0] <= 4)
-    for m in (1, 4, 5):
+    monkeypatch.setattr(vllm_gate, "small_batch_gate_pays", lambda x, layer: x.shape[0] <= 16)
+    for m in (1, 16, 17):
         x = torch.randn(m, 64)
         assert torch.allclose(gate(x)[0], torch.nn.functional.linear(x, gate.reference), atol=1e-5)
-    assert calls == [(1, vllm_gate.ROWS_PER_PROGRAM), (4, vllm_gate.ROWS_PER_PROGRAM)]
+    assert calls == [(1, vllm_gate.LAUNCH), (16, vllm_gate.LAUNCH)]
     out = gate.quant_method.apply(gate, torch.randn(1, 64), bias=torch.zeros(24))  # a bias: vLLM's GEMM
     assert out.shape == (1, 24) and len(calls) == 2

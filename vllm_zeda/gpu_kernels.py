@@ -304,12 +304,16 @@ def live_silu_and_mul_(out: torch.Tensor, x: torch.Tensor, live_ids: torch.Tenso
 def live_moe_sum_(out: torch.Tensor, slots: torch.Tensor, live_ids: torch.Tensor, *, tokens_per_program: int = 1,
                   block: int | None = None, num_warps: int | None = None) -> None:
     """out [M, D] = sum of slots [M, K, D] over the live slots of live_ids [M, K]. The launch shape
-    does not change the result (as live_silu_and_mul_)."""
+    does not change the result (as live_silu_and_mul_). Default: a token's row up to 2,048 columns
+    a program, 8 warps from 2,048 columns: the fastest shape of profile_moe_pieces.py's sweep at 2k,
+    8k and 16k tokens, skip 0 and 0.5 (Qwen3's D 2048 on the H200: 80.7 µs against 82.7 for 1,024
+    columns and 4 warps at 16k tokens, skip 0.5; 9.4 against 10.8 at 2k; RESULTS.md §3)."""
     m, k, d = slots.shape
     assert slots.is_contiguous() and live_ids.shape == (m, k) and out.shape == (m, d), (slots.shape, out.shape)
     if m == 0:
         return
-    block = block or min(1024, _pow2(d))
+    block = block or min(2048, _pow2(d))
+    num_warps = num_warps or (8 if block >= 2048 else None)
     _live_moe_sum[(-(-m // tokens_per_program), -(-d // block))](
         slots, out, live_ids.reshape(-1), m, d, out.stride(0), K=k, TOKENS=tokens_per_program, BLOCK=block,
         **_launch_options(num_warps),
@@ -321,8 +325,9 @@ def gate_logits_(x: torch.Tensor, weight: torch.Tensor, block_n: int = 4, block_
     """Router logits x [M, H] @ weight [N, H]^T, [M, N] in x's dtype (fp32 accumulation), for
     small batches: BLOCK_N gate rows per program, so N / BLOCK_N programs share the weight reads
     (cuBLAS took 5.0-5.3 µs a layer for a batch-1 decode step's 128-192 gate rows on the H200,
-    benchmarks/RESULTS.md §3 run J). The ZEDA gate runs it for batches of up to 4 tokens inside
-    CUDA graphs (vllm_gate); benchmarks/bench_route.py times it beside cuBLAS."""
+    benchmarks/RESULTS.md §3 run J). The ZEDA gate runs it for batches of up to 16 tokens inside
+    CUDA graphs, a whole row a step (vllm_gate.LAUNCH); benchmarks/bench_route.py times it beside
+    cuBLAS."""
     m, h = x.shape
     n = weight.shape[0]
     assert weight.shape[1] == h and x.stride(1) == 1 and weight.stride(1) == 1, (x.shape, weight.shape)

@@ -3,13 +3,14 @@
 A ZEDA gate has E+Z rows (Qwen3-30B-A3B: 192 x 2048). At a batch-1 decode step cuBLAS takes
 5.2-5.5 µs a layer for it, longer than the whole routing kernel after it, with too few output
 tiles to spread the weight reads over the GPU. `gpu_kernels.gate_logits_` gives each program two
-gate rows (96 programs): 4.04 against 5.46 µs at 1 token and 4.84 against 5.66 at 4, but 6.05
-against 5.62 at 16 (H200, bench_route.py, benchmarks/RESULTS.md §2 session 13). So the gate runs
-it for batches of at most SMALL_BATCH_MAX_TOKENS tokens inside CUDA graph capture only: in an
-eager forward a Triton launch costs more host time than cuBLAS's (bench_host.py), which such a
-small step cannot hide. Everything else, and every other platform, is vLLM's own
-`UnquantizedLinearMethod`. Both accumulate in fp32 and round once, so the logits differ at most in
-summation order.
+gate rows (96 programs) and reads a whole 2,048-column row in one step: 2.41 against cuBLAS's 5.42
+µs at 1 token, 3.00 against 5.36 at 4 and 3.88 against 5.43 at 16 (H200, bench_route.py,
+benchmarks/RESULTS.md §2 session 14); with 512 columns a step it lost from 16 tokens, and at 64
+it loses at every shape timed. So the gate runs it for batches of at most SMALL_BATCH_MAX_TOKENS
+tokens inside CUDA graph capture only: in an eager forward a Triton launch costs more host time
+than cuBLAS's (bench_host.py), which such a small step cannot hide. Everything else, and every
+other platform, is vLLM's own `UnquantizedLinearMethod`. Both accumulate in fp32 and round once,
+so the logits differ at most in summation order.
 """
 from __future__ import annotations
 
@@ -19,8 +20,10 @@ from vllm.model_executor.layers.linear import UnquantizedLinearMethod
 
 from . import gpu_kernels
 
-SMALL_BATCH_MAX_TOKENS = 4
-ROWS_PER_PROGRAM = 2  # gate rows a program: the fastest of 2 / 4 / 8 / 16 at 1 and 4 tokens
+SMALL_BATCH_MAX_TOKENS = 16
+# The launch shape: the fastest at 1, 4 and 16 tokens of bench_route.py's GATE_SHAPES (1-16 gate
+# rows a program, 512-2,048 columns a step, 4 or 8 warps)
+LAUNCH = {"block_n": 2, "block_k": 2048, "num_warps": 4}
 
 
 def small_batch_gate_pays(x: torch.Tensor, layer: torch.nn.Module) -> bool:
@@ -39,7 +42,7 @@ class SmallBatchGateMethod(UnquantizedLinearMethod):
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if bias is None and small_batch_gate_pays(x, layer):
-            return gpu_kernels.gate_logits_(x, layer.weight, block_n=ROWS_PER_PROGRAM)
+            return gpu_kernels.gate_logits_(x, layer.weight, **LAUNCH)
         return super().apply(layer, x, bias)
 
 
