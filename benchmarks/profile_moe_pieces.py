@@ -30,9 +30,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_moe_layer import time_graph, time_graphs  # noqa: E402
 
-# (rows or tokens a program, block columns, warps); the first is the plugin's launch today
-SILU_LAUNCHES = [(1, 1024, 4), (1, 256, 2), (1, 1024, 8), (2, 1024, 8), (4, 256, 4), (4, 256, 8), (8, 256, 8), (16, 256, 8)]
-SUM_LAUNCHES = [(1, 1024, 4), (1, 2048, 8), (2, 1024, 8), (4, 512, 8), (4, 1024, 8), (8, 256, 8)]
+# (rows or tokens a program, block columns, warps); the first is the plugin's launch today. Session
+# 13's sweep (2-D row tiles with masked dead rows) lost at skip 0.5 to one row a program, and every
+# multi-token sum lost to a token's row a program (RESULTS.md §3): these SiLU rows are a loop over
+# consecutive rows, each behind its own live-id branch
+SILU_LAUNCHES = [(1, 1024, 4), (2, 1024, 4), (4, 1024, 4), (8, 1024, 4), (16, 1024, 4), (8, 1024, 8), (4, 256, 2), (8, 256, 2)]
+SUM_LAUNCHES = [(1, 2048, 8), (1, 1024, 4), (2, 2048, 8)]
 PREFILL_TOKENS = (2048, 8192, 16384)
 
 

@@ -166,6 +166,7 @@ KERNEL_GROUPS = [  # (label, substring of the kernel name), first match wins
     ("fused-MoE GEMMs (fused_moe_kernel)", "fused_moe_kernel"), ("routing: vLLM topkGating", "topkGating"),
     ("routing: _zeda_route", "_zeda_route"), ("router gate GEMM (cuBLAS nvjet, E or E+Z outputs)", "nvjet_sm90_tst_64x8_64x16_2x1_v_bz_TNT"),
     ("router gate GEMM (cuBLAS nvjet, E or E+Z outputs)", "nvjet_sm90_tst_8x64_64x16_4x1_v_bz_TNN"),
+    ("router gate GEMM: _gate_logits (E+Z outputs)", "_gate_logits"),
     ("gated SiLU: vLLM act_and_mul", "act_and_mul"), ("gated SiLU: _live_silu_and_mul", "_live_silu_and_mul"),
     ("sum over slots: vLLM moe_sum", "moe_sum_vec"), ("sum over slots: _live_moe_sum", "_live_moe_sum"),
 ]

@@ -127,24 +127,19 @@ if triton is not None:
                            BLOCK: tl.constexpr):
         """out[r] = silu(x[r, :n]) * x[r, n:] for live slot rows r; dead rows are neither read nor
         written. Rounds like vLLM's silu_and_mul: silu in fp32, cast to the data type, then the
-        product (exact in fp32 for 16-bit inputs) rounded once. A program takes ROWS rows (one:
-        a dead row returns at once; more: dead rows' loads and stores masked)."""
+        product (exact in fp32 for 16-bit inputs) rounded once. A program takes ROWS consecutive
+        rows, each behind its own branch on its live id (a dead row costs one cached id load)."""
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        if ROWS == 1:
-            row = tl.program_id(0).to(tl.int64)
-            if tl.load(live_ptr + row) < 0:
-                return
-            mask = offs < n
-        else:
-            row = (tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS))[:, None]
-            live = tl.load(live_ptr + row, mask=row < rows, other=-1) >= 0
-            offs = offs[None, :]
-            mask = live & (offs < n)
-        gate = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
-        up = tl.load(x_ptr + row * stride_x + n + offs, mask=mask, other=0.0)
-        act = _silu(gate).to(up.dtype)
-        out = (act.to(tl.float32) * up.to(tl.float32)).to(up.dtype)
-        tl.store(out_ptr + row * stride_out + offs, out, mask=mask)
+        mask = offs < n
+        for r in tl.static_range(ROWS):
+            row = tl.program_id(0).to(tl.int64) * ROWS + r
+            if row < rows:
+                if tl.load(live_ptr + row) >= 0:
+                    gate = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+                    up = tl.load(x_ptr + row * stride_x + n + offs, mask=mask, other=0.0)
+                    act = _silu(gate).to(up.dtype)
+                    out = (act.to(tl.float32) * up.to(tl.float32)).to(up.dtype)
+                    tl.store(out_ptr + row * stride_out + offs, out, mask=mask)
 
     @triton.jit(do_not_specialize=["m"])
     def _live_moe_sum(in_ptr, out_ptr, live_ptr, m, d, stride_out, K: tl.constexpr, TOKENS: tl.constexpr,
