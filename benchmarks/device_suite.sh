@@ -27,6 +27,8 @@
 #   prefill-profile  bench_e2e.py --workloads prefill --profile-prefill: prefill throughput and the
 #             device µs by kernel of one 16,384-token prefill step, static8 / ideal4 / ideal2 and
 #             zeda at skip 0, 0.5, 0.75 (where skip 0's ~2% and skip 0.75's ~12% of the gap go) ~7 min
+#   prefill   bench_e2e.py --workloads prefill: prefill throughput of static8, ideal4 and zeda at
+#             skip 0 and 0.5 (prefill-profile without the profiles and skip 0.75)           ~5 min
 #   e2e50t    e2e50 with VLLM_TUNED_CONFIG_FOLDER=vllm_zeda/moe_configs: stock engines on the tile
 #             table ZEDA layers use (same E=128, N=768 lookup), so the shares measure skipping alone ~8 min
 #   serve     bench_serve.py --zero-bias 2.6e-6: stock static vs the plugin through the OpenAI
@@ -63,7 +65,7 @@
 # logs are packed into $OUT/logs.tgz at the end (the device tool returns at most 8 files).
 set -uo pipefail
 [ $# -gt 0 ] || { awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"; exit 2; }
-STAGES="kernels layer pieces route kernel-tests layer-live host e2e50 e2e50p e2e50t e2e75 b256-profile prefill-profile serve serve3 serve-ideal serve-ideal-tiles serve-graphs serve-graphs-ideal serve-profile parity tune tune-glm env tp-parity tp-train tp-e2e ep-e2e tp-serve ep-serve"
+STAGES="kernels layer pieces route kernel-tests layer-live host e2e50 e2e50p prefill e2e50t e2e75 b256-profile prefill-profile serve serve3 serve-ideal serve-ideal-tiles serve-graphs serve-graphs-ideal serve-profile parity tune tune-glm env tp-parity tp-train tp-e2e ep-e2e tp-serve ep-serve"
 for stage in "$@"; do  # before staging the bundle: a typo costs nothing
   [[ " $STAGES " == *" $stage "* ]] || { echo "device_suite: unknown stage '$stage' ($STAGES)" >&2; exit 2; }
 done
@@ -115,6 +117,8 @@ for stage in "$@"; do
     b256-profile) run 585 b256_profile python3 benchmarks/bench_e2e.py --out "$OUT/b256_profile.json" \
              --configs static8 zeda --targets 0 0.5 --quick --workloads decode_b256 --profile-decode \
              --profile-batch 256 --timeout 150 ;;
+    prefill) run 360 prefill python3 benchmarks/bench_e2e.py --out "$OUT/prefill.json" --configs static8 ideal4 zeda \
+             --targets 0 0.5 --quick --workloads prefill --timeout 150 ;;
     prefill-profile) run 585 prefill_profile python3 benchmarks/bench_e2e.py --out "$OUT/prefill_profile.json" \
              --configs static8 ideal4 ideal2 zeda --targets 0 0.5 0.75 --quick --workloads prefill --profile-prefill \
              --timeout 150 ;;

@@ -34,7 +34,7 @@ from bench_moe_layer import time_graph, time_graphs  # noqa: E402
 # 13's sweep (2-D row tiles with masked dead rows) lost at skip 0.5 to one row a program, and every
 # multi-token sum lost to a token's row a program (RESULTS.md §3): these SiLU rows are a loop over
 # consecutive rows, each behind its own live-id branch
-SILU_LAUNCHES = [(1, 1024, 4), (4, 256, 2), (8, 256, 2), (16, 256, 2), (4, 256, 1), (8, 256, 1), (8, 128, 1), (16, 128, 1),
+SILU_LAUNCHES = [(4, 256, 2), (1, 1024, 4), (8, 256, 2), (16, 256, 2), (4, 256, 1), (8, 256, 1), (8, 128, 1), (16, 128, 1),
                  (8, 512, 2), (4, 512, 4)]
 SUM_LAUNCHES = [(1, 2048, 8), (1, 1024, 4)]
 PREFILL_TOKENS = (2048, 8192, 16384)
