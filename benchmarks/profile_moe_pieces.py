@@ -10,11 +10,12 @@ that loaded rows before their live ids, "speculative", were never faster on the 
 RESULTS.md §2.)
 
 Then, at prefill sizes (2,048 to 16,384 tokens, 16k-131k slot rows) with no slot and with half of
-them dead, the live-slot SiLU and sum in every launch shape of LAUNCHES (rows or tokens a program,
-block columns, warps) against vLLM's kernels over every row and over the live rows alone (what
-the ideal top-K/2 runs), interleaved (bench_moe_layer.time_graphs). A 16,384-token prefill step
-put our SiLU 42% (skip 0) and 63% (skip 0.5) over vLLM's at the same live rows (RESULTS.md §3,
-prefill-profile): which shape closes that decides the plugin's default.
+them dead, the live-slot SiLU and sum in every launch shape of SILU_LAUNCHES / SUM_LAUNCHES
+against vLLM's kernels over every row and over the live rows alone (what the ideal top-K/2 runs),
+interleaved (bench_moe_layer.time_graphs). A 16,384-token prefill step had put our SiLU 42% (skip
+0) and 63% (skip 0.5) over vLLM's at the same live rows (RESULTS.md §3, prefill-profile); these
+sweeps set the plugin's defaults (session 14: the SiLU 1.46x -> 1.21x vLLM's over the live rows
+at 16k tokens, skip 0.5).
 
     python3 benchmarks/profile_moe_pieces.py --out $OUT/pieces.json
 """
@@ -30,13 +31,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_moe_layer import time_graph, time_graphs  # noqa: E402
 
-# (rows or tokens a program, block columns, warps); the first is the plugin's launch today. Session
-# 13's sweep (2-D row tiles with masked dead rows) lost at skip 0.5 to one row a program, and every
-# multi-token sum lost to a token's row a program (RESULTS.md §3): these SiLU rows are a loop over
-# consecutive rows, each behind its own live-id branch
+# SiLU: (rows a program, block columns, warps), each row behind its own live-id branch; sum: (block
+# columns, warps) over a token a program. The first of each is the plugin's default (session 14's
+# sweeps, RESULTS.md §3: 2-D row tiles with masked dead rows, and 2-8 tokens a sum program, lost)
 SILU_LAUNCHES = [(4, 256, 2), (1, 1024, 4), (8, 256, 2), (16, 256, 2), (4, 256, 1), (8, 256, 1), (8, 128, 1), (16, 128, 1),
                  (8, 512, 2), (4, 512, 4)]
-SUM_LAUNCHES = [(1, 2048, 8), (1, 1024, 4)]
+SUM_LAUNCHES = [(2048, 8), (1024, 4)]
 PREFILL_TOKENS = (2048, 8192, 16384)
 
 
@@ -113,9 +113,8 @@ def prefill_pieces(m, skip, e, z, h, i, k, ops, live_silu_and_mul_, live_moe_sum
     for r, b, w in SILU_LAUNCHES:
         pieces[f"live_silu_and_mul_ rows={r} block={b} warps={w}"] = (
             lambda r=r, b=b, w=w: live_silu_and_mul_(act, x1, live, rows_per_program=r, block=b, num_warps=w))
-    for t, b, w in SUM_LAUNCHES:
-        pieces[f"live_moe_sum_ tokens={t} block={b} warps={w}"] = (
-            lambda t=t, b=b, w=w: live_moe_sum_(out, c3, live, tokens_per_program=t, block=b, num_warps=w))
+    for b, w in SUM_LAUNCHES:
+        pieces[f"live_moe_sum_ block={b} warps={w}"] = lambda b=b, w=w: live_moe_sum_(out, c3, live, block=b, num_warps=w)
     times = time_graphs({name: [fn] * 4 for name, fn in pieces.items()})
     for name, us in times.items():
         print(f"M={m:5d} skip={skip:.1f} {name:44s} {us:8.2f} us", flush=True)

@@ -142,22 +142,14 @@ if triton is not None:
                     tl.store(out_ptr + row * stride_out + offs, out, mask=mask)
 
     @triton.jit(do_not_specialize=["m"])
-    def _live_moe_sum(in_ptr, out_ptr, live_ptr, m, d, stride_out, K: tl.constexpr, TOKENS: tl.constexpr,
-                      BLOCK: tl.constexpr):
-        """out[t] = sum over live slots k of in[t, k] (fp32 accumulation); dead rows are not read.
-        A program takes TOKENS tokens."""
+    def _live_moe_sum(in_ptr, out_ptr, live_ptr, m, d, stride_out, K: tl.constexpr, BLOCK: tl.constexpr):
+        """out[t] = sum over live slots k of in[t, k] (fp32 accumulation); dead rows are not read."""
+        tok = tl.program_id(0).to(tl.int64)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        if TOKENS == 1:
-            tok = tl.program_id(0).to(tl.int64)
-            mask = offs < d
-            acc = tl.zeros((BLOCK,), tl.float32)
-        else:
-            tok = (tl.program_id(0).to(tl.int64) * TOKENS + tl.arange(0, TOKENS))[:, None]
-            offs = offs[None, :]
-            mask = (tok < m) & (offs < d)
-            acc = tl.zeros((TOKENS, BLOCK), tl.float32)
+        mask = offs < d
+        acc = tl.zeros((BLOCK,), tl.float32)
         for k in tl.static_range(K):
-            live = tl.load(live_ptr + tok * K + k, mask=tok < m, other=-1) >= 0
+            live = tl.load(live_ptr + tok * K + k) >= 0
             acc += tl.load(in_ptr + (tok * K + k) * d + offs, mask=mask & live, other=0.0).to(tl.float32)
         tl.store(out_ptr + tok * stride_out + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -300,23 +292,22 @@ def live_silu_and_mul_(out: torch.Tensor, x: torch.Tensor, live_ids: torch.Tenso
     )
 
 
-def live_moe_sum_(out: torch.Tensor, slots: torch.Tensor, live_ids: torch.Tensor, *, tokens_per_program: int = 1,
-                  block: int | None = None, num_warps: int | None = None) -> None:
-    """out [M, D] = sum of slots [M, K, D] over the live slots of live_ids [M, K]. The launch shape
-    does not change the result (as live_silu_and_mul_). Default: a token's row up to 2,048 columns
-    a program, 8 warps from 2,048 columns: the fastest shape of profile_moe_pieces.py's sweep at 2k,
-    8k and 16k tokens, skip 0 and 0.5 (Qwen3's D 2048 on the H200: 80.7 µs against 82.7 for 1,024
-    columns and 4 warps at 16k tokens, skip 0.5; 9.4 against 10.8 at 2k; RESULTS.md §3)."""
+def live_moe_sum_(out: torch.Tensor, slots: torch.Tensor, live_ids: torch.Tensor, *, block: int | None = None,
+                  num_warps: int | None = None) -> None:
+    """out [M, D] = sum of slots [M, K, D] over the live slots of live_ids [M, K], a token a
+    program. The launch shape does not change the result (as live_silu_and_mul_). Default: the
+    token's row up to 2,048 columns a program, 8 warps from 2,048 columns: the fastest shape of
+    profile_moe_pieces.py's sweep at 2k, 8k and 16k tokens, skip 0 and 0.5, where 2-8 tokens a
+    program all lost (Qwen3's D 2048 on the H200: 80.7 µs against 82.7 for 1,024 columns and 4
+    warps at 16k tokens, skip 0.5; 9.4 against 10.8 at 2k; RESULTS.md §3)."""
     m, k, d = slots.shape
     assert slots.is_contiguous() and live_ids.shape == (m, k) and out.shape == (m, d), (slots.shape, out.shape)
     if m == 0:
         return
     block = block or min(2048, _pow2(d))
     num_warps = num_warps or (8 if block >= 2048 else None)
-    _live_moe_sum[(-(-m // tokens_per_program), -(-d // block))](
-        slots, out, live_ids.reshape(-1), m, d, out.stride(0), K=k, TOKENS=tokens_per_program, BLOCK=block,
-        **_launch_options(num_warps),
-    )
+    _live_moe_sum[(m, -(-d // block))](slots, out, live_ids.reshape(-1), m, d, out.stride(0), K=k, BLOCK=block,
+                                       **_launch_options(num_warps))
 
 
 def gate_logits_(x: torch.Tensor, weight: torch.Tensor, block_n: int = 4, block_k: int = 512,
