@@ -8,8 +8,8 @@ unquantized layer calls), built by `make_unquantized_moe_kernel` as vLLM builds 
              the map [0..E-1, -1 x Z] from ZedaRoutedExperts, plus what the router kernel hands
              over (router_handover): the live ids, and where the experts take the sort-free
              assignment (up to 6 tokens), at one token the slots live ones first and where their
-             blocks end, from two tokens the slot blocks: the plugin's layer path (routing itself
-             is timed in no variant)
+             blocks end, at 2-4 tokens the slot blocks with the live slots' first and their end, at
+             5-6 the slot blocks: the plugin's layer path (routing itself is timed in no variant)
   ours_topk_order  ours given only the live ids, slots in top-K order (the plugin before the
              router handed over more): at small batches each zero slot's block then loads its
              expert id and writes a row of zeros before it exits
@@ -39,8 +39,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from vllm_zeda.gpu_kernels import SLOT_BLOCK_M, sort_free  # noqa: E402
-from vllm_zeda.routing import Routing, live_first, slot_blocks  # noqa: E402
+from vllm_zeda.gpu_kernels import LIVE_END_MAX_TOKENS, SLOT_BLOCK_M, sort_free  # noqa: E402
+from vllm_zeda.routing import Routing, live_blocks_first, live_first, slot_blocks  # noqa: E402
 SHAPES = {  # name: (E, H, I, K)
     "qwen3_30b_a3b": (128, 2048, 768, 8),
     "glm47_flash": (64, 2048, 1536, 4),
@@ -73,20 +73,27 @@ def make_routings(m, e, k, skip, n, gen, exact=False):
 
 
 def router_handover(zw, zids, e, k):
-    """(ids, weights, live ids, end, slot blocks): what the plugin's router hands the experts for
-    these slots (vllm_router.ZedaRouter with gpu_kernels.zeda_route_): where the experts take the
-    sort-free assignment, at one token its live slots first and where their blocks end, from two
-    tokens the slot blocks (a zero slot's block only padding); else the slots in top-K order."""
+    """(ids, weights, live ids, end, slot blocks, block experts): what the plugin's router hands
+    the experts for these slots (vllm_router.ZedaRouter with gpu_kernels.zeda_route_): where the
+    experts take the sort-free assignment, at one token its live slots first and where their
+    blocks end, at 2-4 tokens the slot blocks with the live slots' first, their experts and their
+    end, at 5-6 the slot blocks (a zero slot's block only padding); else the slots in top-K order."""
     m = zids.shape[0]
     r = Routing(weights=zw, ids=zids, num_real=e)
     small = sort_free(m, k, e + e // 2)
     if small and m == 1:
         r = live_first(r)
     ids = r.ids.to(torch.int32)
-    end = (torch.tensor([int((~r.is_zero).sum()) * SLOT_BLOCK_M], dtype=torch.int32, device=zids.device)
-           if small and m == 1 else None)
-    blocks = slot_blocks(r.is_zero, SLOT_BLOCK_M) if small and m > 1 else None
-    return ids, r.weights, torch.where(r.is_zero, -1, ids), end, blocks
+    live = torch.where(r.is_zero, -1, ids)
+    end = blocks = experts = None
+    if small and m == 1:
+        end = torch.tensor([int((~r.is_zero).sum()) * SLOT_BLOCK_M], dtype=torch.int32, device=zids.device)
+    elif small and m <= LIVE_END_MAX_TOKENS:
+        blocks, experts, n = live_blocks_first(live, SLOT_BLOCK_M)
+        end = torch.tensor([n], dtype=torch.int32, device=zids.device)
+    elif small:
+        blocks = slot_blocks(r.is_zero, SLOT_BLOCK_M)
+    return ids, r.weights, live, end, blocks, experts
 
 
 def capture(fn_list):
@@ -193,8 +200,8 @@ def bench_shape(name, e, h, i, k, tokens, skips, exact=False, profile=(), dtype=
     ours_kernel = make_kernel(ZedaTritonExperts, e, h, i, k, dtype)
 
     def ours(x, r):
-        ids, w, live, end, blocks = r["plugin"]
-        with live_ids_hint(ids, live, end, blocks):  # as ZedaRoutedExperts does with the router's
+        ids, w, *handover = r["plugin"]
+        with live_ids_hint(ids, *handover):  # as ZedaRoutedExperts does with the router's
             return call(ours_kernel, x, w, ids, zmap)
 
     def ours_topk_order(x, r):

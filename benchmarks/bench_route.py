@@ -13,7 +13,8 @@ logits, top-8, bf16 logits), median µs over CUDA-graph replays (device machine)
                    where their fused-MoE blocks end (live_end)
   zeda_route plugin  the call the plugin's router makes: where the experts take the sort-free
                    assignment (gpu_kernels.sort_free: up to 6 tokens here) at one token live_first
-                   and live_end, from two the slot blocks; else default
+                   and live_end, at 2-4 the slot blocks with the live slots' first, their experts
+                   and end (one program), at 5-6 the slot blocks; else default
 
 and, up to 256 tokens, the router's gate GEMM before it (hidden 2048, bf16):
   gate cuBLAS 128 / 192   F.linear over the 128 real / 128 + 64 gate rows (what vLLM's gate runs)
@@ -52,7 +53,7 @@ def main():
     a = p.parse_args()
     from vllm.model_executor.layers.fused_moe.router.fused_topk_router import fused_topk
 
-    from vllm_zeda.gpu_kernels import SLOT_BLOCK_M, gate_logits_, sort_free, zeda_route_
+    from vllm_zeda.gpu_kernels import LIVE_END_MAX_TOKENS, SLOT_BLOCK_M, gate_logits_, sort_free, zeda_route_
 
     e, z, k = 128, 64, 8
     bias = torch.full((1,), 0.1, device="cuda")
@@ -69,6 +70,8 @@ def main():
         end = torch.zeros(1, dtype=torch.int32, device="cuda")
         small = sort_free(m, k, e + z)
         blocks = torch.empty(m * k * SLOT_BLOCK_M, dtype=torch.int32, device="cuda") if small and m > 1 else None
+        compact = small and 1 < m <= LIVE_END_MAX_TOKENS
+        experts = torch.empty(m * k, dtype=torch.int32, device="cuda") if compact else None
         variants = {
             "stock": lambda: fused_topk(x, real, k, True, torch.int32),
             "bias+fused_topk": lambda: fused_topk(x, logits + bias_row, k, True, torch.int32),
@@ -77,7 +80,8 @@ def main():
             "zeda_route live_first": lambda: zeda_route_(logits, e, k, True, bias, counts, None, live_first=True,
                                                          live_end=end if m == 1 else None),
             "zeda_route plugin": lambda: zeda_route_(logits, e, k, True, bias, counts, None, live_first=small and m == 1,
-                                                     live_end=end if small and m == 1 else None, slot_blocks=blocks),
+                                                     live_end=end if small and m <= LIVE_END_MAX_TOKENS else None,
+                                                     slot_blocks=blocks, block_experts=experts),
         }
         for bm, nw in SHAPES:
             variants[f"zeda_route b{bm}/w{nw}"] = lambda bm=bm, nw=nw: zeda_route_(

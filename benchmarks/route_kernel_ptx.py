@@ -20,13 +20,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vllm_zeda import gpu_kernels  # noqa: E402
 
 SIGNATURE = {"logits_ptr": "*bf16", "stride_lm": "i32", "bias_ptr": "*fp32", "pad_ptr": "*u8", "w_ptr": "*fp32",
-             "ids_ptr": "*i32", "live_ptr": "*i32", "counts_ptr": "*i64", "end_ptr": "*i32", "blocks_ptr": "*i32", "M": "i32",
+             "ids_ptr": "*i32", "live_ptr": "*i32", "counts_ptr": "*i64", "end_ptr": "*i32", "blocks_ptr": "*i32", "bexp_ptr": "*i32", "M": "i32",
              "n_real": "i32", "n_all": "i32", "K": "constexpr", "K_PAD": "constexpr", "RENORM": "constexpr",
              "REMAP": "constexpr", "LIVE_FIRST": "constexpr", "END_BLOCK": "constexpr", "SLOT_ROWS": "constexpr", "HAS_PAD": "constexpr",
              "BLOCK_M": "constexpr", "BLOCK_E": "constexpr"}
 # (rows per program, warps, live first, end block, slot block rows): the plugin's calls at 1 token
-# (live first + end), at 2-6 tokens (slot blocks) and from 7 (neither), and 4 rows on 4 warps
-SHAPES = [(1, 1, True, 16, 0), (1, 1, False, 0, 0), (2, 2, False, 0, 16), (2, 2, False, 0, 0), (4, 4, False, 0, 0)]
+# (live first + end), at 2 and 3-4 tokens (the live slots' blocks first, and their end), at 5-6
+# (slot blocks) and from 7 (neither), and 4 rows on 4 warps
+SHAPES = [(1, 1, True, 16, 0), (1, 1, False, 0, 0), (2, 2, False, 16, 16), (4, 4, False, 16, 16), (2, 2, False, 0, 16),
+          (2, 2, False, 0, 0), (4, 4, False, 0, 0)]
 
 
 def main() -> None:

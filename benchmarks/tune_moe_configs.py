@@ -249,8 +249,8 @@ def main():
                             apply_router_weight_on_input=False)
 
     def ours(x, r):  # the plugin's layer path, the router's hand-over included (bench_moe_layer)
-        ids, w, live, end, blocks = r["plugin"]
-        with live_ids_hint(ids, live, end, blocks):
+        ids, w, *handover = r["plugin"]
+        with live_ids_hint(ids, *handover):
             return call(ours_k, x, w, ids, zmap)
 
     cands = candidates(E, H, I, K)

@@ -118,6 +118,29 @@ def test_small_batches_run_the_routers_slot_blocks_where_it_made_them():
         assert assign_live_slots(ids.clone(), {"BLOCK_SIZE_M": SLOT_BLOCK_M}, 3, 2, 16 + 16, zmap)[0] is None
 
 
+def test_two_to_four_tokens_run_the_live_slots_blocks_first_and_end_after_them():
+    """2-4 tokens: the router's blocks with every live slot's first, their experts and their end
+    become the assignment, so the zero slots' blocks exit at the first check; with another
+    BLOCK_SIZE_M the slot-order assignment over the live ids, as without the hand-over."""
+    from vllm_zeda.gpu_kernels import SLOT_BLOCK_M
+    from vllm_zeda.routing import live_blocks_first
+    from vllm_zeda.vllm_experts import live_ids_hint, zero_expert_map
+    from vllm_zeda.vllm_triton_experts import assign_live_slots
+
+    ids = torch.tensor([[0, 9], [12, 3]], dtype=torch.int32)  # E=8 real, Z=8 zero (8..15)
+    live = torch.tensor([[0, -1], [-1, 3]], dtype=torch.int32)
+    blocks, experts, n = live_blocks_first(live, SLOT_BLOCK_M)
+    end = torch.tensor([n], dtype=torch.int32)
+    zmap = zero_expert_map(None, 8, 8, "cpu")
+    with live_ids_hint(ids, live, end, blocks, experts):
+        sorted_ids, expert_ids, padded = assign_live_slots(ids, {"BLOCK_SIZE_M": SLOT_BLOCK_M}, 2, 2, 16 + 16, zmap)
+        assert sorted_ids is blocks and expert_ids is experts and padded is end
+        assert expert_ids.tolist() == [0, 3, -1, -1] and padded.tolist() == [2 * SLOT_BLOCK_M]
+        assert sorted_ids.reshape(4, SLOT_BLOCK_M)[:2, 0].tolist() == [0, 3]  # slots 0 and 3 run, first
+        other = assign_live_slots(ids, {"BLOCK_SIZE_M": 2 * SLOT_BLOCK_M}, 2, 2, 16 + 16, zmap)
+        assert other[0] is None and other[1].tolist() == [0, -1, -1, 3] and other[2].tolist() == [4 * 2 * SLOT_BLOCK_M]
+
+
 def test_slot_blocks_end_is_not_kept_from_inside_a_graph_capture(monkeypatch):
     """A tensor made during CUDA-graph capture lives in the graph's pool: used, never cached."""
     from vllm_zeda import vllm_triton_experts as vte
@@ -270,12 +293,13 @@ def test_worker_extension_subclasses_keep_the_stats_rpcs():
     assert not extends_stats_worker("no_such_module.Extension") and not extends_stats_worker("Bare")
 
 
-@pytest.mark.parametrize("m", [1, 2, 6, 7, 64])
+@pytest.mark.parametrize("m", [1, 2, 4, 5, 6, 7, 64])
 def test_router_stops_zero_blocks_only_where_the_assignment_is_sort_free(monkeypatch, m):
     """Where vLLM's Triton experts run a block per slot (M x K x 4 <= E+Z; Qwen3 shape: up to 6
     tokens) the GPU router asks the routing kernel for one token's live slots first and where
-    their blocks end, for 2+ tokens for the slot blocks; elsewhere, and in remap mode, for
-    neither (slots in top-K order)."""
+    their blocks end, for 2-4 tokens for the slot blocks with the live slots' first, their
+    experts and their end, for 5-6 for the slot blocks; elsewhere, and in remap mode, for none of
+    it (slots in top-K order)."""
     from vllm_zeda import vllm_router
 
     calls = []
@@ -291,8 +315,12 @@ def test_router_stops_zero_blocks_only_where_the_assignment_is_sort_free(monkeyp
                                         masked=False, zero_bias=0.0, zero_slots=mode)
         router._compute_routing_fused(None, torch.zeros(m, 192), None)
     skip, remap = calls
-    assert skip["live_first"] is (m == 1) and (skip["live_end"] is not None) == (m == 1)
+    assert skip["live_first"] is (m == 1) and (skip["live_end"] is not None) == (m <= 4)
     assert (skip["slot_blocks"] is not None) == (1 < m <= 6)
+    assert (skip["block_experts"] is not None) == (1 < m <= 4)
     if skip["slot_blocks"] is not None:
         assert skip["slot_blocks"].numel() == m * 8 * 16 and skip["slot_blocks"].dtype == torch.int32
+    if skip["block_experts"] is not None:
+        assert skip["block_experts"].numel() == m * 8 and skip["block_experts"].dtype == torch.int32
     assert remap["live_first"] is False and remap["live_end"] is None and remap["slot_blocks"] is None
+    assert remap["block_experts"] is None

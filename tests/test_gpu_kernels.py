@@ -13,7 +13,7 @@ pytest.importorskip("triton")
 import torch  # noqa: E402
 
 from vllm_zeda import gpu_kernels as gk  # noqa: E402
-from vllm_zeda.routing import live_first, route_softmax, slot_blocks  # noqa: E402
+from vllm_zeda.routing import live_blocks_first, live_first, route_softmax, slot_blocks  # noqa: E402
 
 if os.environ["TRITON_INTERPRET"] != "1" and not torch.cuda.is_available():
     pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1", allow_module_level=True)
@@ -103,6 +103,34 @@ def test_route_kernel_writes_the_slot_blocks_of_the_sort_free_assignment(m, k, b
         assert int((blocks.cpu() < m * k).sum()) == (m * k if bias < 0 else 0)
     with pytest.raises(AssertionError, match="slot_blocks"):
         gk.zeda_route_(logits, 128, k, True, bias_t, counts, None, slot_blocks=blocks[1:])
+
+
+@pytest.mark.parametrize("m,k,bias", [(2, 8, 0.0), (4, 8, 0.4), (4, 8, 9.0), (3, 8, -9.0), (4, 3, 0.2), (2, 4, 0.1)])
+def test_route_kernel_puts_the_live_slots_blocks_first_where_it_ends_them(m, k, bias):
+    """2-4 tokens with block_experts: the blocks, their experts and the end as
+    routing.live_blocks_first makes them, for no-zero and all-zero batches and K = 3 (a padded
+    slot column), with padding rows of a CUDA graph counted as rows; the routing as without them."""
+    logits = torch.randn(m, 192, generator=torch.Generator().manual_seed(10 + m)).to(DEVICE)
+    bias_t = torch.tensor([bias], device=DEVICE)
+    counts = torch.zeros(2, dtype=torch.int64, device=DEVICE)
+    padding = torch.zeros(m, dtype=torch.bool, device=DEVICE)
+    padding[-1] = m > 2
+    blocks = torch.full((m * k * gk.SLOT_BLOCK_M,), -7, dtype=torch.int32, device=DEVICE)
+    experts = torch.full((m * k,), -7, dtype=torch.int32, device=DEVICE)
+    end = torch.full((1,), -7, dtype=torch.int32, device=DEVICE)
+    w, ids, live = gk.zeda_route_(logits, 128, k, True, bias_t, counts, padding, slot_blocks=blocks,
+                                  block_experts=experts, live_end=end)
+    ref = route_softmax(logits.cpu(), 128, k, True, zero_bias=bias)
+    want_blocks, want_experts, want_end = live_blocks_first(ref.ids.masked_fill(ref.is_zero, -1).to(torch.int32),
+                                                            gk.SLOT_BLOCK_M)
+    assert torch.equal(blocks.cpu(), want_blocks) and torch.equal(experts.cpu(), want_experts)
+    assert end.cpu().tolist() == [want_end]
+    plain = gk.zeda_route_(logits, 128, k, True, bias_t, counts, padding)
+    assert all(torch.equal(a, b) for a, b in zip((w, ids, live), plain))
+    if bias in (-9.0, 9.0):
+        assert want_end == (m * k * gk.SLOT_BLOCK_M if bias < 0 else 0)
+    with pytest.raises(AssertionError, match="block_experts"):
+        gk.zeda_route_(logits, 128, k, True, bias_t, counts, None, slot_blocks=blocks, block_experts=experts)  # no end
 
 
 @pytest.mark.parametrize("m,n,h", [(1, 192, 2048), (3, 96, 100), (6, 5, 64)])

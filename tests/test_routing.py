@@ -4,6 +4,7 @@ import torch
 from vllm_zeda.routing import (
     balance_weight,
     group_balance_loss,
+    live_blocks_first,
     live_first,
     route_softmax,
     routed_expert_flops,
@@ -61,6 +62,15 @@ def test_slot_blocks_give_a_zero_slot_only_padding_rows():
     blocks = slot_blocks(is_zero, 4).reshape(6, 4)
     assert blocks[:, 0].tolist() == [0, 6, 6, 6, 4, 5]  # live slots their own row, zero ones padding (6)
     assert torch.all(blocks[:, 1:] == 6) and blocks.dtype == torch.int32
+
+
+def test_live_blocks_first_puts_every_live_slots_block_before_the_zero_ones():
+    live = torch.tensor([[5, -1], [-1, -1], [2, 7]], dtype=torch.int32)  # 3 tokens x 2 slots, 3 live
+    blocks, experts, end = live_blocks_first(live, 4)
+    assert blocks.reshape(6, 4)[:, 0].tolist() == [0, 4, 5, 6, 6, 6]  # live slots 0, 4, 5 in slot order
+    assert torch.equal(blocks.reshape(6, 4)[:, 1:], torch.full((6, 3), 6, dtype=torch.int32))
+    assert experts.tolist() == [5, 2, 7, -1, -1, -1] and end == 3 * 4
+    assert live_blocks_first(torch.full((2, 3), -1, dtype=torch.int32), 4)[2] == 0  # every slot zero
 
 
 def test_zero_bias_moves_skip_fraction_monotonically():

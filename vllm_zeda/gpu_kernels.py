@@ -42,9 +42,10 @@ if triton is not None:
     # (Unspecialised strides, sizes and logits pointer cost 1.4 µs of device time a call on the
     # H200, benchmarks/bench_route.py.)
     @triton.jit(do_not_specialize=("M",),
-                do_not_specialize_on_alignment=("bias_ptr", "pad_ptr", "counts_ptr", "end_ptr", "blocks_ptr"))
+                do_not_specialize_on_alignment=("bias_ptr", "pad_ptr", "counts_ptr", "end_ptr", "blocks_ptr",
+                                                "bexp_ptr"))
     def _zeda_route(logits_ptr, stride_lm, bias_ptr, pad_ptr, w_ptr, ids_ptr, live_ptr, counts_ptr, end_ptr,
-                    blocks_ptr, M, n_real, n_all, K: tl.constexpr, K_PAD: tl.constexpr, RENORM: tl.constexpr,
+                    blocks_ptr, bexp_ptr, M, n_real, n_all, K: tl.constexpr, K_PAD: tl.constexpr, RENORM: tl.constexpr,
                     REMAP: tl.constexpr, LIVE_FIRST: tl.constexpr, END_BLOCK: tl.constexpr,
                     SLOT_ROWS: tl.constexpr, HAS_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_E: tl.constexpr):
@@ -111,8 +112,19 @@ if triton is not None:
             # block only padding, so the fused-MoE kernel's token mask leaves it nothing to write
             padding = M * K
             first = tl.where(is_zero, padding, offs)
+            block = offs
+            if END_BLOCK > 0:  # one program holds every row: the live slots' blocks first, over
+                # all tokens (slot order kept), each block's expert in bexp, and where they end
+                n_row_live = tl.where(rmask, n_live, 0)
+                n_row_zero = tl.where(rmask, K - n_live, 0)
+                n_all_live = tl.sum(n_row_live, axis=0)
+                live_base = tl.cumsum(n_row_live, axis=0) - n_row_live
+                zero_base = n_all_live + tl.cumsum(n_row_zero, axis=0) - n_row_zero
+                block = tl.where(is_zero, zero_base[:, None], live_base[:, None]) + rank
+                tl.store(bexp_ptr + block, live, mask=out_mask)
+                tl.store(end_ptr + rows * 0, n_all_live * END_BLOCK, mask=rows == 0)
             row_in_block = tl.arange(0, SLOT_ROWS)[None, None, :]
-            tl.store(blocks_ptr + offs[:, :, None] * SLOT_ROWS + row_in_block,
+            tl.store(blocks_ptr + block[:, :, None] * SLOT_ROWS + row_in_block,
                      tl.where(row_in_block == 0, first[:, :, None], padding).to(tl.int32),
                      mask=out_mask[:, :, None])
         valid = rmask
@@ -186,15 +198,20 @@ _ROUTE_KERNELS: dict[tuple, object] = {}
 # take vLLM's sort-free assignment: a block per slot, in slot order, whose first row is the slot
 # and the rest padding, and a block with expert -1 writes zeros into its rows. Zero slots' blocks
 # run all the same. Two ways to leave them nothing to do:
-# - one token, live slots first: a block at or past `num_tokens_post_padded` returns at once, so
-#   that value at 16 x live slots stops the zero slots' blocks before they load anything;
-# - 2 to 6 tokens (live slots of several tokens cannot all come first): explicit sorted_token_ids
-#   with only padding in a zero slot's block, so its expert -1 branch masks every store.
+# - a block at or past `num_tokens_post_padded` returns at once, so with the live slots' blocks
+#   first that value at 16 x live slots stops the zero slots' blocks before they load anything:
+#   one token routed live slots first (`live_end`), or 2 to LIVE_END_MAX_TOKENS tokens whose
+#   blocks the router writes in that order (`slot_blocks` + `block_experts` + `live_end`, one
+#   route program over every row);
+# - 5 to 6 tokens (eager steps only: CUDA graphs pad them to 8, past the sort-free sizes):
+#   sorted_token_ids with only padding in a zero slot's block, so its expert -1 branch masks
+#   every store.
 # Either way no zero slot writes a row of zeros into the gated activation's input, which vLLM's
 # silu_and_mul runs slower over (benchmarks/RESULTS.md §2, "Live slots first"). 16 is what every
 # shipped table and vLLM's default pick up to 16 tokens; vllm_triton_experts uses these only when
 # the call's config has it.
 SLOT_BLOCK_M = 16
+LIVE_END_MAX_TOKENS = 4  # one route program of up to 4 rows on 4 warps: 4.0 µs at 4 tokens, H200
 
 
 def sort_free(num_tokens: int, top_k: int, num_experts: int) -> bool:
@@ -209,7 +226,8 @@ def sort_free(num_tokens: int, top_k: int, num_experts: int) -> bool:
 def zeda_route_(logits: torch.Tensor, num_real: int, top_k: int, renormalize: bool, bias: torch.Tensor,
                 counts: torch.Tensor, padding: torch.Tensor | None, remap: bool = False, *,
                 live_first: bool = False, live_end: torch.Tensor | None = None,
-                slot_blocks: torch.Tensor | None = None, block_m: int | None = None, num_warps: int | None = None):
+                slot_blocks: torch.Tensor | None = None, block_experts: torch.Tensor | None = None,
+                block_m: int | None = None, num_warps: int | None = None):
     """(weights fp32 [M,K], ids int32 [M,K], live int32 [M,K]) with the semantics of
     routing.route_softmax (zero bias added in fp32); counts[0] += zero slots, counts[1] += slots,
     padding rows excluded; no host sync. `bias` is a 1-element fp32 tensor (a dial that CUDA
@@ -220,6 +238,10 @@ def zeda_route_(logits: torch.Tensor, num_real: int, top_k: int, renormalize: bo
     slot_blocks: an int32 tensor of M*K*SLOT_BLOCK_M the kernel fills with the fused-MoE
     sorted_token_ids of a block per slot (in the order the slots come back): a live slot's block
     holds the slot's index, then M*K (padding); a zero slot's block only M*K.
+    block_experts (2 to LIVE_END_MAX_TOKENS tokens, with slot_blocks and live_end): an int32
+    tensor of M*K; the blocks then come as routing.live_blocks_first orders them, every live
+    slot's block before every zero slot's, block_experts gets each block's expert (-1 for a zero
+    slot) and live_end SLOT_BLOCK_M x the live slots of all tokens. One program takes every row.
     block_m / num_warps override the launch shape (rows per program, warps per program). Default,
     from bench_route.py on an H100 (E+Z=192, benchmarks/RESULTS.md §2): 2 rows on 2 warps, 1 row on
     1 warp for a single token — 4.3-4.9 µs from 1 to 256 tokens, level with vLLM's fused_topk over
@@ -232,23 +254,27 @@ def zeda_route_(logits: torch.Tensor, num_real: int, top_k: int, renormalize: bo
     if m == 0:
         return weights, ids, live
     assert logits.stride(1) == 1, "router logits must be contiguous along experts"
-    block_m = block_m or (1 if m == 1 else 2)
+    compact = block_experts is not None
+    block_m = block_m or (_pow2(m) if compact else 1 if m == 1 else 2)
     num_warps = num_warps or min(block_m, 8)
     assert block_m & (block_m - 1) == 0, f"block_m must be a power of 2, got {block_m}"
-    assert live_end is None or (live_first and m == 1 and live_end.dtype == torch.int32), \
-        "live_end is for a single token routed live_first, into an int32 tensor"
+    assert live_end is None or (live_end.dtype == torch.int32 and (live_first and m == 1 or compact)), \
+        "live_end is for a single token routed live_first, or with block_experts, into an int32 tensor"
     assert slot_blocks is None or (slot_blocks.dtype == torch.int32 and slot_blocks.numel() == m * top_k * SLOT_BLOCK_M
                                    and slot_blocks.is_contiguous()), "slot_blocks: int32, M x K x SLOT_BLOCK_M"
+    assert not compact or (slot_blocks is not None and live_end is not None and not live_first and block_m >= m
+                           and block_experts.dtype == torch.int32 and block_experts.numel() == m * top_k), \
+        "block_experts: int32, M x K, with slot_blocks and live_end, slots in top-K order, one program"
     pad = padding.view(torch.uint8) if padding is not None else ids
     grid = (-(-m // block_m), 1, 1)
     end_block = SLOT_BLOCK_M if live_end is not None else 0
     args = (logits, logits.stride(0), bias, pad, weights, ids, live, counts, ids if live_end is None else live_end,
-            ids if slot_blocks is None else slot_blocks, m, num_real, n_all, top_k, _pow2(top_k), renormalize, remap,
+            ids if slot_blocks is None else slot_blocks, block_experts if compact else ids, m, num_real, n_all, top_k, _pow2(top_k), renormalize, remap,
             live_first, end_block, SLOT_BLOCK_M if slot_blocks is not None else 0, padding is not None, block_m,
             _pow2(n_all))
     # Every input of the kernel's compilation: weights, ids and live are allocated above (whole
     # allocations of the caching allocator: 16-byte aligned), the others are not specialised on
-    key = (logits.device.index, logits.dtype, logits.data_ptr() % 16 == 0, args[1], num_warps, m >= 2**31, *args[11:])
+    key = (logits.device.index, logits.dtype, logits.data_ptr() % 16 == 0, args[1], num_warps, m >= 2**31, *args[12:])
     compiled = _ROUTE_KERNELS.get(key)
     if compiled is not None:
         compiled[grid](*args)

@@ -71,6 +71,17 @@ def slot_blocks(is_zero: torch.Tensor, block: int) -> torch.Tensor:
     return out.reshape(-1)
 
 
+def live_blocks_first(live_ids: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The slot blocks of `slot_blocks` with every live slot's block first, over all tokens, slot
+    order kept within each kind: (sorted_token_ids [T*K*block], each block's expert [T*K] from
+    live_ids [T, K] (-1: a zero slot), end = block x live slots). A fused-MoE grid told to stop at
+    `end` (its num_tokens_post_padded) then returns from every zero slot's block at its first check."""
+    is_zero = live_ids.reshape(-1) < 0
+    order = torch.sort(is_zero.to(torch.int8), stable=True).indices
+    blocks = slot_blocks(is_zero, block).reshape(-1, block)[order].reshape(-1)
+    return blocks, live_ids.reshape(-1)[order], block * int((~is_zero).sum())
+
+
 def _bias_zero(logits: torch.Tensor, num_real: int, zero_bias: float) -> torch.Tensor:
     if zero_bias == 0.0:
         return logits

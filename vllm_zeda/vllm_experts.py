@@ -14,8 +14,9 @@ from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
 from .spec import ZedaSpec
 
 
-# (topk_ids, live ids, live blocks' end or None, slot blocks or None) of the MoE forward in
-# progress, per thread (vLLM's dual-batch overlap runs micro-batches in threads)
+# (topk_ids, live ids, live blocks' end or None, slot blocks or None, the blocks' experts or None)
+# of the MoE forward in progress, per thread (vLLM's dual-batch overlap runs micro-batches in
+# threads)
 _LIVE_HINT = threading.local()
 
 
@@ -33,8 +34,9 @@ def router_live_ids(topk_ids: torch.Tensor) -> torch.Tensor | None:
 
 
 def router_live_end(topk_ids: torch.Tensor) -> torch.Tensor | None:
-    """For a single token routed live-first: the [1] int32 tensor holding
-    gpu_kernels.SLOT_BLOCK_M x its live slots, made by the router for exactly this
+    """Where the router put the live slots' blocks first (a single token routed live-first, or
+    2 to gpu_kernels.LIVE_END_MAX_TOKENS tokens with router_block_experts): the [1] int32 tensor
+    holding gpu_kernels.SLOT_BLOCK_M x the live slots, made by the router for exactly this
     `topk_ids`; else None."""
     hint = _router_hint(topk_ids)
     return None if hint is None else hint[2]
@@ -48,17 +50,25 @@ def router_slot_blocks(topk_ids: torch.Tensor) -> torch.Tensor | None:
     return None if hint is None else hint[3]
 
 
+def router_block_experts(topk_ids: torch.Tensor) -> torch.Tensor | None:
+    """With router_slot_blocks and router_live_end (2 to gpu_kernels.LIVE_END_MAX_TOKENS tokens):
+    each block's expert (-1: a zero slot's), the blocks in routing.live_blocks_first's order;
+    else None (the blocks are in slot order, their experts the live ids)."""
+    hint = _router_hint(topk_ids)
+    return None if hint is None else hint[4]
+
+
 class live_ids_hint:  # noqa: N801 (used like contextlib's lowercase context managers)
-    """`with live_ids_hint(topk_ids, live, end, blocks):` makes `live`, `end` and `blocks` what
-    router_live_ids, router_live_end and router_slot_blocks return for `topk_ids`. A class rather
-    than a generator context manager: it runs in every MoE layer of every eager forward, where
-    host time counts."""
+    """`with live_ids_hint(topk_ids, live, end, blocks, block_experts):` makes `live`, `end`,
+    `blocks` and `block_experts` what router_live_ids, router_live_end, router_slot_blocks and
+    router_block_experts return for `topk_ids`. A class rather than a generator context manager:
+    it runs in every MoE layer of every eager forward, where host time counts."""
 
     __slots__ = ("_value", "_saved")
 
     def __init__(self, topk_ids: torch.Tensor, live: torch.Tensor, end: torch.Tensor | None = None,
-                 blocks: torch.Tensor | None = None):
-        self._value = (topk_ids, live, end, blocks)
+                 blocks: torch.Tensor | None = None, block_experts: torch.Tensor | None = None):
+        self._value = (topk_ids, live, end, blocks, block_experts)
 
     def __enter__(self) -> None:
         self._saved = getattr(_LIVE_HINT, "value", None)

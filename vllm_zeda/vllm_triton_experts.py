@@ -12,12 +12,14 @@ Zero slots reach the experts with ids E..E+Z-1 and an expert map that sends them
    slot's block would still write a row of zeros into the gated activation's input (vLLM's
    silu_and_mul takes 3.0 instead of 2.1 µs over 8 rows once any row is zeros, H200,
    benchmarks/profile_moe_pieces.py; its SiLU is an IEEE division, whose slow path a zero
-   dividend is thought to take). So the router hands over how to stop them: for a single token
-   its live slots first and where their blocks end (`num_tokens_post_padded`: the zero slots'
-   blocks return at the kernel's first check; batch-1 decode step on the H200: 119 instead of
-   216 µs of kernels more than the ideal top-4, benchmarks/RESULTS.md §3, run H), from 2 tokens
-   the blocks' sorted_token_ids with only padding rows in a zero slot's block (every store of
-   its expert -1 branch masked).
+   dividend is thought to take). So the router hands over how to stop them: up to
+   gpu_kernels.LIVE_END_MAX_TOKENS tokens the live slots' blocks first and where they end
+   (`num_tokens_post_padded`: the zero slots' blocks return at the kernel's first check;
+   batch-1 decode step on the H200: 119 instead of 216 µs of kernels more than the ideal top-4,
+   benchmarks/RESULTS.md §3, run H), for a single token by routing its live slots first, for
+   2-4 by writing the blocks' sorted_token_ids and experts in that order; at 5-6 tokens the
+   blocks' sorted_token_ids with only padding rows in a zero slot's block (every store of its
+   expert -1 branch masked).
 2. Activation. The gated SiLU ran over all M*K rows; here only over live rows
    (`gpu_kernels.live_silu_and_mul_`) once there are enough rows for that to pay
    (`live_activation_pays`); below, vLLM's CUDA kernel runs over every row, dead ones too (their
@@ -52,7 +54,7 @@ from vllm.model_executor.layers.fused_moe.experts.triton_moe import TritonExpert
 from . import compat
 from .gpu_kernels import SLOT_BLOCK_M, live_moe_sum_, live_silu_and_mul_, sort_free
 from .tuned_configs import zeda_moe_config
-from .vllm_experts import live_ids_hint, router_live_end, router_live_ids, router_slot_blocks
+from .vllm_experts import live_ids_hint, router_block_experts, router_live_end, router_live_ids, router_slot_blocks
 
 logger = logging.getLogger("vllm.zeda")
 _UPSTREAM_ASSIGN = getattr(triton_moe, "_prepare_expert_assignment", None)
@@ -69,10 +71,10 @@ def assign_live_slots(topk_ids, config, num_tokens, top_k_num, global_num_expert
         expert_ids = (live if live is not None else _live_ids(topk_ids, expert_map)[0]).reshape(-1)
         blocks = None
         if config["BLOCK_SIZE_M"] == SLOT_BLOCK_M:  # the router's way to stop zero slots' blocks
-            end = router_live_end(topk_ids)
-            if end is not None:  # 1 token, live slots first: zero slots' blocks past the end
-                return None, expert_ids, end
-            blocks = router_slot_blocks(topk_ids)  # 2+ tokens: zero slots' blocks only padding
+            end, blocks = router_live_end(topk_ids), router_slot_blocks(topk_ids)
+            if end is not None:  # live slots' blocks first, zero slots' past the end
+                return (None, expert_ids, end) if blocks is None else (blocks, router_block_experts(topk_ids), end)
+            # 5-6 tokens: zero slots' blocks only padding
         # else (no hint, another block size) every zero slot's block writes a row of zeros
         return blocks, expert_ids, slot_blocks_end(topk_ids.numel() * config["BLOCK_SIZE_M"], topk_ids.device)
     kwargs["ignore_invalid_experts"] = True
