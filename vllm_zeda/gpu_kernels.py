@@ -269,9 +269,9 @@ def zeda_route_(logits: torch.Tensor, num_real: int, top_k: int, renormalize: bo
     grid = (-(-m // block_m), 1, 1)
     end_block = SLOT_BLOCK_M if live_end is not None else 0
     args = (logits, logits.stride(0), bias, pad, weights, ids, live, counts, ids if live_end is None else live_end,
-            ids if slot_blocks is None else slot_blocks, block_experts if compact else ids, m, num_real, n_all, top_k, _pow2(top_k), renormalize, remap,
-            live_first, end_block, SLOT_BLOCK_M if slot_blocks is not None else 0, padding is not None, block_m,
-            _pow2(n_all))
+            ids if slot_blocks is None else slot_blocks, block_experts if compact else ids, m, num_real, n_all,
+            top_k, _pow2(top_k), renormalize, remap, live_first, end_block,
+            SLOT_BLOCK_M if slot_blocks is not None else 0, padding is not None, block_m, _pow2(n_all))
     # Every input of the kernel's compilation: weights, ids and live are allocated above (whole
     # allocations of the caching allocator: 16-byte aligned), the others are not specialised on
     key = (logits.device.index, logits.dtype, logits.data_ptr() % 16 == 0, args[1], num_warps, m >= 2**31, *args[12:])
