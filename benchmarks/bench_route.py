@@ -53,7 +53,7 @@ def main():
     a = p.parse_args()
     from vllm.model_executor.layers.fused_moe.router.fused_topk_router import fused_topk
 
-    from vllm_zeda.gpu_kernels import LIVE_END_MAX_TOKENS, SLOT_BLOCK_M, gate_logits_, sort_free, zeda_route_
+    from vllm_zeda.gpu_kernels import gate_logits_, route_handover, zeda_route_
 
     e, z, k = 128, 64, 8
     bias = torch.full((1,), 0.1, device="cuda")
@@ -68,10 +68,7 @@ def main():
         real = logits[:, :e].contiguous()
         x = torch.empty(m, 2048, device="cuda", dtype=torch.bfloat16)
         end = torch.zeros(1, dtype=torch.int32, device="cuda")
-        small = sort_free(m, k, e + z)
-        blocks = torch.empty(m * k * SLOT_BLOCK_M, dtype=torch.int32, device="cuda") if small and m > 1 else None
-        compact = small and 1 < m <= LIVE_END_MAX_TOKENS
-        experts = torch.empty(m * k, dtype=torch.int32, device="cuda") if compact else None
+        handover = route_handover(m, k, e + z, "cuda")  # the plugin's router's hand-over for this size
         variants = {
             "stock": lambda: fused_topk(x, real, k, True, torch.int32),
             "bias+fused_topk": lambda: fused_topk(x, logits + bias_row, k, True, torch.int32),
@@ -79,9 +76,7 @@ def main():
             "zeda_route default": lambda: zeda_route_(logits, e, k, True, bias, counts, None),
             "zeda_route live_first": lambda: zeda_route_(logits, e, k, True, bias, counts, None, live_first=True,
                                                          live_end=end if m == 1 else None),
-            "zeda_route plugin": lambda: zeda_route_(logits, e, k, True, bias, counts, None, live_first=small and m == 1,
-                                                     live_end=end if small and m <= LIVE_END_MAX_TOKENS else None,
-                                                     slot_blocks=blocks, block_experts=experts),
+            "zeda_route plugin": lambda: zeda_route_(logits, e, k, True, bias, counts, None, **handover),
         }
         for bm, nw in SHAPES:
             variants[f"zeda_route b{bm}/w{nw}"] = lambda bm=bm, nw=nw: zeda_route_(

@@ -223,6 +223,22 @@ def sort_free(num_tokens: int, top_k: int, num_experts: int) -> bool:
     return num_tokens * top_k * 4 <= num_experts
 
 
+def route_handover(num_tokens: int, top_k: int, num_experts: int, device, enabled: bool = True) -> dict:
+    """zeda_route_'s hand-over arguments for a call of the plugin's router (empty buffers the
+    kernel fills; None where unused): where the experts take the sort-free assignment, one token
+    live slots first with live_end, 2 to LIVE_END_MAX_TOKENS tokens slot_blocks, block_experts and
+    live_end, 5-6 tokens slot_blocks alone; elsewhere (or not `enabled`: remap mode) none."""
+    small = enabled and sort_free(num_tokens, top_k, num_experts)
+    ends = small and num_tokens <= LIVE_END_MAX_TOKENS
+
+    def buffer(n: int) -> torch.Tensor:
+        return torch.empty(n, dtype=torch.int32, device=device)
+
+    return {"live_first": small and num_tokens == 1, "live_end": buffer(1) if ends else None,
+            "slot_blocks": buffer(num_tokens * top_k * SLOT_BLOCK_M) if small and num_tokens > 1 else None,
+            "block_experts": buffer(num_tokens * top_k) if ends and num_tokens > 1 else None}
+
+
 def zeda_route_(logits: torch.Tensor, num_real: int, top_k: int, renormalize: bool, bias: torch.Tensor,
                 counts: torch.Tensor, padding: torch.Tensor | None, remap: bool = False, *,
                 live_first: bool = False, live_end: torch.Tensor | None = None,

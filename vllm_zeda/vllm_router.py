@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from . import compat
-from .gpu_kernels import LIVE_END_MAX_TOKENS, SLOT_BLOCK_M, sort_free, zeda_route_
+from .gpu_kernels import route_handover, zeda_route_
 from .routing import route_softmax
 
 ZERO_SLOT_MODES = ("skip", "gather", "remap")
@@ -43,10 +43,10 @@ class ZedaRouter(compat.base_router_class()):
         self.renormalize, self.masked, self.zero_bias = renormalize, masked, zero_bias
         self.zero_slots = zero_slots
         self.counts = torch.zeros(2, dtype=torch.int64)  # [zero slots, total slots]
-        # GPU: (ids returned by the last routing, the same ids with zero slots as -1, and in skip
-        # mode where the experts take the sort-free assignment, for a single token where its live
-        # slots' fused-MoE blocks end, for more the blocks' sorted_token_ids; else None, None)
-        self.last_live_ids: tuple[torch.Tensor, ...] | None = None  # (ids, live, end, blocks, block experts)
+        # GPU: (ids returned by the last routing, the same ids with zero slots as -1, then the
+        # hand-over gpu_kernels.route_handover made for the call: live_end, slot_blocks and
+        # block_experts, each None where unused)
+        self.last_live_ids: tuple[torch.Tensor | None, ...] | None = None
 
     @property
     def routing_method_type(self):
@@ -80,28 +80,22 @@ class ZedaRouter(compat.base_router_class()):
             self.counts = self.counts.to(router_logits.device)
         m, n_all = router_logits.shape
         device = router_logits.device
-        small = self.zero_slots != "remap" and sort_free(m, self.top_k, n_all)
-        end = torch.empty(1, dtype=torch.int32, device=device) if small and m <= LIVE_END_MAX_TOKENS else None
-        blocks = torch.empty(m * self.top_k * SLOT_BLOCK_M, dtype=torch.int32, device=device) \
-            if small and m > 1 else None
-        block_experts = torch.empty(m * self.top_k, dtype=torch.int32, device=device) \
-            if end is not None and m > 1 else None
+        handover = route_handover(m, self.top_k, n_all, device, enabled=self.zero_slots != "remap")
         weights, ids, live = zeda_route_(
             router_logits, self.num_real, self.top_k, self.renormalize, self._bias_tensor(device),
-            self.counts, compat.padding_mask(m), remap=self.zero_slots == "remap",
-            live_first=end is not None and m == 1, live_end=end, slot_blocks=blocks, block_experts=block_experts,
+            self.counts, compat.padding_mask(m), remap=self.zero_slots == "remap", **handover,
         )
         # "skip": zero slots keep ids >= E and their (unused) weights; the expert map sends
         # them to -1, so the kernel neither computes nor adds them. Where the experts take the
         # sort-free assignment (a block per slot) the zero slots' blocks would still write rows of
-        # zeros: up to LIVE_END_MAX_TOKENS tokens the live slots' blocks come first (one token:
-        # its live slots first; more: `blocks` and `block_experts` in that order) and `end` stops
-        # the blocks after them at the kernel's first check; at 5-6 tokens `blocks` leaves a zero
-        # slot's block only padding rows (gpu_kernels.SLOT_BLOCK_M,
+        # zeros: up to 4 tokens the live slots' blocks come first (one token: its live slots
+        # first; more: `slot_blocks` and `block_experts` in that order) and `live_end` stops the
+        # blocks after them at the kernel's first check; at 5-6 tokens `slot_blocks` leaves a
+        # zero slot's block only padding rows (gpu_kernels.route_handover,
         # vllm_triton_experts.assign_live_slots).
         if indices_type not in (None, torch.int32):
             ids = ids.to(indices_type)
-        self.last_live_ids = (ids, live, end, blocks, block_experts)
+        self.last_live_ids = (ids, live, handover["live_end"], handover["slot_blocks"], handover["block_experts"])
         return weights, ids
 
     def _bias_tensor(self, device) -> torch.Tensor:
