@@ -8,6 +8,8 @@
 #   layer     bench_moe_layer.py alone (both shapes)                                           ~2 min
 #   pieces    profile_moe_pieces.py alone: decode sizes, then the live SiLU / sum launch shapes at
 #             2k-16k tokens against vLLM's kernels over every row and over the live rows   ~3 min
+#   grid      probe_gemm_grid.py: what the empty programs of the fused-MoE grid cost at 4k/16k tokens
+#             (ours over the whole slot buffer vs cut at its end vs the ideal; the alignment too) <1 min
 #   route     bench_route.py alone (the routing kernel's launch shapes and the plugin's call vs
 #             vLLM's fused_topk over 128 and over 192 logits)                                  <1 min
 #   kernel-tests  tests/test_gpu_kernels.py on the GPU (compiled, not the interpreter)         <1 min
@@ -65,7 +67,7 @@
 # logs are packed into $OUT/logs.tgz at the end (the device tool returns at most 8 files).
 set -uo pipefail
 [ $# -gt 0 ] || { awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"; exit 2; }
-STAGES="kernels layer pieces route kernel-tests layer-live host e2e50 e2e50p prefill e2e50t e2e75 b256-profile prefill-profile serve serve3 serve-ideal serve-ideal-tiles serve-graphs serve-graphs-ideal serve-profile parity tune tune-glm env tp-parity tp-train tp-e2e ep-e2e tp-serve ep-serve"
+STAGES="kernels layer pieces grid route kernel-tests layer-live host e2e50 e2e50p prefill e2e50t e2e75 b256-profile prefill-profile serve serve3 serve-ideal serve-ideal-tiles serve-graphs serve-graphs-ideal serve-profile parity tune tune-glm env tp-parity tp-train tp-e2e ep-e2e tp-serve ep-serve"
 for stage in "$@"; do  # before staging the bundle: a typo costs nothing
   [[ " $STAGES " == *" $stage "* ]] || { echo "device_suite: unknown stage '$stage' ($STAGES)" >&2; exit 2; }
 done
@@ -102,6 +104,7 @@ for stage in "$@"; do
     layer) run 300 layer python3 benchmarks/bench_moe_layer.py --out "$OUT/layer.json" ;;
     route) run 120 route python3 benchmarks/bench_route.py --out "$OUT/route.json" ;;
     pieces) run 240 pieces python3 benchmarks/profile_moe_pieces.py --out "$OUT/pieces.json" ;;
+    grid) run 240 grid python3 benchmarks/probe_gemm_grid.py --out "$OUT/grid.json" ;;
     kernel-tests) run 120 kernel_tests env TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py ;;
     layer-live) run 200 layer_live python3 benchmarks/bench_moe_layer.py --out "$OUT/layer_live.json" \
              --shapes qwen3_30b_a3b --tokens 1 4 16 --skips 0 0.125 0.25 0.375 0.5 0.625 0.75 0.875 --exact-zeros \

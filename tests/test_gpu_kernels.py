@@ -247,3 +247,31 @@ def test_route_kernel_is_compiled_once_and_reused_across_batch_sizes():
     ref = route_softmax(logits.cpu(), 32, 4, True, zero_bias=0.1)
     assert torch.equal(live.cpu().long(), ref.ids.masked_fill(ref.is_zero, -1))
     assert len(gk._ROUTE_KERNELS) == (0 if os.environ["TRITON_INTERPRET"] == "1" else 2)
+
+
+@pytest.mark.parametrize("m,k,experts,block,dead", [(37, 8, 192, 16, 0.5), (300, 8, 192, 64, 0.5), (2100, 8, 192, 128, 0.3),
+                                                     (64, 4, 96, 16, 1.0), (50, 4, 64, 32, 0.0), (1, 8, 192, 16, 0.9)])
+def test_align_live_slots_matches_reference(m, k, experts, block, dead):
+    """gpu_align.align_live_slots against routing.align_by_expert: the same end, block experts and,
+    expert by expert, the same slots then padding (order within an expert is the atomics')."""
+    from vllm_zeda.gpu_align import align_live_slots
+    from vllm_zeda.routing import align_by_expert
+
+    g = torch.Generator().manual_seed(m + block)
+    real = experts * 2 // 3  # ids of zero experts never reach the alignment: -1 instead
+    ids = torch.randint(0, real, (m, k), generator=g, dtype=torch.int32)
+    if m == 50:  # every slot on one expert: its blocks span many programs' shares
+        ids[:] = 5
+    live = torch.where(torch.rand(m, k, generator=g) < dead, -1, ids)
+    sorted_ids, expert_ids, end = align_live_slots(live.to(DEVICE), block, experts)
+    ref_rows, ref_experts, ref_end = align_by_expert(live, block, experts)
+    assert sorted_ids.numel() == m * k + experts * (block - 1)  # vLLM's buffer sizes: the same grid
+    assert expert_ids.numel() == -(-sorted_ids.numel() // block)
+    assert int(end) == ref_end
+    assert torch.equal(expert_ids.cpu()[: ref_end // block], ref_experts)
+    rows = sorted_ids.cpu()[:ref_end].reshape(-1, block)
+    ref = ref_rows.reshape(-1, block)
+    for e in ref_experts.unique():  # an expert's blocks: its live slots in any order, then padding
+        mine, want = rows[ref_experts == e].reshape(-1), ref[ref_experts == e].reshape(-1)
+        n_live = int((want < m * k).sum())
+        assert torch.equal(mine[:n_live].sort().values, want[:n_live]) and torch.all(mine[n_live:] == m * k)

@@ -82,6 +82,28 @@ def live_blocks_first(live_ids: torch.Tensor, block: int) -> tuple[torch.Tensor,
     return blocks, live_ids.reshape(-1)[order], block * int((~is_zero).sum())
 
 
+def align_by_expert(live_ids: torch.Tensor, block: int, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The part of a fused-MoE alignment the kernel reads, for live_ids [T, K] (-1: a slot no
+    expert here computes): (sorted_token_ids up to `end`: each expert's slots (flat indices,
+    ascending), then padding (T*K) up to a multiple of `block`, experts in order; each block's
+    expert; end, vLLM's num_tokens_post_padded). What moe_align_block_size makes of the same ids
+    with the zero slots left out (`ignore_invalid_experts`), up to the order within an expert."""
+    flat = live_ids.reshape(-1).long()
+    live = flat >= 0
+    counts = torch.bincount(flat[live], minlength=num_experts)
+    padded = (counts + block - 1) // block * block
+    start = torch.cumsum(padded, 0) - padded
+    order = torch.argsort(torch.where(live, flat, num_experts), stable=True)[: int(live.sum())]
+    experts = flat[order]
+    rank = torch.arange(order.numel(), device=flat.device) - (torch.cumsum(counts, 0) - counts)[experts]
+    end = int(padded.sum())
+    rows = torch.full((end,), flat.numel(), dtype=torch.int32, device=flat.device)
+    rows[start[experts] + rank] = order.to(torch.int32)
+    block_experts = torch.repeat_interleave(torch.arange(num_experts, dtype=torch.int32, device=flat.device),
+                                            padded // block)
+    return rows, block_experts, end
+
+
 def _bias_zero(logits: torch.Tensor, num_real: int, zero_bias: float) -> torch.Tensor:
     if zero_bias == 0.0:
         return logits

@@ -52,6 +52,7 @@ from vllm.model_executor.layers.fused_moe.experts import triton_moe
 from vllm.model_executor.layers.fused_moe.experts.triton_moe import TritonExperts
 
 from . import compat
+from .gpu_align import align_live_slots
 from .gpu_kernels import SLOT_BLOCK_M, live_moe_sum_, live_silu_and_mul_, sort_free
 from .tuned_configs import zeda_moe_config
 from .vllm_experts import live_ids_hint, router_block_experts, router_live_end, router_live_ids, router_slot_blocks
@@ -77,6 +78,9 @@ def assign_live_slots(topk_ids, config, num_tokens, top_k_num, global_num_expert
             # 5-6 tokens: zero slots' blocks only padding
         # else (no hint, another block size) every zero slot's block writes a row of zeros
         return blocks, expert_ids, slot_blocks_end(topk_ids.numel() * config["BLOCK_SIZE_M"], topk_ids.device)
+    live = router_live_ids(topk_ids)  # the router's, or the gathered ones (ZedaTritonExperts.apply)
+    if live is not None and live_align_pays(live.numel(), live.device) and not _grouped_int_weights(kwargs):
+        return align_live_slots(live, config["BLOCK_SIZE_M"], global_num_experts)
     kwargs["ignore_invalid_experts"] = True
     return _UPSTREAM_ASSIGN(topk_ids, config, num_tokens, top_k_num, global_num_experts, expert_map, **kwargs)
 
@@ -98,6 +102,21 @@ def slot_blocks_end(value: int, device: torch.device) -> torch.Tensor:
         if not _capturing(device):
             _SLOT_BLOCKS_END[(device, value)] = end
     return end
+
+
+# Slots from which gpu_align.align_live_slots (two launches over the whole GPU) replaces vLLM's
+# moe_align_block_size (one thread block reading every slot id, zero slots too). H200, Qwen3-30B-A3B,
+# skip 0.5: vLLM's took 67 µs at 16,384 tokens against 30 for the ideal top-4's ids
+# (benchmarks/probe_gemm_grid.py, RESULTS.md §2). Outside CUDA graphs each Triton launch also costs
+# ~12 µs more host time than vLLM's op (bench_host.py), so there only from the size where the
+# plugin's largest graph ends (cuda_graphs.LARGEST tokens at top-8): such steps are GPU-bound.
+LIVE_ALIGN_MIN_SLOTS = 8192
+LIVE_ALIGN_MIN_SLOTS_EAGER = 131072
+
+
+def live_align_pays(slots: int, device: torch.device) -> bool:
+    """Whether the live slots are aligned by gpu_align (else by vLLM's moe_align_block_size)."""
+    return slots >= (LIVE_ALIGN_MIN_SLOTS if _capturing(device) else LIVE_ALIGN_MIN_SLOTS_EAGER)
 
 
 def _capturing(device: torch.device) -> bool:
