@@ -33,7 +33,7 @@ from bench_moe_layer import time_graphs  # noqa: E402
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
-    p.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096, 16384])
+    p.add_argument("--tokens", type=int, nargs="+", default=[1024, 2048, 4096, 16384])
     p.add_argument("--skips", type=float, nargs="+", default=[0.0, 0.5, 0.75])
     a = p.parse_args()
     import triton.language as tl

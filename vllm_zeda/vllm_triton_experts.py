@@ -105,12 +105,13 @@ def slot_blocks_end(value: int, device: torch.device) -> torch.Tensor:
 
 
 # Slots from which gpu_align.align_live_slots (two launches over the whole GPU) replaces vLLM's
-# moe_align_block_size (one thread block reading every slot id, zero slots too). H200, Qwen3-30B-A3B,
-# skip 0.5: vLLM's took 67 µs at 16,384 tokens against 30 for the ideal top-4's ids
-# (benchmarks/probe_gemm_grid.py, RESULTS.md §2). Outside CUDA graphs each Triton launch also costs
-# ~12 µs more host time than vLLM's op (bench_host.py), so there only from the size where the
-# plugin's largest graph ends (cuda_graphs.LARGEST tokens at top-8): such steps are GPU-bound.
-LIVE_ALIGN_MIN_SLOTS = 8192
+# moe_align_block_size (one thread block reading every slot id, zero slots too). H200, Qwen3-30B-A3B
+# (benchmarks/probe_gemm_grid.py, RESULTS.md §2), µs at skip 0.5, ours / vLLM's / the ideal top-4's:
+# 1,024 tokens 11.5 / 10.0 / 7.7; 2,048 13.8 / 15.3 / 10.3; 4,096 15.5 / 22.6 / 14.0; 16,384
+# 27.9 / 70.0 / 36.4. Outside CUDA graphs each Triton launch also costs ~12 µs more host time than
+# vLLM's op (bench_host.py), so there only from the size where the plugin's largest graph ends
+# (cuda_graphs.LARGEST tokens at top-8): such steps are GPU-bound.
+LIVE_ALIGN_MIN_SLOTS = 16384
 LIVE_ALIGN_MIN_SLOTS_EAGER = 131072
 
 
