@@ -104,6 +104,18 @@ def layer_kernels(data: dict) -> str:
     return "\n".join(out)
 
 
+def grid(data: dict) -> str:
+    """probe_gemm_grid.py: µs of each piece (a row) at each token count and skip (a column), the
+    alignment's and the GEMMs' variants side by side."""
+    rows = data["rows"]
+    cells = list(dict.fromkeys((r["tokens"], r["skip"]) for r in rows))
+    us = {(r["piece"], r["tokens"], r["skip"]): r["us"] for r in rows}
+    out = ["| piece | " + " | ".join(f"{m} tok, skip {s:g}" for m, s in cells) + " |", "| --- |" + " ---: |" * len(cells)]
+    for piece in dict.fromkeys(r["piece"] for r in rows):
+        out.append(f"| {piece} | " + " | ".join(str(us.get((piece, *c), "")) for c in cells) + " |")
+    return "\n".join(out)
+
+
 def route(data: dict) -> str:
     """Columns: every variant any row has (the gate's only up to 256 / 16 tokens: blank above);
     the fastest routing launch shape of each row in bold."""
@@ -169,6 +181,10 @@ KERNEL_GROUPS = [  # (label, substring of the kernel name), first match wins
     ("router gate GEMM: _gate_logits (E+Z outputs)", "_gate_logits"),
     ("gated SiLU: vLLM act_and_mul", "act_and_mul"), ("gated SiLU: _live_silu_and_mul", "_live_silu_and_mul"),
     ("sum over slots: vLLM moe_sum", "moe_sum_vec"), ("sum over slots: _live_moe_sum", "_live_moe_sum"),
+    ("alignment: vLLM moe_align_block_size + count_and_sort", "moe_align_block_size"),
+    ("alignment: vLLM moe_align_block_size + count_and_sort", "count_and_sort_expert_tokens"),
+    ("alignment: gpu_align _count_live + _place_live", "_count_live"),
+    ("alignment: gpu_align _count_live + _place_live", "_place_live"),
 ]
 
 
@@ -217,7 +233,7 @@ def spread(data: dict) -> str:
 
 TABLES = {"layer": layer, "e2e": e2e, "route": route, "pieces": pieces, "tune": tune, "profile": profile,
           "prefill-profile": lambda data: profile(data, "prefill_profile"), "spread": spread, "live": live,
-          "layer-kernels": layer_kernels}
+          "layer-kernels": layer_kernels, "grid": grid}
 
 if __name__ == "__main__":
     if len(sys.argv) != 3 or sys.argv[1] not in TABLES:

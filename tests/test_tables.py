@@ -32,3 +32,13 @@ def test_pieces_table_rates_the_sweep_against_vllms_kernels_on_live_rows():
     assert "| live_silu_and_mul_ rows=4 block=256 warps=4 | **22.0** | 1.10 |" in text  # the fastest shape
     assert "| live_moe_sum_ tokens=1 block=1024 warps=4 | **20.0** | 1.25 |" in text
     assert "| silu_and_mul (vLLM CUDA), every row | 40.0 | 2.00 |" in text
+
+
+def test_grid_table_puts_each_piece_on_a_row_and_each_size_and_skip_in_a_column():
+    rows = [{"tokens": m, "skip": s, "piece": piece, "us": us}
+            for (m, s), pieces in {(1024, 0.5): {"align vLLM": 10.0, "align gpu_align": 11.5},
+                                   (16384, 0.5): {"align vLLM": 70.0, "align gpu_align": 27.9, "gemm1 ideal": 870.6}}.items()
+            for piece, us in pieces.items()]
+    lines = tables.grid({"rows": rows}).splitlines()
+    assert lines[0] == "| piece | 1024 tok, skip 0.5 | 16384 tok, skip 0.5 |"
+    assert lines[2:] == ["| align vLLM | 10.0 | 70.0 |", "| align gpu_align | 11.5 | 27.9 |", "| gemm1 ideal |  | 870.6 |"]
