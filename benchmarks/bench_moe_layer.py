@@ -114,18 +114,21 @@ def capture(fn_list):
 
 
 def profile_graph(fn_list, reps=10, top=8):
-    """{kernel: device µs per call} over `reps` replays of the calls' CUDA graph (torch.profiler,
-    CUDA activity): which kernels a variant's time is made of."""
+    """({kernel: device µs per call}, {kernel: device idle µs per call right after it}) over
+    `reps` replays of the calls' CUDA graph (torch.profiler, CUDA activity): which kernels a
+    variant's time is made of, and where its graph leaves the GPU idle between them (the gap
+    after a graph's last kernel includes the host's time to the next replay)."""
     g = capture(fn_list)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
             g.replay()
         torch.cuda.synchronize()
-    from benchmarks.kernel_profile import kernel_totals
+    from benchmarks.kernel_profile import device_idle_after, kernel_totals
 
     calls = reps * len(fn_list)
     out = {name[:80]: round(us / calls, 2) for name, (_, us) in kernel_totals(prof).items()}
-    return dict(sorted(out.items(), key=lambda kv: -kv[1])[:top])
+    idle = {name[:80]: round(us / calls, 2) for name, us in device_idle_after(prof).items()}
+    return dict(sorted(out.items(), key=lambda kv: -kv[1])[:top]), dict(sorted(idle.items(), key=lambda kv: -kv[1]))
 
 
 def _replay_us(g, calls: int) -> float:
@@ -243,8 +246,9 @@ def bench_shape(name, e, h, i, k, tokens, skips, exact=False, profile=(), dtype=
                    "tiles": "shipped table" if tuned else "vLLM"}
             row.update({v: round(us, 2) for v, us in time_graphs(variants).items()})
             if m in profile:
-                row["kernels"] = {v: profile_graph(variants[v])
-                                  for v in ("static", "ours", "ours_topk_order", "ideal")}
+                profiles = {v: profile_graph(variants[v]) for v in ("static", "ours", "ours_topk_order", "ideal")}
+                row["kernels"] = {v: kernels for v, (kernels, _) in profiles.items()}
+                row["idle_after"] = {v: idle for v, (_, idle) in profiles.items()}
             if not tuned:
                 row["static_t"], row["ideal_t"] = row["static"], row["ideal"]
             r0 = rs[0]

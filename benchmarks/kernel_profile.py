@@ -87,6 +87,29 @@ def call_spread(prof, names=SPREAD_KERNELS, on_gpu: bool = True) -> dict[str, di
     return out
 
 
+def idle_after(intervals: list[tuple[float, float, str]]) -> dict[str, float]:
+    """{name: summed idle time right after its calls} of (start, end, name) intervals on one
+    device: where a sequence of kernels leaves the device idle (a graph replay's gaps), which
+    per-kernel totals do not show. Overlapping intervals count as busy; a gap is charged to the
+    kernel that ended last before it."""
+    out: dict[str, float] = {}
+    end, last = None, None
+    for start, stop, name in sorted(intervals):
+        if end is not None and start > end:
+            out[last] = out.get(last, 0.0) + start - end
+        if end is None or stop >= end:
+            end, last = stop, name
+    return out
+
+
+def device_idle_after(prof, on_gpu: bool = True) -> dict[str, float]:
+    """idle_after over the device kernels of a finished torch.profiler run (µs; CPU: ops)."""
+    from torch.autograd import DeviceType
+
+    return idle_after([(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                       if (getattr(e, "device_type", None) == DeviceType.CUDA) == on_gpu])
+
+
 def spread(durations: list[float]) -> dict:
     ordered = sorted(durations)
     at = [ordered[min(len(ordered) - 1, int(q * len(ordered)))] for q in QUANTILES]

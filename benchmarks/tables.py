@@ -100,6 +100,14 @@ def layer_kernels(data: dict) -> str:
         out += [f"**{r['shape']}, {r['tokens']} tokens, skip {r['skip']:.3f}** (µs a call)", "",
                 "| kernel | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names)]
         out += [f"| {label} | " + " | ".join(f"{v:.2f}" for v in vals) + " |" for label, vals in groups.items()]
+        if "idle_after" in r:  # where each variant's graph leaves the GPU idle, by the kernel before
+            idle: dict[str, list[float]] = {}
+            for i, n in enumerate(names):
+                for kernel, us in r["idle_after"].get(n, {}).items():
+                    idle.setdefault(kernel_group(kernel, kernel[:40]), [0.0] * len(names))[i] += us
+            out += [f"| idle after: {label} | " + " | ".join(f"{v:.2f}" for v in vals) + " |" for label, vals in idle.items()]
+            out.append("| **idle in all** | " + " | ".join(f"**{sum(v[i] for v in idle.values()):.2f}**"
+                                                          for i in range(len(names))) + " |")
         out.append("")
     return "\n".join(out)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.kernel_profile import _fraction, call_spread, spread  # noqa: E402
+from benchmarks.kernel_profile import _fraction, call_spread, idle_after, spread  # noqa: E402
 
 
 def test_spread_takes_quantiles_of_the_sorted_durations():
@@ -35,3 +35,11 @@ def test_call_spread_splits_alternating_calls():
 def test_zero_fraction_of_the_steps_between_two_counter_readings():
     assert _fraction((10, 100), (30, 140)) == 0.5  # 20 of the 40 slots routed in between
     assert _fraction(None, None) is None and _fraction((5, 50), (5, 50)) is None  # no engine / no slot
+
+
+def test_idle_after_charges_each_gap_to_the_kernel_that_ended_last_before_it():
+    """Intervals (start, end, name) in any order: gaps between busy stretches, overlaps busy."""
+    intervals = [(10.0, 12.0, "b"), (0.0, 5.0, "a"), (4.0, 6.0, "c"), (15.0, 16.0, "a"), (12.0, 13.0, "a")]
+    assert idle_after(intervals) == {"c": 4.0, "a": 2.0}  # 6 -> 10 after c, 13 -> 15 after a
+    assert idle_after([(0.0, 9.0, "long"), (1.0, 2.0, "inside"), (11.0, 12.0, "x")]) == {"long": 2.0}
+    assert idle_after([]) == {}

@@ -42,3 +42,13 @@ def test_grid_table_puts_each_piece_on_a_row_and_each_size_and_skip_in_a_column(
     lines = tables.grid({"rows": rows}).splitlines()
     assert lines[0] == "| piece | 1024 tok, skip 0.5 | 16384 tok, skip 0.5 |"
     assert lines[2:] == ["| align vLLM | 10.0 | 70.0 |", "| align gpu_align | 11.5 | 27.9 |", "| gemm1 ideal |  | 870.6 |"]
+
+
+def test_layer_kernels_table_adds_each_variants_idle_time_by_the_kernel_before_it():
+    row = {"shape": "qwen3", "tokens": 16384, "skip": 0.5,
+           "kernels": {"ours": {"fused_moe_kernel": 1335.1, "_count_live": 4.3}, "ideal": {"fused_moe_kernel": 1310.7}},
+           "idle_after": {"ours": {"fused_moe_kernel": 3.0, "_place_live": 1.5}, "ideal": {"fused_moe_kernel": 2.0}}}
+    lines = tables.layer_kernels({"rows": [row]}).splitlines()
+    assert "| idle after: fused-MoE GEMMs (fused_moe_kernel) | 3.00 | 2.00 |" in lines
+    assert "| idle after: alignment: gpu_align _count_live + _place_live | 1.50 | 0.00 |" in lines
+    assert "| **idle in all** | **4.50** | **2.00** |" in lines
