@@ -18,6 +18,9 @@
 #             ours_topk_order (the slots in top-K order, as before the router put live ones first);
 #             at 1 and 4 tokens also the device µs by kernel of static, ours, ours_topk_order and
 #             ideal (torch.profiler)                                                           ~2 min
+#   layer-profile  bench_moe_layer.py, Qwen3 shape, 4k and 16k tokens at skip 0.5 / 0.75, with the device
+#             µs by kernel and the GPU's idle time between kernels of static, ours, ours_topk_order and
+#             ideal (torch.profiler over graph replays; `tables.py layer-kernels`)            <1 min
 #   host      bench_host.py: host µs per MoE layer call in eager mode, stock vs the plugin; the
 #             Triton kernel tests on the GPU (tests/test_gpu_kernels.py); bench_route.py       ~3 min
 #   e2e50     bench_e2e.py --configs static8 ideal4 zeda --targets 0 0.5 --quick                ~8 min
@@ -67,7 +70,7 @@
 # logs are packed into $OUT/logs.tgz at the end (the device tool returns at most 8 files).
 set -uo pipefail
 [ $# -gt 0 ] || { awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"; exit 2; }
-STAGES="kernels layer pieces grid route kernel-tests layer-live host e2e50 e2e50p prefill e2e50t e2e75 b256-profile prefill-profile serve serve3 serve-ideal serve-ideal-tiles serve-graphs serve-graphs-ideal serve-profile parity tune tune-glm env tp-parity tp-train tp-e2e ep-e2e tp-serve ep-serve"
+STAGES="kernels layer pieces grid route kernel-tests layer-live layer-profile host e2e50 e2e50p prefill e2e50t e2e75 b256-profile prefill-profile serve serve3 serve-ideal serve-ideal-tiles serve-graphs serve-graphs-ideal serve-profile parity tune tune-glm env tp-parity tp-train tp-e2e ep-e2e tp-serve ep-serve"
 for stage in "$@"; do  # before staging the bundle: a typo costs nothing
   [[ " $STAGES " == *" $stage "* ]] || { echo "device_suite: unknown stage '$stage' ($STAGES)" >&2; exit 2; }
 done
@@ -109,6 +112,8 @@ for stage in "$@"; do
     layer-live) run 200 layer_live python3 benchmarks/bench_moe_layer.py --out "$OUT/layer_live.json" \
              --shapes qwen3_30b_a3b --tokens 1 4 16 --skips 0 0.125 0.25 0.375 0.5 0.625 0.75 0.875 --exact-zeros \
              --profile 1 4 ;;
+    layer-profile) run 200 layer_profile python3 benchmarks/bench_moe_layer.py --out "$OUT/layer_profile.json" \
+             --shapes qwen3_30b_a3b --tokens 4096 16384 --skips 0.5 0.75 --profile 4096 16384 ;;
     e2e50) run 585 e2e50 python3 benchmarks/bench_e2e.py --out "$OUT/e2e50.json" --configs static8 ideal4 zeda \
              --targets 0 0.5 --quick --timeout 220 ;;
     e2e50p) run 585 e2e50p python3 benchmarks/bench_e2e.py --out "$OUT/e2e50p.json" --configs static8 ideal4 zeda \
