@@ -9,8 +9,9 @@ there for a zero slot's block that loads its expert id -1) and with a single suc
 that loaded rows before their live ids, "speculative", were never faster on the H100 and are gone:
 RESULTS.md §2.)
 
-Then, at prefill sizes (2,048 to 16,384 tokens, 16k-131k slot rows) with no slot and with half of
-them dead, the live-slot SiLU and sum in every launch shape of SILU_LAUNCHES / SUM_LAUNCHES
+Then, at prefill sizes (2,048 to 16,384 tokens, 16k-131k slot rows) with no slot, half and three
+quarters of them dead, the live-slot SiLU and sum in every launch shape of SILU_LAUNCHES /
+SUM_LAUNCHES, the SiLU over gpu_align's alignment (SORTED_SILU_LAUNCHES, not the plugin's yet)
 against vLLM's kernels over every row and over the live rows alone (what the ideal top-K/2 runs),
 interleaved (bench_moe_layer.time_graphs). A 16,384-token prefill step had put our SiLU 42% (skip
 0) and 63% (skip 0.5) over vLLM's at the same live rows (RESULTS.md §3, prefill-profile); these
@@ -37,6 +38,10 @@ from bench_moe_layer import time_graph, time_graphs  # noqa: E402
 SILU_LAUNCHES = [(4, 256, 2), (1, 1024, 4), (8, 256, 2), (16, 256, 2), (4, 256, 1), (8, 256, 1), (8, 128, 1), (16, 128, 1),
                  (8, 512, 2), (4, 512, 4)]
 SUM_LAUNCHES = [(2048, 8), (1024, 4)]
+# The SiLU over an alignment's rows (gpu_kernels.sorted_silu_and_mul_, not the plugin's path yet):
+# (entries a program as one 2-D tile, block columns, warps), over gpu_align's alignment (BLOCK_M 128,
+# the shipped tables' from 1,536 tokens)
+SORTED_SILU_LAUNCHES = [(16, 256, 4), (32, 256, 4), (64, 256, 8), (8, 1024, 4), (32, 128, 2)]
 PREFILL_TOKENS = (2048, 8192, 16384)
 
 
@@ -78,7 +83,7 @@ def main():
             rows.append({"tokens": m, "piece": name, "us": round(us, 2)})
             print(f"M={m:3d} {name:34s} {us:7.2f} us", flush=True)
     for m in PREFILL_TOKENS:
-        for skip in (0.0, 0.5):
+        for skip in (0.0, 0.5, 0.75):
             rows += prefill_pieces(m, skip, e, z, h, i, k, ops, live_silu_and_mul_, live_moe_sum_)
             Path(a.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
     Path(a.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
@@ -113,6 +118,14 @@ def prefill_pieces(m, skip, e, z, h, i, k, ops, live_silu_and_mul_, live_moe_sum
     for r, b, w in SILU_LAUNCHES:
         pieces[f"live_silu_and_mul_ rows={r} block={b} warps={w}"] = (
             lambda r=r, b=b, w=w: live_silu_and_mul_(act, x1, live, rows_per_program=r, block=b, num_warps=w))
+    from vllm_zeda.gpu_align import align_live_slots
+    from vllm_zeda.gpu_kernels import sorted_silu_and_mul_
+
+    sorted_ids, _, end = align_live_slots(live, 128, e + z)
+    for r, b, w in SORTED_SILU_LAUNCHES:
+        pieces[f"sorted_silu_and_mul_ rows={r} block={b} warps={w}"] = (
+            lambda r=r, b=b, w=w: sorted_silu_and_mul_(act, x1, sorted_ids, end, rows_per_program=r, block=b,
+                                                       num_warps=w))
     for b, w in SUM_LAUNCHES:
         pieces[f"live_moe_sum_ block={b} warps={w}"] = lambda b=b, w=w: live_moe_sum_(out, c3, live, block=b, num_warps=w)
     times = time_graphs({name: [fn] * 4 for name, fn in pieces.items()})

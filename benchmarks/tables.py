@@ -159,7 +159,7 @@ def pieces(data: dict) -> str:
                   "sum": next((us for name, us in cell.items() if name.startswith("moe_sum (vLLM CUDA), ")
                                and name.endswith(" slots") and "K slots" not in name), None)}
         fastest = {kind: min((us for name, us in cell.items() if name.startswith(prefix)), default=None)
-                   for kind, prefix in (("silu", "live_silu"), ("sum", "live_moe_sum"))}
+                   for kind, prefix in (("silu", ("live_silu", "sorted_silu")), ("sum", "live_moe_sum"))}
         out += [f"**{m} tokens, skip {skip}** (µs; ratio to vLLM's kernel over the live rows / the ideal's slots)", "",
                 "| piece | µs | ratio |", "| --- | ---: | ---: |"]
         for name, us in cell.items():

@@ -153,6 +153,28 @@ if triton is not None:
                     out = (act.to(tl.float32) * up.to(tl.float32)).to(up.dtype)
                     tl.store(out_ptr + row * stride_out + offs, out, mask=mask)
 
+    @triton.jit(do_not_specialize=["numel"])
+    def _sorted_silu_and_mul(x_ptr, out_ptr, sorted_ptr, end_ptr, numel, n, stride_x, stride_out,
+                             ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        """The rows of _live_silu_and_mul, taken from an alignment's sorted_token_ids: a program
+        takes ROWS consecutive entries as one 2-D tile (entries hold slot rows; padding, numel,
+        is masked), and programs past num_tokens_post_padded (end) return at once. The live rows
+        are packed there, so a tile carries almost no masked row (at most an expert's padding)."""
+        first = tl.program_id(0) * ROWS
+        end = tl.load(end_ptr)
+        if first < end:
+            entries = first + tl.arange(0, ROWS)
+            slot = tl.load(sorted_ptr + entries, mask=entries < end, other=numel)
+            live = slot < numel
+            offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+            mask = live[:, None] & (offs < n)[None, :]
+            row = slot.to(tl.int64)[:, None]
+            gate = tl.load(x_ptr + row * stride_x + offs[None, :], mask=mask, other=0.0).to(tl.float32)
+            up = tl.load(x_ptr + row * stride_x + n + offs[None, :], mask=mask, other=0.0)
+            act = _silu(gate).to(up.dtype)
+            out = (act.to(tl.float32) * up.to(tl.float32)).to(up.dtype)
+            tl.store(out_ptr + row * stride_out + offs[None, :], out, mask=mask)
+
     @triton.jit(do_not_specialize=["m"])
     def _live_moe_sum(in_ptr, out_ptr, live_ptr, m, d, stride_out, K: tl.constexpr, BLOCK: tl.constexpr):
         """out[t] = sum over live slots k of in[t, k] (fp32 accumulation); dead rows are not read."""
@@ -330,6 +352,25 @@ def live_silu_and_mul_(out: torch.Tensor, x: torch.Tensor, live_ids: torch.Tenso
     block = block or min(256, _pow2(n))
     _live_silu_and_mul[(-(-rows // rows_per_program), -(-n // block))](
         x, out, live_ids.reshape(-1), rows, n, x.stride(0), out.stride(0), ROWS=rows_per_program, BLOCK=block,
+        **_launch_options(num_warps),
+    )
+
+
+def sorted_silu_and_mul_(out: torch.Tensor, x: torch.Tensor, sorted_ids: torch.Tensor, end: torch.Tensor, *,
+                         rows_per_program: int = 16, block: int | None = None, num_warps: int = 4) -> None:
+    """live_silu_and_mul_'s result (the same rows written, the same rounding) with its rows read
+    from a fused-MoE alignment (sorted_token_ids, num_tokens_post_padded: gpu_align's or vLLM's)
+    instead of from every slot's live id: the grid covers the alignment's buffer, and only tiles
+    before `end` do anything. Not the plugin's path yet: benchmarks/profile_moe_pieces.py times it
+    beside live_silu_and_mul_ (at skip 0.75 that one spends 62 µs where vLLM's kernel over the live
+    rows alone takes 36, H200, RESULTS.md §2 session 15)."""
+    rows, n = out.shape
+    assert x.shape == (rows, 2 * n) and sorted_ids.dtype == torch.int32 and end.numel() == 1, (x.shape, out.shape)
+    if rows == 0:
+        return
+    block = block or min(256, _pow2(n))
+    _sorted_silu_and_mul[(-(-sorted_ids.numel() // rows_per_program), -(-n // block))](
+        x, out, sorted_ids, end, rows, n, x.stride(0), out.stride(0), ROWS=rows_per_program, BLOCK=block,
         **_launch_options(num_warps),
     )
 
