@@ -37,6 +37,14 @@ def layer(data: dict) -> str:
                     [f"{r['ours/remap']:.3f}", f"{r['ours_vs_remap_maxdiff']:.0e}"]
             out.append("| " + " | ".join(str(c) for c in cells) + " |")
         out.append("")
+        sorted_rows = [r for r in shape_rows if "ours_sorted_silu" in r]
+        if sorted_rows:  # the SiLU over gpu_align's rows, beside ours (bench_moe_layer ours_sorted_silu)
+            out += ["| tokens | skip | ours | ours, sorted SiLU | ideal | ours/ideal | sorted SiLU/ideal | max diff |",
+                    "|" + "---:|" * 8]
+            out += [f"| {r['tokens']} | {r['skip']:.2f} | {r['ours']} | {r['ours_sorted_silu']} | {r['ideal']} | "
+                    f"{r['ours/ideal']:.3f} | **{r['ours_sorted_silu/ideal']:.3f}** | "
+                    f"{r['ours_sorted_silu_vs_ours_maxdiff']:.0e} |" for r in sorted_rows]
+            out.append("")
     return "\n".join(out)
 
 
