@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import sys
 import time
@@ -150,18 +151,24 @@ def time_graph(fn_list, reps=20):
 
 def time_graphs(variants: dict[str, list], reps=20) -> dict[str, float]:
     """time_graph for every variant, their replays interleaved: each round replays every
-    variant's graph once, starting one variant further on each round. A GPU that slows over a
-    row's seconds of back-to-back GEMMs then slows every variant alike (timed one after another,
-    variants timed later in a row ran up to 4.6% slower than identical work timed first at 16,384
-    tokens, benchmarks/RESULTS.md §2)."""
+    variant's graph once, in an order shuffled for each round (seeded: the same every run). A GPU
+    that slows over a row's seconds of back-to-back GEMMs then slows every variant alike (timed one
+    after another, variants timed later in a row ran up to 4.6% slower than identical work timed
+    first at 16,384 tokens), and no variant always follows the same one: with a fixed cyclic
+    order, the ideal and ideal_t, the same tiles at 16,384 tokens, read 0.8-2.7% apart
+    (benchmarks/RESULTS.md §2, sessions 13 and 15)."""
     graphs = {v: capture(fns) for v, fns in variants.items()}
-    names = list(graphs)
-    times = {v: [] for v in names}
-    for rep in range(reps):
-        for i in range(len(names)):
-            v = names[(rep + i) % len(names)]
+    times = {v: [] for v in graphs}
+    for round_order in replay_rounds(list(graphs), reps):
+        for v in round_order:
             times[v].append(_replay_us(graphs[v], len(variants[v])))
     return {v: statistics.median(t) for v, t in times.items()}
+
+
+def replay_rounds(names: list[str], reps: int, seed: int = 0) -> list[list[str]]:
+    """`reps` rounds, each every name once in a shuffled order (seeded)."""
+    rng = random.Random(seed)
+    return [rng.sample(names, len(names)) for _ in range(reps)]
 
 
 def make_kernel(experts_cls, e, h, i, k, dtype):
