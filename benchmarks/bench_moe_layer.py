@@ -199,9 +199,9 @@ def bench_shape(name, e, h, i, k, tokens, skips, exact=False, profile=(), dtype=
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation
     from vllm.model_executor.layers.fused_moe.experts.triton_moe import TritonExperts
 
+    from vllm_zeda import vllm_triton_experts as vte
     from vllm_zeda.tuned_configs import shipped_table, zeda_moe_config
     from vllm_zeda.vllm_experts import live_ids_hint, zero_expert_map
-    from vllm_zeda import vllm_triton_experts as vte
     from vllm_zeda.vllm_triton_experts import ZedaTritonExperts
 
     gen = torch.Generator(device="cuda").manual_seed(0)
