@@ -8,8 +8,8 @@
 #   layer     bench_moe_layer.py alone (both shapes)                                           ~2 min
 #   pieces    profile_moe_pieces.py alone: decode sizes, then the live SiLU / sum launch shapes at
 #             2k-16k tokens against vLLM's kernels over every row and over the live rows   ~3 min
-#   grid      probe_gemm_grid.py: what the empty programs of the fused-MoE grid cost at 4k/16k tokens
-#             (ours over the whole slot buffer vs cut at its end vs the ideal; the alignment too) <1 min
+#   grid      probe_gemm_grid.py: what the empty programs of the fused-MoE grid cost at 1k-16k tokens
+#             (ours over the whole slot buffer, cut at its end, on gpu_align, the ideal; the alignments) <1 min
 #   route     bench_route.py alone (the routing kernel's launch shapes and the plugin's call vs
 #             vLLM's fused_topk over 128 and over 192 logits)                                  <1 min
 #   kernel-tests  tests/test_gpu_kernels.py on the GPU (compiled, not the interpreter)         <1 min
