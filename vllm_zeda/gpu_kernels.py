@@ -134,12 +134,18 @@ if triton is not None:
         tl.atomic_add(counts_ptr, zero)
         tl.atomic_add(counts_ptr + 1, tl.sum(valid.to(tl.int64), axis=0) * K)
 
+    @triton.jit
+    def _silu_mul(gate, up):
+        """silu(gate) * up rounded as vLLM's silu_and_mul: silu in fp32, cast to up's dtype, then
+        the product (exact in fp32 for 16-bit inputs) rounded once."""
+        act = _silu(gate.to(tl.float32)).to(up.dtype)
+        return (act.to(tl.float32) * up.to(tl.float32)).to(up.dtype)
+
     @triton.jit(do_not_specialize=["rows"])  # the batch size: not a specialisation, one compile for all
     def _live_silu_and_mul(x_ptr, out_ptr, live_ptr, rows, n, stride_x, stride_out, ROWS: tl.constexpr,
                            BLOCK: tl.constexpr):
         """out[r] = silu(x[r, :n]) * x[r, n:] for live slot rows r; dead rows are neither read nor
-        written. Rounds like vLLM's silu_and_mul: silu in fp32, cast to the data type, then the
-        product (exact in fp32 for 16-bit inputs) rounded once. A program takes ROWS consecutive
+        written, rounded as vLLM's silu_and_mul (_silu_mul). A program takes ROWS consecutive
         rows, each behind its own branch on its live id (a dead row costs one cached id load)."""
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
@@ -147,11 +153,9 @@ if triton is not None:
             row = tl.program_id(0).to(tl.int64) * ROWS + r
             if row < rows:
                 if tl.load(live_ptr + row) >= 0:
-                    gate = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+                    gate = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
                     up = tl.load(x_ptr + row * stride_x + n + offs, mask=mask, other=0.0)
-                    act = _silu(gate).to(up.dtype)
-                    out = (act.to(tl.float32) * up.to(tl.float32)).to(up.dtype)
-                    tl.store(out_ptr + row * stride_out + offs, out, mask=mask)
+                    tl.store(out_ptr + row * stride_out + offs, _silu_mul(gate, up), mask=mask)
 
     @triton.jit(do_not_specialize=["numel"])
     def _sorted_silu_and_mul(x_ptr, out_ptr, sorted_ptr, end_ptr, numel, n, stride_x, stride_out,
@@ -169,11 +173,9 @@ if triton is not None:
             offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
             mask = live[:, None] & (offs < n)[None, :]
             row = slot.to(tl.int64)[:, None]
-            gate = tl.load(x_ptr + row * stride_x + offs[None, :], mask=mask, other=0.0).to(tl.float32)
+            gate = tl.load(x_ptr + row * stride_x + offs[None, :], mask=mask, other=0.0)
             up = tl.load(x_ptr + row * stride_x + n + offs[None, :], mask=mask, other=0.0)
-            act = _silu(gate).to(up.dtype)
-            out = (act.to(tl.float32) * up.to(tl.float32)).to(up.dtype)
-            tl.store(out_ptr + row * stride_out + offs[None, :], out, mask=mask)
+            tl.store(out_ptr + row * stride_out + offs[None, :], _silu_mul(gate, up), mask=mask)
 
     @triton.jit(do_not_specialize=["m"])
     def _live_moe_sum(in_ptr, out_ptr, live_ptr, m, d, stride_out, K: tl.constexpr, BLOCK: tl.constexpr):
