@@ -98,8 +98,11 @@ def live(data: dict) -> str:
 
 def layer_kernels(data: dict) -> str:
     """bench_moe_layer.py --profile: device µs a layer call by kernel group, per variant."""
+    profiled = [r for r in data["rows"] if "kernels" in r]
+    if not profiled:  # a layer run without --profile (or another bench's JSON): say so, not an empty table
+        raise KeyError("kernels")
     out = []
-    for r in (r for r in data["rows"] if "kernels" in r):
+    for r in profiled:
         names = list(r["kernels"])
         groups: dict[str, list[float]] = {}
         for i, n in enumerate(names):

@@ -63,3 +63,10 @@ def test_layer_table_adds_the_sorted_silu_rows_where_a_run_has_them():
     lines = tables.layer({"rows": rows}).splitlines()
     assert "| 16384 | 0.50 | 1650.0 | 1620.0 | 1600.0 | 1.031 | **1.012** | 0e+00 |" in lines
     assert not any(line.startswith("| 1024 | 0.50 | 1650.0 | 1620.0") for line in lines)
+
+
+def test_layer_kernels_table_refuses_a_run_without_profiles():
+    import pytest
+
+    with pytest.raises(KeyError):
+        tables.layer_kernels({"rows": [{"shape": "qwen3", "tokens": 4, "skip": 0.5, "ours": 50.0}]})
