@@ -10,8 +10,6 @@ unquantized layer calls), built by `make_unquantized_moe_kernel` as vLLM builds 
              assignment (up to 6 tokens), at one token the slots live ones first and where their
              blocks end, at 2-4 tokens the slot blocks with the live slots' first and their end, at
              5-6 the slot blocks: the plugin's layer path (routing itself is timed in no variant)
-  ours_sorted_silu  ours with the gated SiLU over gpu_align's rows (vllm_triton_experts.SORTED_SILU,
-             off in the plugin until this times it), where the plugin aligns with gpu_align
   ours_topk_order  ours given only the live ids, slots in top-K order (the plugin before the
              router handed over more): at small batches each zero slot's block then loads its
              expert id and writes a row of zeros before it exits
@@ -199,7 +197,6 @@ def bench_shape(name, e, h, i, k, tokens, skips, exact=False, profile=(), dtype=
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation
     from vllm.model_executor.layers.fused_moe.experts.triton_moe import TritonExperts
 
-    from vllm_zeda import vllm_triton_experts as vte
     from vllm_zeda.tuned_configs import shipped_table, zeda_moe_config
     from vllm_zeda.vllm_experts import live_ids_hint, zero_expert_map
     from vllm_zeda.vllm_triton_experts import ZedaTritonExperts
@@ -216,13 +213,6 @@ def bench_shape(name, e, h, i, k, tokens, skips, exact=False, profile=(), dtype=
         ids, w, *handover = r["plugin"]
         with live_ids_hint(ids, *handover):  # as ZedaRoutedExperts does with the router's
             return call(ours_kernel, x, w, ids, zmap)
-
-    def ours_sorted_silu(x, r):  # ours with vllm_triton_experts.SORTED_SILU on (captured with it)
-        vte.SORTED_SILU = True
-        try:
-            return ours(x, r)
-        finally:
-            vte.SORTED_SILU = False
 
     def ours_topk_order(x, r):
         with live_ids_hint(r["zids"], r["zlive"]):
@@ -254,9 +244,6 @@ def bench_shape(name, e, h, i, k, tokens, skips, exact=False, profile=(), dtype=
                 "remap": [lambda r=r: call(stock[k], x, r["zw"], r["rids"]) for r in rs],
                 "ideal": [lambda r=r: call(stock[keep], x, r["cw"], r["cids"]) for r in rs],
             }
-            sorted_silu = m * k >= vte.LIVE_ALIGN_MIN_SLOTS and vte.live_activation_pays(m * k)
-            if sorted_silu:  # where the plugin aligns with gpu_align: its SiLU over the alignment's rows
-                variants["ours_sorted_silu"] = [lambda r=r: ours_sorted_silu(x, r) for r in rs]
             if tuned:
                 variants["static_t"] = [lambda r=r: with_tiles(tiles, lambda: call(stock[k], x, r["w"], r["ids"]))
                                         for r in rs]
@@ -277,9 +264,6 @@ def bench_shape(name, e, h, i, k, tokens, skips, exact=False, profile=(), dtype=
             row["ours_vs_remap_maxdiff"] = float((ours_out - call(stock[k], x, r0["zw"], r0["rids"]).float()).abs().max())
             row["out_absmax"] = float(ours_out.abs().max())
             row["ours_vs_topk_order_maxdiff"] = float((ours_topk_order(x, r0).float() - ours_out).abs().max())
-            if sorted_silu:
-                row["ours_sorted_silu_vs_ours_maxdiff"] = float((ours_sorted_silu(x, r0).float() - ours_out).abs().max())
-                row["ours_sorted_silu/ideal"] = round(row["ours_sorted_silu"] / row["ideal"], 3)
             for v in ("static", "ideal", "remap", "stock_map", "static_t", "ideal_t", "ours_topk_order"):
                 row[f"ours/{v}"] = round(row["ours"] / row[v], 3)
             row["ours_topk_order/ideal"] = round(row["ours_topk_order"] / row["ideal"], 3)

@@ -11,8 +11,7 @@ RESULTS.md §2.)
 
 Then, at prefill sizes (2,048 to 16,384 tokens, 16k-131k slot rows) with no slot, half and three
 quarters of them dead, the live-slot SiLU and sum in every launch shape of SILU_LAUNCHES /
-SUM_LAUNCHES, the SiLU over gpu_align's alignment (SORTED_SILU_LAUNCHES, not the plugin's yet)
-against vLLM's kernels over every row and over the live rows alone (what the ideal top-K/2 runs),
+SUM_LAUNCHES against vLLM's kernels over every row and over the live rows alone (what the ideal top-K/2 runs),
 interleaved (bench_moe_layer.time_graphs). A 16,384-token prefill step had put our SiLU 42% (skip
 0) and 63% (skip 0.5) over vLLM's at the same live rows (RESULTS.md §3, prefill-profile); these
 sweeps set the plugin's defaults (session 14: the SiLU 1.46x -> 1.21x vLLM's over the live rows
@@ -33,15 +32,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_moe_layer import time_graph, time_graphs  # noqa: E402
 
 # SiLU: (rows a program, block columns, warps), each row behind its own live-id branch; sum: (block
-# columns, warps) over a token a program. The first of each is the plugin's default (session 14's
-# sweeps, RESULTS.md §3: 2-D row tiles with masked dead rows, and 2-8 tokens a sum program, lost)
+# columns, warps) over a token a program. The first of each is the plugin's default (the SiLU's
+# below gpu_kernels.LIVE_SILU_WIDE_ROWS rows; from there the third). Session 14's sweeps (RESULTS.md
+# §3): 2-D row tiles with masked dead rows, and 2-8 tokens a sum program, lost.
 SILU_LAUNCHES = [(4, 256, 2), (1, 1024, 4), (8, 256, 2), (16, 256, 2), (4, 256, 1), (8, 256, 1), (8, 128, 1), (16, 128, 1),
                  (8, 512, 2), (4, 512, 4)]
 SUM_LAUNCHES = [(2048, 8), (1024, 4)]
-# The SiLU over an alignment's rows (gpu_kernels.sorted_silu_and_mul_, not the plugin's path yet):
-# (entries a program as one 2-D tile, block columns, warps), over gpu_align's alignment (BLOCK_M 128,
-# the shipped tables' from 1,536 tokens)
-SORTED_SILU_LAUNCHES = [(16, 256, 4), (32, 256, 4), (64, 256, 8), (8, 1024, 4), (32, 128, 2)]
 PREFILL_TOKENS = (2048, 8192, 16384)
 
 
@@ -118,14 +114,6 @@ def prefill_pieces(m, skip, e, z, h, i, k, ops, live_silu_and_mul_, live_moe_sum
     for r, b, w in SILU_LAUNCHES:
         pieces[f"live_silu_and_mul_ rows={r} block={b} warps={w}"] = (
             lambda r=r, b=b, w=w: live_silu_and_mul_(act, x1, live, rows_per_program=r, block=b, num_warps=w))
-    from vllm_zeda.gpu_align import align_live_slots
-    from vllm_zeda.gpu_kernels import sorted_silu_and_mul_
-
-    sorted_ids, _, end = align_live_slots(live, 128, e + z)
-    for r, b, w in SORTED_SILU_LAUNCHES:
-        pieces[f"sorted_silu_and_mul_ rows={r} block={b} warps={w}"] = (
-            lambda r=r, b=b, w=w: sorted_silu_and_mul_(act, x1, sorted_ids, end, rows_per_program=r, block=b,
-                                                       num_warps=w))
     for b, w in SUM_LAUNCHES:
         pieces[f"live_moe_sum_ block={b} warps={w}"] = lambda b=b, w=w: live_moe_sum_(out, c3, live, block=b, num_warps=w)
     times = time_graphs({name: [fn] * 4 for name, fn in pieces.items()})

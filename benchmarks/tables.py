@@ -37,14 +37,6 @@ def layer(data: dict) -> str:
                     [f"{r['ours/remap']:.3f}", f"{r['ours_vs_remap_maxdiff']:.0e}"]
             out.append("| " + " | ".join(str(c) for c in cells) + " |")
         out.append("")
-        sorted_rows = [r for r in shape_rows if "ours_sorted_silu" in r]
-        if sorted_rows:  # the SiLU over gpu_align's rows, beside ours (bench_moe_layer ours_sorted_silu)
-            out += ["| tokens | skip | ours | ours, sorted SiLU | ideal | ours/ideal | sorted SiLU/ideal | max diff |",
-                    "|" + "---:|" * 8]
-            out += [f"| {r['tokens']} | {r['skip']:.2f} | {r['ours']} | {r['ours_sorted_silu']} | {r['ideal']} | "
-                    f"{r['ours/ideal']:.3f} | **{r['ours_sorted_silu/ideal']:.3f}** | "
-                    f"{r['ours_sorted_silu_vs_ours_maxdiff']:.0e} |" for r in sorted_rows]
-            out.append("")
     return "\n".join(out)
 
 
@@ -170,7 +162,7 @@ def pieces(data: dict) -> str:
                   "sum": next((us for name, us in cell.items() if name.startswith("moe_sum (vLLM CUDA), ")
                                and name.endswith(" slots") and "K slots" not in name), None)}
         fastest = {kind: min((us for name, us in cell.items() if name.startswith(prefix)), default=None)
-                   for kind, prefix in (("silu", ("live_silu", "sorted_silu")), ("sum", "live_moe_sum"))}
+                   for kind, prefix in (("silu", "live_silu"), ("sum", "live_moe_sum"))}
         out += [f"**{m} tokens, skip {skip}** (µs; ratio to vLLM's kernel over the live rows / the ideal's slots)", "",
                 "| piece | µs | ratio |", "| --- | ---: | ---: |"]
         for name, us in cell.items():

@@ -354,37 +354,3 @@ def test_large_batches_align_live_slots_where_it_pays(monkeypatch, tokens, captu
         assert calls[0][1][0] is live and calls[0][1][1:] == (64, 192)
     else:
         assert calls[0][2]["ignore_invalid_experts"] is True  # zero slots never counted by vLLM's either
-
-
-def test_the_sorted_silu_runs_only_when_switched_on_and_gpu_align_aligned_this_apply(monkeypatch):
-    """SORTED_SILU (off by default: untimed) takes the SiLU's rows from gpu_align's alignment of the
-    apply() in progress; without one (vLLM aligned the call) the live-slot SiLU runs; the alignment
-    does not outlive its apply()."""
-    from vllm.model_executor.layers.fused_moe.activation import MoEActivation
-
-    from vllm_zeda import vllm_triton_experts as vte
-
-    assert vte.SORTED_SILU is False
-    experts, calls = _live_slot_experts(), []
-    monkeypatch.setattr(vte, "live_silu_and_mul_", lambda out, x, live: calls.append("live"))
-    monkeypatch.setattr(vte, "sorted_silu_and_mul_", lambda out, x, ids, end: calls.append(("sorted", ids, end)))
-    monkeypatch.setattr(vte, "align_live_slots", lambda live, block, experts: ("ids", "block experts", "end"))
-    monkeypatch.setattr(vte, "_capturing", lambda device: True)
-    rows = vte.LIVE_SILU_MIN_ROWS
-    ids = torch.zeros(rows // 2, 2, dtype=torch.int32)
-    emap = torch.arange(12, dtype=torch.int32).masked_fill(torch.arange(12) >= 8, -1)
-
-    def upstream_apply(self, output, hidden_states, w1, w2, topk_weights, topk_ids, *args, **kwargs):
-        vte.assign_live_slots(topk_ids, {"BLOCK_SIZE_M": 64}, rows // 2, 2, 12, emap)
-        self.activation(MoEActivation.SILU, torch.empty(rows, 32), torch.empty(rows, 64))
-
-    monkeypatch.setattr(vte, "_LIVE_APPLY", upstream_apply)
-    for switched in (False, True):
-        monkeypatch.setattr(vte, "SORTED_SILU", switched)
-        experts.apply(None, None, None, None, None, ids, None, 12, emap, None, None, None, None, None, False)
-        assert vte._ALIGNED.value is None
-    assert calls == ["live", ("sorted", "ids", "end")]
-    monkeypatch.setattr(vte, "live_align_pays", lambda slots, device: False)  # vLLM aligns: nothing to sort by
-    monkeypatch.setattr(vte, "_UPSTREAM_ASSIGN", lambda *args, **kwargs: ("vLLM's",) * 3)
-    experts.apply(None, None, None, None, None, ids, None, 12, emap, None, None, None, None, None, False)
-    assert calls[-1] == "live"

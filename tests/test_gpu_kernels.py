@@ -277,22 +277,17 @@ def test_align_live_slots_matches_reference(m, k, experts, block, dead):
         assert torch.equal(mine[:n_live].sort().values, want[:n_live]) and torch.all(mine[n_live:] == m * k)
 
 
-@pytest.mark.parametrize("rows_per_program,block", [(16, None), (4, 64), (32, 128)])
-def test_sorted_silu_and_mul_writes_what_the_live_slot_silu_writes(rows_per_program, block):
-    """Rows from an alignment (gpu_align's) instead of the live ids: the same rows, bit for bit;
-    dead rows are not written."""
-    from vllm_zeda.gpu_align import align_live_slots
-
-    g = torch.Generator().manual_seed(rows_per_program)
-    m, k, n = 40, 8, 96
-    live = torch.where(torch.rand(m, k, generator=g) < 0.6, -1, torch.randint(0, 12, (m, k), generator=g,
-                                                                             dtype=torch.int32))
-    x = (torch.randn(m * k, 2 * n, generator=g) * 3).to(torch.bfloat16).to(DEVICE)
-    live = live.to(DEVICE)
-    sorted_ids, _, end = align_live_slots(live, 16, 24)
-    want = torch.full((m * k, n), 7.0, dtype=torch.bfloat16, device=DEVICE)
-    got = want.clone()
-    gk.live_silu_and_mul_(want, x, live)
-    gk.sorted_silu_and_mul_(got, x, sorted_ids, end, rows_per_program=rows_per_program, block=block)
+@pytest.mark.parametrize("wide_from", [1 << 30, 8])
+def test_live_silu_default_launch_on_both_sides_of_the_wide_row_size(monkeypatch, wide_from):
+    """The default launch (4 rows a program, 8 from LIVE_SILU_WIDE_ROWS) writes what an explicit
+    launch writes, bit for bit."""
+    monkeypatch.setattr(gk, "LIVE_SILU_WIDE_ROWS", wide_from)
+    g = torch.Generator().manual_seed(wide_from % 97)
+    m, k, n = 9, 4, 48
+    live = torch.randint(-1, 5, (m, k), generator=g, dtype=torch.int32).clamp(min=-1).to(DEVICE)
+    x = torch.randn(m * k, 2 * n, generator=g).to(DEVICE, torch.bfloat16)
+    got = torch.full((m * k, n), 7.0, dtype=torch.bfloat16, device=DEVICE)
+    want = got.clone()
+    gk.live_silu_and_mul_(got, x, live)
+    gk.live_silu_and_mul_(want, x, live, rows_per_program=1)
     assert torch.equal(got.cpu(), want.cpu())
-    assert torch.all(got.cpu()[live.cpu().reshape(-1) < 0] == 7.0)

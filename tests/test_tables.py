@@ -54,17 +54,6 @@ def test_layer_kernels_table_adds_each_variants_idle_time_by_the_kernel_before_i
     assert "| **idle in all** | **4.50** | **2.00** |" in lines
 
 
-def test_layer_table_adds_the_sorted_silu_rows_where_a_run_has_them():
-    base = {"shape": "qwen3", "skip": 0.5, "static": 3000.0, "ours": 1650.0, "remap": 3000.0, "ideal": 1600.0,
-            "ours/static": 0.55, "ours/ideal": 1.031, "ours/remap": 0.55, "ours_vs_remap_maxdiff": 0.0}
-    rows = [dict(base, tokens=1024),
-            dict(base, tokens=16384, ours_sorted_silu=1620.0, **{"ours_sorted_silu/ideal": 1.0125},
-                 ours_sorted_silu_vs_ours_maxdiff=0.0)]
-    lines = tables.layer({"rows": rows}).splitlines()
-    assert "| 16384 | 0.50 | 1650.0 | 1620.0 | 1600.0 | 1.031 | **1.012** | 0e+00 |" in lines
-    assert not any(line.startswith("| 1024 | 0.50 | 1650.0 | 1620.0") for line in lines)
-
-
 def test_layer_kernels_table_refuses_a_run_without_profiles():
     import pytest
 

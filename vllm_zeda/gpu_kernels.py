@@ -157,26 +157,6 @@ if triton is not None:
                     up = tl.load(x_ptr + row * stride_x + n + offs, mask=mask, other=0.0)
                     tl.store(out_ptr + row * stride_out + offs, _silu_mul(gate, up), mask=mask)
 
-    @triton.jit(do_not_specialize=["numel"])
-    def _sorted_silu_and_mul(x_ptr, out_ptr, sorted_ptr, end_ptr, numel, n, stride_x, stride_out,
-                             ROWS: tl.constexpr, BLOCK: tl.constexpr):
-        """The rows of _live_silu_and_mul, taken from an alignment's sorted_token_ids: a program
-        takes ROWS consecutive entries as one 2-D tile (entries hold slot rows; padding, numel,
-        is masked), and programs past num_tokens_post_padded (end) return at once. The live rows
-        are packed there, so a tile carries almost no masked row (at most an expert's padding)."""
-        first = tl.program_id(0) * ROWS
-        end = tl.load(end_ptr)
-        if first < end:
-            entries = first + tl.arange(0, ROWS)
-            slot = tl.load(sorted_ptr + entries, mask=entries < end, other=numel)
-            live = slot < numel
-            offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-            mask = live[:, None] & (offs < n)[None, :]
-            row = slot.to(tl.int64)[:, None]
-            gate = tl.load(x_ptr + row * stride_x + offs[None, :], mask=mask, other=0.0)
-            up = tl.load(x_ptr + row * stride_x + n + offs[None, :], mask=mask, other=0.0)
-            tl.store(out_ptr + row * stride_out + offs[None, :], _silu_mul(gate, up), mask=mask)
-
     @triton.jit(do_not_specialize=["m"])
     def _live_moe_sum(in_ptr, out_ptr, live_ptr, m, d, stride_out, K: tl.constexpr, BLOCK: tl.constexpr):
         """out[t] = sum over live slots k of in[t, k] (fp32 accumulation); dead rows are not read."""
@@ -336,43 +316,33 @@ def _launch_options(num_warps: int | None) -> dict:
     return {} if num_warps is None else {"num_warps": num_warps}
 
 
-def live_silu_and_mul_(out: torch.Tensor, x: torch.Tensor, live_ids: torch.Tensor, *, rows_per_program: int = 4,
+# Slot rows from which live_silu_and_mul_ takes 8 rows a program instead of 4 (profile_moe_pieces.py,
+# H200, Qwen3's N 768, four runs): 4 rows are 0.8-1.7 µs faster at 2,048 tokens (16,384 rows), 8
+# rows 1-4% faster at 8,192 and 16,384 tokens at skip 0 and 0.5, and 20% at 16,384 tokens, skip
+# 0.75 (50.4 against 63.3 µs; vLLM's kernel over the live rows alone 37.6).
+LIVE_SILU_WIDE_ROWS = 65536
+
+
+def live_silu_and_mul_(out: torch.Tensor, x: torch.Tensor, live_ids: torch.Tensor, *, rows_per_program: int | None = None,
                        block: int | None = None, num_warps: int = 2) -> None:
     """Gated SiLU over the [M*K, 2N] slot rows of the first expert GEMM for live slots only
     (live_ids [M, K] int32, -1 = not computed on this GPU: zero experts, other EP ranks' experts).
     Dead rows hold no data (their GEMM blocks never ran) and are never written. The launch shape
     (rows_per_program; block columns, a power of 2, default the row's up to 256; num_warps) does
-    not change the result. The default, 4 rows a program over 256 columns on 2 warps, was never
-    more than 3.5% from the fastest of profile_moe_pieces.py's sweep at 2k, 8k and 16k tokens,
-    skip 0 and 0.5 (Qwen3's N 768 on the H200; at 16k tokens, skip 0.5, 86.9 µs against 104.6
-    for one row a program over 1,024 columns and 71.8 for vLLM's kernel over the live rows alone;
-    RESULTS.md §3)."""
+    not change the result. Default: 4 rows a program (8 from LIVE_SILU_WIDE_ROWS rows) over 256
+    columns on 2 warps, the fastest or within 3.5% of it in profile_moe_pieces.py's sweeps at 2k,
+    8k and 16k tokens, skip 0 and 0.5 (at 16k tokens, skip 0.5, 84 µs against 125 for one row a
+    program over 1,024 columns and 71 for vLLM's kernel over the live rows alone; RESULTS.md §2
+    session 16). Tiles over an alignment's packed rows instead (a 2-D gather through gpu_align's
+    sorted_token_ids) were 1.3-3x slower at every size and were dropped (same section)."""
     rows, n = out.shape
     assert x.shape == (rows, 2 * n) and live_ids.numel() == rows, (x.shape, out.shape, live_ids.shape)
     if rows == 0:
         return
     block = block or min(256, _pow2(n))
+    rows_per_program = rows_per_program or (8 if rows >= LIVE_SILU_WIDE_ROWS else 4)
     _live_silu_and_mul[(-(-rows // rows_per_program), -(-n // block))](
         x, out, live_ids.reshape(-1), rows, n, x.stride(0), out.stride(0), ROWS=rows_per_program, BLOCK=block,
-        **_launch_options(num_warps),
-    )
-
-
-def sorted_silu_and_mul_(out: torch.Tensor, x: torch.Tensor, sorted_ids: torch.Tensor, end: torch.Tensor, *,
-                         rows_per_program: int = 16, block: int | None = None, num_warps: int = 4) -> None:
-    """live_silu_and_mul_'s result (the same rows written, the same rounding) with its rows read
-    from a fused-MoE alignment (sorted_token_ids, num_tokens_post_padded: gpu_align's or vLLM's)
-    instead of from every slot's live id: the grid covers the alignment's buffer, and only tiles
-    before `end` do anything. Not the plugin's path yet: benchmarks/profile_moe_pieces.py times it
-    beside live_silu_and_mul_ (at skip 0.75 that one spends 62 µs where vLLM's kernel over the live
-    rows alone takes 36, H200, RESULTS.md §2 session 15)."""
-    rows, n = out.shape
-    assert x.shape == (rows, 2 * n) and sorted_ids.dtype == torch.int32 and end.numel() == 1, (x.shape, out.shape)
-    if rows == 0:
-        return
-    block = block or min(256, _pow2(n))
-    _sorted_silu_and_mul[(-(-sorted_ids.numel() // rows_per_program), -(-n // block))](
-        x, out, sorted_ids, end, rows, n, x.stride(0), out.stride(0), ROWS=rows_per_program, BLOCK=block,
         **_launch_options(num_warps),
     )
 

@@ -27,7 +27,6 @@ Zero slots reach the experts with ids E..E+Z-1 and an expert map that sends them
    (`gpu_kernels.live_silu_and_mul_`) once there are enough rows for that to pay
    (`live_activation_pays`); below, vLLM's CUDA kernel runs over every row, dead ones too (their
    garbage is never read: neither the second GEMM nor the live-slot sum touches a dead row).
-   `SORTED_SILU` (off until timed) takes the rows from gpu_align's alignment instead.
 3. Sum over slots: only live rows are read: `gpu_kernels.live_moe_sum_` inside CUDA graphs, vLLM's
    map-aware CUDA `moe_sum` in eager forwards, where host launch time counts (`live_sum_pays`).
 4. Tile configs: vllm_zeda's own tables, tuned at the ZEDA operating point, come before vLLM's
@@ -57,7 +56,7 @@ from vllm.model_executor.layers.fused_moe.experts.triton_moe import TritonExpert
 
 from . import compat
 from .gpu_align import align_live_slots
-from .gpu_kernels import SLOT_BLOCK_M, live_moe_sum_, live_silu_and_mul_, sort_free, sorted_silu_and_mul_
+from .gpu_kernels import SLOT_BLOCK_M, live_moe_sum_, live_silu_and_mul_, sort_free
 from .tuned_configs import zeda_moe_config
 from .vllm_experts import live_ids_hint, router_block_experts, router_live_end, router_live_ids, router_slot_blocks
 
@@ -84,9 +83,7 @@ def assign_live_slots(topk_ids, config, num_tokens, top_k_num, global_num_expert
         return blocks, expert_ids, slot_blocks_end(topk_ids.numel() * config["BLOCK_SIZE_M"], topk_ids.device)
     live = router_live_ids(topk_ids)  # the router's, or the gathered ones (ZedaTritonExperts.apply)
     if live is not None and live_align_pays(live.numel(), live.device) and not _grouped_int_weights(kwargs):
-        aligned = align_live_slots(live, config["BLOCK_SIZE_M"], global_num_experts)
-        _ALIGNED.value = aligned  # for the activation of the same apply() (SORTED_SILU)
-        return aligned
+        return align_live_slots(live, config["BLOCK_SIZE_M"], global_num_experts)
     kwargs["ignore_invalid_experts"] = True
     return _UPSTREAM_ASSIGN(topk_ids, config, num_tokens, top_k_num, global_num_experts, expert_map, **kwargs)
 
@@ -119,13 +116,6 @@ def slot_blocks_end(value: int, device: torch.device) -> torch.Tensor:
 # (cuda_graphs.LARGEST tokens at top-8): such steps are GPU-bound.
 LIVE_ALIGN_MIN_SLOTS = 16384
 LIVE_ALIGN_MIN_SLOTS_EAGER = 131072
-
-
-# The gated SiLU over gpu_align's rows (gpu_kernels.sorted_silu_and_mul_) instead of every slot's
-# live id, where gpu_align aligned the call. Off until timed: benchmarks/bench_moe_layer.py's
-# ours_sorted_silu variant and profile_moe_pieces.py time it (RESULTS.md §2, session 15).
-SORTED_SILU = False
-_ALIGNED = threading.local()  # .value: gpu_align's result for the apply() in progress on this thread
 
 
 def live_align_pays(slots: int, device: torch.device) -> bool:
@@ -216,23 +206,18 @@ class ZedaTritonExperts(TritonExperts):
                                  global_num_experts, expert_map, *args, **kwargs)
         live, from_router = _live_ids(topk_ids, expert_map)
         self._state.slots = (live, topk_ids, expert_map)  # upstream calls moe_sum without ids or map
-        _ALIGNED.value = None
         try:  # assign_live_slots reads the live ids through the hint (the router's is set already)
             with _NO_HINT if from_router else live_ids_hint(topk_ids, live):
                 return _LIVE_APPLY(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation,
                                    global_num_experts, expert_map, *args, **kwargs)
         finally:
-            self._state.slots = _ALIGNED.value = None
+            self._state.slots = None
 
     def activation(self, activation, output, input, **kwargs) -> None:
         live = self._live
         if (live is not None and activation == MoEActivation.SILU and live_activation_pays(output.shape[0])
                 and self.quant_config.gemm1_clamp_limit is None and output.dtype == input.dtype):
-            aligned = getattr(_ALIGNED, "value", None)
-            if SORTED_SILU and aligned is not None:
-                sorted_silu_and_mul_(output, input, aligned[0], aligned[2])
-            else:
-                live_silu_and_mul_(output, input, live)
+            live_silu_and_mul_(output, input, live)
             return
         super().activation(activation, output, input, **kwargs)
 
