@@ -21,11 +21,12 @@ unquantized layer calls), built by `make_unquantized_moe_kernel` as vLLM builds 
              tuning set apart. Shapes without a shipped table run vLLM's configs in every variant,
              so there these columns repeat static and ideal (not timed twice).
 Median microseconds per call over CUDA-graph replays of 8 rotating routings, the variants' replays
-interleaved round by round (time_graphs). Each row also checks
+interleaved round by round (time_graphs). Each routing sends exactly round(M*K*skip) of its slots
+to zero experts (`zero_slots`, --zeros: per token, or each slot on its own, instead). Each row also checks
 ours against ours_topk_order, stock_map and remap numerically (bf16 max abs diff).
 
     python3 benchmarks/bench_moe_layer.py --out $OUT/moe_layer.json [--shapes qwen3_30b_a3b glm47_flash]
-        [--tokens ...] [--skips ...] [--exact-zeros] [--profile TOKENS...]
+        [--tokens ...] [--skips ...] [--zeros batch|token|slot] [--profile TOKENS...]
 """
 from __future__ import annotations
 
@@ -50,19 +51,33 @@ TOKENS = [1, 4, 16, 64, 256, 1024, 4096, 16384]
 SKIPS = [0.0, 0.25, 0.5, 0.75]
 
 
-def make_routings(m, e, k, skip, n, gen, exact=False):
-    """n routings: K distinct real experts per token, then a random `skip` share of slots -> zero
-    (each slot on its own; `exact`: exactly round(K*skip) slots of every token, so that ours and
-    the ideal run the same number of live slots per token)."""
+ZERO_MODES = ("batch", "token", "slot")
+
+
+def zero_slots(m, k, skip, zeros, gen, device="cuda"):
+    """[M, K] bool: which slots of one routing go to zero experts. zeros: "batch" exactly
+    round(M*K*skip) of them, anywhere in the batch (tokens keep different live counts, and ours
+    runs as many live slots as the ideal's M*round(K*(1-skip))); "token" exactly round(K*skip) of
+    every token's (the ideal's live slots per token: the zero slots' own cost); "slot" each on its
+    own with probability skip (the default up to session 15: at 1-16 tokens the drawn share strays
+    from skip by several %, with a fixed seed the same stray in every run, while the ideal's live
+    slots do not)."""
+    if zeros == "token":
+        rank = torch.argsort(torch.rand(m, k, device=device, generator=gen), dim=-1)
+        return rank < round(k * skip)
+    if zeros == "batch":
+        rank = torch.argsort(torch.argsort(torch.rand(m * k, device=device, generator=gen)))
+        return (rank < round(m * k * skip)).view(m, k)
+    return torch.rand(m, k, device=device, generator=gen) < skip
+
+
+def make_routings(m, e, k, skip, n, gen, zeros="batch"):
+    """n routings: K distinct real experts per token, then the slots `zero_slots` picks -> zero."""
     out = []
     for _ in range(n):
         ids = torch.argsort(torch.rand(m, e, device="cuda", generator=gen), dim=-1)[:, :k].to(torch.int32)
         w = torch.softmax(torch.randn(m, k, device="cuda", generator=gen), -1)
-        if exact:
-            rank = torch.argsort(torch.rand(m, k, device="cuda", generator=gen), dim=-1)
-            zero = rank < round(k * skip)
-        else:
-            zero = torch.rand(m, k, device="cuda", generator=gen) < skip
+        zero = zero_slots(m, k, skip, zeros, gen)
         zw = w.masked_fill(zero, 0.0)
         zids = torch.where(zero, e + torch.randint(0, e // 2, (m, k), device="cuda", generator=gen, dtype=torch.int32), ids)
         rids = torch.where(zero, torch.zeros_like(ids), ids)
@@ -192,7 +207,7 @@ def make_kernel(experts_cls, e, h, i, k, dtype):
                                        backend=UnquantizedMoeBackend.TRITON, experts_cls=experts_cls)
 
 
-def bench_shape(name, e, h, i, k, tokens, skips, exact=False, profile=(), dtype=torch.bfloat16):
+def bench_shape(name, e, h, i, k, tokens, skips, zeros="batch", profile=(), dtype=torch.bfloat16):
     from vllm.model_executor.layers.fused_moe import override_config
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation
     from vllm.model_executor.layers.fused_moe.experts.triton_moe import TritonExperts
@@ -234,7 +249,7 @@ def bench_shape(name, e, h, i, k, tokens, skips, exact=False, profile=(), dtype=
         x = torch.randn(m, h, device="cuda", dtype=dtype, generator=gen)
         tiles = zeda_moe_config(tuple(w1.shape), tuple(w2.shape), k, None, m)  # what ours runs at this M
         for s in skips:
-            rs = make_routings(m, e, k, s, 8, gen, exact)
+            rs = make_routings(m, e, k, s, 8, gen, zeros)
             keep = rs[0]["cids"].shape[1]
             variants = {
                 "static": [lambda r=r: call(stock[k], x, r["w"], r["ids"]) for r in rs],
@@ -249,7 +264,9 @@ def bench_shape(name, e, h, i, k, tokens, skips, exact=False, profile=(), dtype=
                                         for r in rs]
                 variants["ideal_t"] = [lambda r=r: with_tiles(tiles, lambda: call(stock[keep], x, r["cw"], r["cids"]))
                                        for r in rs]
-            row = {"shape": name, "tokens": m, "skip": s, "top_k": k, "exact_zeros": exact,
+            live = sum(int((r["zlive"] >= 0).sum()) for r in rs) / (len(rs) * m * k)
+            row = {"shape": name, "tokens": m, "skip": s, "top_k": k, "zeros": zeros, "exact_zeros": zeros == "token",
+                   "live_fraction": round(live, 4), "ideal_live_fraction": round(keep / k, 4),
                    "tiles": "shipped table" if tuned else "vLLM"}
             row.update({v: round(us, 2) for v, us in time_graphs(variants).items()})
             if m in profile:
@@ -285,15 +302,18 @@ def main():
     p.add_argument("--shapes", nargs="+", default=list(SHAPES))
     p.add_argument("--tokens", nargs="+", type=int, default=TOKENS)
     p.add_argument("--skips", nargs="+", type=float, default=SKIPS)
-    p.add_argument("--exact-zeros", action="store_true",
-                   help="every token gets exactly round(K*skip) zero slots (default: each slot zero with "
-                        "probability skip), so ours/ideal isolates the zero slots' own cost from the spread")
+    p.add_argument("--zeros", choices=ZERO_MODES, default="batch",
+                   help="how the skip share of slots goes to zero experts (make_routings): exactly round(M*K*skip) "
+                        "a routing anywhere (batch, default), exactly round(K*skip) per token (token), or each "
+                        "slot with probability skip (slot)")
+    p.add_argument("--exact-zeros", dest="zeros", action="store_const", const="token",
+                   help="--zeros token: ours/ideal isolates the zero slots' own cost from the spread")
     p.add_argument("--profile", nargs="*", type=int, default=[], metavar="TOKENS",
                    help="at these token counts also record device µs per call by kernel (torch.profiler over "
                         "CUDA-graph replays) for static, ours, ours_topk_order and ideal")
     a = p.parse_args()
-    if a.exact_zeros and any(not 0 <= s < 1 for s in a.skips):
-        p.error("--exact-zeros needs every skip in [0, 1): the ideal keeps at least one slot")
+    if a.zeros == "token" and any(not 0 <= s < 1 for s in a.skips):
+        p.error("--zeros token needs every skip in [0, 1): the ideal keeps at least one slot")
     import vllm
     from vllm.v1.worker.workspace import init_workspace_manager
 
@@ -301,7 +321,7 @@ def main():
     t0 = time.time()
     rows = []
     for s in a.shapes:
-        rows += bench_shape(s, *SHAPES[s], a.tokens, a.skips, a.exact_zeros, a.profile)
+        rows += bench_shape(s, *SHAPES[s], a.tokens, a.skips, a.zeros, a.profile)
     meta = {"device": torch.cuda.get_device_name(), "vllm": vllm.__version__, "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d"), "seconds": round(time.time() - t0, 1), "unit": "us per fused-MoE call"}
     Path(a.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
