@@ -22,8 +22,8 @@ unquantized layer calls), built by `make_unquantized_moe_kernel` as vLLM builds 
              so there these columns repeat static and ideal (not timed twice).
 Median microseconds per call over CUDA-graph replays of 8 rotating routings, the variants' replays
 interleaved round by round (time_graphs). Each routing sends exactly round(M*K*skip) of its slots
-to zero experts (`zero_slots`, --zeros: per token, or each slot on its own, instead). Each row also checks
-ours against ours_topk_order, stock_map and remap numerically (bf16 max abs diff).
+to zero experts (`zero_slots`, --zeros: per token, or each slot on its own, instead). Each row
+also checks ours against ours_topk_order, stock_map and remap numerically (bf16 max abs diff).
 
     python3 benchmarks/bench_moe_layer.py --out $OUT/moe_layer.json [--shapes qwen3_30b_a3b glm47_flash]
         [--tokens ...] [--skips ...] [--zeros batch|token|slot] [--profile TOKENS...]
