@@ -37,6 +37,14 @@ def layer(data: dict) -> str:
                     [f"{r['ours/remap']:.3f}", f"{r['ours_vs_remap_maxdiff']:.0e}"]
             out.append("| " + " | ".join(str(c) for c in cells) + " |")
         out.append("")
+        g1 = [r for r in shape_rows if "ours_g1" in r]
+        if g1:  # bench_moe_layer's ours_g1: ours' tile with GROUP_SIZE_M 1 where the assignment is sort-free
+            out += ["| tokens | skip | ours | ours, GROUP_SIZE_M 1 | ideal | ours/ideal | GROUP_SIZE_M 1/ideal | max diff |",
+                    "|" + "---:|" * 8]
+            out += [f"| {r['tokens']} | {r['skip']:.2f} | {r['ours']} | {r['ours_g1']} | {r['ideal']} | "
+                    f"{r['ours/ideal']:.3f} | **{r['ours_g1/ideal']:.3f}** | {r['ours_g1_vs_ours_maxdiff']:.0e} |"
+                    for r in g1]
+            out.append("")
     return "\n".join(out)
 
 

@@ -9,7 +9,8 @@ same chip), vLLM's default for each batch size, and a few neighbours. Each candi
 batch size through vLLM's modular kernel (`bench_moe_layer.make_kernel`) for
 
   static   stock TritonExperts, top-K routing
-  ours     ZedaTritonExperts, half the slots on zero experts (the ZEDA operating point), given
+  ours     ZedaTritonExperts, half the slots on zero experts (the ZEDA operating point; exactly
+           half of each routing's since session 16, bench_moe_layer.zero_slots), given
            what the plugin's router hands over (bench_moe_layer.router_handover)
 
 median µs over CUDA-graph replays of 8 rotating routings. "Stock" is the config vLLM itself runs

@@ -54,6 +54,16 @@ def test_layer_kernels_table_adds_each_variants_idle_time_by_the_kernel_before_i
     assert "| **idle in all** | **4.50** | **2.00** |" in lines
 
 
+def test_layer_table_adds_the_ungrouped_tile_rows_where_a_run_has_them():
+    base = {"shape": "glm", "skip": 0.5, "static": 32.0, "ours": 27.0, "remap": 30.0, "ideal": 25.7,
+            "ours/static": 0.844, "ours/ideal": 1.051, "ours/remap": 0.9, "ours_vs_remap_maxdiff": 0.0}
+    rows = [dict(base, tokens=1, ours_g1=25.0, **{"ours_g1/ideal": 0.973}, ours_g1_vs_ours_maxdiff=0.0),
+            dict(base, tokens=64)]
+    lines = tables.layer({"rows": rows}).splitlines()
+    assert "| 1 | 0.50 | 27.0 | 25.0 | 25.7 | 1.051 | **0.973** | 0e+00 |" in lines
+    assert not any(line.startswith("| 64 | 0.50 | 27.0 | 25.0") for line in lines)
+
+
 def test_layer_kernels_table_refuses_a_run_without_profiles():
     import pytest
 
