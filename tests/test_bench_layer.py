@@ -20,7 +20,7 @@ def test_replay_rounds_time_every_variant_once_a_round_after_changing_neighbours
 
 
 @pytest.mark.parametrize("m,k,skip", [(1, 8, 0.5), (4, 4, 0.5), (4, 8, 0.75), (16, 4, 0.25), (3, 8, 0.0)])
-def test_batch_zeros_draw_exactly_the_ideals_share_and_token_zeros_every_tokens(m, k, skip):
+def test_batch_zeros_draw_exactly_the_ideals_share_and_token_zeros_every_token(m, k, skip):
     """"batch": exactly round(M*K*skip) zero slots a routing, so ours runs the ideal's live slots in
     all, spread unevenly over tokens; "token": exactly round(K*skip) in every token."""
     gen = torch.Generator().manual_seed(m * 10 + k)

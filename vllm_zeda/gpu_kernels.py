@@ -323,8 +323,8 @@ def _launch_options(num_warps: int | None) -> dict:
 LIVE_SILU_WIDE_ROWS = 65536
 
 
-def live_silu_and_mul_(out: torch.Tensor, x: torch.Tensor, live_ids: torch.Tensor, *, rows_per_program: int | None = None,
-                       block: int | None = None, num_warps: int = 2) -> None:
+def live_silu_and_mul_(out: torch.Tensor, x: torch.Tensor, live_ids: torch.Tensor, *,
+                       rows_per_program: int | None = None, block: int | None = None, num_warps: int = 2) -> None:
     """Gated SiLU over the [M*K, 2N] slot rows of the first expert GEMM for live slots only
     (live_ids [M, K] int32, -1 = not computed on this GPU: zero experts, other EP ranks' experts).
     Dead rows hold no data (their GEMM blocks never ran) and are never written. The launch shape
@@ -334,7 +334,7 @@ def live_silu_and_mul_(out: torch.Tensor, x: torch.Tensor, live_ids: torch.Tenso
     8k and 16k tokens, skip 0 and 0.5 (at 16k tokens, skip 0.5, 84 µs against 125 for one row a
     program over 1,024 columns and 71 for vLLM's kernel over the live rows alone; RESULTS.md §2
     session 16). Tiles over an alignment's packed rows instead (a 2-D gather through gpu_align's
-    sorted_token_ids) were 1.3-3x slower at every size and were dropped (same section)."""
+    sorted_token_ids) were 1.3-4x slower at every size and were dropped (same section)."""
     rows, n = out.shape
     assert x.shape == (rows, 2 * n) and live_ids.numel() == rows, (x.shape, out.shape, live_ids.shape)
     if rows == 0:
