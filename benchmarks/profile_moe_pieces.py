@@ -12,10 +12,10 @@ RESULTS.md §2.)
 Then, at prefill sizes (2,048 to 16,384 tokens, 16k-131k slot rows) with no slot, half and three
 quarters of them dead, the live-slot SiLU and sum in every launch shape of SILU_LAUNCHES /
 SUM_LAUNCHES against vLLM's kernels over every row and over the live rows alone (what the ideal
-top-K/2 runs), interleaved (bench_moe_layer.time_graphs). A 16,384-token prefill step had put our SiLU 42% (skip
-0) and 63% (skip 0.5) over vLLM's at the same live rows (RESULTS.md §3, prefill-profile); these
-sweeps set the plugin's defaults (session 14: the SiLU 1.46x -> 1.21x vLLM's over the live rows
-at 16k tokens, skip 0.5).
+top-K/2 runs), interleaved (bench_moe_layer.time_graphs). A 16,384-token prefill step had put our
+SiLU 42% (skip 0) and 63% (skip 0.5) over vLLM's at the same live rows (RESULTS.md §3,
+prefill-profile); these sweeps set the plugin's defaults (session 14: the SiLU 1.46x -> 1.21x
+vLLM's over the live rows at 16k tokens, skip 0.5).
 
     python3 benchmarks/profile_moe_pieces.py --out $OUT/pieces.json
 """
