@@ -20,6 +20,9 @@
 #             ideal (torch.profiler)                                                           ~2 min
 #   layer-live-glm  layer-live for GLM-4.7-Flash's shape (top-4: 0-3 of 4 slots zero), 1/4/16 tokens,
 #             profiles at 1 and 4 tokens (its 4-token cell sat 3-4% over the ideal)          ~1 min
+#   layer-small  bench_moe_layer.py, both shapes, 1/2/4/8/16 tokens at every skip, profiles at 1, 2 and
+#             4 tokens: the sort-free sizes, with ours_g1 where ours' tile groups M-blocks (GLM's 1-2
+#             token tiles)                                                                    ~1 min
 #   layer-profile  bench_moe_layer.py, Qwen3 shape, 4k and 16k tokens at skip 0.5 / 0.75, with the device
 #             µs by kernel and the GPU's idle time between kernels of static, ours, ours_topk_order and
 #             ideal (torch.profiler over graph replays; `tables.py layer-kernels`)            <1 min
@@ -72,7 +75,7 @@
 # logs are packed into $OUT/logs.tgz at the end (the device tool returns at most 8 files).
 set -uo pipefail
 [ $# -gt 0 ] || { awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"; exit 2; }
-STAGES="kernels layer pieces grid route kernel-tests layer-live layer-live-glm layer-profile host e2e50 e2e50p prefill e2e50t e2e75 b256-profile prefill-profile serve serve3 serve-ideal serve-ideal-tiles serve-graphs serve-graphs-ideal serve-profile parity tune tune-glm env tp-parity tp-train tp-e2e ep-e2e tp-serve ep-serve"
+STAGES="kernels layer pieces grid route kernel-tests layer-live layer-live-glm layer-small layer-profile host e2e50 e2e50p prefill e2e50t e2e75 b256-profile prefill-profile serve serve3 serve-ideal serve-ideal-tiles serve-graphs serve-graphs-ideal serve-profile parity tune tune-glm env tp-parity tp-train tp-e2e ep-e2e tp-serve ep-serve"
 for stage in "$@"; do  # before staging the bundle: a typo costs nothing
   [[ " $STAGES " == *" $stage "* ]] || { echo "device_suite: unknown stage '$stage' ($STAGES)" >&2; exit 2; }
 done
@@ -116,6 +119,8 @@ for stage in "$@"; do
              --profile 1 4 ;;
     layer-live-glm) run 200 layer_live_glm python3 benchmarks/bench_moe_layer.py --out "$OUT/layer_live_glm.json" \
              --shapes glm47_flash --tokens 1 4 16 --skips 0 0.25 0.5 0.75 --exact-zeros --profile 1 4 ;;
+    layer-small) run 200 layer_small python3 benchmarks/bench_moe_layer.py --out "$OUT/layer_small.json" \
+             --tokens 1 2 4 8 16 --profile 1 2 4 ;;
     layer-profile) run 200 layer_profile python3 benchmarks/bench_moe_layer.py --out "$OUT/layer_profile.json" \
              --shapes qwen3_30b_a3b --tokens 4096 16384 --skips 0.5 0.75 --profile 4096 16384 ;;
     e2e50) run 585 e2e50 python3 benchmarks/bench_e2e.py --out "$OUT/e2e50.json" --configs static8 ideal4 zeda \
