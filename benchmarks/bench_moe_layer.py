@@ -276,7 +276,8 @@ def bench_shape(name, e, h, i, k, tokens, skips, zeros="batch", profile=(), dtyp
                    "tiles": "shipped table" if tuned else "vLLM"}
             row.update({v: round(us, 2) for v, us in time_graphs(variants).items()})
             if m in profile:
-                profiles = {v: profile_graph(variants[v]) for v in ("static", "ours", "ours_topk_order", "ideal")}
+                profiled = ("static", "ours", "ours_topk_order", "ideal", "ours_g1", "ideal_t")
+                profiles = {v: profile_graph(variants[v]) for v in profiled if v in variants}
                 row["kernels"] = {v: kernels for v, (kernels, _) in profiles.items()}
                 row["idle_after"] = {v: idle for v, (_, idle) in profiles.items()}
             if not tuned:
@@ -321,7 +322,8 @@ def main():
                    help="--zeros token: ours/ideal isolates the zero slots' own cost from the spread")
     p.add_argument("--profile", nargs="*", type=int, default=[], metavar="TOKENS",
                    help="at these token counts also record device µs per call by kernel (torch.profiler over "
-                        "CUDA-graph replays) for static, ours, ours_topk_order and ideal")
+                        "CUDA-graph replays) for static, ours, ours_topk_order, ideal, and ours_g1 and ideal_t where "
+                        "timed")
     a = p.parse_args()
     if a.zeros == "token" and any(not 0 <= s < 1 for s in a.skips):
         p.error("--zeros token needs every skip in [0, 1): the ideal keeps at least one slot")

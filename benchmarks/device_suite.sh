@@ -21,8 +21,8 @@
 #   layer-live-glm  layer-live for GLM-4.7-Flash's shape (top-4: 0-3 of 4 slots zero), 1/4/16 tokens,
 #             profiles at 1 and 4 tokens (its 4-token cell sat 3-4% over the ideal)          ~1 min
 #   layer-small  bench_moe_layer.py, both shapes, 1/2/4/8/16 tokens at every skip, profiles at 1, 2 and
-#             4 tokens: the sort-free sizes, with ours_g1 where ours' tile groups M-blocks (GLM's 1-2
-#             token tiles)                                                                    ~1 min
+#             4 tokens (up to 6 tokens the slot assignment is sort-free), with ours_g1 where ours' tile
+#             groups M-blocks there (GLM's 1-2 token tiles) and ideal_t in the profiles        ~1 min
 #   layer-profile  bench_moe_layer.py, Qwen3 shape, 4k and 16k tokens at skip 0.5 / 0.75, with the device
 #             µs by kernel and the GPU's idle time between kernels of static, ours, ours_topk_order and
 #             ideal (torch.profiler over graph replays; `tables.py layer-kernels`)            <1 min
