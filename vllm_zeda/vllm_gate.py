@@ -7,10 +7,10 @@ gate rows (96 programs) and reads a whole 2,048-column row in one step: 2.41 aga
 µs at 1 token, 3.05 against 5.65 at 4 and 3.91 against 5.61 at 16 (H200, bench_route.py,
 benchmarks/RESULTS.md §2 session 14); with 512 columns a step it lost from 16 tokens, and at 64
 it loses at every shape timed (8.8-14.6 against 5.6). So the gate runs it for batches of at most
-SMALL_BATCH_MAX_TOKENS tokens inside CUDA graph capture only: in an eager forward a Triton launch costs more host time
-than cuBLAS's (bench_host.py), which such a small step cannot hide. Everything else, and every
-other platform, is vLLM's own `UnquantizedLinearMethod`. Both accumulate in fp32 and round once,
-so the logits differ at most in summation order.
+SMALL_BATCH_MAX_TOKENS tokens inside CUDA graph capture only: in an eager forward a Triton launch
+costs more host time than cuBLAS's (bench_host.py), which such a small step cannot hide.
+Everything else, and every other platform, is vLLM's own `UnquantizedLinearMethod`. Both
+accumulate in fp32 and round once, so the logits differ at most in summation order.
 """
 from __future__ import annotations
 
