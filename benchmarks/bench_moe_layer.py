@@ -10,9 +10,6 @@ unquantized layer calls), built by `make_unquantized_moe_kernel` as vLLM builds 
              assignment (up to 6 tokens), at one token the slots live ones first and where their
              blocks end, at 2-4 tokens the slot blocks with the live slots' first and their end, at
              5-6 the slot blocks: the plugin's layer path (routing itself is timed in no variant)
-  ours_g1    ours with GROUP_SIZE_M 1, where the assignment is sort-free and ours' tile groups
-             more (a block per slot: grouping shares no weight tile between a token's slots, and with
-             the live blocks first it interleaves the zero slots' empty programs with the live ones)
   ours_topk_order  ours given only the live ids, slots in top-K order (the plugin before the
              router handed over more): at small batches each zero slot's block then loads its
              expert id and writes a row of zeros before it exits
@@ -262,9 +259,6 @@ def bench_shape(name, e, h, i, k, tokens, skips, zeros="batch", profile=(), dtyp
                 "remap": [lambda r=r: call(stock[k], x, r["zw"], r["rids"]) for r in rs],
                 "ideal": [lambda r=r: call(stock[keep], x, r["cw"], r["cids"]) for r in rs],
             }
-            if tiles.get("GROUP_SIZE_M", 1) > 1 and sort_free(m, k, e + z):
-                ungrouped = dict(tiles, GROUP_SIZE_M=1)
-                variants["ours_g1"] = [lambda r=r, t=ungrouped: with_tiles(t, lambda: ours(x, r)) for r in rs]
             if tuned:
                 variants["static_t"] = [lambda r=r: with_tiles(tiles, lambda: call(stock[k], x, r["w"], r["ids"]))
                                         for r in rs]
@@ -276,7 +270,7 @@ def bench_shape(name, e, h, i, k, tokens, skips, zeros="batch", profile=(), dtyp
                    "tiles": "shipped table" if tuned else "vLLM"}
             row.update({v: round(us, 2) for v, us in time_graphs(variants).items()})
             if m in profile:
-                profiled = ("static", "ours", "ours_topk_order", "ideal", "ours_g1", "ideal_t")
+                profiled = ("static", "ours", "ours_topk_order", "ideal", "ideal_t")
                 profiles = {v: profile_graph(variants[v]) for v in profiled if v in variants}
                 row["kernels"] = {v: kernels for v, (kernels, _) in profiles.items()}
                 row["idle_after"] = {v: idle for v, (_, idle) in profiles.items()}
@@ -291,17 +285,12 @@ def bench_shape(name, e, h, i, k, tokens, skips, zeros="batch", profile=(), dtyp
             for v in ("static", "ideal", "remap", "stock_map", "static_t", "ideal_t", "ours_topk_order"):
                 row[f"ours/{v}"] = round(row["ours"] / row[v], 3)
             row["ours_topk_order/ideal"] = round(row["ours_topk_order"] / row["ideal"], 3)
-            if "ours_g1" in row:
-                row["ours_g1/ideal"] = round(row["ours_g1"] / row["ideal"], 3)
-                row["ours_g1_vs_ours_maxdiff"] = float((with_tiles(ungrouped, lambda: ours(x, r0)).float()
-                                                        - ours_out).abs().max())
             rows.append(row)
             print(f"{name:14s} M={m:6d} skip={s:.2f}  static {row['static']:8.1f}  ours {row['ours']:8.1f}  "
                   f"stock_map {row['stock_map']:8.1f}  remap {row['remap']:8.1f}  ideal {row['ideal']:8.1f}  "
                   f"ours/ideal {row['ours/ideal']:.3f}  topk_order/ideal {row['ours_topk_order/ideal']:.3f}  "
                   f"ideal_t {row['ideal_t']:8.1f}  ours/ideal_t {row['ours/ideal_t']:.3f}  "
-                  f"diff {row['ours_vs_remap_maxdiff']:.2e} order {row['ours_vs_topk_order_maxdiff']:.1e}"
-                  + (f"  g1/ideal {row['ours_g1/ideal']:.3f}" if "ours_g1" in row else ""), flush=True)
+                  f"diff {row['ours_vs_remap_maxdiff']:.2e} order {row['ours_vs_topk_order_maxdiff']:.1e}", flush=True)
     from vllm_zeda.vllm_triton_experts import LIVE_ID_SOURCES
 
     print("live id sources of ours (Python calls):", dict(LIVE_ID_SOURCES), flush=True)
@@ -322,8 +311,7 @@ def main():
                    help="--zeros token: ours/ideal isolates the zero slots' own cost from the spread")
     p.add_argument("--profile", nargs="*", type=int, default=[], metavar="TOKENS",
                    help="at these token counts also record device µs per call by kernel (torch.profiler over "
-                        "CUDA-graph replays) for static, ours, ours_topk_order, ideal, and ours_g1 and ideal_t where "
-                        "timed")
+                        "CUDA-graph replays) for static, ours, ours_topk_order, ideal and ideal_t")
     a = p.parse_args()
     if a.zeros == "token" and any(not 0 <= s < 1 for s in a.skips):
         p.error("--zeros token needs every skip in [0, 1): the ideal keeps at least one slot")

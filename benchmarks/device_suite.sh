@@ -20,9 +20,8 @@
 #             ideal (torch.profiler)                                                           ~2 min
 #   layer-live-glm  layer-live for GLM-4.7-Flash's shape (top-4: 0-3 of 4 slots zero), 1/4/16 tokens,
 #             profiles at 1 and 4 tokens (its 4-token cell sat 3-4% over the ideal)          ~1 min
-#   layer-small  bench_moe_layer.py, both shapes, 1/2/4/8/16 tokens at every skip, profiles at 1, 2 and
-#             4 tokens (up to 6 tokens the slot assignment is sort-free), with ours_g1 where ours' tile
-#             groups M-blocks there (GLM's 1-2 token tiles) and ideal_t in the profiles        ~1 min
+#   layer-small  bench_moe_layer.py, both shapes, 1/2/4/8/16 tokens at every skip, profiles at 1, 2, 4
+#             and 8 tokens (up to 6 tokens the slot assignment is sort-free), ideal_t in them  ~1 min
 #   layer-profile  bench_moe_layer.py, Qwen3 shape, 4k and 16k tokens at skip 0.5 / 0.75, with the device
 #             µs by kernel and the GPU's idle time between kernels of static, ours, ours_topk_order and
 #             ideal (torch.profiler over graph replays; `tables.py layer-kernels`)            <1 min
@@ -120,7 +119,7 @@ for stage in "$@"; do
     layer-live-glm) run 200 layer_live_glm python3 benchmarks/bench_moe_layer.py --out "$OUT/layer_live_glm.json" \
              --shapes glm47_flash --tokens 1 4 16 --skips 0 0.25 0.5 0.75 --exact-zeros --profile 1 4 ;;
     layer-small) run 200 layer_small python3 benchmarks/bench_moe_layer.py --out "$OUT/layer_small.json" \
-             --tokens 1 2 4 8 16 --profile 1 2 4 ;;
+             --tokens 1 2 4 8 16 --profile 1 2 4 8 ;;
     layer-profile) run 200 layer_profile python3 benchmarks/bench_moe_layer.py --out "$OUT/layer_profile.json" \
              --shapes qwen3_30b_a3b --tokens 4096 16384 --skips 0.5 0.75 --profile 4096 16384 ;;
     e2e50) run 585 e2e50 python3 benchmarks/bench_e2e.py --out "$OUT/e2e50.json" --configs static8 ideal4 zeda \

@@ -38,7 +38,8 @@ def layer(data: dict) -> str:
             out.append("| " + " | ".join(str(c) for c in cells) + " |")
         out.append("")
         g1 = [r for r in shape_rows if "ours_g1" in r]
-        if g1:  # bench_moe_layer's ours_g1: ours' tile with GROUP_SIZE_M 1 where the assignment is sort-free
+        if g1:  # ours' tile with GROUP_SIZE_M 1 where the assignment is sort-free (bench_moe_layer's ours_g1,
+            # session 17's first run; ours runs so since: vllm_triton_experts.slot_block_config)
             out += ["| tokens | skip | ours | ours, GROUP_SIZE_M 1 | ideal | ours/ideal | GROUP_SIZE_M 1/ideal | max diff |",
                     "|" + "---:|" * 8]
             out += [f"| {r['tokens']} | {r['skip']:.2f} | {r['ours']} | {r['ours_g1']} | {r['ideal']} | "

@@ -105,7 +105,9 @@ def slot_block_tiles(candidates: list[dict], tokens: int, shape: list[int] | Non
     BLOCK_SIZE_M == SLOT_BLOCK_M; with any other tile every zero slot's block writes a row of
     zeros. The grid times ours at skip 0.5 alone, where that costs little: the H200 GLM grid's
     4-token pick, BLOCK_SIZE_M 64, was 0.8% faster there than the default's 16, and 16% slower
-    at skip 0.75 in the layer benchmark (benchmarks/RESULTS.md §2). So there only such tiles."""
+    at skip 0.75 in the layer benchmark (benchmarks/RESULTS.md §2). So there only such tiles, and
+    only ungrouped ones (GROUP_SIZE_M 1): the plugin runs every sort-free call ungrouped
+    (vllm_triton_experts.slot_block_config), so a grouped tile's time is not what would run."""
     if not shape:
         return [True] * len(candidates)
     from vllm_zeda.gpu_kernels import SLOT_BLOCK_M, sort_free
@@ -113,7 +115,7 @@ def slot_block_tiles(candidates: list[dict], tokens: int, shape: list[int] | Non
     e, k = shape[0], shape[3]
     if not sort_free(tokens, k, e + (zero_experts if zero_experts is not None else e // 2)):
         return [True] * len(candidates)
-    return [c["BLOCK_SIZE_M"] == SLOT_BLOCK_M for c in candidates]
+    return [c["BLOCK_SIZE_M"] == SLOT_BLOCK_M and c.get("GROUP_SIZE_M", 1) == 1 for c in candidates]
 
 
 def table_from_rows(rows: list[dict], variant: str, min_gain: float = 0.01, candidates: list[dict] | None = None,
@@ -123,7 +125,8 @@ def table_from_rows(rows: list[dict], variant: str, min_gain: float = 0.01, cand
     """vLLM-format table: per batch size the variant's fastest `eligible` config (for ours, in
     the sort-free range, a `slot_block_tiles` one) if it beats the
     config stock vLLM runs there (`stock_config`) by more than min_gain, else that config (without
-    the grid's candidates: the row's recorded best, unguarded). Given the candidates, a batch size
+    the grid's candidates: the row's recorded best, unguarded; for ours in the sort-free range with
+    GROUP_SIZE_M 1, as the plugin runs it). Given the candidates, a batch size
     above captured_up_to takes instead an eligible config that start-up compiles anyway (the pick at
     the largest captured size: CUDA-graph capture; at the largest batch size: vLLM's profile run)
     when that one is within reuse_within of the pick: any other config is a first-use Triton compile
@@ -156,7 +159,12 @@ def table_from_rows(rows: list[dict], variant: str, min_gain: float = 0.01, cand
             fastest = min(timed, default=None)
             if fastest is not None and fastest[0] <= (1 + reuse_within) * t:
                 picks[m] = (dict(zip(KEYS, fastest[1])), fastest[0])
-    return {str(r["tokens"]): {k: picks[r["tokens"]][0][k] for k in KEYS} for r in rows}
+    table = {str(r["tokens"]): {k: picks[r["tokens"]][0][k] for k in KEYS} for r in rows}
+    if variant == "ours":
+        for m, cfg in table.items():  # stock's grouped tile where nothing beat it: written as it runs
+            if cfg["GROUP_SIZE_M"] > 1 and not slot_block_tiles([cfg], int(m), shape, zero_experts)[0]:
+                cfg["GROUP_SIZE_M"] = 1
+    return table
 
 
 def table_from_grid(grid: dict, variant: str, **kw) -> dict[str, dict]:

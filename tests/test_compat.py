@@ -58,9 +58,33 @@ def test_triton_experts_hook_exists_in_this_vllm():
     from vllm_zeda import vllm_triton_experts as vte
     from vllm_zeda.tuned_configs import zeda_moe_config
 
-    assert vte._LIVE_APPLY is not None
-    assert vte._LIVE_APPLY.__globals__["_prepare_expert_assignment"] is vte.assign_live_slots
-    assert vte._LIVE_APPLY.__globals__["try_get_optimal_moe_config"] is zeda_moe_config
+    for apply, config in ((vte._LIVE_APPLY, zeda_moe_config), (vte._SLOT_APPLY, vte.slot_block_config)):
+        assert apply is not None
+        assert apply.__globals__["_prepare_expert_assignment"] is vte.assign_live_slots
+        assert apply.__globals__["try_get_optimal_moe_config"] is config
+
+
+def test_sort_free_calls_run_their_tile_ungrouped(monkeypatch):
+    """slot_block_config is zeda_moe_config's tile with GROUP_SIZE_M 1 (and leaves the picked
+    dict alone: vLLM caches its tables' dicts); apply() takes it exactly where the assignment is
+    sort-free (M*K*4 <= E+Z), the stock config function elsewhere."""
+    from vllm_zeda import vllm_triton_experts as vte
+
+    picked = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 128, "GROUP_SIZE_M": 16, "num_warps": 4}
+    monkeypatch.setattr(vte, "zeda_moe_config", lambda *a, **k: picked)
+    assert vte.slot_block_config() == dict(picked, GROUP_SIZE_M=1) and picked["GROUP_SIZE_M"] == 16
+    wna16 = {"BLOCK_SIZE_M": 16, "SPLIT_K": 1}  # a config without the key stays as it is
+    monkeypatch.setattr(vte, "zeda_moe_config", lambda *a, **k: wna16)
+    assert vte.slot_block_config() is wna16
+
+    experts, used = _live_slot_experts(), []
+    monkeypatch.setattr(vte, "_LIVE_APPLY", lambda *a, **k: used.append("live"))
+    monkeypatch.setattr(vte, "_SLOT_APPLY", lambda *a, **k: used.append("slot"))
+    emap = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7] + [-1] * 8, dtype=torch.int32)  # E=8, Z=8
+    for tokens in (1, 2, 3):  # 2 slots a token: sort-free while tokens * 2 * 4 <= 16
+        ids = torch.tensor([[0, 9]] * tokens, dtype=torch.int32)
+        experts.apply(None, None, None, None, None, ids, None, 16, emap, None, None, None, None, None, False)
+    assert used == ["slot", "slot", "live"]
 
 
 def test_small_batches_keep_sort_free_assignment_with_zero_experts_mapped_out():

@@ -31,6 +31,8 @@ Zero slots reach the experts with ids E..E+Z-1 and an expert map that sends them
    map-aware CUDA `moe_sum` in eager forwards, where host launch time counts (`live_sum_pays`).
 4. Tile configs: vllm_zeda's own tables, tuned at the ZEDA operating point, come before vLLM's
    defaults (`tuned_configs.zeda_moe_config`; 0.26 has no H100 table for Qwen3-30B-A3B's shape).
+   Where the assignment is sort-free the tile runs with GROUP_SIZE_M 1, whichever table or
+   override chose it (`slot_block_config`).
 1-3 read "live ids" ([M, K], -1 where the map says -1; vLLM's eager sum reads the ids and the
 map instead). The router's kernel writes them while routing (vllm_experts.router_live_ids); only
 with expert parallelism, or when vLLM hands the experts a copy or chunk of the ids, are they
@@ -178,12 +180,33 @@ def _grouped_int_weights(kwargs) -> bool:
     return bool((kwargs.get("use_int8_w8a16") or kwargs.get("use_int4_w4a16")) and block_shape and block_shape[1] > 0)
 
 
-_LIVE_APPLY = (
-    compat.rebind_globals(TritonExperts.apply, _prepare_expert_assignment=assign_live_slots,
-                          try_get_optimal_moe_config=zeda_moe_config)
-    if _UPSTREAM_ASSIGN is not None
-    else None
-)
+def slot_block_config(*args, **kwargs) -> dict:
+    """`zeda_moe_config` for calls with the sort-free assignment: the same tile, GROUP_SIZE_M 1.
+
+    vLLM's fused_moe_kernel walks its programs GROUP_SIZE_M M-blocks at a time, pid_m changing
+    fastest (pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m, 0.26). With a block per
+    slot and the live slots' blocks first, a group therefore interleaves live programs with zero
+    slots' early-exiting ones, and the live ones land on every other SM or so; with 1 the live
+    programs are the first ones launched. A block per slot means a different expert per block, so
+    grouping buys no weight reuse here. H200, bf16, ours / the ideal at skip 0.5, grouped (the
+    tables' 16) against 1 (benchmarks/RESULTS.md §2, session 17): GLM-4.7-Flash 1 token 1.020
+    against 0.914, 2 tokens 1.047 against 0.994; Qwen3-30B-A3B 4 tokens at skip 0.75 1.062
+    against 1.017. vLLM's own tables hold such tiles (its H100 GLM-4.7-Flash table up to 4 tokens,
+    its H200 Qwen3-30B-A3B one at 4), so the rule is applied here, not only in our tables."""
+    config = zeda_moe_config(*args, **kwargs)
+    return config if config.get("GROUP_SIZE_M", 1) == 1 else dict(config, GROUP_SIZE_M=1)
+
+
+def _upstream_apply(**replacements):
+    """TritonExperts.apply with assign_live_slots and the given config function, or None if
+    this vLLM's apply has no assignment hook."""
+    if _UPSTREAM_ASSIGN is None:
+        return None
+    return compat.rebind_globals(TritonExperts.apply, _prepare_expert_assignment=assign_live_slots, **replacements)
+
+
+_LIVE_APPLY = _upstream_apply(try_get_optimal_moe_config=zeda_moe_config)
+_SLOT_APPLY = _upstream_apply(try_get_optimal_moe_config=slot_block_config)  # sort-free calls
 
 
 class ZedaTritonExperts(TritonExperts):
@@ -207,8 +230,9 @@ class ZedaTritonExperts(TritonExperts):
         live, from_router = _live_ids(topk_ids, expert_map)
         self._state.slots = (live, topk_ids, expert_map)  # upstream calls moe_sum without ids or map
         try:  # assign_live_slots reads the live ids through the hint (the router's is set already)
+            upstream = _SLOT_APPLY if sort_free(*topk_ids.shape, global_num_experts) else _LIVE_APPLY
             with _NO_HINT if from_router else live_ids_hint(topk_ids, live):
-                return _LIVE_APPLY(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation,
+                return upstream(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation,
                                    global_num_experts, expert_map, *args, **kwargs)
         finally:
             self._state.slots = None
