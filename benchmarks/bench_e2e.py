@@ -96,20 +96,33 @@ def probe(llm, bias, prompts, sp) -> float:
 # session 16 it was (16, 16, 32), 33% prompt tokens, and runs H-L measured z 0.56-0.57 on the
 # batch-1 and -16 workloads at target 0.5 (0.80-0.81 at 0.75).
 PROBES = {"prefill": (32, 64, 4), "decode": (16, 4, 64)}
+# Workloads calibrated on their own prompts instead. A single sequence's zero fraction is its own:
+# with dummy weights greedy decoding settles into a few tokens whose routing every step repeats, so
+# a bias that gives 0.50 over the decode probe's 16 sequences gave 0.26 on the batch-1 workload's
+# one (2026-12-01, H200). Calibrating on the workload itself costs ~20 of its runs (~20 s).
+OWN_PROBES = ("decode_b1",)
 
 
-def calibrate(llm, target, g, kind: str) -> float:
-    """Zero bias giving `target` zero fraction on a prefill-like or a decode-like probe (dummy
-    routers route the two differently: one bias gave 0.49 on prefill and 0.79 on decode). Dummy
-    weights make router logits nearly equal, so the useful bias range is tiny and unknown in
-    advance: grow, then bisect."""
+def bias_kind(workload: str) -> str:
+    """Which calibrated zero bias a workload runs at."""
+    return workload if workload in OWN_PROBES else ("prefill" if workload == "prefill" else "decode")
+
+
+def make_prompts(g, n: int, plen: int) -> list[dict]:
     import torch
+
+    return [{"prompt_token_ids": torch.randint(0, 250, (plen,), generator=g).tolist()} for _ in range(n)]
+
+
+def calibrate(llm, target, prompts: list[dict], olen: int, kind: str) -> float:
+    """Zero bias giving `target` zero fraction over `prompts` (a prefill-like or a decode-like
+    probe, or a workload's own: dummy routers route prompt and decode tokens differently, one bias
+    gave 0.49 on prefill and 0.79 on decode). Dummy weights make router logits nearly equal, so
+    the useful bias range is tiny and unknown in advance: grow, then bisect."""
     from vllm import SamplingParams
 
     if target <= 0.0 or target >= 1.0:
         return -1e4 if target <= 0.0 else 1e4
-    n, plen, olen = PROBES[kind]
-    prompts = [{"prompt_token_ids": torch.randint(0, 250, (plen,), generator=g).tolist()} for _ in range(n)]
     sp = SamplingParams(max_tokens=olen, temperature=0, ignore_eos=True)
     lo, hi = -1e-6, 1e-6
     while probe(llm, hi, prompts, sp) < target and hi < 1e3:
@@ -127,24 +140,21 @@ def calibrate(llm, target, g, kind: str) -> float:
     return bias
 
 
-def run_workloads(llm, label: str, g, biases: dict | None, runs: int = 3, only=tuple(WORKLOADS)) -> dict:
-    """Every workload: one short warm-up (at most 8 output tokens: the same batch shapes), then
-    `runs` timed runs (MIN_RUNS at least), the fastest reported (a one-off ~1-1.4 s stall hit
-    single runs of every config on 2026-11-23; two timed runs outvote one). With `biases` (a ZEDA engine) the prefill
-    workload runs at the prefill-calibrated bias, the decode ones at the decode one."""
-    import torch
+def run_workloads(llm, label: str, prompts: dict, biases: dict | None, runs: int = 3) -> dict:
+    """Every workload in `prompts` ({name: its prompts}): one short warm-up (at most 8 output
+    tokens: the same batch shapes), then `runs` timed runs (MIN_RUNS at least), the fastest
+    reported (a one-off ~1-1.4 s stall hit single runs of every config on 2026-11-23; two timed
+    runs outvote one). With `biases` (a ZEDA engine) each workload runs at its `bias_kind`'s."""
     from vllm import SamplingParams
 
     out = {}
-    for wname, (n, plen, olen) in WORKLOADS.items():
-        if wname not in only:
-            continue
-        prompts = [{"prompt_token_ids": torch.randint(0, 250, (plen,), generator=g).tolist()} for _ in range(n)]
+    for wname, wprompts in prompts.items():
+        n, plen, olen = WORKLOADS[wname]
         sp = SamplingParams(max_tokens=olen, temperature=0, ignore_eos=True)
         if biases:
-            llm.collective_rpc("zeda_set_zero_bias", args=(biases["prefill" if wname == "prefill" else "decode"],))
+            llm.collective_rpc("zeda_set_zero_bias", args=(biases[bias_kind(wname)],))
         t = time.perf_counter()
-        llm.generate(prompts, SamplingParams(max_tokens=min(olen, 8), temperature=0, ignore_eos=True), use_tqdm=False)
+        llm.generate(wprompts, SamplingParams(max_tokens=min(olen, 8), temperature=0, ignore_eos=True), use_tqdm=False)
         warmup = time.perf_counter() - t
         times = []
         for attempt in range(max(runs, MIN_RUNS.get(wname, 0))):
@@ -153,7 +163,7 @@ def run_workloads(llm, label: str, g, biases: dict | None, runs: int = 3, only=t
             llm.collective_rpc("bench_gc_collect")
             gc.collect()
             t = time.perf_counter()
-            llm.generate(prompts, sp, use_tqdm=False)
+            llm.generate(wprompts, sp, use_tqdm=False)
             times.append(time.perf_counter() - t)
         dt = min(times)
         tok = n * plen if wname == "prefill" else n * olen
@@ -179,7 +189,7 @@ def worker(model_dir: str, name: str, a) -> None:
     from benchmarks.kernel_profile import decode_step_kernels, prefill_step_kernels
 
     targets, quick, tp, ep = a.targets, a.quick, a.tp, a.ep
-    needs_bias = {"prefill" if w == "prefill" else "decode" for w in a.workloads}  # zero biases to calibrate
+    needs_bias = {bias_kind(w) for w in a.workloads}  # zero biases to calibrate
     needs_bias |= {"decode"} if a.profile_decode else set()
     needs_bias |= {"prefill"} if a.profile_prefill else set()
     zeda = CONFIGS[name].get("zeda", False)
@@ -197,15 +207,17 @@ def worker(model_dir: str, name: str, a) -> None:
               enable_prefix_caching=False,
               compilation_config={"cudagraph_capture_sizes": SHORT_CAPTURE_SIZES if quick else CAPTURE_SIZES}, **kw)
     init_s = round(time.time() - t0, 1)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(0)  # the same prompts in every engine and at every target
+    prompts = {w: make_prompts(g, *WORKLOADS[w][:2]) for w in WORKLOADS if w in a.workloads}
+    probes = {kind: (make_prompts(g, n, plen), olen) for kind, (n, plen, olen) in PROBES.items() if kind in needs_bias}
+    probes.update({w: (prompts[w], WORKLOADS[w][2]) for w in OWN_PROBES if w in needs_bias})
     for target in (targets if zeda else [None]):
         label = name if target is None else f"zeda_s{round(target * 100)}"
         res = {"config": label, "init_s": init_s}
-        kinds = [kind for kind in PROBES if kind in needs_bias]
-        biases = {kind: calibrate(llm, target, g, kind) for kind in kinds} if zeda else None
+        biases = {kind: calibrate(llm, target, *probe_set, kind) for kind, probe_set in probes.items()} if zeda else None
         if biases:
             res["zero_bias"] = biases
-        res["workloads"] = run_workloads(llm, label, g, biases, runs=2 if quick else 3, only=a.workloads)
+        res["workloads"] = run_workloads(llm, label, prompts, biases, runs=2 if quick else 3)
         profiles = {"decode_profile": a.profile_decode, "prefill_profile": a.profile_prefill}
         for key in (k for k, on in profiles.items() if on):
             try:  # each at its workload's bias
