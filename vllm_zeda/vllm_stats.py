@@ -36,7 +36,6 @@ class ZedaWorkerExtension:
             model.zeda_reset_stats()
         return model is not None
 
-
     def zeda_set_zero_bias(self, bias: float) -> bool:
         model = _zeda_model(self.model_runner.get_model())
         if model is not None:
