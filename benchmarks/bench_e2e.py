@@ -7,7 +7,8 @@ Configs, each in its own engine process, measured in one run:
             skip fraction: the zero bias is set through the `zeda_set_zero_bias` worker RPC and
             calibrated by bisection on the measured fraction, separately for prefill and decode
             (dummy routers give near-equal logits, so the useful bias range is tiny, and route
-            the two differently). Reported as zeda_s0, zeda_s50, ...
+            the two differently), and for the batch-1 workload on its own prompt (OWN_PROBES).
+            Reported as zeda_s0, zeda_s50, ... in --targets order.
             Target 0 uses bias -1e4: no zero slot at all, so it measures the plugin's overhead.
 Workloads: prefill (64 x 2048 prompt tokens, 1 output: input tok/s), decode at batch 1, 16, 256
 (output tok/s). Each workload runs a short warm-up, then three timed runs (--quick: two; batch
@@ -16,10 +17,13 @@ the same CUDA-graph capture sizes (CAPTURE_SIZES) to keep start-up short.
 --profile-decode adds, per config and target, the GPU kernels of one batch-1 decode step (device
 µs by kernel name, torch.profiler in the worker: kernel_profile.py; --profile-batch N: of N); --profile-prefill those of one
 prefill step of 16,384 prompt tokens (8 x 2,048). --workloads times only the ones named.
+--profile-run W... adds one more run of each named workload with CPU ops and GPU kernels
+profiled in the worker: vLLM's model-runner scopes per step, the engine core's time between them,
+the GPU's busy and idle time (kernel_profile.run_timeline).
 
     python3 benchmarks/bench_e2e.py --out $OUT/e2e.json [--configs static8 ideal4 zeda] [--targets 0 0.5]
                                     [--profile-decode] [--profile-prefill] [--workloads prefill ...]
-                                    [--tp 2 [--ep]]
+                                    [--profile-run decode_b256] [--tp 2 [--ep]]
 --tp N runs every engine tensor-parallel over N GPUs, --ep adds --enable-expert-parallel (each rank
 holds E/N real experts). The zero fraction is read from rank 0: every rank routes every token.
 """
@@ -28,6 +32,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import sys
 import tempfile
 import time
@@ -182,7 +187,25 @@ def run_workloads(llm, label: str, prompts: dict, biases: dict | None, runs: int
     return out
 
 
+def profile_run(llm, prompts: list[dict], olen: int) -> dict:
+    """One more run of a workload with CPU ops and GPU kernels profiled in the worker
+    (kernel_profile.run_timeline: the model runner's scopes, the time outside them, the GPU's busy
+    and idle time), plus the run's wall seconds as generate() saw them. The profiler's own cost
+    per CPU op slows the host side of this run: compare engines' profiled runs with each other,
+    not with timed runs."""
+    from vllm import SamplingParams
+
+    llm.collective_rpc("bench_gc_collect")
+    llm.collective_rpc("bench_timeline_start")
+    t = time.perf_counter()
+    llm.generate(prompts, SamplingParams(max_tokens=olen, temperature=0, ignore_eos=True), use_tqdm=False)
+    wall = time.perf_counter() - t
+    return dict(llm.collective_rpc("bench_timeline_stop")[0], generate_s=round(wall, 3))
+
+
 def worker(model_dir: str, name: str, a) -> None:
+    if a.profile_run:  # vLLM's model-runner scopes, read when the engine starts (the engine core inherits it)
+        os.environ["VLLM_CUSTOM_SCOPES_FOR_PROFILING"] = "1"
     import torch
     from vllm import LLM
 
@@ -233,6 +256,14 @@ def worker(model_dir: str, name: str, a) -> None:
             except Exception as exc:  # the throughput numbers above still count
                 res[key] = {"error": f"{type(exc).__name__}: {exc}"}
             print(label, key, {k: v for k, v in res[key].items() if k not in ("kernels", "call_spread")}, flush=True)
+        for w in a.profile_run:
+            if biases:
+                llm.collective_rpc("zeda_set_zero_bias", args=(biases[bias_kind(w)],))
+            try:
+                res.setdefault("run_profile", {})[w] = profile_run(llm, prompts[w], WORKLOADS[w][2])
+            except Exception as exc:  # the throughput numbers above still count
+                res["run_profile"][w] = {"error": f"{type(exc).__name__}: {exc}"}
+            print(label, "run_profile", w, {k: v for k, v in res["run_profile"][w].items() if k != "cpu_ops"}, flush=True)
         print("RESULT " + json.dumps(res), flush=True)
 
 
@@ -248,6 +279,9 @@ def main() -> None:
                    help="device µs by kernel of one prefill step of max_num_batched_tokens prompt tokens")
     p.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS),
                    help="the workloads to time (default: all)")
+    p.add_argument("--profile-run", nargs="+", choices=list(WORKLOADS), default=[], metavar="WORKLOAD",
+                   help="after the timed runs, one more run of each with CPU ops and GPU kernels profiled in the "
+                        "worker: where its wall time goes (vLLM's model-runner scopes, the GPU's idle time)")
     p.add_argument("--quick", action="store_true", help="4 CUDA-graph sizes and 2 timed runs per workload")
     p.add_argument("--timeout", type=float, default=200, help="seconds per engine, plus 90 per zeda target")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size of every engine")
@@ -255,6 +289,8 @@ def main() -> None:
     a = p.parse_args()
     if a.profile_batch < 1:
         p.error(f"--profile-batch must be at least 1, got {a.profile_batch}")
+    if set(a.profile_run) - set(a.workloads):
+        p.error(f"--profile-run {' '.join(sorted(set(a.profile_run) - set(a.workloads)))}: not among --workloads")
     if a.worker:
         return worker(*a.worker, a)
     import torch
@@ -273,6 +309,7 @@ def main() -> None:
                            "--targets", *map(str, a.targets), "--tp", str(a.tp)] + ["--ep"] * a.ep
                           + ["--profile-decode"] * a.profile_decode + ["--profile-prefill"] * a.profile_prefill
                           + ["--profile-batch", str(a.profile_batch)]
+                          + (["--profile-run", *a.profile_run] if a.profile_run else [])
                           + ["--quick"] * a.quick + ["--workloads", *a.workloads], timeout)
         out, err = proc.stdout, proc.stderr
         log.write_text(out + "\n----- stderr\n" + err[-20000:])

@@ -30,6 +30,9 @@
 #   e2e50     bench_e2e.py --configs static8 ideal4 zeda --targets 0 0.5 --quick                ~8 min
 #   e2e50p    e2e50 plus --profile-decode: device µs by kernel of a batch-1 decode step, per engine ~9 min
 #   e2e-b1    e2e50's batch-1 decode alone (its bias calibrated on its own prompt)            ~4 min
+#   b256-run  batch-256 decode, static8 and zeda (skip 0.5 first, then 0: is skip 0's cost the engine's
+#             first workload?), then one run of each profiled whole, CPU and GPU (--profile-run):
+#             the model runner's scopes, the time between steps, the GPU's idle time        ~6 min
 #   e2e75     bench_e2e.py --configs static8 ideal2 zeda --targets 0.75 --quick                 ~6 min
 #   b256-profile  bench_e2e.py --configs static8 zeda --targets 0 0.5 --workloads decode_b256
 #             --profile-decode --profile-batch 256: batch-256 decode (4 runs: the alternation) and one
@@ -75,7 +78,7 @@
 # logs are packed into $OUT/logs.tgz at the end (the device tool returns at most 8 files).
 set -uo pipefail
 [ $# -gt 0 ] || { awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"; exit 2; }
-STAGES="kernels layer pieces grid route kernel-tests layer-live layer-live-glm layer-small layer-profile host e2e50 e2e50p e2e-b1 prefill e2e50t e2e75 b256-profile prefill-profile serve serve3 serve-ideal serve-ideal-tiles serve-graphs serve-graphs-ideal serve-profile parity tune tune-glm env tp-parity tp-train tp-e2e ep-e2e tp-serve ep-serve"
+STAGES="kernels layer pieces grid route kernel-tests layer-live layer-live-glm layer-small layer-profile host e2e50 e2e50p e2e-b1 b256-run prefill e2e50t e2e75 b256-profile prefill-profile serve serve3 serve-ideal serve-ideal-tiles serve-graphs serve-graphs-ideal serve-profile parity tune tune-glm env tp-parity tp-train tp-e2e ep-e2e tp-serve ep-serve"
 for stage in "$@"; do  # before staging the bundle: a typo costs nothing
   [[ " $STAGES " == *" $stage "* ]] || { echo "device_suite: unknown stage '$stage' ($STAGES)" >&2; exit 2; }
 done
@@ -136,6 +139,8 @@ for stage in "$@"; do
              --profile-batch 256 --timeout 150 ;;
     e2e-b1) run 400 e2e_b1 python3 benchmarks/bench_e2e.py --out "$OUT/e2e_b1.json" --configs static8 ideal4 zeda \
              --targets 0 0.5 --quick --workloads decode_b1 --timeout 150 ;;
+    b256-run) run 585 b256_run python3 benchmarks/bench_e2e.py --out "$OUT/b256_run.json" --configs static8 zeda \
+             --targets 0.5 0 --quick --workloads decode_b256 --profile-run decode_b256 --timeout 200 ;;
     prefill) run 360 prefill python3 benchmarks/bench_e2e.py --out "$OUT/prefill.json" --configs static8 ideal4 zeda \
              --targets 0 0.5 --quick --workloads prefill --timeout 150 ;;
     prefill-profile) run 585 prefill_profile python3 benchmarks/bench_e2e.py --out "$OUT/prefill_profile.json" \

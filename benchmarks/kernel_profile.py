@@ -43,6 +43,21 @@ class KernelProfileExtension:
         """call_spread of the last profiled run (bench_profile_stop)."""
         return getattr(self, "_bench_spread", {})
 
+    def bench_timeline_start(self) -> None:
+        """CPU ops and (where there is a GPU) device kernels on one clock, for run_timeline."""
+        import torch
+
+        acts = [torch.profiler.ProfilerActivity.CPU]
+        acts += [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else []
+        self._bench_timeline = torch.profiler.profile(activities=acts)
+        self._bench_timeline.__enter__()
+
+    def bench_timeline_stop(self) -> dict:
+        """run_timeline of everything since bench_timeline_start."""
+        prof, self._bench_timeline = self._bench_timeline, None
+        prof.__exit__(None, None, None)
+        return run_timeline(prof)
+
 
 def kernel_totals(prof, on_gpu: bool = True) -> dict[str, list[float]]:
     """{name: [launches, total µs]} of a finished torch.profiler run: self device time by kernel
@@ -108,6 +123,81 @@ def device_idle_after(prof, on_gpu: bool = True) -> dict[str, float]:
 
     return idle_after([(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
                        if (getattr(e, "device_type", None) == DeviceType.CUDA) == on_gpu])
+
+
+# vLLM's model-runner scopes (gpu_model_runner.py, recorded with VLLM_CUSTOM_SCOPES_FOR_PROFILING=1):
+# "gpu_model_runner: preprocess", "forward", "postprocess", "sample", "bookkeep", ...
+RUNNER_SCOPE = "gpu_model_runner: "
+
+
+def union_length(intervals: list[tuple[float, float]]) -> float:
+    """Total length covered by (start, end) intervals, overlaps counted once."""
+    total, end = 0.0, None
+    for start, stop in sorted(intervals):
+        if end is None or start > end:
+            total += stop - start
+            end = stop
+        elif stop > end:
+            total += stop - end
+            end = stop
+    return total
+
+
+def gaps(intervals: list[tuple[float, float]]) -> list[float]:
+    """The uncovered stretches between the first start and the last end of (start, end) intervals."""
+    out, end = [], None
+    for start, stop in sorted(intervals):
+        if end is not None and start > end:
+            out.append(start - end)
+        end = stop if end is None else max(end, stop)
+    return out
+
+
+def timeline_summary(scopes: list[tuple[float, float, str]], kernels: list[tuple[float, float]],
+                     min_gap_us: float = 50.0) -> dict:
+    """Where a profiled run's wall time goes (µs), from the model runner's CPU scopes (start, end,
+    name) and the device's kernels (start, end) on the same clock:
+    - steps: forward scopes; wall: first to last event of either kind;
+    - scopes: {name: [calls, total µs]} of the runner's scopes (nested ones counted in their own);
+    - outside_runner: wall time inside the scopes' span that no scope covers (the engine core's
+      scheduling and hand-offs between steps);
+    - gpu_busy / gpu_idle: kernel time, overlaps once, and the rest of the kernels' span; idle gaps
+      of at least min_gap_us counted and summed (short ones are launch spacing inside a step), the
+      five longest listed."""
+    spans = [(a, b) for a, b, _ in scopes] + list(kernels)
+    if not spans:
+        return {"steps": 0}
+    by_scope: dict[str, list[float]] = {}
+    for start, stop, name in scopes:
+        entry = by_scope.setdefault(name[len(RUNNER_SCOPE):] if name.startswith(RUNNER_SCOPE) else name, [0, 0.0])
+        entry[0] += 1
+        entry[1] += stop - start
+    runner = [(a, b) for a, b, _ in scopes]
+    idle = gaps(kernels)
+    long = sorted((g for g in idle if g >= min_gap_us), reverse=True)
+    first, last = min(a for a, _ in spans), max(b for _, b in spans)
+    return {"steps": by_scope.get("forward", [0])[0], "wall_us": round(last - first, 1),
+            "scopes_us": {k: [c, round(t, 1)] for k, (c, t) in sorted(by_scope.items())},
+            "outside_runner_us": round(sum(gaps(runner)), 1),
+            "gpu_busy_us": round(union_length(kernels), 1), "gpu_idle_us": round(sum(idle), 1),
+            "gpu_idle_gaps": {"min_us": min_gap_us, "count": len(long), "total_us": round(sum(long), 1),
+                              "longest_us": [round(g, 1) for g in long[:5]]}}
+
+
+def run_timeline(prof, top: int = 25) -> dict:
+    """timeline_summary of a finished CPU (+ CUDA) torch.profiler run, plus its `top` CPU ops by
+    self time ({name: [calls, self µs]})."""
+    from torch.autograd import DeviceType
+
+    scopes, kernels = [], []
+    for e in prof.events():
+        if getattr(e, "device_type", None) == DeviceType.CUDA:
+            kernels.append((e.time_range.start, e.time_range.end))
+        elif e.name.startswith(RUNNER_SCOPE):
+            scopes.append((e.time_range.start, e.time_range.end, e.name))
+    out = timeline_summary(scopes, kernels)
+    out["cpu_ops"] = top_kernels(kernel_totals(prof, on_gpu=False), top)
+    return out
 
 
 def spread(durations: list[float]) -> dict:
