@@ -185,10 +185,11 @@ def slot_block_config(*args, **kwargs) -> dict:
 
     vLLM's fused_moe_kernel walks its programs GROUP_SIZE_M M-blocks at a time, pid_m changing
     fastest (pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m, 0.26). With a block per
-    slot and the live slots' blocks first, a group therefore interleaves live programs with zero
-    slots' early-exiting ones, and the live ones land on every other SM or so; with 1 the live
-    programs are the first ones launched. A block per slot means a different expert per block, so
-    grouping buys no weight reuse here. H200, bf16, ours / the ideal at skip 0.5, grouped (the
+    slot and the live slots' blocks first, a group therefore interleaves live programs with the
+    zero slots' early-exiting ones in launch order; with 1 the live programs are launched first.
+    (Why the interleaving costs, e.g. live programs packed onto fewer SMs, is inferred; the times
+    below are measured.) A block per slot means a different expert per block, so grouping buys no
+    weight reuse here. H200, bf16, ours / the ideal at skip 0.5, grouped (the
     tables' 16) against 1 (benchmarks/RESULTS.md §2, session 17): GLM-4.7-Flash 1 token 1.020
     against 0.914, 2 tokens 1.047 against 0.994; Qwen3-30B-A3B 4 tokens at skip 0.75 1.062
     against 1.017. vLLM's own tables hold such tiles (its H100 GLM-4.7-Flash table up to 4 tokens,
