@@ -20,7 +20,9 @@ full grid to --out and, into --table-dir, vLLM-format tables (batch size -> conf
 the fastest candidate where it beats stock by more than --min-gain (a best-of-25 pick carries
 noise), else stock's config; the ours table takes only tiles at most --static-within slower than
 stock's in the static run (ours at skip 0: a tile tuned at half the slots must not lose with
-none), and where the slot assignment is sort-free only BLOCK_SIZE_M 16 tiles (`slot_block_tiles`).
+none), and among those the fastest one no slower than stock's at skip 0 unless that one is more
+than --skip0-trade (3%) slower at skip 0.5; where the slot assignment is sort-free only
+BLOCK_SIZE_M 16, GROUP_SIZE_M 1 tiles (`slot_block_tiles`).
 Both comparisons use stock's own timing in the candidate sweep. Above 512 tokens a config
 that start-up compiles anyway (CUDA-graph capture, the profile run) is kept where it is within 1%
 of that pick (each other config is a first-use compile while serving).
@@ -121,9 +123,11 @@ def slot_block_tiles(candidates: list[dict], tokens: int, shape: list[int] | Non
 def table_from_rows(rows: list[dict], variant: str, min_gain: float = 0.01, candidates: list[dict] | None = None,
                     reuse_within: float = 0.01, captured_up_to: int = CAPTURED_UP_TO,
                     static_within: float | None = 0.02, stock_table: dict | None = None,
-                    shape: list[int] | None = None, zero_experts: int | None = None) -> dict[str, dict]:
+                    shape: list[int] | None = None, zero_experts: int | None = None,
+                    skip0_trade: float = 0.03) -> dict[str, dict]:
     """vLLM-format table: per batch size the variant's fastest `eligible` config (for ours, in
-    the sort-free range, a `slot_block_tiles` one) if it beats the
+    the sort-free range, a `slot_block_tiles` one; and for ours the fastest one no slower than
+    stock's at skip 0 instead, unless that one is more than skip0_trade slower) if it beats the
     config stock vLLM runs there (`stock_config`) by more than min_gain, else that config (without
     the grid's candidates: the row's recorded best, unguarded; for ours in the sort-free range with
     GROUP_SIZE_M 1, as the plugin runs it). Given the candidates, a batch size
@@ -138,12 +142,15 @@ def table_from_rows(rows: list[dict], variant: str, min_gain: float = 0.01, cand
         static_ref, ref = _stock_times(r, variant, keys, stock)
         cfg, t = r[f"{variant}_best_config"], r[f"{variant}_best"]
         if candidates is not None:
-            ok[r["tokens"]] = eligible(r, variant, static_within, static_ref)
-            if variant == "ours":
-                keep = slot_block_tiles(candidates, r["tokens"], shape, zero_experts)
-                ok[r["tokens"]] = [a and b for a, b in zip(ok[r["tokens"]], keep)]
-            t, i = min(((tc, i) for i, tc in enumerate(r[f"{variant}_all"]) if ok[r["tokens"]][i]),
-                       default=(None, None))
+            keep = (slot_block_tiles(candidates, r["tokens"], shape, zero_experts) if variant == "ours"
+                    else [True] * len(candidates))
+            ok[r["tokens"]] = [a and b for a, b in zip(eligible(r, variant, static_within, static_ref), keep)]
+            t, i = _fastest(r[f"{variant}_all"], ok[r["tokens"]])
+            if static_within is not None:  # a tile that holds at skip 0 where it costs little at skip 0.5
+                strict = [a and b for a, b in zip(eligible(r, variant, 0.0, static_ref), keep)]
+                ts, j = _fastest(r[f"{variant}_all"], strict)
+                if j is not None and t is not None and ts <= (1 + skip0_trade) * t:
+                    (t, i), ok[r["tokens"]] = (ts, j), strict  # reuse below stays in this tier
             cfg = candidates[i] if i is not None else None
         better = t is not None and t < (1 - min_gain) * ref
         picks[r["tokens"]] = (cfg, t) if better else (stock, ref)
@@ -167,6 +174,11 @@ def table_from_rows(rows: list[dict], variant: str, min_gain: float = 0.01, cand
     return table
 
 
+def _fastest(times: list[float | None], allowed: list[bool]) -> tuple[float | None, int | None]:
+    """(µs, index) of the fastest allowed candidate, or (None, None)."""
+    return min(((t, i) for i, t in enumerate(times) if allowed[i]), default=(None, None))
+
+
 def table_from_grid(grid: dict, variant: str, **kw) -> dict[str, dict]:
     """table_from_rows over a grid written by --out (its candidates, stock vLLM's own table and
     the expert shape)."""
@@ -175,11 +187,12 @@ def table_from_grid(grid: dict, variant: str, **kw) -> dict[str, dict]:
                            shape=meta.get("shape"), zero_experts=meta.get("zero_experts"), **kw)
 
 
-def write_tables(grid: dict, table_dir: str, variants, min_gain: float, name: str, static_within: float) -> None:
+def write_tables(grid: dict, table_dir: str, variants, min_gain: float, name: str, static_within: float,
+                 skip0_trade: float) -> None:
     for v in variants:
         d = Path(table_dir) if len(variants) == 1 else Path(table_dir) / v
         d.mkdir(parents=True, exist_ok=True)
-        table = table_from_grid(grid, v, min_gain=min_gain, static_within=static_within)
+        table = table_from_grid(grid, v, min_gain=min_gain, static_within=static_within, skip0_trade=skip0_trade)
         (d / name).write_text(json.dumps(table, indent=1) + "\n")
 
 
@@ -211,6 +224,8 @@ def main():
     p.add_argument("--min-gain", type=float, default=0.01)
     p.add_argument("--static-within", type=float, default=0.02,
                    help="the ours table only takes tiles at most this much slower than stock vLLM's config at skip 0")
+    p.add_argument("--skip0-trade", type=float, default=0.03,
+                   help="...and one no slower than stock's at skip 0 unless that is more than this slower at skip 0.5")
     p.add_argument("--batches", nargs="+", type=int, default=BATCHES)
     p.add_argument("--budget-s", type=float, default=400, help="stop timing new batch sizes after this")
     p.add_argument("--shape", default="qwen3_30b_a3b", choices=["qwen3_30b_a3b", "glm47_flash"],
@@ -226,7 +241,7 @@ def main():
             p.error(f"{a.table_from} has no meta.device and meta.shape (the GPU and experts the table is for): "
                     "not a grid written by --out")
         name = table_name(device, shape[0], shape[2])
-        return write_tables(grid, a.table_dir, a.variants, a.min_gain, name, a.static_within)
+        return write_tables(grid, a.table_dir, a.variants, a.min_gain, name, a.static_within, a.skip0_trade)
     if not a.out:
         p.error("--out is required unless --table-from is given")
     os.environ.pop("VLLM_TUNED_CONFIG_FOLDER", None)  # "default" is stock vLLM's own lookup
@@ -300,7 +315,7 @@ def main():
     grid = {"meta": meta, "candidates": cands, "rows": rows}
     Path(a.out).write_text(json.dumps(grid, indent=1))
     name = fm.get_config_file_name(E, I, None)
-    write_tables(grid, a.table_dir, a.variants, a.min_gain, name, a.static_within)
+    write_tables(grid, a.table_dir, a.variants, a.min_gain, name, a.static_within, a.skip0_trade)
     print(json.dumps(meta), "tables:", name)
 
 

@@ -170,6 +170,24 @@ def test_ours_picks_only_tiles_that_hold_at_skip_0(tune):
     assert [loose[str(m)]["BLOCK_SIZE_M"] for m in (4, 8, 16)] == [64, 64, 64]
 
 
+def test_ours_prefers_a_tile_that_holds_at_skip_0_where_it_costs_little(tune):
+    """Among tiles within static_within at skip 0, the fastest that is no slower than stock's there
+    is taken over a faster one that is, unless it is more than skip0_trade (3%) slower at skip 0.5."""
+    cands = [dict(zip(tune.KEYS, (bm, 64, 64, 1, 4, 3))) for bm in (16, 32, 64)]
+
+    def row(m, ours, static):
+        return {"tokens": m, "default": cands[0], "ours_default": ours[0], "static_default": static[0],
+                "ours_best": min(ours), "ours_best_config": cands[ours.index(min(ours))], "ours_all": ours,
+                "static_all": static}
+
+    rows = [row(64, [100, 80, 78], [200, 199, 203]),  # 32 holds at skip 0 and costs 2.6%: 32
+            row(128, [100, 80, 76], [200, 199, 203])]  # 32 would cost 5.3%: 64 (1.5% slower at skip 0)
+    table = tune.table_from_rows(rows, "ours", candidates=cands)
+    assert [table[m]["BLOCK_SIZE_M"] for m in ("64", "128")] == [32, 64]
+    fastest = tune.table_from_rows(rows, "ours", candidates=cands, skip0_trade=0.0)
+    assert [fastest[m]["BLOCK_SIZE_M"] for m in ("64", "128")] == [64, 64]
+
+
 def test_stock_config_is_vllms_own_table_where_it_ships_one(tune):
     """On a GPU vLLM ships a table for (the H200), stock runs that table's nearest entry, not
     get_default_config: the fallback pick and the skip-0 reference are that config."""
