@@ -32,7 +32,8 @@
 #   e2e-b1    e2e50's batch-1 decode alone (its bias calibrated on its own prompt)            ~4 min
 #   b256-run  batch-256 decode, static8 and zeda (skip 0.5 first, then 0: is skip 0's cost the engine's
 #             first workload?), then one run of each profiled whole, CPU and GPU (--profile-run):
-#             the model runner's scopes, the time between steps, the GPU's idle time        ~6 min
+#             the model runner's scopes, the time between steps, the GPU's idle time
+#             (`tables.py run-profile`)                                                        ~6 min
 #   e2e75     bench_e2e.py --configs static8 ideal2 zeda --targets 0.75 --quick                 ~6 min
 #   b256-profile  bench_e2e.py --configs static8 zeda --targets 0 0.5 --workloads decode_b256
 #             --profile-decode --profile-batch 256: batch-256 decode (4 runs: the alternation) and one

@@ -251,9 +251,40 @@ def spread(data: dict) -> str:
     return "\n".join(out)
 
 
+RUNNER_SCOPES = ("preprocess", "forward", "postprocess", "sample", "bookkeep")
+
+
+def run_profile(data: dict) -> str:
+    """bench_e2e --profile-run: where a whole profiled run's time goes, µs per step, a column per
+    config and workload: vLLM's model-runner scopes, the engine core's time between them, the
+    GPU's busy and idle time (kernel_profile.timeline_summary)."""
+    runs = {f"{n}, {w}": p for n, r in data["configs"].items() for w, p in r.get("run_profile", {}).items()
+            if p.get("steps")}
+    if not runs:
+        raise KeyError("run_profile")
+    names = list(runs)
+
+    def per_step(p: dict, us: float) -> str:
+        return f"{us / p['steps']:,.1f}"
+
+    out = ["| µs per step | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names)]
+    out.append("| steps | " + " | ".join(str(runs[n]["steps"]) for n in names) + " |")
+    out.append("| wall | " + " | ".join(per_step(runs[n], runs[n]["wall_us"]) for n in names) + " |")
+    for scope in RUNNER_SCOPES:
+        out.append(f"| runner: {scope} | " + " | ".join(
+            per_step(runs[n], runs[n]["scopes_us"].get(scope, [0, 0.0])[1]) for n in names) + " |")
+    out.append("| between runner scopes | " + " | ".join(per_step(runs[n], runs[n]["outside_runner_us"])
+                                                        for n in names) + " |")
+    out.append("| GPU busy | " + " | ".join(per_step(runs[n], runs[n]["gpu_busy_us"]) for n in names) + " |")
+    out.append("| GPU idle | " + " | ".join(per_step(runs[n], runs[n]["gpu_idle_us"]) for n in names) + " |")
+    out.append("| GPU idle in long gaps (count, total µs) | " + " | ".join(
+        f"{runs[n]['gpu_idle_gaps']['count']}, {runs[n]['gpu_idle_gaps']['total_us']:,.0f}" for n in names) + " |")
+    return "\n".join(out)
+
+
 TABLES = {"layer": layer, "e2e": e2e, "route": route, "pieces": pieces, "tune": tune, "profile": profile,
           "prefill-profile": lambda data: profile(data, "prefill_profile"), "spread": spread, "live": live,
-          "layer-kernels": layer_kernels, "grid": grid}
+          "layer-kernels": layer_kernels, "grid": grid, "run-profile": run_profile}
 
 if __name__ == "__main__":
     if len(sys.argv) != 3 or sys.argv[1] not in TABLES:

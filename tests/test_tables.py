@@ -69,3 +69,15 @@ def test_layer_kernels_table_refuses_a_run_without_profiles():
 
     with pytest.raises(KeyError):
         tables.layer_kernels({"rows": [{"shape": "qwen3", "tokens": 4, "skip": 0.5, "ours": 50.0}]})
+
+
+def test_run_profile_table_puts_each_run_in_a_column_per_step():
+    run = {"steps": 4, "wall_us": 4000.0, "scopes_us": {"forward": [4, 2000.0], "sample": [4, 400.0]},
+           "outside_runner_us": 800.0, "gpu_busy_us": 3000.0, "gpu_idle_us": 1000.0,
+           "gpu_idle_gaps": {"min_us": 50.0, "count": 2, "total_us": 700.0, "longest_us": [400.0, 300.0]}}
+    data = {"configs": {"static8": {"run_profile": {"decode_b256": run}}, "zeda_s0": {"workloads": {}}}}
+    lines = tables.run_profile(data).splitlines()
+    assert lines[0] == "| µs per step | static8, decode_b256 |"
+    assert "| runner: forward | 500.0 |" in lines and "| runner: preprocess | 0.0 |" in lines
+    assert "| between runner scopes | 200.0 |" in lines and "| GPU idle | 250.0 |" in lines
+    assert "| GPU idle in long gaps (count, total µs) | 2, 700 |" in lines
