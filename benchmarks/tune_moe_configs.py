@@ -110,14 +110,22 @@ def slot_block_tiles(candidates: list[dict], tokens: int, shape: list[int] | Non
     at skip 0.75 in the layer benchmark (benchmarks/RESULTS.md §2). So there only such tiles, and
     only ungrouped ones (GROUP_SIZE_M 1): the plugin runs every sort-free call ungrouped
     (vllm_triton_experts.slot_block_config), so a grouped tile's time is not what would run."""
-    if not shape:
-        return [True] * len(candidates)
-    from vllm_zeda.gpu_kernels import SLOT_BLOCK_M, sort_free
+    from vllm_zeda.gpu_kernels import SLOT_BLOCK_M
 
-    e, k = shape[0], shape[3]
-    if not sort_free(tokens, k, e + (zero_experts if zero_experts is not None else e // 2)):
+    if not sort_free_here(tokens, shape, zero_experts):
         return [True] * len(candidates)
     return [c["BLOCK_SIZE_M"] == SLOT_BLOCK_M and c.get("GROUP_SIZE_M", 1) == 1 for c in candidates]
+
+
+def sort_free_here(tokens: int, shape: list[int] | None, zero_experts: int | None) -> bool:
+    """Whether a ZEDA layer of this expert shape (E, H, I, K; Z = E/2 unless given) gets the
+    sort-free assignment at this batch size (gpu_kernels.sort_free); False without a shape."""
+    if not shape:
+        return False
+    from vllm_zeda.gpu_kernels import sort_free
+
+    e, k = shape[0], shape[3]
+    return sort_free(tokens, k, e + (zero_experts if zero_experts is not None else e // 2))
 
 
 def table_from_rows(rows: list[dict], variant: str, min_gain: float = 0.01, candidates: list[dict] | None = None,
@@ -169,7 +177,7 @@ def table_from_rows(rows: list[dict], variant: str, min_gain: float = 0.01, cand
     table = {str(r["tokens"]): {k: picks[r["tokens"]][0][k] for k in KEYS} for r in rows}
     if variant == "ours":
         for m, cfg in table.items():  # stock's grouped tile where nothing beat it: written as it runs
-            if cfg["GROUP_SIZE_M"] > 1 and not slot_block_tiles([cfg], int(m), shape, zero_experts)[0]:
+            if cfg["GROUP_SIZE_M"] > 1 and sort_free_here(int(m), shape, zero_experts):
                 cfg["GROUP_SIZE_M"] = 1
     return table
 
@@ -231,6 +239,8 @@ def main():
     p.add_argument("--shape", default="qwen3_30b_a3b", choices=["qwen3_30b_a3b", "glm47_flash"],
                    help="the expert shape to tune (bench_moe_layer.SHAPES)")
     a = p.parse_args()
+    if a.skip0_trade < 0:
+        p.error(f"--skip0-trade must be at least 0, got {a.skip0_trade}")
     if a.table_from:
         try:
             grid = json.loads(Path(a.table_from).read_text())
