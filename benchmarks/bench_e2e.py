@@ -7,7 +7,8 @@ Configs, each in its own engine process, measured in one run:
             skip fraction: the zero bias is set through the `zeda_set_zero_bias` worker RPC and
             calibrated by bisection on the measured fraction, separately for prefill and decode
             (dummy routers give near-equal logits, so the useful bias range is tiny, and route
-            the two differently), and for the batch-1 workload on its own prompt (OWN_PROBES).
+            the two differently), and for the batch-1 and batch-256 workloads on their own
+            prompts (OWN_PROBES).
             Reported as zeda_s0, zeda_s50, ... in --targets order.
             Target 0 uses bias -1e4: no zero slot at all, so it measures the plugin's overhead.
 Workloads: prefill (64 x 2048 prompt tokens, 1 output: input tok/s), decode at batch 1, 16, 256
@@ -104,8 +105,10 @@ PROBES = {"prefill": (32, 64, 4), "decode": (16, 4, 64)}
 # Workloads calibrated on their own prompts instead. A single sequence's zero fraction is its own:
 # with dummy weights greedy decoding settles into a few tokens whose routing every step repeats, so
 # a bias that gives 0.50 over the decode probe's 16 sequences gave 0.26 on the batch-1 workload's
-# one (2026-12-01, H200). Calibrating on the workload itself costs ~20 of its runs (~20 s).
-OWN_PROBES = ("decode_b1",)
+# one (2026-12-01, H200). Batch 256 strays less but still strays: at the decode probe's bias for
+# 0.5 it read 0.49-0.56, for 0.75 it read 0.80 (2026-12-01, session 18). Calibrating on the workload
+# itself costs ~20 of its runs: ~20 s at batch 1, ~60 s at batch 256 per target.
+OWN_PROBES = ("decode_b1", "decode_b256")
 
 
 def bias_kind(workload: str) -> str:
