@@ -107,7 +107,8 @@ PROBES = {"prefill": (32, 64, 4), "decode": (16, 4, 64)}
 # a bias that gives 0.50 over the decode probe's 16 sequences gave 0.26 on the batch-1 workload's
 # one (2026-12-01, H200). Batch 256 strays less but still strays: at the decode probe's bias for
 # 0.5 it read 0.49-0.56, for 0.75 it read 0.80 (2026-12-01, session 18). Calibrating on the workload
-# itself costs ~20 of its runs: ~20 s at batch 1, ~60 s at batch 256 per target.
+# itself costs up to ~20 of its runs (bisect_bias stops within 0.005 of the target): up to ~20 s at
+# batch 1, ~60 s at batch 256 per target.
 OWN_PROBES = ("decode_b1", "decode_b256")
 
 
@@ -122,29 +123,41 @@ def make_prompts(g, n: int, plen: int) -> list[dict]:
     return [{"prompt_token_ids": torch.randint(0, 250, (plen,), generator=g).tolist()} for _ in range(n)]
 
 
+def bisect_bias(measure, target: float, tol: float = 0.005, steps: int = 14) -> tuple[float, float]:
+    """(bias, its zero fraction) with the fraction within `tol` of `target`, or the last of `steps`
+    bisections. `measure(bias)` returns the zero fraction at that bias, non-decreasing in it. Dummy
+    weights make router logits nearly equal, so the useful bias range is tiny and unknown in
+    advance: grow a bracket from ±1e-6 by 4x, then bisect. Every measured bias is one probe run,
+    so stopping at `tol` saves runs (a batch-256 probe takes ~3 s)."""
+    lo, hi = -1e-6, 1e-6
+    while (z := measure(hi)) < target and hi < 1e3:
+        hi *= 4
+    if abs(z - target) <= tol:
+        return hi, z
+    while (z := measure(lo)) > target and lo > -1e3:
+        lo *= 4
+    if abs(z - target) <= tol:
+        return lo, z
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        z = measure(mid)
+        if abs(z - target) <= tol:
+            break
+        lo, hi = (mid, hi) if z < target else (lo, mid)
+    return mid, z
+
+
 def calibrate(llm, target, prompts: list[dict], olen: int, kind: str) -> float:
     """Zero bias giving `target` zero fraction over `prompts` (a prefill-like or a decode-like
     probe, or a workload's own: dummy routers route prompt and decode tokens differently, one bias
-    gave 0.49 on prefill and 0.79 on decode). Dummy weights make router logits nearly equal, so
-    the useful bias range is tiny and unknown in advance: grow, then bisect."""
+    gave 0.49 on prefill and 0.79 on decode), by `bisect_bias` over probe runs."""
     from vllm import SamplingParams
 
     if target <= 0.0 or target >= 1.0:
         return -1e4 if target <= 0.0 else 1e4
     sp = SamplingParams(max_tokens=olen, temperature=0, ignore_eos=True)
-    lo, hi = -1e-6, 1e-6
-    while probe(llm, hi, prompts, sp) < target and hi < 1e3:
-        hi *= 4
-    while probe(llm, lo, prompts, sp) > target and lo > -1e3:
-        lo *= 4
-    for _ in range(14):
-        mid = (lo + hi) / 2
-        if probe(llm, mid, prompts, sp) < target:
-            lo = mid
-        else:
-            hi = mid
-    bias = (lo + hi) / 2
-    print(f"calibrated {kind} bias {bias:.3e} -> {probe(llm, bias, prompts, sp):.3f} (target {target})", flush=True)
+    bias, z = bisect_bias(lambda b: probe(llm, b, prompts, sp), target)
+    print(f"calibrated {kind} bias {bias:.3e} -> {z:.3f} (target {target})", flush=True)
     return bias
 
 
