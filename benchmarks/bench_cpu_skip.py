@@ -28,7 +28,7 @@ def worker(ckpt: str, mode: str, bias: float) -> None:
     llm = LLM(ckpt, dtype="float32", enforce_eager=True, max_model_len=4096, max_num_batched_tokens=4096,
               max_num_seqs=4, gpu_memory_utilization=0.3, enable_prefix_caching=False,
               additional_config={"zeda": {"enabled": True, "zero_slots": mode, "gather_min_tokens": 1, "zero_bias": bias}},
-              worker_extension_cls="vllm_zeda.vllm_stats.ZedaWorkerExtension")
+              worker_extension_cls="vllm_zeda.serve.stats.ZedaWorkerExtension")
     sp = SamplingParams(max_tokens=1, temperature=0)
     g = torch.Generator().manual_seed(0)
     rows = {}
@@ -52,8 +52,8 @@ def main() -> None:
     a = p.parse_args()
     if a.worker:
         return worker(a.worker[0], a.worker[1], float(a.worker[2]))
-    from vllm_zeda.inject import convert_checkpoint
-    from vllm_zeda.tiny import make_tiny_moe
+    from vllm_zeda.convert.inject import convert_checkpoint
+    from vllm_zeda.testing.tiny import make_tiny_moe
 
     work = Path(tempfile.mkdtemp())
     src = make_tiny_moe(work / "src", "qwen3_moe", seed=0, num_experts=16, top_k=4, hidden_size=256,

@@ -74,7 +74,7 @@ MIN_RUNS = {"decode_b256": 4}
 
 
 def write_model(root: Path, name: str) -> Path:
-    from vllm_zeda.tiny import byte_tokenizer
+    from vllm_zeda.testing.tiny import byte_tokenizer
 
     c = CONFIGS[name]
     cfg = dict(SHAPE, num_experts_per_tok=c.get("top_k", 8))
@@ -98,15 +98,15 @@ def probe(llm, bias, prompts, sp) -> float:
 
 # kind: (prompts, prompt len, output len). A probe's zero fraction counts its prompt tokens too, and
 # dummy routers send fewer prompt tokens than decode tokens to zero experts: the decode probe keeps
-# its prompt tokens' share near the decode workloads' (6% at batch 1 and 16, 11% at 256). Up to
-# session 16 it was (16, 16, 32), 33% prompt tokens, and runs H-L measured z 0.56-0.57 on the
-# batch-1 and -16 workloads at target 0.5 (0.80-0.81 at 0.75).
+# its prompt tokens' share near the decode workloads' (6% at batch 1 and 16, 11% at 256); with
+# (16, 16, 32), 33% prompt tokens, the batch-1 and -16 workloads measured z 0.56-0.57 at target
+# 0.5 (0.80-0.81 at 0.75).
 PROBES = {"prefill": (32, 64, 4), "decode": (16, 4, 64)}
 # Workloads calibrated on their own prompts instead. A single sequence's zero fraction is its own:
 # with dummy weights greedy decoding settles into a few tokens whose routing every step repeats, so
 # a bias that gives 0.50 over the decode probe's 16 sequences gave 0.26 on the batch-1 workload's
 # one (2026-12-01, H200). Batch 256 strays less but still strays: at the decode probe's bias for
-# 0.5 it read 0.49-0.56, for 0.75 it read 0.80 (2026-12-01, session 18). Calibrating on the workload
+# 0.5 it read 0.49-0.56, for 0.75 it read 0.80 (2026-12-01, H200). Calibrating on the workload
 # itself costs up to ~20 of its runs (bisect_bias stops within 0.005 of the target): up to ~20 s at
 # batch 1, ~60 s at batch 256 per target.
 OWN_PROBES = ("decode_b1", "decode_b256")

@@ -1,7 +1,7 @@
 """Host (CPU) time of one MoE layer call in eager mode, stock vLLM vs the plugin (device machine).
 
 Why: under a mixed serving load the plugin's GPU kernels summed to the ideal top-4 server's (H200,
-benchmarks/RESULTS.md §5, serve-profile) while its wall time was longer; both GPUs sat idle a third
+benchmarks/RESULTS.md §5.2, serve-profile) while its wall time was longer; both GPUs sat idle a third
 of the time. Steps larger than the biggest CUDA graph (mixed prefill + decode) run every layer's
 Python and kernel launches each step, so host time per layer is what such steps pay.
 
@@ -104,10 +104,12 @@ def main() -> None:
     from vllm.model_executor.layers.fused_moe.router.fused_topk_router import fused_topk
     from vllm.v1.worker.workspace import init_workspace_manager
 
-    from vllm_zeda import gpu_kernels
-    from vllm_zeda.vllm_experts import live_ids_hint, zero_expert_map
-    from vllm_zeda.vllm_router import ZedaRouter
-    from vllm_zeda.vllm_triton_experts import ZedaTritonExperts
+    from vllm_zeda.kernels import ops as gpu_kernels
+    from vllm_zeda.serve import handover
+    from vllm_zeda.serve.experts import zero_expert_map
+    from vllm_zeda.serve.handover import Handover
+    from vllm_zeda.serve.router import ZedaRouter
+    from vllm_zeda.serve.triton_experts import ZedaTritonExperts
 
     init_workspace_manager(torch.device("cuda"))
     dtype, gen = torch.bfloat16, torch.Generator(device="cuda").manual_seed(0)
@@ -141,8 +143,8 @@ def main() -> None:
             return router._compute_routing(x, logits, torch.int32)
 
         def experts_ours(w=r["zw"], ids=r["zids"], live=r["zlive"]):
-            with live_ids_hint(ids, live):
-                return apply(ours_kernel, x, w, ids, zmap)
+            handover.publish(Handover(ids, live))  # as the router does
+            return apply(ours_kernel, x, w, ids, zmap)
 
         def layer_static():
             w, ids, _ = route_static()
@@ -153,8 +155,8 @@ def main() -> None:
             return apply(stock4, x, w, ids)
 
         def layer_ours():
-            w, ids = route_ours()
-            return experts_ours(w, ids, router.last_live_ids[1])
+            w, ids = route_ours()  # publishes its hand-over, which the experts take
+            return apply(ours_kernel, x, w, ids, zmap)
 
         slots = torch.randn(m, K, H, device="cuda", dtype=dtype, generator=gen)
         dead = r["zlive"] < 0

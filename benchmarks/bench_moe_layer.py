@@ -4,7 +4,7 @@ Every variant runs through vLLM's modular fused-MoE kernel (`FusedMoEKernel`, th
 unquantized layer calls), built by `make_unquantized_moe_kernel` as vLLM builds it:
 
   static     stock TritonExperts, top-K over E real experts, no expert map
-  ours       vllm_zeda.vllm_triton_experts.ZedaTritonExperts, zero ids E..E+Z-1, global E+Z and
+  ours       vllm_zeda.serve.triton_experts.ZedaTritonExperts, zero ids E..E+Z-1, global E+Z and
              the map [0..E-1, -1 x Z] from ZedaRoutedExperts, plus what the router kernel hands
              over (router_handover): the live ids, and where the experts take the sort-free
              assignment (up to 6 tokens), at one token the slots live ones first and where their
@@ -41,8 +41,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from vllm_zeda.gpu_kernels import LIVE_END_MAX_TOKENS, SLOT_BLOCK_M, sort_free  # noqa: E402
-from vllm_zeda.routing import Routing, live_blocks_first, live_first, slot_blocks  # noqa: E402
+from vllm_zeda.kernels.ops import LIVE_END_MAX_TOKENS, SLOT_BLOCK_M, sort_free  # noqa: E402
+from tests.kernel_oracles import live_blocks_first, live_first, slot_blocks  # noqa: E402
+from vllm_zeda.routing import Routing  # noqa: E402
 SHAPES = {  # name: (E, H, I, K)
     "qwen3_30b_a3b": (128, 2048, 768, 8),
     "glm47_flash": (64, 2048, 1536, 4),
@@ -59,9 +60,9 @@ def zero_slots(m, k, skip, zeros, gen, device="cuda"):
     round(M*K*skip) of them, anywhere in the batch (tokens keep different live counts, and ours
     runs as many live slots as the ideal's M*round(K*(1-skip))); "token" exactly round(K*skip) of
     every token's (the ideal's live slots per token: the zero slots' own cost); "slot" each on its
-    own with probability skip (the default up to session 15: at 1-16 tokens the drawn share strays
-    from skip by several %, with a fixed seed the same stray in every run, while the ideal's live
-    slots do not)."""
+    own with probability skip (at 1-16 tokens the drawn share strays from skip by several %, with a
+    fixed seed the same stray in every run, while the ideal's live slots do not; RESULTS.md §7
+    item 16)."""
     if zeros == "token":
         rank = torch.argsort(torch.rand(m, k, device=device, generator=gen), dim=-1)
         return rank < round(k * skip)
@@ -90,7 +91,7 @@ def make_routings(m, e, k, skip, n, gen, zeros="batch"):
 
 def router_handover(zw, zids, e, k):
     """(ids, weights, live ids, end, slot blocks, block experts): what the plugin's router hands
-    the experts for these slots (vllm_router.ZedaRouter with gpu_kernels.zeda_route_): where the
+    the experts for these slots (serve.router.ZedaRouter with kernels.ops.zeda_route_): where the
     experts take the sort-free assignment, at one token its live slots first and where their
     blocks end, at 2-4 tokens the slot blocks with the live slots' first, their experts and their
     end, at 5-6 the slot blocks (a zero slot's block only padding); else the slots in top-K order."""
@@ -169,7 +170,7 @@ def time_graphs(variants: dict[str, list], reps=20) -> dict[str, float]:
     after another, variants timed later in a row ran up to 4.6% slower than identical work timed
     first at 16,384 tokens), and no variant always follows the same one: with a fixed cyclic
     order, the ideal and ideal_t, the same tiles at 16,384 tokens, read 0.8-2.7% apart
-    (benchmarks/RESULTS.md §2, sessions 13 and 15)."""
+    (benchmarks/RESULTS.md §7 item 10)."""
     graphs = {v: capture(fns) for v, fns in variants.items()}
     times = {v: [] for v in graphs}
     for round_order in replay_rounds(list(graphs), reps):
@@ -212,9 +213,11 @@ def bench_shape(name, e, h, i, k, tokens, skips, zeros="batch", profile=(), dtyp
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation
     from vllm.model_executor.layers.fused_moe.experts.triton_moe import TritonExperts
 
-    from vllm_zeda.tuned_configs import shipped_table, zeda_moe_config
-    from vllm_zeda.vllm_experts import live_ids_hint, zero_expert_map
-    from vllm_zeda.vllm_triton_experts import ZedaTritonExperts
+    from vllm_zeda.kernels.tiles import shipped_table, zeda_moe_config
+    from vllm_zeda.serve import handover
+    from vllm_zeda.serve.experts import zero_expert_map
+    from vllm_zeda.serve.handover import Handover
+    from vllm_zeda.serve.triton_experts import ZedaTritonExperts
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     z = e // 2
@@ -225,13 +228,13 @@ def bench_shape(name, e, h, i, k, tokens, skips, zeros="batch", profile=(), dtyp
     ours_kernel = make_kernel(ZedaTritonExperts, e, h, i, k, dtype)
 
     def ours(x, r):
-        ids, w, *handover = r["plugin"]
-        with live_ids_hint(ids, *handover):  # as ZedaRoutedExperts does with the router's
-            return call(ours_kernel, x, w, ids, zmap)
+        ids, w, *blocks = r["plugin"]
+        handover.publish(Handover(ids, *blocks))  # as the plugin's router does
+        return call(ours_kernel, x, w, ids, zmap)
 
     def ours_topk_order(x, r):
-        with live_ids_hint(r["zids"], r["zlive"]):
-            return call(ours_kernel, x, r["zw"], r["zids"], zmap)
+        handover.publish(Handover(r["zids"], r["zlive"]))
+        return call(ours_kernel, x, r["zw"], r["zids"], zmap)
 
     def call(kernel, x, w, ids, expert_map=None):
         return kernel.apply(hidden_states=x, w1=w1, w2=w2, topk_weights=w, topk_ids=ids,
@@ -291,9 +294,6 @@ def bench_shape(name, e, h, i, k, tokens, skips, zeros="batch", profile=(), dtyp
                   f"ours/ideal {row['ours/ideal']:.3f}  topk_order/ideal {row['ours_topk_order/ideal']:.3f}  "
                   f"ideal_t {row['ideal_t']:8.1f}  ours/ideal_t {row['ours/ideal_t']:.3f}  "
                   f"diff {row['ours_vs_remap_maxdiff']:.2e} order {row['ours_vs_topk_order_maxdiff']:.1e}", flush=True)
-    from vllm_zeda.vllm_triton_experts import LIVE_ID_SOURCES
-
-    print("live id sources of ours (Python calls):", dict(LIVE_ID_SOURCES), flush=True)
     return rows
 
 

@@ -6,26 +6,26 @@ logits, top-8, bf16 logits), median µs over CUDA-graph replays (device machine)
                    fused_topk over 192 logits
   fused_topk 192   vLLM's fused_topk over all 192 logits, no bias: vLLM's own price of a
                    top-8 over E+Z (the floor our one kernel is measured against)
-  zeda_route bM/wN vllm_zeda.gpu_kernels.zeda_route_ (one kernel: bias, softmax, top-K,
+  zeda_route bM/wN vllm_zeda.kernels.ops.zeda_route_ (one kernel: bias, softmax, top-K,
                    renormalisation, counters, live ids) at launch shape BLOCK_M=M rows per
                    program, N warps, slots in top-K order; "default" = the shipped launch
   zeda_route live_first  the default launch with each token's live slots first, and at one token
                    where their fused-MoE blocks end (live_end)
   zeda_route plugin  the call the plugin's router makes: where the experts take the sort-free
-                   assignment (gpu_kernels.sort_free: up to 6 tokens here) at one token live_first
+                   assignment (kernels.ops.sort_free: up to 6 tokens here) at one token live_first
                    and live_end, at 2-4 the slot blocks with the live slots' first, their experts
                    and end (one program), at 5-6 the slot blocks; else default
 
 and, up to 256 tokens, the router's gate GEMM before it (hidden 2048, bf16):
   gate cuBLAS 128 / 192   F.linear over the 128 real / 128 + 64 gate rows (what vLLM's gate runs)
-  gate triton 192 bnN     gpu_kernels.gate_logits_: N gate rows per program, 512 columns a step
-                   (cuBLAS took 5.0-5.5 µs a layer at batch 1, RESULTS.md §2 session 13)
+  gate triton 192 bnN     kernels.ops.gate_logits_: N gate rows per program, 512 columns a step
+                   (cuBLAS takes 5.2-5.4 µs a layer at batch 1, RESULTS.md §2.4)
   gate triton 192 bnN bkB wW  up to 64 tokens: B columns a step (2,048: a gate row in one load, one
                    memory round trip instead of four), W warps (ZEDA's gate runs bn2 bk2048 w4 for
-                   1-16 tokens in CUDA graphs, vllm_gate.LAUNCH)
+                   1-16 tokens in CUDA graphs, serve.gate.LAUNCH)
 
 Purpose: pick zeda_route_'s launch shape per batch size (decode at batch 1 paid ~12 µs per layer
-more than stock end to end, RESULTS.md §3).
+more than stock end to end, RESULTS.md §7 item 2).
 
     python3 benchmarks/bench_route.py --out $OUT/route.json
 """
@@ -53,7 +53,7 @@ def main():
     a = p.parse_args()
     from vllm.model_executor.layers.fused_moe.router.fused_topk_router import fused_topk
 
-    from vllm_zeda.gpu_kernels import gate_logits_, route_handover, zeda_route_
+    from vllm_zeda.kernels.ops import gate_logits_, route_handover, zeda_route_
 
     e, z, k = 128, 64, 8
     bias = torch.full((1,), 0.1, device="cuda")

@@ -15,7 +15,7 @@ Why the warm-up draws from the workload and the runs repeat: a mixed load meets 
 start-up pass ran, and the first run after start-up pays for them. On the H100 a single run after
 a 16-request warm-up read the plugin at 0.875x static (p99 latency 14.5 s against 9.5 s); with
 this warm-up its first run took 26.8 s and its second 19.9 s, static 21.0 and 19.8 s
-(benchmarks/RESULTS.md §5; likely first-use Triton compiles of the tuned table's tile configs).
+(likely first-use Triton compiles of the tuned table's tile configs).
 
 Device machine (Qwen3-30B-A3B shape, dummy weights; the zero bias from bench_e2e's calibration):
     python3 benchmarks/bench_serve.py --out $OUT/serve.json --zero-bias 2.6e-6
@@ -131,16 +131,16 @@ def graph_args(a, zeda: bool) -> list[str]:
         return []
     if a.graphs == "vllm":
         return ["--max-cudagraph-capture-size", "512"] if zeda else []
-    from vllm_zeda.cuda_graphs import capture_sizes
+    from vllm_zeda.serve.cuda_graphs import capture_sizes
 
     return [] if zeda else ["--cudagraph-capture-sizes", *map(str, capture_sizes())]
 
 
 def models(a, root: Path) -> dict[str, tuple[Path, list[str]]]:
     if a.tiny:
-        from vllm_zeda.inject import convert_checkpoint
-        from vllm_zeda.server import CPU_DEFAULTS
-        from vllm_zeda.tiny import make_tiny_moe
+        from vllm_zeda.convert.inject import convert_checkpoint
+        from vllm_zeda.testing.server import CPU_DEFAULTS
+        from vllm_zeda.testing.tiny import make_tiny_moe
 
         base = make_tiny_moe(root / "static", "qwen3_moe", seed=1)
         convert_checkpoint(base, root / "zeda", 8)
@@ -179,7 +179,7 @@ def main() -> None:
                    help="servers to run, the first is the baseline (GPU: static8 zeda ideal4 zeda_ep; default static8 zeda; "
                         "zeda_ep = the plugin with --enable-expert-parallel, needs --tp > 1)")
     a = p.parse_args()
-    from vllm_zeda.server import VllmServer
+    from vllm_zeda.testing.server import VllmServer
 
     n = a.requests or (24 if a.tiny else 512)
     conc = a.concurrency or (8 if a.tiny else 64)

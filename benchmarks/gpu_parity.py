@@ -50,7 +50,7 @@ def worker(ckpt: str, mode: str, dtype: str, max_tokens: int, eager: bool = Fals
     t0 = time.time()
     llm = LLM(ckpt, dtype=dtype, max_model_len=256, gpu_memory_utilization=0.3, enforce_eager=eager,
               tensor_parallel_size=tp, enable_expert_parallel=ep,
-              additional_config={"zeda": MODES[base]}, worker_extension_cls="vllm_zeda.vllm_stats.ZedaWorkerExtension")
+              additional_config={"zeda": MODES[base]}, worker_extension_cls="vllm_zeda.serve.stats.ZedaWorkerExtension")
     init_s = time.time() - t0
     llm.collective_rpc("zeda_reset_stats")
     outs = llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
@@ -104,8 +104,8 @@ def main() -> None:
         parse_mode(m)
     if a.worker:
         return worker(a.worker[0], a.worker[1], a.dtype, a.max_tokens, a.eager)
-    from vllm_zeda.inject import convert_checkpoint
-    from vllm_zeda.tiny import make_tiny_moe
+    from vllm_zeda.convert.inject import convert_checkpoint
+    from vllm_zeda.testing.tiny import make_tiny_moe
 
     work = Path(tempfile.mkdtemp())
     original = make_tiny_moe(work / "orig", "qwen3_moe", seed=1)

@@ -55,7 +55,7 @@ def train(src: Path, out: Path, procs: int, batch: int, dtype: str, a, port: int
 def max_weight_diff(a: Path, b: Path) -> dict:
     from safetensors.torch import load_file
 
-    from vllm_zeda.checkpoint import shard_files
+    from vllm_zeda.convert.checkpoint import shard_files
 
     def tensors(p):
         out = {}
@@ -83,7 +83,7 @@ def main() -> None:
     p.add_argument("--parts", nargs="+", default=["parity", "speed"], choices=("parity", "speed"))
     a = p.parse_args()
     import torch
-    from vllm_zeda.tiny import make_tiny_moe
+    from vllm_zeda.testing.tiny import make_tiny_moe
 
     work = Path(tempfile.mkdtemp())
     src = make_tiny_moe(work / "src", "qwen3_moe", seed=1, **SIZES[a.size])

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 
-from vllm_zeda.vllm_stats import ZedaWorkerExtension
+from vllm_zeda.serve.stats import ZedaWorkerExtension
 
 
 class KernelProfileExtension:
@@ -269,7 +269,7 @@ def prefill_step_kernels(llm, prompts: list[list[int]], top: int = 40, zeda: boo
     engine's max_num_batched_tokens) with one output token each, after the same run unprofiled;
     also the wall time, how the MoE kernels' calls spread and (zeda) the call's own zero
     fraction. The scheduler may still split the prompts over two forward passes, differently per
-    engine (the H200 run of 2026-11-30: two in every engine, RESULTS.md §3); the totals cover
+    engine (the H200 run of 2026-11-30: two in every engine); the totals cover
     the same tokens."""
     from vllm import SamplingParams
 

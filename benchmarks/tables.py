@@ -1,14 +1,12 @@
 """Markdown tables for benchmarks/RESULTS.md from the JSON the device scripts write.
 
-    python3 benchmarks/tables.py layer benchmarks/results/moe_layer_h100_2026-11-23c.json
-    python3 benchmarks/tables.py e2e benchmarks/results/e2e_h100_2026-11-23_b.json
-    python3 benchmarks/tables.py route benchmarks/results/route_h100_2026-11-23.json
-    python3 benchmarks/tables.py pieces benchmarks/results/pieces_h200_2026-11-30.json
-    python3 benchmarks/tables.py tune benchmarks/results/tune_moe_h100_2026-11-23.json
-    python3 benchmarks/tables.py profile benchmarks/results/e2e_h100_2026-11-23_c.json
-    python3 benchmarks/tables.py prefill-profile | spread <bench_e2e.py --profile-prefill / -decode JSON>
-    python3 benchmarks/tables.py live benchmarks/results/moe_layer_live_h200_2026-11-30.json
-    python3 benchmarks/tables.py layer-kernels <bench_moe_layer.py --profile JSON>
+    python3 benchmarks/tables.py layer benchmarks/results/moe_layer_h200_2026-12-01b.json
+    python3 benchmarks/tables.py e2e benchmarks/results/e2e_h200_2026-12-01b.json
+    python3 benchmarks/tables.py route benchmarks/results/route_h200_2026-11-30e.json
+    python3 benchmarks/tables.py tune benchmarks/results/tune_moe_h200_2026-11-30.json
+    python3 benchmarks/tables.py profile | prefill-profile | spread <bench_e2e.py --profile-decode / -prefill JSON>
+    python3 benchmarks/tables.py live | layer-kernels <bench_moe_layer.py JSON (--profile for layer-kernels)>
+    python3 benchmarks/tables.py run-profile benchmarks/results/b256_run_h200_2026-12-01.json
 """
 from __future__ import annotations
 
@@ -37,15 +35,6 @@ def layer(data: dict) -> str:
                     [f"{r['ours/remap']:.3f}", f"{r['ours_vs_remap_maxdiff']:.0e}"]
             out.append("| " + " | ".join(str(c) for c in cells) + " |")
         out.append("")
-        g1 = [r for r in shape_rows if "ours_g1" in r]
-        if g1:  # ours' tile with GROUP_SIZE_M 1 where the assignment is sort-free (bench_moe_layer's ours_g1,
-            # session 17's first run; ours runs so since: vllm_triton_experts.slot_block_config)
-            out += ["| tokens | skip | ours | ours, GROUP_SIZE_M 1 | ideal | ours/ideal | GROUP_SIZE_M 1/ideal | max diff |",
-                    "|" + "---:|" * 8]
-            out += [f"| {r['tokens']} | {r['skip']:.2f} | {r['ours']} | {r['ours_g1']} | {r['ideal']} | "
-                    f"{r['ours/ideal']:.3f} | **{r['ours_g1/ideal']:.3f}** | {r['ours_g1_vs_ours_maxdiff']:.0e} |"
-                    for r in g1]
-            out.append("")
     return "\n".join(out)
 
 
@@ -124,18 +113,6 @@ def layer_kernels(data: dict) -> str:
     return "\n".join(out)
 
 
-def grid(data: dict) -> str:
-    """probe_gemm_grid.py: µs of each piece (a row) at each token count and skip (a column), the
-    alignment's and the GEMMs' variants side by side."""
-    rows = data["rows"]
-    cells = list(dict.fromkeys((r["tokens"], r["skip"]) for r in rows))
-    us = {(r["piece"], r["tokens"], r["skip"]): r["us"] for r in rows}
-    out = ["| piece | " + " | ".join(f"{m} tok, skip {s:g}" for m, s in cells) + " |", "| --- |" + " ---: |" * len(cells)]
-    for piece in dict.fromkeys(r["piece"] for r in rows):
-        out.append(f"| {piece} | " + " | ".join(str(us.get((piece, *c), "")) for c in cells) + " |")
-    return "\n".join(out)
-
-
 def route(data: dict) -> str:
     """Columns: every variant any row has (the gate's only up to 256 / 16 tokens: blank above);
     the fastest routing launch shape of each row in bold."""
@@ -147,39 +124,6 @@ def route(data: dict) -> str:
         out.append(f"| {r['tokens']} | " + " | ".join(
             "" if n not in r else f"**{r[n]}**" if r[n] == best and n.startswith("zeda_route b") else str(r[n])
             for n in names) + " |")
-    return "\n".join(out)
-
-
-def pieces(data: dict) -> str:
-    """profile_moe_pieces.py: the decode-size pieces (µs, one column per batch size), then the
-    prefill sweep per batch size and skip, each time also over vLLM's kernel on the live rows
-    only (the ideal's SiLU; the sum over the ideal's slots), fastest launch shape in bold."""
-    rows = data["rows"]
-    decode = [r for r in rows if "skip" not in r]
-    out = []
-    if decode:
-        sizes = list(dict.fromkeys(r["tokens"] for r in decode))
-        out += ["| piece | " + " | ".join(f"{m} tok" for m in sizes) + " |", "| --- |" + " ---: |" * len(sizes)]
-        for name in dict.fromkeys(r["piece"] for r in decode):
-            us = {r["tokens"]: r["us"] for r in decode if r["piece"] == name}
-            out.append(f"| {name} | " + " | ".join(str(us.get(m, "")) for m in sizes) + " |")
-        out.append("")
-    sweep = [r for r in rows if "skip" in r]
-    for m, skip in dict.fromkeys((r["tokens"], r["skip"]) for r in sweep):
-        cell = {r["piece"]: r["us"] for r in sweep if (r["tokens"], r["skip"]) == (m, skip)}
-        target = {"silu": cell.get("silu_and_mul (vLLM CUDA), live rows only"),
-                  "sum": next((us for name, us in cell.items() if name.startswith("moe_sum (vLLM CUDA), ")
-                               and name.endswith(" slots") and "K slots" not in name), None)}
-        fastest = {kind: min((us for name, us in cell.items() if name.startswith(prefix)), default=None)
-                   for kind, prefix in (("silu", "live_silu"), ("sum", "live_moe_sum"))}
-        out += [f"**{m} tokens, skip {skip}** (µs; ratio to vLLM's kernel over the live rows / the ideal's slots)", "",
-                "| piece | µs | ratio |", "| --- | ---: | ---: |"]
-        for name, us in cell.items():
-            kind = "silu" if "silu" in name else "sum"
-            ref = target[kind]
-            shown = f"**{us}**" if us == fastest[kind] else us
-            out.append(f"| {name} | {shown} | {us / ref:.2f} |" if ref else f"| {name} | {shown} | |")
-        out.append("")
     return "\n".join(out)
 
 
@@ -282,9 +226,9 @@ def run_profile(data: dict) -> str:
     return "\n".join(out)
 
 
-TABLES = {"layer": layer, "e2e": e2e, "route": route, "pieces": pieces, "tune": tune, "profile": profile,
+TABLES = {"layer": layer, "e2e": e2e, "route": route, "tune": tune, "profile": profile,
           "prefill-profile": lambda data: profile(data, "prefill_profile"), "spread": spread, "live": live,
-          "layer-kernels": layer_kernels, "grid": grid, "run-profile": run_profile}
+          "layer-kernels": layer_kernels, "run-profile": run_profile}
 
 if __name__ == "__main__":
     if len(sys.argv) != 3 or sys.argv[1] not in TABLES:

@@ -10,7 +10,7 @@ batch size through vLLM's modular kernel (`bench_moe_layer.make_kernel`) for
 
   static   stock TritonExperts, top-K routing
   ours     ZedaTritonExperts, half the slots on zero experts (the ZEDA operating point; exactly
-           half of each routing's since session 16, bench_moe_layer.zero_slots), given
+           half of each routing's, bench_moe_layer.zero_slots), given
            what the plugin's router hands over (bench_moe_layer.router_handover)
 
 median µs over CUDA-graph replays of 8 rotating routings. "Stock" is the config vLLM itself runs
@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from vllm_zeda.tuned_configs import nearest  # noqa: E402 (vLLM's nearest-batch-size rule)
+from vllm_zeda.kernels.tiles import nearest  # noqa: E402 (vLLM's nearest-batch-size rule)
 
 SM90_GPUS = ("NVIDIA_H200", "NVIDIA_H100_80GB_HBM3")  # whose vLLM tables seed the candidates
 BATCHES = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024, 1536, 2048, 3072, 4096, 8192, 16384]
@@ -102,15 +102,15 @@ def eligible(row: dict, variant: str, static_within: float | None, static_ref: f
 
 def slot_block_tiles(candidates: list[dict], tokens: int, shape: list[int] | None, zero_experts: int | None) -> list[bool]:
     """Which candidates keep the router's hand-over at this batch size. Where vLLM's Triton experts
-    assign slots sort-free (gpu_kernels.sort_free: 1-6 tokens for Qwen3's E+Z=192 and top-8), the
+    assign slots sort-free (kernels.ops.sort_free: 1-6 tokens for Qwen3's E+Z=192 and top-8), the
     router stops the zero slots' blocks (live slots first at 1 token, slot blocks from 2) only for
     BLOCK_SIZE_M == SLOT_BLOCK_M; with any other tile every zero slot's block writes a row of
     zeros. The grid times ours at skip 0.5 alone, where that costs little: the H200 GLM grid's
     4-token pick, BLOCK_SIZE_M 64, was 0.8% faster there than the default's 16, and 16% slower
-    at skip 0.75 in the layer benchmark (benchmarks/RESULTS.md §2). So there only such tiles, and
+    at skip 0.75 in the layer benchmark. So there only such tiles, and
     only ungrouped ones (GROUP_SIZE_M 1): the plugin runs every sort-free call ungrouped
-    (vllm_triton_experts.slot_block_config), so a grouped tile's time is not what would run."""
-    from vllm_zeda.gpu_kernels import SLOT_BLOCK_M
+    (serve/triton_experts.slot_block_config), so a grouped tile's time is not what would run."""
+    from vllm_zeda.kernels.ops import SLOT_BLOCK_M
 
     if not sort_free_here(tokens, shape, zero_experts):
         return [True] * len(candidates)
@@ -119,10 +119,10 @@ def slot_block_tiles(candidates: list[dict], tokens: int, shape: list[int] | Non
 
 def sort_free_here(tokens: int, shape: list[int] | None, zero_experts: int | None) -> bool:
     """Whether a ZEDA layer of this expert shape (E, H, I, K; Z = E/2 unless given) gets the
-    sort-free assignment at this batch size (gpu_kernels.sort_free); False without a shape."""
+    sort-free assignment at this batch size (kernels.ops.sort_free); False without a shape."""
     if not shape:
         return False
-    from vllm_zeda.gpu_kernels import sort_free
+    from vllm_zeda.kernels.ops import sort_free
 
     e, k = shape[0], shape[3]
     return sort_free(tokens, k, e + (zero_experts if zero_experts is not None else e // 2))
@@ -142,7 +142,7 @@ def table_from_rows(rows: list[dict], variant: str, min_gain: float = 0.01, cand
     above captured_up_to takes instead an eligible config that start-up compiles anyway (the pick at
     the largest captured size: CUDA-graph capture; at the largest batch size: vLLM's profile run)
     when that one is within reuse_within of the pick: any other config is a first-use Triton compile
-    in the middle of serving (benchmarks/RESULTS.md §5)."""
+    in the middle of serving (benchmarks/RESULTS.md §5.1)."""
     keys = [_key(c) for c in candidates] if candidates is not None else None
     picks, ok = {}, {}
     for r in rows:
@@ -264,8 +264,10 @@ def main():
     from vllm.model_executor.layers.fused_moe.experts.triton_moe import TritonExperts
     from vllm.v1.worker.workspace import init_workspace_manager
 
-    from vllm_zeda.vllm_experts import live_ids_hint, zero_expert_map
-    from vllm_zeda.vllm_triton_experts import ZedaTritonExperts
+    from vllm_zeda.serve import handover
+    from vllm_zeda.serve.experts import zero_expert_map
+    from vllm_zeda.serve.handover import Handover
+    from vllm_zeda.serve.triton_experts import ZedaTritonExperts
 
     E, H, I, K = SHAPES[a.shape]  # noqa: N806 (the shape's usual names)
     init_workspace_manager(torch.device("cuda"))
@@ -283,9 +285,9 @@ def main():
                             apply_router_weight_on_input=False)
 
     def ours(x, r):  # the plugin's layer path, the router's hand-over included (bench_moe_layer)
-        ids, w, *handover = r["plugin"]
-        with live_ids_hint(ids, *handover):
-            return call(ours_k, x, w, ids, zmap)
+        ids, w, *blocks = r["plugin"]
+        handover.publish(Handover(ids, *blocks))
+        return call(ours_k, x, w, ids, zmap)
 
     cands = candidates(E, H, I, K)
     own = fm.get_moe_configs(E, I, None)  # stock vLLM's own table for this GPU (VLLM_TUNED_CONFIG_FOLDER unset)

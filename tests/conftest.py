@@ -15,7 +15,7 @@ ARCHS = ["qwen3_moe", "qwen2_moe", "olmoe", "mixtral"]
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """One random tiny checkpoint (fp32) per architecture, built once per session."""
-    from vllm_zeda.tiny import make_tiny_moe
+    from vllm_zeda.testing.tiny import make_tiny_moe
 
     root = tmp_path_factory.mktemp("tiny")
     return {arch: make_tiny_moe(root / arch, arch, seed=1) for arch in ARCHS}
@@ -23,7 +23,7 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def converted(tiny_models, tmp_path_factory) -> dict[str, Path]:
-    from vllm_zeda.inject import convert_checkpoint
+    from vllm_zeda.convert.inject import convert_checkpoint
 
     root = tmp_path_factory.mktemp("zeda")
     out = {}

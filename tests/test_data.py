@@ -1,12 +1,12 @@
-"""vllm_zeda.data and the demo corpus: file kinds, chat rendering, packing, split, seeded order."""
+"""vllm_zeda.train.data and the demo corpus: file kinds, chat rendering, packing, split, seeded order."""
 import json
 
 import pytest
 import torch
 
-from vllm_zeda.data import batch_indices, find_files, load_blocks, pack, read_documents, split
+from vllm_zeda.train.data import batch_indices, find_files, load_blocks, pack, read_documents, split
 from vllm_zeda.errors import ZedaError
-from vllm_zeda.tiny import byte_tokenizer
+from vllm_zeda.testing.tiny import byte_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_split_and_order_are_seeded():
 
 
 def test_demo_corpus_is_real_and_deterministic(tok):
-    from vllm_zeda.demo_corpus import documents
+    from vllm_zeda.train.demo_corpus import documents
 
     docs = documents()
     assert sum(map(len, docs)) >= 100_000

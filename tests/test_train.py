@@ -72,7 +72,7 @@ def test_output_is_a_zeda_checkpoint_that_reproduces_the_report(trained, tiny_mo
     out, r = trained
     src = tiny_models["qwen3_moe"]
     # same tensor names and shapes as the converter writes (per-expert names, E+Z router rows)
-    from vllm_zeda.inject import convert_checkpoint
+    from vllm_zeda.convert.inject import convert_checkpoint
 
     convert_checkpoint(src, tmp_path / "conv", 8, progress=False)
     got, ref, orig = weights(out), weights(tmp_path / "conv"), weights(src)
@@ -93,7 +93,7 @@ def test_output_is_a_zeda_checkpoint_that_reproduces_the_report(trained, tiny_mo
     # load with the HF classes, run the held-out blocks: the logged zero fraction comes back
     from transformers import AutoTokenizer
 
-    from vllm_zeda.data import load_blocks
+    from vllm_zeda.train.data import load_blocks
 
     model = load(out)
     heldout = load_blocks(None, AutoTokenizer.from_pretrained(out), 64, seed=0).heldout
@@ -117,7 +117,7 @@ def test_stage1_drives_zero_fraction_up_to_target(tiny_models, tmp_path):
 
 
 def test_convert_only(tiny_models, tmp_path):
-    from vllm_zeda.inject import convert_checkpoint
+    from vllm_zeda.convert.inject import convert_checkpoint
 
     assert main(["--model", str(tiny_models["olmoe"]), "--output", str(tmp_path / "o"), "--stage1-steps", "0",
                  "--stage2-steps", "0", "--num-zero-experts", "2", "--quiet"]) == 0

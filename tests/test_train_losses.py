@@ -1,8 +1,8 @@
-"""vllm_zeda.distill: the pure loss functions of the trainer."""
+"""vllm_zeda.train.losses: the pure loss functions of the trainer."""
 import torch
 
-from vllm_zeda.report import throughput
-from vllm_zeda.distill import balance_loss, kl_teacher_student, kl_topk, teacher_topk, zero_fractions
+from vllm_zeda.train.report import throughput
+from vllm_zeda.train.losses import balance_loss, kl_teacher_student, kl_topk, teacher_topk, zero_fractions
 from vllm_zeda.routing import balance_weight, group_balance_loss, route_softmax
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from vllm_zeda import tuned_configs as tc
+from vllm_zeda.kernels import tiles as tc
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,7 +82,7 @@ def test_users_table_and_override_come_first(h100_names, tmp_path, monkeypatch):
     ("tune_moe_glm_h200_2026-11-30.json", "NVIDIA H200", "E=64,N=1536,device_name=NVIDIA_H200.json")])
 def test_shipped_table_is_the_recorded_search_result(tune, grid_file, device, name):
     """Each shipped table is exactly what benchmarks/tune_moe_configs.py derives from the
-    measured grid in benchmarks/results (the provenance RESULTS.md §2 states), under the name
+    measured grid in benchmarks/results (the provenance RESULTS.md §2.3 states), under the name
     vLLM looks up on that GPU."""
     grid = json.loads((ROOT / "benchmarks" / "results" / grid_file).read_text())
     assert grid["meta"]["device"] == device and tune.table_name(device, *grid["meta"]["shape"][::2]) == name
@@ -94,7 +94,7 @@ def test_shipped_table_is_the_recorded_search_result(tune, grid_file, device, na
     # (up to 512). On the H200 some picks above 512 tokens are not (Qwen3: from 3,072 to 8,192
     # tokens a config of vLLM's own table, its 1,536-3,072 entry, 1-3% faster there than the
     # start-up ones at skip 0.5; GLM: 8,192): with the
-    # plugin's default sizes (vllm_zeda.cuda_graphs, up to max_num_batched_tokens) it compiles at
+    # plugin's default sizes (vllm_zeda.serve.cuda_graphs, up to max_num_batched_tokens) it compiles at
     # capture; with vLLM's, at first use, as it does for stock vLLM.
     assert (above_capture <= at_start_up) == device.startswith("NVIDIA H100")
     # no pick is more than 2% slower than stock vLLM's own config in the grid's static (skip 0) sweep
@@ -117,7 +117,7 @@ def test_sort_free_batch_sizes_keep_the_routers_hand_over(tune, grid_file):
     SLOT_BLOCK_M tiles (the router's hand-over that stops zero slots' blocks needs them), with
     GROUP_SIZE_M 1 (as the plugin runs them there); larger batch sizes are not restricted. The GLM grid shows why: unrestricted, its 4-token pick is a
     BLOCK_SIZE_M 64 tile."""
-    from vllm_zeda.gpu_kernels import SLOT_BLOCK_M, sort_free
+    from vllm_zeda.kernels.ops import SLOT_BLOCK_M, sort_free
 
     grid = json.loads((ROOT / "benchmarks" / "results" / grid_file).read_text())
     e, _, _, k = grid["meta"]["shape"]

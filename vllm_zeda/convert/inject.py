@@ -1,0 +1,120 @@
+"""Zero-expert injection: an HF MoE checkpoint in, the same checkpoint with E+Z router rows out.
+
+Streams shard by shard (peak memory ~ one shard), writes into a temporary directory and renames
+it at the end, so an interrupted or failed run leaves nothing behind.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from ..archs import EXPERT_COUNT_KEYS, TOP_K_KEYS, MoeArch, arch_for_base, router_layer
+from .checkpoint import CONFIG, INDEX, atomic_output_dir, load_config, shard_files
+from ..errors import ZedaError
+from ..spec import ZedaSpec, first_key, read_spec, validate
+
+
+def zero_expert_rows(router: torch.Tensor, num_zero: int, generator: torch.Generator) -> torch.Tensor:
+    """Z new router rows ~ N(mean, std) of the existing rows, per hidden dimension (float32 math)."""
+    real = router.float()
+    mean, std = real.mean(dim=0), real.std(dim=0)
+    noise = torch.randn(num_zero, real.shape[1], generator=generator, dtype=torch.float32)
+    return (mean + std * noise).to(router.dtype)
+
+
+def extend_router(router: torch.Tensor, num_zero: int, seed: int, layer: int) -> torch.Tensor:
+    """[E, H] -> [E+Z, H]; rows 0..E-1 are the original tensor, bit for bit."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + layer)
+    return torch.cat([router, zero_expert_rows(router, num_zero, gen)], dim=0)
+
+
+def describe_source(cfg: dict, num_zero_experts: int | None, target_zero_fraction: float | None) -> tuple[MoeArch, ZedaSpec]:
+    """Check the source config is a supported, unconverted MoE and build the spec to write."""
+    if read_spec(cfg) is not None:
+        raise ZedaError("the model already has zero experts (it is a ZEDA checkpoint); convert the original instead")
+    archs = cfg.get("architectures") or []
+    name = archs[0] if archs else cfg.get("model_type", "?")
+    arch = arch_for_base(name) if archs else None
+    if arch is None:
+        has_experts = any(isinstance(cfg.get(k), int) and cfg[k] > 0 for k in EXPERT_COUNT_KEYS)
+        if not has_experts:
+            raise ZedaError(f"{name} is not a mixture-of-experts model (no expert count in config.json)")
+        raise ZedaError(f"unsupported architecture {name!r}; supported: Qwen3-MoE, Qwen2-MoE, OLMoE, Mixtral")
+    e = first_key(cfg, EXPERT_COUNT_KEYS, "expert count")
+    if e < 1:
+        raise ZedaError(f"{name} is not a mixture-of-experts model (expert count {e})")
+    z = e // 2 if num_zero_experts is None else num_zero_experts
+    spec = ZedaSpec(
+        base_architecture=arch.base_architecture,
+        num_real_experts=e,
+        num_zero_experts=z,
+        top_k=first_key(cfg, TOP_K_KEYS, "top-k (num_experts_per_tok)"),
+        target_zero_fraction=target_zero_fraction,
+    )
+    return arch, validate(spec)
+
+
+def converted_config(cfg: dict, arch: MoeArch, spec: ZedaSpec) -> dict:
+    out = dict(cfg)
+    out["architectures"] = [arch.zeda_architecture]
+    out["model_type"] = arch.zeda_model_type
+    out["zeda"] = spec.to_config_block()
+    return out
+
+
+def convert_checkpoint(
+    src: str | Path,
+    dst: str | Path,
+    num_zero_experts: int | None = None,
+    *,
+    seed: int = 0,
+    target_zero_fraction: float | None = 0.5,
+    progress: bool = True,
+) -> ZedaSpec:
+    src, dst = Path(src), Path(dst)
+    cfg = load_config(src)
+    arch, spec = describe_source(cfg, num_zero_experts, target_zero_fraction)
+    shards, index = shard_files(src)
+    e, z = spec.num_real_experts, spec.num_zero_experts
+    routers_seen: set[int] = set()
+    total_size = 0
+    with atomic_output_dir(dst) as tmp:
+        for shard in tqdm(shards, desc="injecting zero experts", unit="shard", disable=not progress):
+            try:
+                tensors = load_file(src / shard)
+            except (SafetensorError, OSError, ValueError) as exc:
+                raise ZedaError(f"checkpoint shard {src / shard} is corrupt ({exc})") from None
+            for name, t in tensors.items():
+                layer = router_layer(name)
+                if layer is None:
+                    continue
+                if t.dim() != 2 or t.shape[0] != e:
+                    raise ZedaError(f"router {name} has shape {tuple(t.shape)}, expected ({e}, hidden)")
+                tensors[name] = extend_router(t, z, seed, layer)
+                routers_seen.add(layer)
+            total_size += sum(t.numel() * t.element_size() for t in tensors.values())
+            save_file(tensors, tmp / shard, metadata={"format": "pt"})
+            del tensors
+        if not routers_seen:
+            raise ZedaError(f"no router weights (layers.<i>.mlp.gate.weight) found in {src}")
+        if index is not None:
+            index = {**index, "metadata": {**index.get("metadata", {}), "total_size": total_size}}
+            (tmp / INDEX).write_text(json.dumps(index, indent=2))
+        (tmp / CONFIG).write_text(json.dumps(converted_config(cfg, arch, spec), indent=2) + "\n")
+        _copy_side_files(src, tmp, skip=set(shards) | {CONFIG, INDEX})
+    return spec
+
+
+def _copy_side_files(src: Path, dst: Path, skip: set[str]) -> None:
+    """Tokenizer, generation config, chat template, README...: everything but weights and config."""
+    for p in src.iterdir():
+        if p.name in skip or p.name.startswith(".") or p.suffix in (".safetensors", ".bin", ".pt"):
+            continue
+        if p.is_file():
+            shutil.copy2(p, dst / p.name)

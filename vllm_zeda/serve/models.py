@@ -1,0 +1,168 @@
+"""ZEDA model classes for vLLM: the in-tree models, built with an E+Z-row gate and our router.
+
+While the in-tree `__init__` runs, the model module's gate class and MoE factory are wrapped:
+a gate asked for E outputs gets E+Z rows (the router weights on disk; on a GPU with dynamic
+routing also gate's small-batch GEMM), and every MoE layer is built with a ZedaRouter
+(and, on GPU, routed experts that map zero experts to -1). Expert weights keep E experts and
+load unchanged.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+
+from . import compat
+from ..spec import ZedaSpec, arch_of, read_spec
+from .checks import check_parallel_layout, zero_slot_mode
+from .router import ZedaRouter
+
+logger = logging.getLogger("vllm.zeda")  # a child of vLLM's logger: its format and level
+_LOGGED: set[str] = set()
+
+
+def zeda_settings(vllm_config) -> dict:
+    return dict((getattr(vllm_config, "additional_config", None) or {}).get("zeda") or {})
+
+
+def gather_min_tokens(settings: dict) -> int:
+    from .cpu_experts import DEFAULT_MIN_TOKENS
+
+    return int(settings.get("gather_min_tokens", DEFAULT_MIN_TOKENS))
+
+
+def _log_once(msg: str, *args) -> None:
+    key = msg % args
+    if key not in _LOGGED:
+        _LOGGED.add(key)
+        logger.info("[zeda] " + msg, *args)
+
+
+@contextlib.contextmanager
+def _patched(module, name, wrapper):
+    original = getattr(module, name)
+    setattr(module, name, wrapper(original))
+    try:
+        yield
+    finally:
+        setattr(module, name, original)
+
+
+class ZedaModelMixin:
+    """Mixed in before an in-tree vLLM MoE model class."""
+
+    zeda_routers: list[ZedaRouter]
+
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        hf_config = vllm_config.model_config.hf_text_config
+        spec = read_spec(hf_config)
+        if spec is None:
+            raise ValueError(f"{type(self).__name__}: config has no zero experts (no 'zeda' block)")
+        check_parallel_layout(compat.is_cpu_platform(), bool(getattr(vllm_config.parallel_config, "enable_expert_parallel", False)))
+        settings = zeda_settings(vllm_config)
+        masked = not settings.get("enabled", False)
+        mode = zero_slot_mode(settings.get("zero_slots", "auto"), compat.is_cpu_platform())
+        if masked:
+            _log_once("zero experts are masked (static top-%d over %d real experts); pass --enable-zeda for dynamic routing",
+                      spec.top_k, spec.num_real_experts)
+        else:
+            how = {"skip": "skipped in the fused kernel (expert map)",
+                   "gather": f"skipped by gathering live slots in batches of >= {gather_min_tokens(settings)} "
+                             "tokens, remapped to expert 0 (weight 0) below",
+                   "remap": "remapped to expert 0 with weight 0 (exact, no saving)"}[mode]
+            _log_once("dynamic routing: %d real + %d zero experts, top-%d, zero bias %.3g; zero slots %s",
+                      spec.num_real_experts, spec.num_zero_experts, spec.top_k, float(settings.get("zero_bias", 0.0)), how)
+        routers: list[ZedaRouter] = []
+        module = compat.model_module(spec.base_architecture)
+        renormalize = arch_of(spec).always_renormalize or bool(getattr(hf_config, "norm_topk_prob", False))
+
+        def gate_wrapper(original):
+            @functools.wraps(original)
+            def make_gate(input_size, output_size, *args, **kwargs):
+                if output_size != spec.num_real_experts:  # another linear layer of the module
+                    return original(input_size, output_size, *args, **kwargs)
+                gate = original(input_size, spec.num_router_rows, *args, **kwargs)
+                if mode == "skip" and not masked:
+                    from .gate import use_small_batch_gate
+
+                    use_small_batch_gate(gate)
+                return gate
+
+            return make_gate
+
+        def factory_wrapper(original):
+            @functools.wraps(original)
+            def make_moe(*args, **kwargs):
+                prefix_ = kwargs.get("prefix", "")
+                router = ZedaRouter(
+                    layer_idx=_layer_index(prefix_),
+                    top_k=spec.top_k,
+                    num_real=spec.num_real_experts,
+                    num_zero=spec.num_zero_experts,
+                    renormalize=renormalize,
+                    masked=masked,
+                    zero_bias=float(settings.get("zero_bias", 0.0)),
+                    zero_slots=mode,
+                )
+                routers.append(router)
+                kwargs["router"] = router
+                if mode == "skip" and not masked:
+                    from .experts import zero_skipping_experts_kwargs
+
+                    kwargs.update(zero_skipping_experts_kwargs(spec, router))
+                elif mode == "gather" and not masked:
+                    from .cpu_experts import gather_experts_kwargs
+
+                    kwargs.update(gather_experts_kwargs(spec, gather_min_tokens(settings)))
+                return original(*args, **kwargs)
+
+            return make_moe
+
+        with (
+            _patched(module, compat.module_global(module, compat.GATE_NAMES), gate_wrapper),
+            _patched(module, compat.module_global(module, compat.FACTORY_NAMES), factory_wrapper),
+        ):
+            super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.zeda_spec: ZedaSpec = spec
+        self.zeda_routers = sorted(routers, key=lambda r: r.layer_idx)
+
+    def zeda_stats(self) -> dict:
+        layers = []
+        for r in self.zeda_routers:
+            zero, total = r.stats()
+            layers.append({"layer": r.layer_idx, "zero_slots": zero, "total_slots": total})
+        zero = sum(l["zero_slots"] for l in layers)
+        total = sum(l["total_slots"] for l in layers)
+        return {"zero_fraction": zero / total if total else 0.0, "layers": layers}
+
+    def zeda_reset_stats(self) -> None:
+        for r in self.zeda_routers:
+            r.reset()
+
+    def zeda_set_zero_bias(self, bias: float) -> None:
+        for r in self.zeda_routers:
+            r.set_zero_bias(bias)
+
+
+def _layer_index(prefix: str) -> int:
+    parts = prefix.split(".")
+    return int(parts[parts.index("layers") + 1]) if "layers" in parts else -1
+
+
+def make_model_class(base_architecture: str) -> type:
+    base = compat.base_model_class(base_architecture)
+    return type("Zeda" + base.__name__, (ZedaModelMixin, base), {"__module__": __name__})
+
+
+def __getattr__(name: str):
+    """`vllm_zeda.serve.models:ZedaQwen3MoeForCausalLM` etc., built on first use (lazy registration)."""
+    from ..archs import RELEASE_ARCHITECTURES, arch_for_zeda
+
+    arch = arch_for_zeda(name)
+    if arch is None:
+        raise AttributeError(name)
+    cls = make_model_class(arch.base_architecture)
+    if name in RELEASE_ARCHITECTURES:
+        cls = type(name, (cls,), {"__module__": __name__})
+    globals()[name] = cls
+    return cls

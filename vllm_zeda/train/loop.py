@@ -1,0 +1,521 @@
+"""The trainer's run, top to bottom, in the steps a reader follows: `prepare` (check everything,
+load the data) -> `load_student` (inject, load, freeze) -> `run_stage(1)` (routers) ->
+`run_stage(2)` (routers + MoE blocks) -> `write_output`.
+
+  inject   Z zero-expert rows in every router (vllm_zeda.convert.inject), into the work directory
+  stage 1  router weights only; teacher = the same network in masked mode with the original
+           router rows, under no_grad (no second copy of the model)
+  stage 2  routers + MoE blocks (experts, shared experts); attention, embeddings, norms frozen;
+           teacher = a frozen copy, or its top-k log-probs cached on disk (--teacher-cache)
+  write    DST = ZEDA checkpoint (save_pretrained) + zeda_report.json + zeda_report.png
+
+Loss = KL(teacher || student) on next-token distributions + the group balancing loss with w from
+--target-zero-fraction. Resuming (--resume) is exact: the batch at every step is a pure function
+of (seed, stage, step), and the checkpoint holds the trained tensors, the optimizer and the RNG
+states. Under torchrun each process trains --batch-size blocks a step (DDP).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from ..errors import ZedaError
+from ..routing import balance_weight
+from . import state as run_state
+from . import teacher as teachers
+from .distributed import Dist
+
+KILL_ENV = "ZEDA_TRAIN_KILL_AT"  # test hook: "STAGE:STEP" -> os._exit(137) after that step (a kill -9)
+INJECTED = "injected"
+
+
+# ---------------------------------------------------------------------- model plumbing ----
+
+
+class RouterTap:
+    """Forward hooks that keep each router's logits (with grad) and chosen ids for the balance loss."""
+
+    def __init__(self, routers):
+        self.logits: list[torch.Tensor] = []
+        self.ids: list[torch.Tensor] = []
+        self.on = False
+        for r in routers:
+            r.register_forward_hook(self._hook)
+
+    def _hook(self, module, inputs, output):
+        if self.on:
+            self.logits.append(output[0])
+            self.ids.append(module.last_routing.ids)
+
+    @contextlib.contextmanager
+    def capture(self):
+        self.logits, self.ids, self.on = [], [], True
+        try:
+            yield self
+        finally:
+            self.on = False
+
+
+def moe_blocks(model):
+    """The modules that own a Zeda router (router + experts + shared experts of one layer)."""
+    routers = set(map(id, model.zeda_routers))
+    return [m for m in model.modules() if id(getattr(m, "gate", None)) in routers]
+
+
+def fingerprints(model, names: set[str]) -> dict[str, torch.Tensor]:
+    """Exact float64 checksums of the named parameters: proof that frozen weights stayed put."""
+    return {n: torch.stack([p.double().sum(), p.double().square().sum()]).cpu() for n, p in model.named_parameters() if n in names}
+
+
+def assert_unchanged(before: dict, after: dict, what: str) -> None:
+    changed = [n for n in before if not torch.equal(before[n], after[n])]
+    assert not changed, f"{what}: parameters that must stay frozen changed: {changed[:5]}"
+
+
+def lr_factor(step: int, total: int) -> float:
+    """Linear warm-up over 5% of the steps, then cosine decay to 10% of the peak."""
+    warm = max(1, total // 20)
+    if step < warm:
+        return (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm)
+    return 0.1 + 0.45 * (1.0 + math.cos(math.pi * progress))
+
+
+# --------------------------------------------------------------------------- the run ----
+
+
+@dataclass
+class Run:
+    """Everything a stage needs: the checked flags, the data, the student and what it trains."""
+
+    args: object
+    dist: Dist
+    src: Path
+    output: Path
+    work: Path
+    cfg: dict
+    arch: object
+    spec: object
+    data: object
+    config: dict  # state.run_config: what a --resume must match
+    use_bf16: bool
+    evals: dict = field(default_factory=dict)  # held-out evaluations by name
+    speed: dict = field(default_factory=dict)  # stageN -> report.throughput(...)
+    # set by load_student
+    model: object = None
+    original_rows: list = field(default_factory=list)
+    router_names: set = field(default_factory=set)
+    moe_names: set = field(default_factory=set)
+    frozen_in: dict = field(default_factory=dict)  # stage -> names that must not move in it
+    tap: RouterTap | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.dist.device
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16)
+
+    @property
+    def metrics_path(self) -> Path:
+        from .report import METRICS
+
+        return self.work / METRICS
+
+    def log(self, record: dict) -> None:
+        if self.dist.main:
+            with self.metrics_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def trained_names(self, stage: int) -> set[str]:
+        return self.router_names if stage == 1 else self.moe_names
+
+    def checkpoint(self, stage: int, step: int, optimizer_state) -> None:
+        if self.dist.main:
+            trained = self.trained_names(stage)
+            run_state.save_state(self.work / run_state.CKPT, {
+                "stage": stage, "step": step, "evals": self.evals, "run_config": self.config,
+                "rng": run_state.rng_state(),
+                "trained": {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if n in trained},
+                "optimizer": optimizer_state,
+            })
+        self.dist.barrier()
+
+
+def train(args, dist: Dist) -> dict | None:
+    """The whole job; returns the report (None for a conversion-only run)."""
+    run = prepare(args, dist)
+    if run is None:
+        return None
+    state = run_state.load_for_resume(run.work, run.config) if args.resume else None
+    load_student(run)
+    stage, step = resume_point(run, state)
+    while stage <= 2:
+        run_stage(run, stage, step, state)
+        stage, step, state = stage + 1, 0, None
+        run.checkpoint(stage, 0, None)
+    return write_output(run)
+
+
+def check_output(output: Path) -> None:
+    from ..convert.checkpoint import check_new_output
+
+    check_new_output(output)
+    try:  # os.access says yes to root even on read-only file systems: really try
+        probe = output.parent / f".{output.name}.probe-{os.getpid()}"
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as exc:
+        raise ZedaError(f"output directory {output.parent} is not writable ({exc.strerror})") from None
+
+
+def prepare(args, dist: Dist) -> Run | None:
+    """Validate everything before the first write, load the data; a run with no training steps
+    is a bare conversion, done here."""
+    from transformers import AutoTokenizer
+
+    from ..convert.checkpoint import load_config
+    from ..convert.inject import convert_checkpoint, describe_source
+    from .data import load_blocks
+
+    src, output = Path(args.model), Path(args.output)
+    cfg = load_config(src)
+    arch, spec = describe_source(cfg, args.num_zero_experts, args.target_zero_fraction)
+    max_pos = cfg.get("max_position_embeddings")
+    if isinstance(max_pos, int) and args.seq_len > max_pos:
+        raise ZedaError(f"--seq-len {args.seq_len} is above the model's max_position_embeddings ({max_pos})")
+    check_output(output)
+    if args.stage1_steps == 0 and args.stage2_steps == 0:  # conversion only
+        if dist.main:
+            convert_checkpoint(src, output, spec.num_zero_experts, seed=args.seed,
+                               target_zero_fraction=args.target_zero_fraction, progress=not args.quiet)
+            print(f"wrote {output}: converted only ({spec.num_real_experts} real + {spec.num_zero_experts} zero experts, no training)")
+        dist.barrier()
+        return None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(src)
+    except Exception as exc:  # transformers raises many types for a missing/broken tokenizer
+        raise ZedaError(f"cannot load the tokenizer of {src} ({type(exc).__name__}: {exc})") from None
+    data = load_blocks(args.data, tokenizer, args.seq_len, seed=args.seed,
+                       heldout_fraction=args.heldout_fraction, max_heldout=args.max_heldout_blocks)
+    work = Path(args.work_dir) if args.work_dir else output.parent / f".{output.name}.zeda-work"
+    if work.exists() and not args.resume:
+        raise ZedaError(f"work directory {work} exists (an interrupted run?): pass --resume to continue it, or remove it")
+    if args.resume and not work.exists():
+        raise ZedaError(f"--resume: no work directory {work} to resume from")
+    device = dist.device
+    use_bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    if dist.main:
+        print(f"zeda-train: {arch.base_architecture}, E={spec.num_real_experts} Z={spec.num_zero_experts} "
+              f"top-{spec.top_k}; {data.train.shape[0]} train / {data.heldout.shape[0]} held-out blocks of "
+              f"{args.seq_len} tokens; {dist.world} process(es) on {device}, {'bf16' if use_bf16 else 'fp32'}", flush=True)
+    return Run(args=args, dist=dist, src=src, output=output, work=work, cfg=cfg, arch=arch, spec=spec, data=data,
+               config=run_state.run_config(args, dist.world), use_bf16=use_bf16)
+
+
+def load_student(run: Run) -> None:
+    """Inject (once; the work dir keeps it for --resume and for the stage-2 teacher), load it
+    with fp32 master weights, freeze everything, and note what each stage trains."""
+    from transformers import AutoModelForCausalLM
+
+    from ..convert.inject import convert_checkpoint
+    from ..hf.modeling import register
+
+    register()  # the Zeda classes with transformers' Auto* factories
+
+    args, dist = run.args, run.dist
+    dist.barrier()  # every rank has checked the work dir before rank 0 creates it
+    if dist.main:
+        run.work.mkdir(parents=True, exist_ok=True)
+    injected = run.work / INJECTED
+    if dist.main and not injected.exists():
+        convert_checkpoint(run.src, injected, run.spec.num_zero_experts, seed=args.seed,
+                           target_zero_fraction=args.target_zero_fraction, progress=False)
+    dist.barrier()
+    model = AutoModelForCausalLM.from_pretrained(injected, dtype=torch.float32).to(run.device)  # fp32 master weights
+    model.zeda_set_mode(masked=False, zero_bias=0.0)
+    if args.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for p in model.parameters():
+        p.requires_grad_(False)
+    routers = model.zeda_routers
+    names = {p: n for n, p in model.named_parameters()}
+    run.model = model
+    run.original_rows = [r.weight.detach().clone() for r in routers]
+    run.router_names = {names[r.weight] for r in routers}
+    run.moe_names = {names[p] for m in moe_blocks(model) for p in m.parameters()}
+    run.frozen_in = {1: set(names.values()) - run.router_names, 2: set(names.values()) - run.moe_names}
+    run.tap = RouterTap(routers)
+
+
+def resume_point(run: Run, state: dict | None) -> tuple[int, int]:
+    """(stage, step) to start from: fresh, or the checkpoint's (its tensors, evaluations and RNG
+    restored); the metrics file is cut back to that point."""
+    from .report import read_metrics
+
+    stage, step = 1, 0
+    if state is not None:
+        params = dict(run.model.named_parameters())
+        for n, t in state["trained"].items():
+            params[n].data.copy_(t)
+        stage, step, run.evals = state["stage"], state["step"], state["evals"]
+        run_state.set_rng_state(state["rng"])
+        if run.dist.main:
+            print(f"resuming at stage {stage}, step {step}", flush=True)
+    else:
+        torch.manual_seed(run.args.seed)
+        random.seed(run.args.seed)
+    if run.dist.main:  # drop records written after the checkpoint we resume from
+        keep = [m for m in read_metrics(run.metrics_path) if state is not None and (m["stage"], m["step"]) <= (stage, step)]
+        run.metrics_path.write_text("".join(json.dumps(m) + "\n" for m in keep))
+    return stage, step
+
+
+def stage_teacher(run: Run, stage: int, step: int):
+    """(teacher function, the model behind it to free after the stage or None)."""
+    args, dist, data = run.args, run.dist, run.data
+    total = args.stage1_steps if stage == 1 else args.stage2_steps
+    if stage == 1 or total == 0:
+        return teachers.masked_teacher(run.model, run.original_rows), None
+    if not args.teacher_cache:
+        dtype = torch.bfloat16 if run.use_bf16 else torch.float32
+        return teachers.frozen_copy_teacher(run.work / INJECTED, dtype, run.device)
+    from .data import batch_indices, stage_seed
+
+    path = run.work / teachers.CACHE
+    if not teachers.cache_complete(path, dist.world):
+        if step > 0:
+            raise ZedaError(f"--resume: the teacher cache in {run.work} is gone and the experts have moved on; start again")
+        samples = total * args.grad_accum * dist.world * args.batch_size
+        keys = torch.unique(torch.cat([
+            batch_indices(data.train.shape[0], 0, samples, stage_seed(args.seed, 2)),
+            data.train.shape[0] + torch.arange(data.heldout.shape[0]),
+        ]))
+        all_blocks = torch.cat([data.train, data.heldout])
+        teachers.build_teacher_cache(path, run.model, run.original_rows, lambda ks: all_blocks[ks], keys,
+                                     args.teacher_topk, args, dist, run.autocast)
+        dist.barrier()
+    return teachers.cached_teacher(path, dist.world, data.train.shape[0]), None
+
+
+def stage_optimizer(run: Run, stage: int, state: dict | None) -> torch.optim.Optimizer:
+    """AdamW: routers at --lr, in stage 2 the MoE blocks at --expert-lr; restored on resume."""
+    args = run.args
+    expert_lr = args.expert_lr if args.expert_lr is not None else args.lr / 3
+    named = list(run.model.named_parameters())
+    groups = [{"params": [p for n, p in named if n in run.router_names], "lr": args.lr, "base_lr": args.lr}]
+    if stage == 2:
+        groups.append({"params": [p for n, p in named if n in run.moe_names - run.router_names],
+                       "lr": expert_lr, "base_lr": expert_lr})
+    opt = torch.optim.AdamW(groups, betas=(0.9, 0.95), weight_decay=0.0)
+    if state is not None and state.get("optimizer") is not None and state["stage"] == stage:
+        opt.load_state_dict(state["optimizer"])
+    return opt
+
+
+def run_stage(run: Run, stage: int, step: int, state: dict | None) -> None:
+    """Train stage `stage` from `step` to its end: evaluations, metrics, checkpoints, and at the
+    end the proof that the weights this stage must not touch did not move."""
+    from .data import batch_indices, stage_seed
+    from .losses import balance_loss, zero_fractions
+    from .report import throughput
+
+    args, dist, model, data, spec = run.args, run.dist, run.model, run.data, run.spec
+    routers = model.zeda_routers
+    e, z, k_slots = spec.num_real_experts, spec.num_zero_experts, spec.top_k
+    w = balance_weight(args.target_zero_fraction, e, z)
+    total = args.stage1_steps if stage == 1 else args.stage2_steps
+    trainable = run.trained_names(stage)
+    params = [p for n, p in model.named_parameters() if n in trainable]
+    for p in params:
+        p.requires_grad_(True)
+    frozen_before = fingerprints(model, run.frozen_in[stage])
+    teacher_fn, teacher_model = stage_teacher(run, stage, step)
+    opt = stage_optimizer(run, stage, state)
+    ddp = DDP(model, find_unused_parameters=stage == 2) if dist.world > 1 else model
+
+    def evaluate_now() -> dict:
+        return evaluate(model, teacher_fn, data.heldout, args.batch_size, dist, run.autocast, args.temperature)
+
+    if stage == 1 and step == 0 and "after_injection" not in run.evals:
+        run.evals["after_injection"] = evaluate_now()
+        run.log({"event": "eval", "stage": 1, "step": 0, **run.evals["after_injection"]})
+
+    bar = None
+    if dist.main and not args.quiet and total > step:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=step, desc=f"stage {stage} ({'routers' if stage == 1 else 'routers+experts'})", unit="step")
+    data_seed = stage_seed(args.seed, stage)
+    kill_at = os.environ.get(KILL_ENV)
+    step_seconds = []  # this process's steps of this stage (not those before a --resume)
+    while step < total:
+        t_step = time.perf_counter()
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * lr_factor(step, total)
+        sums = torch.zeros(3 + len(routers), dtype=torch.float64)  # loss, kl, balance, zero[L]
+        model.train()  # no dropout in these configs; lets --grad-checkpointing act
+        for micro in range(args.grad_accum):
+            # sample position of this rank in the seeded stream: pure in (step, micro, rank)
+            pos = ((step * args.grad_accum + micro) * dist.world + dist.rank) * args.batch_size
+            idx = batch_indices(data.train.shape[0], pos, args.batch_size, data_seed)
+            x = data.train[idx].to(run.device)
+            with run.autocast():
+                teacher = teacher_fn(x, ("train", idx))
+            last = micro == args.grad_accum - 1
+            sync = contextlib.nullcontext() if (last or ddp is model) else ddp.no_sync()
+            with sync:
+                with run.autocast(), run.tap.capture():
+                    logits = ddp(input_ids=x).logits
+                f_z = zero_fractions(run.tap.ids, e)
+                if dist.world > 1:  # f is a count statistic: use the all-rank value (exact DDP)
+                    f_z = dist.sum(f_z.clone()) / dist.world
+                kl = teachers.distill_kl(teacher, logits, args.temperature)
+                bal = balance_loss(run.tap.logits, run.tap.ids, num_real=e, num_zero=z, top_k=k_slots, w=w,
+                                   alpha=args.balance_alpha, layer_zero_fractions=f_z)
+                loss = kl + bal
+                (loss / args.grad_accum).backward()
+            sums += torch.cat([torch.stack([loss.detach(), kl.detach(), bal.detach()]).double().cpu(), f_z.double().cpu()])
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        sums = dist.sum(sums.to(run.device)).cpu() / (args.grad_accum * dist.world)  # .cpu() waits for the GPU
+        step_seconds.append(time.perf_counter() - t_step)
+        record = {"event": "train", "stage": stage, "step": step, "loss": float(sums[0]), "kl": float(sums[1]),
+                  "balance": float(sums[2]), "zero_fraction": float(sums[3:].mean()),
+                  "layers": [{"layer": r.layer_idx, "zero_fraction": float(v)} for r, v in zip(routers, sums[3:])],
+                  "lr": opt.param_groups[0]["lr"], "step_seconds": round(step_seconds[-1], 4), "time": time.time()}
+        run.log(record)
+        if bar is not None:
+            bar.set_postfix(loss=f"{record['loss']:.4f}", kl=f"{record['kl']:.4f}", zero=f"{record['zero_fraction']:.3f}")
+            bar.update(1)
+        if step % args.eval_every == 0 or step == total:
+            ev = evaluate_now()
+            run.log({"event": "eval", "stage": stage, "step": step, **ev})
+            if step == total:
+                run.evals[f"after_stage{stage}"] = ev
+            if bar is not None:
+                bar.write(f"stage {stage} step {step}: held-out KL {ev['teacher_kl']:.5f}, zero fraction {ev['zero_fraction']:.3f}")
+        if step % args.save_every == 0 and step < total:
+            run.checkpoint(stage, step, opt.state_dict())
+        if kill_at == f"{stage}:{step}":
+            os._exit(137)
+    if bar is not None:
+        bar.close()
+    if step_seconds:
+        tokens_per_step = args.batch_size * args.seq_len * args.grad_accum * dist.world
+        run.speed[f"stage{stage}"] = throughput(step_seconds, tokens_per_step, dist.world)
+    if total == 0:
+        run.evals.setdefault(f"after_stage{stage}", run.evals.get("after_stage1") or run.evals["after_injection"])
+    assert_unchanged(frozen_before, fingerprints(model, run.frozen_in[stage]), f"stage {stage}")
+    for p in params:
+        p.requires_grad_(False)
+        p.grad = None
+    del ddp, opt, teacher_model
+
+
+@torch.no_grad()
+def evaluate(model, teacher_fn, heldout: torch.Tensor, batch_size: int, dist: Dist, autocast, temperature: float) -> dict:
+    """Held-out KL to the teacher and zero-slot fractions (the HF router's own counters), all ranks."""
+    n_layers = len(model.zeda_routers)
+    acc = torch.zeros(2 + 2 * n_layers, dtype=torch.float64)  # kl*tokens, tokens, zero[L], total[L]
+    model.eval()
+    mine = torch.arange(dist.rank, heldout.shape[0], dist.world)
+    for chunk in mine.split(batch_size):
+        x = heldout[chunk].to(dist.device)
+        with autocast():
+            teacher = teacher_fn(x, ("heldout", chunk))
+        model.zeda_stats(reset=True)
+        with autocast():
+            logits = model(input_ids=x).logits
+        stats = model.zeda_stats(reset=True)
+        acc[0] += teachers.distill_kl(teacher, logits, temperature).item() * x.numel()
+        acc[1] += x.numel()
+        for i, layer in enumerate(stats["layers"]):
+            acc[2 + i] += layer["zero_slots"]
+            acc[2 + n_layers + i] += layer["total_slots"]
+    acc = dist.sum(acc.to(dist.device)).cpu()
+    zero, total = acc[2 : 2 + n_layers], acc[2 + n_layers :]
+    layers = [{"layer": r.layer_idx, "zero_fraction": float(z / t)} for r, z, t in zip(model.zeda_routers, zero, total)]
+    return {"teacher_kl": float(acc[0] / acc[1]), "zero_fraction": float(zero.sum() / total.sum()), "layers": layers}
+
+
+def write_output(run: Run) -> dict:
+    """The ZEDA checkpoint, its report and plot, written atomically; the work dir then goes."""
+    from ..convert.checkpoint import atomic_output_dir
+    from .report import METRICS, PLOT, plot, read_metrics, write_report
+
+    args, dist, spec, evals = run.args, run.dist, run.spec, run.evals
+    final = evals["after_stage2"]
+    report = {
+        "zero_fraction": final["zero_fraction"],
+        "layers": final["layers"],
+        "teacher_kl": final["teacher_kl"],
+        "target_zero_fraction": args.target_zero_fraction,
+        "stage1_steps": args.stage1_steps,
+        "stage2_steps": args.stage2_steps,
+        "after_injection": evals["after_injection"],
+        "after_stage1": evals["after_stage1"],
+        "after_stage2": final,
+        "num_real_experts": spec.num_real_experts, "num_zero_experts": spec.num_zero_experts, "top_k": spec.top_k,
+        "base_architecture": run.arch.base_architecture,
+        "source_model": str(run.src),
+        "data": list(run.data.sources), "seq_len": args.seq_len, "heldout_blocks": int(run.data.heldout.shape[0]),
+        "train_blocks": int(run.data.train.shape[0]), "seed": args.seed, "world_size": dist.world,
+        "device": run.device.type, "compute_dtype": "bfloat16" if run.use_bf16 else "float32",
+        "throughput": run.speed,
+        "balance_alpha": args.balance_alpha,
+        "balance_w": balance_weight(args.target_zero_fraction, spec.num_real_experts, spec.num_zero_experts),
+        "temperature": args.temperature,
+        "note": "zero_fraction / teacher_kl: held-out blocks, dynamic routing, zero_bias 0; teacher = the original model",
+    }
+    if dist.main:
+        injected = run.work / INJECTED
+        with atomic_output_dir(run.output) as tmp:
+            run.model.to(_checkpoint_dtype(run.cfg)).save_pretrained(tmp)
+            for f in injected.iterdir():  # tokenizer, generation config, chat template...
+                if f.is_file() and f.suffix not in (".safetensors", ".bin") and f.name not in ("config.json", "model.safetensors.index.json") and not (tmp / f.name).exists():
+                    shutil.copy2(f, tmp / f.name)
+            _check_written_config(tmp, spec)
+            write_report(tmp, report)
+            shutil.copy2(run.metrics_path, tmp / METRICS)
+            if not args.no_plot:
+                plot(tmp / PLOT, report, read_metrics(run.metrics_path))
+        if not args.keep_work_dir:
+            shutil.rmtree(run.work, ignore_errors=True)
+        a, s1, s2 = evals["after_injection"], evals["after_stage1"], final
+        print(f"wrote {run.output}\n  held-out zero fraction {a['zero_fraction']:.3f} -> {s1['zero_fraction']:.3f} -> {s2['zero_fraction']:.3f}"
+              f" (target {args.target_zero_fraction})\n  KL to the original   {a['teacher_kl']:.5f} -> {s1['teacher_kl']:.5f} -> {s2['teacher_kl']:.5f}"
+              f"   (after injection -> stage 1 -> stage 2)", flush=True)
+        for name, sp in run.speed.items():
+            if sp["tokens_per_s"] is not None:
+                print(f"  {name}: {sp['tokens_per_s']:,.0f} training tok/s ({sp['tokens_per_s_per_process']:,.0f} per process,"
+                      f" {sp['steps_timed']} steps timed)", flush=True)
+    dist.barrier()
+    return report
+
+
+def _checkpoint_dtype(cfg: dict) -> torch.dtype:
+    name = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
+    return getattr(torch, str(name).replace("torch.", ""), torch.float32)
+
+
+def _check_written_config(out: Path, spec) -> None:
+    from ..spec import read_spec
+
+    cfg = json.loads((out / "config.json").read_text())
+    written = read_spec(cfg)
+    if written is None or written.num_zero_experts != spec.num_zero_experts:
+        raise ZedaError("internal: save_pretrained wrote a config without the zeda block")

@@ -1,0 +1,74 @@
+"""Distillation losses, pure functions: KL(teacher || student) on next-token distributions and
+the per-layer group balancing loss (routing.group_balance_loss), summed over layers.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..routing import group_balance_loss
+
+
+def kl_teacher_student(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Mean over tokens of KL(softmax(t/T) || softmax(s/T)), times T^2.
+
+    The T^2 keeps gradient magnitudes comparable across temperatures (Hinton et al.). Math in
+    float32 whatever the logits' dtype: bf16 log-softmax differences are too coarse for a KL.
+    """
+    t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    kl = (t.exp() * (t - s)).sum(-1)
+    return kl.mean() * temperature**2
+
+
+def teacher_topk(teacher_logits: torch.Tensor, k: int, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's k most likely tokens per position and their log-probs (what a cache keeps)."""
+    logp = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    values, ids = logp.topk(min(k, logp.shape[-1]), dim=-1)
+    return values, ids
+
+
+def kl_topk(teacher_logp: torch.Tensor, teacher_ids: torch.Tensor, student_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL from a top-k cached teacher over k + 1 outcomes: its k tokens and "everything else".
+
+    Keeping the teacher's true top-k probabilities plus the rest bucket (instead of
+    renormalising over k tokens) never pushes the student's mass onto the k tokens beyond what
+    the teacher puts there; it is a lower bound of the full KL and equals it when k = vocabulary.
+    """
+    t = teacher_logp.float()
+    s = F.log_softmax(student_logits.float() / temperature, dim=-1).gather(-1, teacher_ids.long())
+    t_rest = torch.log1p(-t.exp().sum(-1).clamp(max=1 - 1e-7))
+    s_rest = torch.log1p(-s.exp().sum(-1).clamp(max=1 - 1e-7))
+    kl = (t.exp() * (t - s)).sum(-1) + t_rest.exp() * (t_rest - s_rest)
+    return kl.mean() * temperature**2
+
+
+def zero_fractions(layer_ids: Sequence[torch.Tensor], num_real: int) -> torch.Tensor:
+    """[layers] fraction of routed slots that went to zero experts (no gradient)."""
+    return torch.stack([(ids >= num_real).float().mean() for ids in layer_ids]).detach()
+
+
+def balance_loss(
+    layer_logits: Sequence[torch.Tensor],
+    layer_ids: Sequence[torch.Tensor],
+    *,
+    num_real: int,
+    num_zero: int,
+    top_k: int,
+    w: float,
+    alpha: float,
+    layer_zero_fractions: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Sum over MoE layers of the group balancing loss, from each router's logits [T, E+Z].
+
+    `layer_zero_fractions` ([layers], optional) replaces each layer's local f_Z, e.g. by its mean
+    over data-parallel ranks.
+    """
+    total = layer_logits[0].new_zeros((), dtype=torch.float32)
+    for i, (logits, ids) in enumerate(zip(layer_logits, layer_ids)):
+        probs = torch.softmax(logits.float(), dim=-1)
+        f_z = None if layer_zero_fractions is None else layer_zero_fractions[i]
+        total = total + group_balance_loss(probs, ids, num_real, num_zero, top_k, w, alpha, zero_fraction=f_z)
+    return total
