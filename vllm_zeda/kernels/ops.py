@@ -344,16 +344,17 @@ def live_silu_and_mul_(out: torch.Tensor, x: torch.Tensor, live_ids: torch.Tenso
     )
 
 
-def live_moe_sum_(out: torch.Tensor, slots: torch.Tensor, live_ids: torch.Tensor) -> None:
+def live_moe_sum_(out: torch.Tensor, slots: torch.Tensor, live_ids: torch.Tensor, *, block: int | None = None) -> None:
     """out [M, D] = sum of slots [M, K, D] over the live slots of live_ids [M, K], a token a
-    program: the token's row up to 2,048 columns a program, 8 warps from 2,048 columns, the
+    program. The column block (a power of 2; the kernel tests vary it) does not change the result.
+    Default: the token's row up to 2,048 columns a program, 8 warps from 2,048 columns, the
     fastest shape of a launch sweep at 2k, 8k and 16k tokens, skip 0 and 0.5 on the H200, where
     2-8 tokens a program all lost (RESULTS.md §7, "tried and dropped")."""
     m, k, d = slots.shape
     assert slots.is_contiguous() and live_ids.shape == (m, k) and out.shape == (m, d), (slots.shape, out.shape)
     if m == 0:
         return
-    block = min(2048, _pow2(d))
+    block = block or min(2048, _pow2(d))
     num_warps = 8 if block >= 2048 else None
     _live_moe_sum[(m, -(-d // block))](slots, out, live_ids.reshape(-1), m, d, out.stride(0), K=k, BLOCK=block,
                                        **_launch_options(num_warps))
