@@ -243,3 +243,64 @@ def test_bf16_autocast_trains_like_fp32(tiny_models, tmp_path):
     assert all(b[k].dtype == torch.float32 for k in b)
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 0.1
     assert not all(torch.equal(a[k], b[k]) for k in a)  # bf16 really ran
+
+
+def test_without_matplotlib_the_report_is_written_without_its_png(tiny_models, tmp_path, monkeypatch, capsys):
+    """matplotlib is optional: a base install must not lose the run in the final export."""
+    from vllm_zeda.train import report
+
+    monkeypatch.setattr(report, "plotting_available", lambda: False)
+    out = tmp_path / "o"
+    r = train(tiny_models["qwen3_moe"], out, "--num-zero-experts", "8", "--stage1-steps", "2", "--stage2-steps", "1",
+              plot=True)
+    assert r["stage2_steps"] == 1 and (out / "zeda_report.json").is_file() and (out / "model.safetensors").is_file()
+    assert not (out / "zeda_report.png").exists()
+    warned = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warned) == 1 and "matplotlib is not installed" in warned[0]
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    return lines[0]
+
+
+def test_out_of_memory_and_full_disk_stop_in_one_line_and_resume(tiny_models, tmp_path, monkeypatch, capsys):
+    """Out of GPU memory mid-stage, or a full disk while checkpointing: one line naming the cause
+    and the remedy; the last checkpoint stays, and --resume finishes the run."""
+    from vllm_zeda.train import state, teacher
+
+    src, out = tiny_models["qwen3_moe"], tmp_path / "o"
+    args = ["--model", str(src), "--output", str(out), *BASE, *SHORT, "--save-every", "2"]
+    calls, kl = [0], teacher.distill_kl
+
+    def oom_at_step_5(*a, **k):
+        calls[0] += torch.is_grad_enabled()  # training steps, not held-out evaluations
+        if calls[0] == 5:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return kl(*a, **k)
+
+    monkeypatch.setattr(teacher, "distill_kl", oom_at_step_5)
+    assert main(args) == 2
+    line = _one_error_line(capsys)
+    assert "out of GPU memory" in line and "--batch-size (now 8)" in line and "--resume (the last checkpoint" in line
+    monkeypatch.setattr(teacher, "distill_kl", kl)
+
+    saves, save = [0], torch.save
+
+    def full_disk_on_the_second_save(obj, path, *a, **k):
+        saves[0] += 1
+        if saves[0] == 2:
+            with open(path, "wb") as f:  # a partial file, as a real full disk leaves
+                f.write(b"partial")
+            raise OSError(28, "No space left on device", str(path))
+        return save(obj, path, *a, **k)
+
+    monkeypatch.setattr(state.torch, "save", full_disk_on_the_second_save)
+    assert main([*args, "--resume"]) == 2
+    line = _one_error_line(capsys)
+    assert "the disk is full" in line and "--resume" in line
+    assert not list((tmp_path / ".o.zeda-work").glob("*.tmp"))  # the partial write is gone, the checkpoint kept
+    monkeypatch.setattr(state.torch, "save", save)
+    assert main([*args, "--resume"]) == 0 and (out / "model.safetensors").is_file()

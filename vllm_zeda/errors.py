@@ -9,6 +9,14 @@ from typing import Callable
 class ZedaError(Exception):
     """Bad input or an unusable checkpoint; the message is meant for the user as is."""
 
+    exit_code = 2
+
+
+class Interrupted(ZedaError):
+    """Ctrl-C, with what to do next."""
+
+    exit_code = 130
+
 
 def cli_entry(main: Callable[..., int | None]) -> Callable[..., int]:
     """Run a CLI main: a ZedaError (or Ctrl-C) becomes one line on stderr and exit code != 0."""
@@ -19,7 +27,7 @@ def cli_entry(main: Callable[..., int | None]) -> Callable[..., int]:
             return int(main(*args, **kwargs) or 0)
         except ZedaError as exc:
             print(f"error: {exc}", file=sys.stderr)
-            return 2
+            return exc.exit_code
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return 130

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 
-from ..errors import ZedaError, cli_entry
+from ..errors import Interrupted, ZedaError, cli_entry
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,13 +73,42 @@ def check_args(args) -> None:
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     from .distributed import Dist
-    from .loop import train
+    from .loop import train, work_dir
 
     args = build_parser().parse_args(argv)
     check_args(args)
     dist = Dist(args.device)
     try:
         train(args, dist)
+    except torch.cuda.OutOfMemoryError:
+        raise ZedaError(f"out of GPU memory: lower --batch-size (now {args.batch_size}) or --seq-len (now "
+                        f"{args.seq_len}), add --grad-checkpointing, or spread the run over more GPUs (torchrun); "
+                        + resume_hint(work_dir(args))) from None
+    except OSError as exc:
+        from .state import is_disk_full
+
+        if not is_disk_full(exc, Path(args.output).parent):
+            raise
+        raise ZedaError(f"the disk is full ({exc.filename or exc}): free space, then {resume_hint(work_dir(args))}") from None
+    except ZedaError as exc:
+        from .state import DiskFull
+
+        if isinstance(exc, DiskFull):
+            raise ZedaError(f"{exc}: free space, then {resume_hint(work_dir(args))}") from None
+        raise
+    except KeyboardInterrupt:
+        raise Interrupted("interrupted: " + resume_hint(work_dir(args))) from None
     finally:
         dist.close()
     return 0
+
+
+def resume_hint(work: Path) -> str:
+    """What to do after a run stopped early: resume from its last checkpoint, or start over."""
+    from .state import CKPT
+
+    if (work / CKPT).is_file():
+        return f"rerun the same command with --resume (the last checkpoint is in {work})"
+    if work.exists():
+        return f"rerun the same command with --resume ({work} holds no checkpoint yet: training starts over)"
+    return "nothing was written: start again"

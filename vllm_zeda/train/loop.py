@@ -22,6 +22,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,6 +110,7 @@ class Run:
     data: object
     config: dict  # state.run_config: what a --resume must match
     use_bf16: bool
+    plot: bool  # write zeda_report.png (--no-plot or no matplotlib: not)
     evals: dict = field(default_factory=dict)  # held-out evaluations by name
     speed: dict = field(default_factory=dict)  # stageN -> report.throughput(...)
     # set by load_student
@@ -167,6 +169,12 @@ def train(args, dist: Dist) -> dict | None:
     return write_output(run)
 
 
+def work_dir(args) -> Path:
+    """Checkpoints and metrics while training: --work-dir, or .DST.zeda-work next to DST."""
+    output = Path(args.output)
+    return Path(args.work_dir) if args.work_dir else output.parent / f".{output.name}.zeda-work"
+
+
 def check_output(output: Path) -> None:
     from ..convert.checkpoint import check_new_output
 
@@ -208,19 +216,25 @@ def prepare(args, dist: Dist) -> Run | None:
         raise ZedaError(f"cannot load the tokenizer of {src} ({type(exc).__name__}: {exc})") from None
     data = load_blocks(args.data, tokenizer, args.seq_len, seed=args.seed,
                        heldout_fraction=args.heldout_fraction, max_heldout=args.max_heldout_blocks)
-    work = Path(args.work_dir) if args.work_dir else output.parent / f".{output.name}.zeda-work"
+    work = work_dir(args)
     if work.exists() and not args.resume:
         raise ZedaError(f"work directory {work} exists (an interrupted run?): pass --resume to continue it, or remove it")
     if args.resume and not work.exists():
         raise ZedaError(f"--resume: no work directory {work} to resume from")
     device = dist.device
     use_bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    from .report import plotting_available
+
+    plot = not args.no_plot and plotting_available()
+    if dist.main and not args.no_plot and not plot:
+        print("warning: matplotlib is not installed: the report is written without zeda_report.png "
+              "(pip install matplotlib, or pass --no-plot)", file=sys.stderr, flush=True)
     if dist.main:
         print(f"zeda-train: {arch.base_architecture}, E={spec.num_real_experts} Z={spec.num_zero_experts} "
               f"top-{spec.top_k}; {data.train.shape[0]} train / {data.heldout.shape[0]} held-out blocks of "
               f"{args.seq_len} tokens; {dist.world} process(es) on {device}, {'bf16' if use_bf16 else 'fp32'}", flush=True)
     return Run(args=args, dist=dist, src=src, output=output, work=work, cfg=cfg, arch=arch, spec=spec, data=data,
-               config=run_state.run_config(args, dist.world), use_bf16=use_bf16)
+               config=run_state.run_config(args, dist.world), use_bf16=use_bf16, plot=plot)
 
 
 def load_student(run: Run) -> None:
@@ -491,7 +505,7 @@ def write_output(run: Run) -> dict:
             _check_written_config(tmp, spec)
             write_report(tmp, report)
             shutil.copy2(run.metrics_path, tmp / METRICS)
-            if not args.no_plot:
+            if run.plot:
                 plot(tmp / PLOT, report, read_metrics(run.metrics_path))
         if not args.keep_work_dir:
             shutil.rmtree(run.work, ignore_errors=True)

@@ -1,6 +1,7 @@
 """The trainer's closing report: zeda_report.json and a PNG of per-layer skip rates and losses."""
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -31,6 +32,11 @@ def read_metrics(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plotting_available() -> bool:
+    """matplotlib is optional (the `plot` extra): without it the report is written without its PNG."""
+    return importlib.util.find_spec("matplotlib") is not None
 
 
 def plot(out_path: Path, report: dict, metrics: list[dict]) -> Path:

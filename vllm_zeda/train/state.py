@@ -2,8 +2,10 @@
 RNG states and where the run stands, written atomically so a kill leaves the previous one."""
 from __future__ import annotations
 
+import errno
 import os
 import random
+import shutil
 from pathlib import Path
 
 import torch
@@ -35,10 +37,34 @@ def load_for_resume(work: Path, config: dict) -> dict | None:
     return state
 
 
+class DiskFull(ZedaError):
+    """A write of the run's own state failed for lack of space; what was there before is intact."""
+
+
 def save_state(path: Path, state: dict) -> None:
+    """Write atomically: a kill or a full disk mid-write leaves the previous file intact."""
     tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # a kill mid-write leaves the previous checkpoint intact
+    try:
+        torch.save(state, tmp)
+    except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as a RuntimeError
+        tmp.unlink(missing_ok=True)
+        if not is_disk_full(exc, path.parent):
+            raise
+        raise DiskFull(f"the disk is full: cannot write {path} ({free_gb(path.parent):.1f} GB free there)") from None
+    os.replace(tmp, path)
+
+
+def is_disk_full(exc: BaseException, where: Path) -> bool:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return isinstance(exc, RuntimeError) and "write" in str(exc) and free_gb(where) < 1.0
+
+
+def free_gb(where: Path) -> float:
+    try:
+        return shutil.disk_usage(where).free / 2**30
+    except OSError:
+        return float("nan")
 
 
 def rng_state() -> dict:
