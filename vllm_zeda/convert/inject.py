@@ -107,14 +107,16 @@ def convert_checkpoint(
             index = {**index, "metadata": {**index.get("metadata", {}), "total_size": total_size}}
             (tmp / INDEX).write_text(json.dumps(index, indent=2))
         (tmp / CONFIG).write_text(json.dumps(converted_config(cfg, arch, spec), indent=2) + "\n")
-        _copy_side_files(src, tmp, skip=set(shards) | {CONFIG, INDEX})
+        copy_side_files(src, tmp, skip=set(shards) | {CONFIG, INDEX})
     return spec
 
 
-def _copy_side_files(src: Path, dst: Path, skip: set[str]) -> None:
-    """Tokenizer, generation config, chat template, README...: everything but weights and config."""
+def copy_side_files(src: Path, dst: Path, skip: set[str]) -> None:
+    """Tokenizer, generation config, chat template, README...: everything but weights, config,
+    weight index and the names in `skip`."""
     for p in src.iterdir():
-        if p.name in skip or p.name.startswith(".") or p.suffix in (".safetensors", ".bin", ".pt"):
+        if (p.name in skip | {CONFIG, INDEX} or p.name.startswith(".")
+                or p.suffix in (".safetensors", ".bin", ".pt")):
             continue
         if p.is_file():
             shutil.copy2(p, dst / p.name)

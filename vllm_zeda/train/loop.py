@@ -2,7 +2,8 @@
 load the data) -> `load_student` (inject, load, freeze) -> `run_stage(1)` (routers) ->
 `run_stage(2)` (routers + MoE blocks) -> `write_output`.
 
-  inject   Z zero-expert rows in every router (vllm_zeda.convert.inject), into the work directory
+  inject   Z zero-expert rows in every router, while loading the source (train/converted.py):
+           no converted copy on disk
   stage 1  router weights only; teacher = the same network in masked mode with the original
            router rows, under no_grad (no second copy of the model)
   stage 2  routers + MoE blocks (experts, shared experts); attention, embeddings, norms frozen;
@@ -37,7 +38,6 @@ from . import teacher as teachers
 from .distributed import Dist
 
 KILL_ENV = "ZEDA_TRAIN_KILL_AT"  # test hook: "STAGE:STEP" -> os._exit(137) after that step (a kill -9)
-INJECTED = "injected"
 
 
 # ---------------------------------------------------------------------- model plumbing ----
@@ -192,8 +192,9 @@ def prepare(args, dist: Dist) -> Run | None:
     is a bare conversion, done here."""
     from transformers import AutoTokenizer
 
-    from ..convert.checkpoint import load_config
+    from ..convert.checkpoint import load_config, shard_files
     from ..convert.inject import convert_checkpoint, describe_source
+    from . import disk
     from .data import load_blocks
 
     src, output = Path(args.model), Path(args.output)
@@ -203,7 +204,11 @@ def prepare(args, dist: Dist) -> Run | None:
     if isinstance(max_pos, int) and args.seq_len > max_pos:
         raise ZedaError(f"--seq-len {args.seq_len} is above the model's max_position_embeddings ({max_pos})")
     check_output(output)
+    sizes = disk.tensor_sizes(src, shard_files(src)[0])
+    work = work_dir(args)
     if args.stage1_steps == 0 and args.stage2_steps == 0:  # conversion only
+        converted = disk.plan(sizes, spec.num_real_experts, spec.num_zero_experts, stage2=False, cache_entries=0)
+        disk.check_free_space(disk.DiskPlan(converted.output, 0, 0), output, work, resuming=False)
         if dist.main:
             convert_checkpoint(src, output, spec.num_zero_experts, seed=args.seed,
                                target_zero_fraction=args.target_zero_fraction, progress=not args.quiet)
@@ -216,11 +221,18 @@ def prepare(args, dist: Dist) -> Run | None:
         raise ZedaError(f"cannot load the tokenizer of {src} ({type(exc).__name__}: {exc})") from None
     data = load_blocks(args.data, tokenizer, args.seq_len, seed=args.seed,
                        heldout_fraction=args.heldout_fraction, max_heldout=args.max_heldout_blocks)
-    work = work_dir(args)
     if work.exists() and not args.resume:
         raise ZedaError(f"work directory {work} exists (an interrupted run?): pass --resume to continue it, or remove it")
     if args.resume and not work.exists():
         raise ZedaError(f"--resume: no work directory {work} to resume from")
+    cache_entries = 0
+    if args.teacher_cache and args.stage2_steps > 0:  # every block stage 2 reads, and the held-out ones
+        samples = args.stage2_steps * args.grad_accum * dist.world * args.batch_size
+        blocks = min(data.train.shape[0], samples) + data.heldout.shape[0]
+        cache_entries = blocks * args.seq_len * min(args.teacher_topk, int(cfg.get("vocab_size") or args.teacher_topk))
+    disk_plan = disk.plan(sizes, spec.num_real_experts, spec.num_zero_experts, stage2=args.stage2_steps > 0,
+                          cache_entries=cache_entries)
+    disk.check_free_space(disk_plan, output, work, resuming=args.resume)
     device = dist.device
     use_bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
     from .report import plotting_available
@@ -232,31 +244,29 @@ def prepare(args, dist: Dist) -> Run | None:
     if dist.main:
         print(f"zeda-train: {arch.base_architecture}, E={spec.num_real_experts} Z={spec.num_zero_experts} "
               f"top-{spec.top_k}; {data.train.shape[0]} train / {data.heldout.shape[0]} held-out blocks of "
-              f"{args.seq_len} tokens; {dist.world} process(es) on {device}, {'bf16' if use_bf16 else 'fp32'}", flush=True)
+              f"{args.seq_len} tokens; {dist.world} process(es) on {device}, {'bf16' if use_bf16 else 'fp32'}; "
+              f"writes about {disk_plan.output / 2**30:.2f} GB of output and up to {disk_plan.work / 2**30:.2f} GB "
+              f"in {work}", flush=True)
     return Run(args=args, dist=dist, src=src, output=output, work=work, cfg=cfg, arch=arch, spec=spec, data=data,
                config=run_state.run_config(args, dist.world), use_bf16=use_bf16, plot=plot)
 
 
+def load_converted_model(run: Run, dtype: torch.dtype) -> torch.nn.Module:
+    """The converted model on this process's device (injected while loading, seeded)."""
+    from .converted import load_converted
+
+    return load_converted(run.src, run.cfg, run.arch, run.spec, seed=run.args.seed, dtype=dtype).to(run.device)
+
+
 def load_student(run: Run) -> None:
-    """Inject (once; the work dir keeps it for --resume and for the stage-2 teacher), load it
-    with fp32 master weights, freeze everything, and note what each stage trains."""
-    from transformers import AutoModelForCausalLM
-
-    from ..convert.inject import convert_checkpoint
-    from ..hf.modeling import register
-
-    register()  # the Zeda classes with transformers' Auto* factories
-
+    """Create the work dir, load the converted model with fp32 master weights, freeze
+    everything, and note what each stage trains."""
     args, dist = run.args, run.dist
     dist.barrier()  # every rank has checked the work dir before rank 0 creates it
     if dist.main:
         run.work.mkdir(parents=True, exist_ok=True)
-    injected = run.work / INJECTED
-    if dist.main and not injected.exists():
-        convert_checkpoint(run.src, injected, run.spec.num_zero_experts, seed=args.seed,
-                           target_zero_fraction=args.target_zero_fraction, progress=False)
     dist.barrier()
-    model = AutoModelForCausalLM.from_pretrained(injected, dtype=torch.float32).to(run.device)  # fp32 master weights
+    model = load_converted_model(run, torch.float32)  # fp32 master weights
     model.zeda_set_mode(masked=False, zero_bias=0.0)
     if args.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -302,8 +312,8 @@ def stage_teacher(run: Run, stage: int, step: int):
     if stage == 1 or total == 0:
         return teachers.masked_teacher(run.model, run.original_rows), None
     if not args.teacher_cache:
-        dtype = torch.bfloat16 if run.use_bf16 else torch.float32
-        return teachers.frozen_copy_teacher(run.work / INJECTED, dtype, run.device)
+        copy = load_converted_model(run, torch.bfloat16 if run.use_bf16 else torch.float32)
+        return teachers.frozen_copy_teacher(copy)
     from .data import batch_indices, stage_seed
 
     path = run.work / teachers.CACHE
@@ -469,6 +479,7 @@ def evaluate(model, teacher_fn, heldout: torch.Tensor, batch_size: int, dist: Di
 def write_output(run: Run) -> dict:
     """The ZEDA checkpoint, its report and plot, written atomically; the work dir then goes."""
     from ..convert.checkpoint import atomic_output_dir
+    from ..convert.inject import copy_side_files
     from .report import METRICS, PLOT, plot, read_metrics, write_report
 
     args, dist, spec, evals = run.args, run.dist, run.spec, run.evals
@@ -496,12 +507,9 @@ def write_output(run: Run) -> dict:
         "note": "zero_fraction / teacher_kl: held-out blocks, dynamic routing, zero_bias 0; teacher = the original model",
     }
     if dist.main:
-        injected = run.work / INJECTED
         with atomic_output_dir(run.output) as tmp:
             run.model.to(_checkpoint_dtype(run.cfg)).save_pretrained(tmp)
-            for f in injected.iterdir():  # tokenizer, generation config, chat template...
-                if f.is_file() and f.suffix not in (".safetensors", ".bin") and f.name not in ("config.json", "model.safetensors.index.json") and not (tmp / f.name).exists():
-                    shutil.copy2(f, tmp / f.name)
+            copy_side_files(run.src, tmp, skip=set(os.listdir(tmp)))  # tokenizer, chat template, ...
             _check_written_config(tmp, spec)
             write_report(tmp, report)
             shutil.copy2(run.metrics_path, tmp / METRICS)

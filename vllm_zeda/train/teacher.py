@@ -3,7 +3,7 @@ its cached top-k (log-probs, ids).
 
 Stage 1 trains only routers, so the teacher is the student's own network in masked mode with
 the original router rows (no second copy). Stage 2 also trains experts: a frozen bf16/fp32 copy
-of the injected checkpoint, or (`--teacher-cache`) the top-k log-probs of every block it will
+of the converted model, or (`--teacher-cache`) the top-k log-probs of every block it will
 see, computed once before the stage by the still-original network and kept on disk.
 """
 from __future__ import annotations
@@ -56,11 +56,9 @@ def masked_teacher(model, original_rows):
     return teacher
 
 
-def frozen_copy_teacher(checkpoint: Path, dtype: torch.dtype, device: torch.device):
-    """Stage 2's teacher without a cache: a frozen copy of the injected checkpoint, masked."""
-    from transformers import AutoModelForCausalLM
-
-    copy = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype).to(device).eval()
+def frozen_copy_teacher(copy: torch.nn.Module):
+    """Stage 2's teacher without a cache: `copy`, a second load of the converted model, masked."""
+    copy.eval()
     copy.zeda_set_mode(masked=True)
     copy.requires_grad_(False)
 

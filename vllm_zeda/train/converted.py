@@ -1,0 +1,59 @@
+"""The converted model, built while loading the source: what convert_checkpoint would write (router
+rows E..E+Z-1 drawn by the same seeded extend_router, every other tensor the source's), without
+a converted copy on disk. The trainer's student and stage 2's frozen teacher both load this way."""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+from ..archs import router_layer
+from ..convert.checkpoint import shard_files
+from ..convert.inject import converted_config, extend_router
+from ..errors import ZedaError
+
+
+def load_converted(src: Path, cfg: dict, arch, spec, *, seed: int, dtype: torch.dtype) -> torch.nn.Module:
+    from safetensors import SafetensorError, safe_open
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from ..hf.modeling import register
+
+    register()
+    zeda_cfg = converted_config(cfg, arch, spec)
+    config = CONFIG_MAPPING[zeda_cfg["model_type"]].from_dict(zeda_cfg)
+    with _quiet_transformers():  # the E+Z-row routers are "newly initialised": set right below
+        model = AutoModelForCausalLM.from_pretrained(src, config=config, dtype=dtype, ignore_mismatched_sizes=True)
+    routers = {r.layer_idx: r for r in model.zeda_routers}
+    seen = set()
+    shards, _ = shard_files(src)
+    for shard in shards:
+        try:
+            with safe_open(src / shard, framework="pt") as f:
+                for name in f.keys():
+                    layer = router_layer(name)
+                    if layer is None or layer not in routers:
+                        continue
+                    rows = extend_router(f.get_tensor(name), spec.num_zero_experts, seed, layer)
+                    with torch.no_grad():
+                        routers[layer].weight.copy_(rows.to(dtype))
+                    seen.add(layer)
+        except (SafetensorError, OSError) as exc:
+            raise ZedaError(f"checkpoint shard {src / shard} is corrupt ({exc})") from None
+    if seen != set(routers):
+        raise ZedaError(f"no router weights found in {src} for layers {sorted(set(routers) - seen)[:5]}")
+    return model
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
