@@ -304,3 +304,36 @@ def test_out_of_memory_and_full_disk_stop_in_one_line_and_resume(tiny_models, tm
     assert not list((tmp_path / ".o.zeda-work").glob("*.tmp"))  # the partial write is gone, the checkpoint kept
     monkeypatch.setattr(state.torch, "save", save)
     assert main([*args, "--resume"]) == 0 and (out / "model.safetensors").is_file()
+
+
+def test_bf16_checkpoint_keeps_frozen_weights_bf16_and_resumes_exactly(tmp_path, monkeypatch, capsys):
+    """bf16 compute over a bf16 checkpoint: frozen weights stay bf16 (bit for bit in the output),
+    what a stage trains is fp32 with fp32 optimizer state, and a run stopped mid-stage 2 resumes
+    to the same weights as an uninterrupted one."""
+    from vllm_zeda.testing.tiny import make_tiny_moe
+    from vllm_zeda.train import teacher
+
+    src = make_tiny_moe(tmp_path / "src", arch="qwen3_moe", dtype=torch.bfloat16)
+    run = ["--dtype", "bfloat16", "--num-zero-experts", "8", "--stage1-steps", "6", "--stage2-steps", "4",
+           "--eval-every", "3", "--save-every", "2"]
+    full = train(src, tmp_path / "full", *run)
+    assert (full["compute_dtype"], full["frozen_dtype"]) == ("bfloat16", "bfloat16")
+    orig, got = weights(src), weights(tmp_path / "full")
+    assert all(got[k].dtype == torch.bfloat16 for k in got)
+    assert all(torch.equal(got[k], v) for k, v in orig.items() if ".mlp." not in k)  # frozen: bit for bit
+
+    calls, kl = [0], teacher.distill_kl
+
+    def oom_in_stage2(*a, **k):
+        calls[0] += torch.is_grad_enabled()
+        if calls[0] == 6 + 3:  # stage 2, step 3 (its last checkpoint: step 2)
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return kl(*a, **k)
+
+    monkeypatch.setattr(teacher, "distill_kl", oom_in_stage2)
+    args = ["--model", str(src), "--output", str(tmp_path / "resumed"), *BASE, *run]
+    assert main(args) == 2 and "out of GPU memory" in capsys.readouterr().err
+    monkeypatch.setattr(teacher, "distill_kl", kl)
+    assert main([*args, "--resume"]) == 0 and "resuming at stage 2, step 2" in capsys.readouterr().out
+    resumed = weights(tmp_path / "resumed")
+    assert all(torch.equal(got[k], resumed[k]) for k in got)

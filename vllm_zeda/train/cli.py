@@ -28,10 +28,14 @@ def build_parser() -> argparse.ArgumentParser:
     # short runs (measured on the tiny test models); 0.3 lands within 0.02 and still lowers the KL.
     a("--balance-alpha", type=float, default=0.3, metavar="A", help="alpha of the group balancing loss (default 0.3)")
     a("--temperature", type=float, default=1.0, help="distillation temperature (default 1)")
-    a("--teacher-cache", action="store_true", help="stage 2: cache the teacher's top-k log-probs on disk instead of holding a copy")
+    a("--teacher-cache", action=argparse.BooleanOptionalAction, default=None,
+      help="stage 2: the teacher's top-k log-probs cached on disk before the stage instead of a frozen copy of the "
+           "model in memory (default: on GPUs, off on CPU)")
     a("--teacher-topk", type=int, default=64, help="tokens per position kept by --teacher-cache (default 64)")
     a("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    a("--dtype", choices=("auto", "float32", "bfloat16"), default="auto", help="compute dtype; auto = bf16 on GPU, fp32 on CPU (weights stay fp32)")
+    a("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+      help="compute dtype; auto = bf16 on GPU, fp32 on CPU. With bf16 the frozen weights stay in the checkpoint's "
+           "dtype and only trained tensors are fp32 (with fp32 optimizer state); with fp32 every weight is fp32")
     a("--seed", type=int, default=0)
     a("--resume", action="store_true", help="continue an interrupted run from its work directory")
     a("--work-dir", default=None, help="checkpoints and metrics while training (default: .DST.zeda-work next to DST)")
@@ -41,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--heldout-fraction", type=float, default=0.05, help="share of blocks held out for evaluation (default 0.05)")
     a("--max-heldout-blocks", type=int, default=128)
     a("--grad-clip", type=float, default=1.0)
-    a("--grad-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
+    a("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+      help="recompute activations in backward: less memory, about a third more compute (default: on GPUs)")
     a("--no-plot", action="store_true", help="skip zeda_report.png")
     a("--quiet", action="store_true", help="no progress bars")
     return p
@@ -78,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_args(args)
     dist = Dist(args.device)
+    on_gpu = dist.device.type == "cuda"
+    for flag in ("teacher_cache", "grad_checkpointing"):  # auto: what fits a GPU's memory
+        if getattr(args, flag) is None:
+            setattr(args, flag, on_gpu)
     try:
         train(args, dist)
     except torch.cuda.OutOfMemoryError:

@@ -266,7 +266,8 @@ def load_student(run: Run) -> None:
     if dist.main:
         run.work.mkdir(parents=True, exist_ok=True)
     dist.barrier()
-    model = load_converted_model(run, torch.float32)  # fp32 master weights
+    # bf16 compute: frozen weights in the checkpoint's dtype, trained ones fp32 (run_stage); fp32: all fp32
+    model = load_converted_model(run, _checkpoint_dtype(run.cfg) if run.use_bf16 else torch.float32)
     model.zeda_set_mode(masked=False, zero_bias=0.0)
     if args.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -290,8 +291,8 @@ def resume_point(run: Run, state: dict | None) -> tuple[int, int]:
     stage, step = 1, 0
     if state is not None:
         params = dict(run.model.named_parameters())
-        for n, t in state["trained"].items():
-            params[n].data.copy_(t)
+        for n, t in state["trained"].items():  # fp32, whatever the frozen weights' dtype
+            params[n].data = t.to(run.device)
         stage, step, run.evals = state["stage"], state["step"], state["evals"]
         run_state.set_rng_state(state["rng"])
         if run.dist.main:
@@ -361,8 +362,12 @@ def run_stage(run: Run, stage: int, step: int, state: dict | None) -> None:
     total = args.stage1_steps if stage == 1 else args.stage2_steps
     trainable = run.trained_names(stage)
     params = [p for n, p in model.named_parameters() if n in trainable]
-    for p in params:
+    for p in params:  # fp32 master weights for what this stage trains (its optimizer state follows)
+        if p.dtype != torch.float32:
+            p.data = p.data.float()
         p.requires_grad_(True)
+    if run.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.device)
     frozen_before = fingerprints(model, run.frozen_in[stage])
     teacher_fn, teacher_model = stage_teacher(run, stage, step)
     opt = stage_optimizer(run, stage, state)
@@ -441,6 +446,8 @@ def run_stage(run: Run, stage: int, step: int, state: dict | None) -> None:
     if step_seconds:
         tokens_per_step = args.batch_size * args.seq_len * args.grad_accum * dist.world
         run.speed[f"stage{stage}"] = throughput(step_seconds, tokens_per_step, dist.world)
+        if run.device.type == "cuda":
+            run.speed[f"stage{stage}"]["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(run.device) / 2**30, 2)
     if total == 0:
         run.evals.setdefault(f"after_stage{stage}", run.evals.get("after_stage1") or run.evals["after_injection"])
     assert_unchanged(frozen_before, fingerprints(model, run.frozen_in[stage]), f"stage {stage}")
@@ -500,6 +507,8 @@ def write_output(run: Run) -> dict:
         "data": list(run.data.sources), "seq_len": args.seq_len, "heldout_blocks": int(run.data.heldout.shape[0]),
         "train_blocks": int(run.data.train.shape[0]), "seed": args.seed, "world_size": dist.world,
         "device": run.device.type, "compute_dtype": "bfloat16" if run.use_bf16 else "float32",
+        "frozen_dtype": str(_checkpoint_dtype(run.cfg) if run.use_bf16 else torch.float32).removeprefix("torch."),
+        "teacher": "top-k cache" if args.teacher_cache else "frozen copy", "grad_checkpointing": args.grad_checkpointing,
         "throughput": run.speed,
         "balance_alpha": args.balance_alpha,
         "balance_w": balance_weight(args.target_zero_fraction, spec.num_real_experts, spec.num_zero_experts),
