@@ -337,3 +337,40 @@ def test_bf16_checkpoint_keeps_frozen_weights_bf16_and_resumes_exactly(tmp_path,
     assert main([*args, "--resume"]) == 0 and "resuming at stage 2, step 2" in capsys.readouterr().out
     resumed = weights(tmp_path / "resumed")
     assert all(torch.equal(got[k], resumed[k]) for k in got)
+
+
+def test_optimizer_in_backward_steps_exactly_like_after_backward(tiny_models, tmp_path):
+    """One AdamW per tensor stepped from its gradient hook (the last micro-batch's backward arms
+    them) gives the weights of the usual step after backward, gradient accumulation included
+    (no clipping: in backward it is per tensor, which is a different rule)."""
+    src = tiny_models["qwen3_moe"]
+    run = [*SHORT, "--grad-accum", "2", "--batch-size", "4", "--grad-clip", "0"]
+    after = train(src, tmp_path / "after", *run, "--no-optimizer-in-backward")
+    inside = train(src, tmp_path / "inside", *run, "--optimizer-in-backward")
+    a, b = weights(tmp_path / "after"), weights(tmp_path / "inside")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    assert inside["after_stage2"]["teacher_kl"] == pytest.approx(after["after_stage2"]["teacher_kl"], rel=1e-4)
+
+
+def test_adafactor_in_backward_trains_and_resumes_exactly(tiny_models, tmp_path, monkeypatch, capsys):
+    from vllm_zeda.train import teacher
+
+    src = tiny_models["qwen3_moe"]
+    run = [*SHORT, "--save-every", "2", "--expert-optimizer", "adafactor", "--optimizer-in-backward"]
+    full = train(src, tmp_path / "full", *run)
+    assert (full["expert_optimizer"], full["optimizer_in_backward"]) == ("adafactor", True)
+    calls, kl = [0], teacher.distill_kl
+
+    def oom_in_stage2(*a, **k):
+        calls[0] += torch.is_grad_enabled()
+        if calls[0] == 8 + 3:  # stage 2, step 3: its last checkpoint is step 2
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return kl(*a, **k)
+
+    monkeypatch.setattr(teacher, "distill_kl", oom_in_stage2)
+    args = ["--model", str(src), "--output", str(tmp_path / "resumed"), *BASE, *run]
+    assert main(args) == 2
+    monkeypatch.setattr(teacher, "distill_kl", kl)
+    assert main([*args, "--resume"]) == 0 and "resuming at stage 2, step 2" in capsys.readouterr().out
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "resumed")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -28,6 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
     # short runs (measured on the tiny test models); 0.3 lands within 0.02 and still lowers the KL.
     a("--balance-alpha", type=float, default=0.3, metavar="A", help="alpha of the group balancing loss (default 0.3)")
     a("--temperature", type=float, default=1.0, help="distillation temperature (default 1)")
+    a("--expert-optimizer", choices=("adamw", "adafactor"), default="adamw",
+      help="stage 2's optimizer for the MoE blocks: adamw (8 bytes of state a parameter) or torch's adafactor "
+           "(factored second moments, almost none); routers always use AdamW (default adamw)")
+    a("--optimizer-in-backward", action=argparse.BooleanOptionalAction, default=None,
+      help="step each trained tensor's optimizer from its gradient hook inside backward, so no full set of "
+           "gradients is held; --grad-clip then bounds each tensor's gradient (default: on a single GPU)")
     a("--teacher-cache", action=argparse.BooleanOptionalAction, default=None,
       help="stage 2: the teacher's top-k log-probs cached on disk before the stage instead of a frozen copy of the "
            "model in memory (default: on GPUs, off on CPU)")
@@ -87,7 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     for flag in ("teacher_cache", "grad_checkpointing"):  # auto: what fits a GPU's memory
         if getattr(args, flag) is None:
             setattr(args, flag, on_gpu)
+    if args.optimizer_in_backward is None:
+        args.optimizer_in_backward = on_gpu and dist.world == 1
     try:
+        if args.optimizer_in_backward and dist.world > 1:
+            raise ZedaError("--optimizer-in-backward runs in one process (DDP reduces gradients after its hooks): "
+                            "drop it under torchrun")
         train(args, dist)
     except torch.cuda.OutOfMemoryError:
         raise ZedaError(f"out of GPU memory: lower --batch-size (now {args.batch_size}) or --seq-len (now "

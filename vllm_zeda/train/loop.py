@@ -333,16 +333,20 @@ def stage_teacher(run: Run, stage: int, step: int):
     return teachers.cached_teacher(path, dist.world, data.train.shape[0]), None
 
 
-def stage_optimizer(run: Run, stage: int, state: dict | None) -> torch.optim.Optimizer:
-    """AdamW: routers at --lr, in stage 2 the MoE blocks at --expert-lr; restored on resume."""
+def stage_optimizer(run: Run, stage: int, state: dict | None):
+    """Routers at --lr (AdamW), in stage 2 the MoE blocks at --expert-lr (--expert-optimizer);
+    after the backward or inside it (--optimizer-in-backward); restored on resume."""
+    from .optim import StageOptimizer
+
     args = run.args
     expert_lr = args.expert_lr if args.expert_lr is not None else args.lr / 3
     named = list(run.model.named_parameters())
-    groups = [{"params": [p for n, p in named if n in run.router_names], "lr": args.lr, "base_lr": args.lr}]
+    groups = [{"params": [p for n, p in named if n in run.router_names], "lr": args.lr, "base_lr": args.lr,
+               "optimizer": "adamw"}]
     if stage == 2:
         groups.append({"params": [p for n, p in named if n in run.moe_names - run.router_names],
-                       "lr": expert_lr, "base_lr": expert_lr})
-    opt = torch.optim.AdamW(groups, betas=(0.9, 0.95), weight_decay=0.0)
+                       "lr": expert_lr, "base_lr": expert_lr, "optimizer": args.expert_optimizer})
+    opt = StageOptimizer(groups, in_backward=args.optimizer_in_backward, grad_clip=args.grad_clip)
     if state is not None and state.get("optimizer") is not None and state["stage"] == stage:
         opt.load_state_dict(state["optimizer"])
     return opt
@@ -402,6 +406,7 @@ def run_stage(run: Run, stage: int, step: int, state: dict | None) -> None:
             with run.autocast():
                 teacher = teacher_fn(x, ("train", idx))
             last = micro == args.grad_accum - 1
+            opt.arm(last)  # --optimizer-in-backward: the hooks step in this backward
             sync = contextlib.nullcontext() if (last or ddp is model) else ddp.no_sync()
             with sync:
                 with run.autocast(), run.tap.capture():
@@ -415,10 +420,7 @@ def run_stage(run: Run, stage: int, step: int, state: dict | None) -> None:
                 loss = kl + bal
                 (loss / args.grad_accum).backward()
             sums += torch.cat([torch.stack([loss.detach(), kl.detach(), bal.detach()]).double().cpu(), f_z.double().cpu()])
-        if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        opt.clip_and_step(params)
         step += 1
         sums = dist.sum(sums.to(run.device)).cpu() / (args.grad_accum * dist.world)  # .cpu() waits for the GPU
         step_seconds.append(time.perf_counter() - t_step)
@@ -451,6 +453,7 @@ def run_stage(run: Run, stage: int, step: int, state: dict | None) -> None:
     if total == 0:
         run.evals.setdefault(f"after_stage{stage}", run.evals.get("after_stage1") or run.evals["after_injection"])
     assert_unchanged(frozen_before, fingerprints(model, run.frozen_in[stage]), f"stage {stage}")
+    opt.close()
     for p in params:
         p.requires_grad_(False)
         p.grad = None
@@ -509,6 +512,7 @@ def write_output(run: Run) -> dict:
         "device": run.device.type, "compute_dtype": "bfloat16" if run.use_bf16 else "float32",
         "frozen_dtype": str(_checkpoint_dtype(run.cfg) if run.use_bf16 else torch.float32).removeprefix("torch."),
         "teacher": "top-k cache" if args.teacher_cache else "frozen copy", "grad_checkpointing": args.grad_checkpointing,
+        "expert_optimizer": args.expert_optimizer, "optimizer_in_backward": args.optimizer_in_backward,
         "throughput": run.speed,
         "balance_alpha": args.balance_alpha,
         "balance_w": balance_weight(args.target_zero_fraction, spec.num_real_experts, spec.num_zero_experts),
