@@ -37,9 +37,10 @@ with expert parallelism, or when vLLM hands the experts a copy or chunk of the i
 gathered through the map (one small kernel).
 
 1 and 4 are applied by running upstream's own `apply` with its module-level
-`_prepare_expert_assignment` and `try_get_optimal_moe_config` rebound (compat.rebind_globals), so the rest of upstream's logic,
-LoRA and quantised paths included, stays upstream's. Anything this class does not cover (LoRA,
-other activations, a vLLM whose apply has no such hook) falls back to the stock behaviour.
+`_prepare_expert_assignment` and `try_get_optimal_moe_config` rebound (compat.rebind_globals, one
+copy per experts object), so the rest of upstream's logic, LoRA and quantised paths included,
+stays upstream's. What this class does not cover (LoRA, other activations) takes the stock path;
+a vLLM without those hooks never selects it (experts._use_live_slot_triton_experts logs why).
 """
 from __future__ import annotations
 
