@@ -56,3 +56,14 @@ def test_a_run_the_disk_cannot_hold_is_refused_before_anything_is_written(tiny_m
         err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
         assert rc == 2 and len(err) == 1 and "not enough disk space" in err[0] and "GB are free" in err[0], err
         assert not (tmp_path / "o").exists() and not (tmp_path / ".o.zeda-work").exists()
+
+
+def test_disk_plan_counts_adafactor_experts_without_moments(tiny_models):
+    from vllm_zeda.convert.checkpoint import shard_files
+    from vllm_zeda.train import disk
+
+    sizes = disk.tensor_sizes(tiny_models["qwen3_moe"], shard_files(tiny_models["qwen3_moe"])[0])
+    routers = sum(n for name, (n, _) in sizes.items() if name.endswith("mlp.gate.weight"))
+    experts = sum(n for name, (n, _) in sizes.items() if ".mlp.experts." in name)
+    p = disk.plan(sizes, 8, 8, stage2=True, cache_entries=0, expert_optimizer="adafactor")
+    assert p.state == 2 * (12 * 2 * routers + 4 * experts)

@@ -105,17 +105,13 @@ def main(argv: list[str] | None = None) -> int:
                         f"{args.seq_len}), add --grad-checkpointing, or spread the run over more GPUs (torchrun); "
                         + resume_hint(work_dir(args))) from None
     except OSError as exc:
-        from .state import is_disk_full
+        from .state import free_gb, is_disk_full
 
-        if not is_disk_full(exc, Path(args.output).parent):
+        where = Path(exc.filename or args.output)
+        if not is_disk_full(exc, where.parent):
             raise
-        raise ZedaError(f"the disk is full ({exc.filename or exc}): free space, then {resume_hint(work_dir(args))}") from None
-    except ZedaError as exc:
-        from .state import DiskFull
-
-        if isinstance(exc, DiskFull):
-            raise ZedaError(f"{exc}: free space, then {resume_hint(work_dir(args))}") from None
-        raise
+        raise ZedaError(f"the disk is full: cannot write {where} ({free_gb(where.parent):.1f} GB free there): free "
+                        f"space, then {resume_hint(work_dir(args))}") from None
     except KeyboardInterrupt:
         raise Interrupted("interrupted: " + resume_hint(work_dir(args))) from None
     finally:

@@ -1,7 +1,8 @@
 """What a training run will write, estimated before it starts, and the check that the disk holds it.
 
 The run writes the output once (the source's weights, routers grown by Z rows), and in its work
-directory the resumable state (the trained tensors in fp32 plus AdamW's two fp32 moments; while a
+directory the resumable state (the trained tensors in fp32, plus AdamW's two fp32 moments where it
+is the optimizer; while a
 new one is written atomically the previous one still exists, so twice that) and, with
 --teacher-cache, the teacher's top-k log-probs and ids (4 + 4 bytes each) for every block stage 2
 reads. The source is read in place: no converted copy is written.
@@ -17,7 +18,8 @@ from pathlib import Path
 from ..archs import router_layer
 from ..errors import ZedaError
 
-STATE_BYTES_PER_PARAM = 3 * 4  # fp32 tensor + AdamW's exp_avg and exp_avg_sq
+STATE_BYTES_PER_PARAM = {"adamw": 3 * 4, "adafactor": 4}  # fp32 tensor (+ AdamW's two moments; Adafactor's
+# factored moments are negligible)
 CACHE_BYTES_PER_ENTRY = 4 + 4  # fp32 log-prob + int32 token id
 HEADROOM = 1.05
 _MOE_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:mlp|block_sparse_moe)\.")
@@ -51,17 +53,18 @@ def tensor_sizes(src: Path, shards: list[str]) -> dict[str, tuple[int, int]]:
 
 
 def plan(sizes: dict[str, tuple[int, int]], num_real: int, num_zero: int, *, stage2: bool,
-         cache_entries: int) -> DiskPlan:
+         cache_entries: int, expert_optimizer: str = "adamw") -> DiskPlan:
     """The bytes a run writes: `sizes` from tensor_sizes; `cache_entries` = positions x top-k the
     teacher cache holds (0 without it)."""
     grow = (num_real + num_zero) / num_real  # a router's rows, E -> E+Z
     routers = {name for name in sizes if router_layer(name) is not None}
     moe_layers = {router_layer(name) for name in routers}
     output = sum(b * (grow if name in routers else 1) for name, (_, b) in sizes.items())
-    trained = sum(n * grow for name, (n, _) in sizes.items() if name in routers)
+    state = STATE_BYTES_PER_PARAM["adamw"] * sum(n * grow for name, (n, _) in sizes.items() if name in routers)
     if stage2:  # the MoE blocks: experts, shared experts and their gates
-        trained += sum(n for name, (n, _) in sizes.items() if name not in routers and moe_layer(name) in moe_layers)
-    return DiskPlan(output=int(output), state=int(2 * STATE_BYTES_PER_PARAM * trained),
+        state += STATE_BYTES_PER_PARAM[expert_optimizer] * sum(
+            n for name, (n, _) in sizes.items() if name not in routers and moe_layer(name) in moe_layers)
+    return DiskPlan(output=int(output), state=int(2 * state),
                     teacher_cache=CACHE_BYTES_PER_ENTRY * cache_entries)
 
 

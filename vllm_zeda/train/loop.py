@@ -231,7 +231,7 @@ def prepare(args, dist: Dist) -> Run | None:
         blocks = min(data.train.shape[0], samples) + data.heldout.shape[0]
         cache_entries = blocks * args.seq_len * min(args.teacher_topk, int(cfg.get("vocab_size") or args.teacher_topk))
     disk_plan = disk.plan(sizes, spec.num_real_experts, spec.num_zero_experts, stage2=args.stage2_steps > 0,
-                          cache_entries=cache_entries)
+                          cache_entries=cache_entries, expert_optimizer=args.expert_optimizer)
     disk.check_free_space(disk_plan, output, work, resuming=args.resume)
     device = dist.device
     use_bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())

@@ -38,12 +38,9 @@ def load_for_resume(work: Path, config: dict) -> dict | None:
     return state
 
 
-class DiskFull(ZedaError):
-    """A write of the run's own state failed for lack of space; what was there before is intact."""
-
-
 def save_state(path: Path, state: dict) -> None:
-    """Write atomically: a kill or a full disk mid-write leaves the previous file intact."""
+    """Write atomically: a kill or a full disk mid-write leaves the previous file intact (a full
+    disk is raised as OSError ENOSPC, whichever way torch.save reported it)."""
     tmp = path.with_suffix(".tmp")
     try:
         torch.save(state, tmp)
@@ -51,7 +48,7 @@ def save_state(path: Path, state: dict) -> None:
         tmp.unlink(missing_ok=True)
         if not is_disk_full(exc, path.parent):
             raise
-        raise DiskFull(f"the disk is full: cannot write {path} ({free_gb(path.parent):.1f} GB free there)") from None
+        raise OSError(errno.ENOSPC, "No space left on device", str(path)) from None
     os.replace(tmp, path)
 
 
