@@ -374,3 +374,39 @@ def test_adafactor_in_backward_trains_and_resumes_exactly(tiny_models, tmp_path,
     assert main([*args, "--resume"]) == 0 and "resuming at stage 2, step 2" in capsys.readouterr().out
     a, b = weights(tmp_path / "full"), weights(tmp_path / "resumed")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bf16_expert_masters_train_and_resume_exactly(tiny_models, tmp_path, monkeypatch, capsys):
+    """--expert-master bfloat16: stage 2 keeps the MoE blocks in bf16 (stochastic rounding), the
+    routers in fp32; stage 2 ends where fp32 masters end it, and resumes bit for bit from a
+    mid-stage-2 checkpoint (the rounding noise is a pure function of the step)."""
+    from vllm_zeda.train import teacher
+
+    src = tiny_models["qwen3_moe"]
+    args = ["--model", str(src), "--output", str(tmp_path / "refused"), *BASE, *SHORT, "--expert-master", "bfloat16"]
+    assert main(args) == 2 and "--dtype bfloat16" in _one_error_line(capsys)  # fp32 compute: refused up front
+    run = [*SHORT, "--dtype", "bfloat16", "--save-every", "2", "--expert-optimizer", "adafactor",
+           "--optimizer-in-backward"]
+    fp32 = train(src, tmp_path / "fp32", *run)
+    full = train(src, tmp_path / "full", *run, "--expert-master", "bfloat16")
+    assert full["expert_master"] == "bfloat16"
+    for key in ("teacher_kl", "zero_fraction"):  # stage 2 lands where fp32 masters do
+        assert full["after_stage2"][key] == pytest.approx(fp32["after_stage2"][key], rel=0.05), key
+    orig, got = weights(src), weights(tmp_path / "full")
+    experts = [k for k in orig if ".mlp.experts." in k]
+    assert all(not torch.equal(orig[k].to(torch.bfloat16), got[k].to(torch.bfloat16)) for k in experts)
+    calls, kl = [0], teacher.distill_kl
+
+    def oom_in_stage2(*a, **k):
+        calls[0] += torch.is_grad_enabled()
+        if calls[0] == 8 + 3:  # stage 2, step 3: its last checkpoint is step 2
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return kl(*a, **k)
+
+    monkeypatch.setattr(teacher, "distill_kl", oom_in_stage2)
+    args = ["--model", str(src), "--output", str(tmp_path / "resumed"), *BASE, *run, "--expert-master", "bfloat16"]
+    assert main(args) == 2
+    monkeypatch.setattr(teacher, "distill_kl", kl)
+    assert main([*args, "--resume"]) == 0 and "resuming at stage 2, step 2" in capsys.readouterr().out
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "resumed")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -40,7 +40,8 @@ def test_disk_plan_counts_the_output_the_trained_state_and_the_cache(tiny_models
     assert p1.state == 2 * 12 * 2 * routers and p1.teacher_cache == 0  # E+Z = 2E rows, fp32 + 2 moments, twice
     p2 = disk.plan(sizes, 8, 8, stage2=True, cache_entries=1000)
     experts = sum(n for name, (n, _) in sizes.items() if ".mlp.experts." in name)
-    assert p2.state == 2 * 12 * (2 * routers + experts) and p2.teacher_cache == 8000
+    moved = 12 * 2 * routers + 12 * experts  # AdamW: fp32 + 2 moments; saved mid-stage-2 -> twice, + stage 1's
+    assert p2.state == 2 * moved + 12 * 2 * routers and p2.teacher_cache == 8000
 
 
 def test_a_run_the_disk_cannot_hold_is_refused_before_anything_is_written(tiny_models, tmp_path, monkeypatch, capsys):
@@ -58,7 +59,7 @@ def test_a_run_the_disk_cannot_hold_is_refused_before_anything_is_written(tiny_m
         assert not (tmp_path / "o").exists() and not (tmp_path / ".o.zeda-work").exists()
 
 
-def test_disk_plan_counts_adafactor_experts_without_moments(tiny_models):
+def test_disk_plan_counts_adafactor_and_bf16_masters(tiny_models):
     from vllm_zeda.convert.checkpoint import shard_files
     from vllm_zeda.train import disk
 
@@ -66,4 +67,8 @@ def test_disk_plan_counts_adafactor_experts_without_moments(tiny_models):
     routers = sum(n for name, (n, _) in sizes.items() if name.endswith("mlp.gate.weight"))
     experts = sum(n for name, (n, _) in sizes.items() if ".mlp.experts." in name)
     p = disk.plan(sizes, 8, 8, stage2=True, cache_entries=0, expert_optimizer="adafactor")
-    assert p.state == 2 * (12 * 2 * routers + 4 * experts)
+    assert p.state == 2 * (12 * 2 * routers + 4 * experts) + 12 * 2 * routers
+    # bf16 masters, no save inside stage 2: the end-of-training state once (2 bytes an expert weight)
+    p = disk.plan(sizes, 8, 8, stage2=True, cache_entries=0, expert_optimizer="adafactor", expert_master="bfloat16",
+                  saves_mid_stage2=False)
+    assert p.state == (12 * 2 * routers + 2 * experts) + 12 * 2 * routers

@@ -31,6 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--expert-optimizer", choices=("adamw", "adafactor"), default="adamw",
       help="stage 2's optimizer for the MoE blocks: adamw (8 bytes of state a parameter) or torch's adafactor "
            "(factored second moments, almost none); routers always use AdamW (default adamw)")
+    a("--expert-master", choices=("float32", "bfloat16"), default="float32",
+      help="what stage 2 keeps the MoE blocks' trained weights in: float32, or bfloat16 with each update rounded "
+           "stochastically (half the memory; what fits Qwen3-30B-A3B's 48 layers on one 141 GB GPU); needs bf16 "
+           "compute (default float32)")
     a("--optimizer-in-backward", action=argparse.BooleanOptionalAction, default=None,
       help="step each trained tensor's optimizer from its gradient hook inside backward, so no full set of "
            "gradients is held; --grad-clip then bounds each tensor's gradient (default: on a single GPU)")
@@ -81,6 +85,20 @@ def check_args(args) -> None:
         raise ZedaError("--device cuda: no CUDA device is available")
 
 
+def resolve_auto(args, dist) -> None:
+    """The flags left to the machine: on a GPU the teacher cache, activation checkpointing and,
+    in a single process, the optimizer in backward (what fits its memory); off on CPUs."""
+    on_gpu = dist.device.type == "cuda"
+    for flag in ("teacher_cache", "grad_checkpointing"):
+        if getattr(args, flag) is None:
+            setattr(args, flag, on_gpu)
+    if args.optimizer_in_backward is None:
+        args.optimizer_in_backward = on_gpu and dist.world == 1
+    if args.optimizer_in_backward and dist.world > 1:
+        raise ZedaError("--optimizer-in-backward runs in one process (DDP reduces gradients after its hooks): "
+                        "drop it under torchrun")
+
+
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     from .distributed import Dist
@@ -89,21 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_args(args)
     dist = Dist(args.device)
-    on_gpu = dist.device.type == "cuda"
-    for flag in ("teacher_cache", "grad_checkpointing"):  # auto: what fits a GPU's memory
-        if getattr(args, flag) is None:
-            setattr(args, flag, on_gpu)
-    if args.optimizer_in_backward is None:
-        args.optimizer_in_backward = on_gpu and dist.world == 1
     try:
-        if args.optimizer_in_backward and dist.world > 1:
-            raise ZedaError("--optimizer-in-backward runs in one process (DDP reduces gradients after its hooks): "
-                            "drop it under torchrun")
+        resolve_auto(args, dist)
         train(args, dist)
     except torch.cuda.OutOfMemoryError:
-        raise ZedaError(f"out of GPU memory: lower --batch-size (now {args.batch_size}) or --seq-len (now "
-                        f"{args.seq_len}), add --grad-checkpointing, or spread the run over more GPUs (torchrun); "
-                        + resume_hint(work_dir(args))) from None
+        raise ZedaError(f"out of GPU memory: {memory_remedies(args)}; " + resume_hint(work_dir(args))) from None
     except OSError as exc:
         from .state import free_gb, is_disk_full
 
@@ -117,6 +125,17 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         dist.close()
     return 0
+
+
+def memory_remedies(args) -> str:
+    """What frees GPU memory, among the flags this run has not set yet."""
+    ways = [f"lower --batch-size (now {args.batch_size}) or --seq-len (now {args.seq_len})"]
+    if not args.grad_checkpointing:
+        ways.append("add --grad-checkpointing")
+    if args.stage2_steps > 0 and (args.expert_master, args.expert_optimizer) != ("bfloat16", "adafactor"):
+        ways.append("keep stage 2's experts in bf16 with Adafactor (--expert-master bfloat16 --expert-optimizer adafactor)")
+    ways.append("spread the run over more GPUs (torchrun)")
+    return ", ".join(ways[:-1]) + ", or " + ways[-1]
 
 
 def resume_hint(work: Path) -> str:

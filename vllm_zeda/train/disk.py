@@ -1,11 +1,12 @@
 """What a training run will write, estimated before it starts, and the check that the disk holds it.
 
 The run writes the output once (the source's weights, routers grown by Z rows), and in its work
-directory the resumable state (the trained tensors in fp32, plus AdamW's two fp32 moments where it
-is the optimizer; while a
-new one is written atomically the previous one still exists, so twice that) and, with
---teacher-cache, the teacher's top-k log-probs and ids (4 + 4 bytes each) for every block stage 2
-reads. The source is read in place: no converted copy is written.
+directory the resumable state and, with --teacher-cache, the teacher's top-k log-probs and ids
+(4 + 4 bytes each) for every block stage 2 reads. The state holds only what has moved from the
+source: the routers (fp32, AdamW's two fp32 moments), and once stage 2 has stepped the MoE blocks
+(in their master dtype, plus AdamW's moments where it is their optimizer). A new state is written
+before the previous one goes, so a stage that saves mid-way holds two at once. The source is read
+in place: no converted copy is written.
 """
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ from pathlib import Path
 from ..archs import router_layer
 from ..errors import ZedaError
 
-STATE_BYTES_PER_PARAM = {"adamw": 3 * 4, "adafactor": 4}  # fp32 tensor (+ AdamW's two moments; Adafactor's
-# factored moments are negligible)
+MASTER_BYTES = {"float32": 4, "bfloat16": 2}
+MOMENT_BYTES = {"adamw": 2 * 4, "adafactor": 0}  # Adafactor's factored moments are negligible
 CACHE_BYTES_PER_ENTRY = 4 + 4  # fp32 log-prob + int32 token id
 HEADROOM = 1.05
 _MOE_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:mlp|block_sparse_moe)\.")
@@ -53,19 +54,21 @@ def tensor_sizes(src: Path, shards: list[str]) -> dict[str, tuple[int, int]]:
 
 
 def plan(sizes: dict[str, tuple[int, int]], num_real: int, num_zero: int, *, stage2: bool,
-         cache_entries: int, expert_optimizer: str = "adamw") -> DiskPlan:
+         cache_entries: int, expert_optimizer: str = "adamw", expert_master: str = "float32",
+         saves_mid_stage2: bool = True) -> DiskPlan:
     """The bytes a run writes: `sizes` from tensor_sizes; `cache_entries` = positions x top-k the
-    teacher cache holds (0 without it)."""
+    teacher cache holds (0 without it); `saves_mid_stage2`: --save-every < --stage2-steps."""
     grow = (num_real + num_zero) / num_real  # a router's rows, E -> E+Z
     routers = {name for name in sizes if router_layer(name) is not None}
     moe_layers = {router_layer(name) for name in routers}
     output = sum(b * (grow if name in routers else 1) for name, (_, b) in sizes.items())
-    state = STATE_BYTES_PER_PARAM["adamw"] * sum(n * grow for name, (n, _) in sizes.items() if name in routers)
-    if stage2:  # the MoE blocks: experts, shared experts and their gates
-        state += STATE_BYTES_PER_PARAM[expert_optimizer] * sum(
-            n for name, (n, _) in sizes.items() if name not in routers and moe_layer(name) in moe_layers)
-    return DiskPlan(output=int(output), state=int(2 * state),
-                    teacher_cache=CACHE_BYTES_PER_ENTRY * cache_entries)
+    router_state = (MASTER_BYTES["float32"] + MOMENT_BYTES["adamw"]) * sum(n * grow for name, (n, _) in sizes.items() if name in routers)
+    state = 2 * router_state  # stage 1's saves: the new one is written before the old one goes
+    if stage2:  # the MoE blocks: experts, shared experts and their gates, in the states from stage 2's first save
+        moe = sum(n for name, (n, _) in sizes.items() if name not in routers and moe_layer(name) in moe_layers)
+        moved = router_state + (MASTER_BYTES[expert_master] + MOMENT_BYTES[expert_optimizer]) * moe
+        state = (2 if saves_mid_stage2 else 1) * moved + router_state
+    return DiskPlan(output=int(output), state=int(state), teacher_cache=CACHE_BYTES_PER_ENTRY * cache_entries)
 
 
 def moe_layer(name: str) -> int | None:

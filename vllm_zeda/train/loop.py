@@ -25,6 +25,7 @@ import random
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,6 +121,9 @@ class Run:
     moe_names: set = field(default_factory=set)
     frozen_in: dict = field(default_factory=dict)  # stage -> names that must not move in it
     tap: RouterTap | None = None
+    # builds the converted model in a dtype instead of loading it from `src` (a benchmark's
+    # random weights for a shape no disk holds); None: load_converted
+    build_model: Callable[[torch.dtype], torch.nn.Module] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -142,9 +146,26 @@ class Run:
     def trained_names(self, stage: int) -> set[str]:
         return self.router_names if stage == 1 else self.moe_names
 
+    def moved_names(self, stage: int, step: int) -> set[str]:
+        """The tensors that differ from the source at (stage, step): the routers from the start,
+        the MoE blocks once stage 2 has stepped (stage 3 = training done)."""
+        experts_moved = (stage == 2 and step > 0) or (stage > 2 and self.args.stage2_steps > 0)
+        return self.moe_names if experts_moved else self.router_names
+
+    def master_dtype(self, stage: int, name: str) -> torch.dtype:
+        """What a trained tensor is stored in while it trains: fp32, or bf16 for stage 2's MoE
+        blocks with --expert-master bfloat16 (the routers are always fp32)."""
+        from .optim import MASTER_DTYPES
+
+        if stage == 2 and name not in self.router_names:
+            return MASTER_DTYPES[self.args.expert_master]
+        return torch.float32
+
     def checkpoint(self, stage: int, step: int, optimizer_state) -> None:
+        """The resumable state: only the tensors that moved (in their master dtype), the
+        optimizer, the RNG states and where the run stands."""
         if self.dist.main:
-            trained = self.trained_names(stage)
+            trained = self.moved_names(stage, step)
             run_state.save_state(self.work / run_state.CKPT, {
                 "stage": stage, "step": step, "evals": self.evals, "run_config": self.config,
                 "rng": run_state.rng_state(),
@@ -231,10 +252,13 @@ def prepare(args, dist: Dist) -> Run | None:
         blocks = min(data.train.shape[0], samples) + data.heldout.shape[0]
         cache_entries = blocks * args.seq_len * min(args.teacher_topk, int(cfg.get("vocab_size") or args.teacher_topk))
     disk_plan = disk.plan(sizes, spec.num_real_experts, spec.num_zero_experts, stage2=args.stage2_steps > 0,
-                          cache_entries=cache_entries, expert_optimizer=args.expert_optimizer)
+                          cache_entries=cache_entries, expert_optimizer=args.expert_optimizer,
+                          expert_master=args.expert_master, saves_mid_stage2=args.save_every < args.stage2_steps)
     disk.check_free_space(disk_plan, output, work, resuming=args.resume)
     device = dist.device
     use_bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    if args.expert_master == "bfloat16" and not use_bf16 and args.stage2_steps > 0:
+        raise ZedaError("--expert-master bfloat16 needs bf16 compute: pass --dtype bfloat16 (auto is bf16 on GPUs only)")
     from .report import plotting_available
 
     plot = not args.no_plot and plotting_available()
@@ -255,6 +279,8 @@ def load_converted_model(run: Run, dtype: torch.dtype) -> torch.nn.Module:
     """The converted model on this process's device (injected while loading, seeded)."""
     from .converted import load_converted
 
+    if run.build_model is not None:
+        return run.build_model(dtype)
     return load_converted(run.src, run.cfg, run.arch, run.spec, seed=run.args.seed, dtype=dtype).to(run.device)
 
 
@@ -291,7 +317,7 @@ def resume_point(run: Run, state: dict | None) -> tuple[int, int]:
     stage, step = 1, 0
     if state is not None:
         params = dict(run.model.named_parameters())
-        for n, t in state["trained"].items():  # fp32, whatever the frozen weights' dtype
+        for n, t in state["trained"].items():  # in their master dtype, whatever the frozen weights'
             params[n].data = t.to(run.device)
         stage, step, run.evals = state["stage"], state["step"], state["evals"]
         run_state.set_rng_state(state["rng"])
@@ -336,6 +362,7 @@ def stage_teacher(run: Run, stage: int, step: int):
 def stage_optimizer(run: Run, stage: int, state: dict | None):
     """Routers at --lr (AdamW), in stage 2 the MoE blocks at --expert-lr (--expert-optimizer);
     after the backward or inside it (--optimizer-in-backward); restored on resume."""
+    from .data import stage_seed
     from .optim import StageOptimizer
 
     args = run.args
@@ -345,8 +372,10 @@ def stage_optimizer(run: Run, stage: int, state: dict | None):
                "optimizer": "adamw"}]
     if stage == 2:
         groups.append({"params": [p for n, p in named if n in run.moe_names - run.router_names],
-                       "lr": expert_lr, "base_lr": expert_lr, "optimizer": args.expert_optimizer})
-    opt = StageOptimizer(groups, in_backward=args.optimizer_in_backward, grad_clip=args.grad_clip)
+                       "lr": expert_lr, "base_lr": expert_lr, "optimizer": args.expert_optimizer,
+                       "master": args.expert_master})
+    opt = StageOptimizer(groups, in_backward=args.optimizer_in_backward, grad_clip=args.grad_clip,
+                         seed=stage_seed(args.seed, stage))
     if state is not None and state.get("optimizer") is not None and state["stage"] == stage:
         opt.load_state_dict(state["optimizer"])
     return opt
@@ -365,10 +394,12 @@ def run_stage(run: Run, stage: int, step: int, state: dict | None) -> None:
     w = balance_weight(args.target_zero_fraction, e, z)
     total = args.stage1_steps if stage == 1 else args.stage2_steps
     trainable = run.trained_names(stage)
-    params = [p for n, p in model.named_parameters() if n in trainable]
-    for p in params:  # fp32 master weights for what this stage trains (its optimizer state follows)
-        if p.dtype != torch.float32:
-            p.data = p.data.float()
+    named = [(n, p) for n, p in model.named_parameters() if n in trainable]
+    params = [p for _, p in named]
+    for n, p in named:  # master weights for what this stage trains (fp32 optimizer state follows)
+        master = run.master_dtype(stage, n)
+        if p.dtype != master:
+            p.data = p.data.to(master)
         p.requires_grad_(True)
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
@@ -392,59 +423,65 @@ def run_stage(run: Run, stage: int, step: int, state: dict | None) -> None:
     data_seed = stage_seed(args.seed, stage)
     kill_at = os.environ.get(KILL_ENV)
     step_seconds = []  # this process's steps of this stage (not those before a --resume)
-    while step < total:
-        t_step = time.perf_counter()
-        for group in opt.param_groups:
-            group["lr"] = group["base_lr"] * lr_factor(step, total)
-        sums = torch.zeros(3 + len(routers), dtype=torch.float64)  # loss, kl, balance, zero[L]
-        model.train()  # no dropout in these configs; lets --grad-checkpointing act
-        for micro in range(args.grad_accum):
-            # sample position of this rank in the seeded stream: pure in (step, micro, rank)
-            pos = ((step * args.grad_accum + micro) * dist.world + dist.rank) * args.batch_size
-            idx = batch_indices(data.train.shape[0], pos, args.batch_size, data_seed)
-            x = data.train[idx].to(run.device)
-            with run.autocast():
-                teacher = teacher_fn(x, ("train", idx))
-            last = micro == args.grad_accum - 1
-            opt.arm(last)  # --optimizer-in-backward: the hooks step in this backward
-            sync = contextlib.nullcontext() if (last or ddp is model) else ddp.no_sync()
-            with sync:
-                with run.autocast(), run.tap.capture():
-                    logits = ddp(input_ids=x).logits
-                f_z = zero_fractions(run.tap.ids, e)
-                if dist.world > 1:  # f is a count statistic: use the all-rank value (exact DDP)
-                    f_z = dist.sum(f_z.clone()) / dist.world
-                kl = teachers.distill_kl(teacher, logits, args.temperature)
-                bal = balance_loss(run.tap.logits, run.tap.ids, num_real=e, num_zero=z, top_k=k_slots, w=w,
-                                   alpha=args.balance_alpha, layer_zero_fractions=f_z)
-                loss = kl + bal
-                (loss / args.grad_accum).backward()
-            sums += torch.cat([torch.stack([loss.detach(), kl.detach(), bal.detach()]).double().cpu(), f_z.double().cpu()])
-        opt.clip_and_step(params)
-        step += 1
-        sums = dist.sum(sums.to(run.device)).cpu() / (args.grad_accum * dist.world)  # .cpu() waits for the GPU
-        step_seconds.append(time.perf_counter() - t_step)
-        record = {"event": "train", "stage": stage, "step": step, "loss": float(sums[0]), "kl": float(sums[1]),
-                  "balance": float(sums[2]), "zero_fraction": float(sums[3:].mean()),
-                  "layers": [{"layer": r.layer_idx, "zero_fraction": float(v)} for r, v in zip(routers, sums[3:])],
-                  "lr": opt.param_groups[0]["lr"], "step_seconds": round(step_seconds[-1], 4), "time": time.time()}
-        run.log(record)
-        if bar is not None:
-            bar.set_postfix(loss=f"{record['loss']:.4f}", kl=f"{record['kl']:.4f}", zero=f"{record['zero_fraction']:.3f}")
-            bar.update(1)
-        if step % args.eval_every == 0 or step == total:
-            ev = evaluate_now()
-            run.log({"event": "eval", "stage": stage, "step": step, **ev})
-            if step == total:
-                run.evals[f"after_stage{stage}"] = ev
+    try:
+        while step < total:
+            t_step = time.perf_counter()
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * lr_factor(step, total)
+            sums = torch.zeros(3 + len(routers), dtype=torch.float64)  # loss, kl, balance, zero[L]
+            model.train()  # no dropout in these configs; lets --grad-checkpointing act
+            for micro in range(args.grad_accum):
+                # sample position of this rank in the seeded stream: pure in (step, micro, rank)
+                pos = ((step * args.grad_accum + micro) * dist.world + dist.rank) * args.batch_size
+                idx = batch_indices(data.train.shape[0], pos, args.batch_size, data_seed)
+                x = data.train[idx].to(run.device)
+                with run.autocast():
+                    teacher = teacher_fn(x, ("train", idx))
+                last = micro == args.grad_accum - 1
+                opt.arm(last)  # --optimizer-in-backward: the hooks step in this backward
+                sync = contextlib.nullcontext() if (last or ddp is model) else ddp.no_sync()
+                with sync:
+                    with run.autocast(), run.tap.capture():
+                        logits = ddp(input_ids=x).logits
+                    f_z = zero_fractions(run.tap.ids, e)
+                    if dist.world > 1:  # f is a count statistic: use the all-rank value (exact DDP)
+                        f_z = dist.sum(f_z.clone()) / dist.world
+                    kl = teachers.distill_kl(teacher, logits, args.temperature)
+                    bal = balance_loss(run.tap.logits, run.tap.ids, num_real=e, num_zero=z, top_k=k_slots, w=w,
+                                       alpha=args.balance_alpha, layer_zero_fractions=f_z)
+                    loss = kl + bal
+                    (loss / args.grad_accum).backward()
+                sums += torch.cat([torch.stack([loss.detach(), kl.detach(), bal.detach()]).double().cpu(), f_z.double().cpu()])
+            opt.clip_and_step(params)
+            step += 1
+            sums = dist.sum(sums.to(run.device)).cpu() / (args.grad_accum * dist.world)  # .cpu() waits for the GPU
+            step_seconds.append(time.perf_counter() - t_step)
+            record = {"event": "train", "stage": stage, "step": step, "loss": float(sums[0]), "kl": float(sums[1]),
+                      "balance": float(sums[2]), "zero_fraction": float(sums[3:].mean()),
+                      "layers": [{"layer": r.layer_idx, "zero_fraction": float(v)} for r, v in zip(routers, sums[3:])],
+                      "lr": opt.param_groups[0]["lr"], "step_seconds": round(step_seconds[-1], 4), "time": time.time()}
+            run.log(record)
             if bar is not None:
-                bar.write(f"stage {stage} step {step}: held-out KL {ev['teacher_kl']:.5f}, zero fraction {ev['zero_fraction']:.3f}")
-        if step % args.save_every == 0 and step < total:
-            run.checkpoint(stage, step, opt.state_dict())
-        if kill_at == f"{stage}:{step}":
-            os._exit(137)
-    if bar is not None:
-        bar.close()
+                bar.set_postfix(loss=f"{record['loss']:.4f}", kl=f"{record['kl']:.4f}", zero=f"{record['zero_fraction']:.3f}")
+                bar.update(1)
+            if step % args.eval_every == 0 or step == total:
+                ev = evaluate_now()
+                run.log({"event": "eval", "stage": stage, "step": step, **ev})
+                if step == total:
+                    run.evals[f"after_stage{stage}"] = ev
+                if bar is not None:
+                    bar.write(f"stage {stage} step {step}: held-out KL {ev['teacher_kl']:.5f}, zero fraction {ev['zero_fraction']:.3f}")
+            if step % args.save_every == 0 and step < total:
+                run.checkpoint(stage, step, opt.state_dict())
+            if kill_at == f"{stage}:{step}":
+                os._exit(137)
+        if bar is not None:
+            bar.close()
+    finally:  # also on an error: no optimizer hook or trainable flag outlives the stage
+        opt.close()
+        for p in params:
+            p.requires_grad_(False)
+            p.grad = None
     if step_seconds:
         tokens_per_step = args.batch_size * args.seq_len * args.grad_accum * dist.world
         run.speed[f"stage{stage}"] = throughput(step_seconds, tokens_per_step, dist.world)
@@ -453,10 +490,6 @@ def run_stage(run: Run, stage: int, step: int, state: dict | None) -> None:
     if total == 0:
         run.evals.setdefault(f"after_stage{stage}", run.evals.get("after_stage1") or run.evals["after_injection"])
     assert_unchanged(frozen_before, fingerprints(model, run.frozen_in[stage]), f"stage {stage}")
-    opt.close()
-    for p in params:
-        p.requires_grad_(False)
-        p.grad = None
     del ddp, opt, teacher_model
 
 
@@ -512,7 +545,8 @@ def write_output(run: Run) -> dict:
         "device": run.device.type, "compute_dtype": "bfloat16" if run.use_bf16 else "float32",
         "frozen_dtype": str(_checkpoint_dtype(run.cfg) if run.use_bf16 else torch.float32).removeprefix("torch."),
         "teacher": "top-k cache" if args.teacher_cache else "frozen copy", "grad_checkpointing": args.grad_checkpointing,
-        "expert_optimizer": args.expert_optimizer, "optimizer_in_backward": args.optimizer_in_backward,
+        "expert_optimizer": args.expert_optimizer, "expert_master": args.expert_master,
+        "optimizer_in_backward": args.optimizer_in_backward,
         "throughput": run.speed,
         "balance_alpha": args.balance_alpha,
         "balance_w": balance_weight(args.target_zero_fraction, spec.num_real_experts, spec.num_zero_experts),
