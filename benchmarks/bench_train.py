@@ -13,7 +13,9 @@
     python3 benchmarks/bench_train.py in-memory --tiny --out /tmp/t.json      # CPU smoke test
 
 MFU = 6 x active parameters x tokens/s / the GPU's dense bf16 peak (989 TFLOP/s on an H200): the
-usual training-FLOPs convention, whatever the stage trains. Stage 1's real work differs: no weight
+usual training-FLOPs convention, whatever the stage trains, over the static top-8 (mfu_6n) and
+over the slots the student really runs, zero slots left out (mfu_6n_live, from the steps' zero
+fraction). Stage 1's real work differs: no weight
 gradients but the routers', plus the masked teacher's forward and activation checkpointing's
 recomputation (about 8N a token against the convention's 6N). Every run's flags are in the JSON.
 """
@@ -86,6 +88,13 @@ def mfu(speed: dict, active: int) -> float | None:
     return round(6 * active * speed["tokens_per_s"] / H200_BF16_PEAK, 4) if speed.get("tokens_per_s") else None
 
 
+def live_active_params(cfg: dict, layers: int, zero_fraction: float) -> int:
+    """Active parameters of the student with a share `zero_fraction` of its slots on zero experts
+    (which run nothing): the static count less those slots' expert weights."""
+    per_slot = 3 * cfg["hidden_size"] * cfg["moe_intermediate_size"]
+    return int(active_params(cfg, layers) - layers * cfg["num_experts_per_tok"] * zero_fraction * per_slot)
+
+
 # ------------------------------------------------------------------------------ in-memory ----
 
 
@@ -147,11 +156,21 @@ def in_memory(args, result: dict, save) -> None:
             for part in run.work.glob(teacher.CACHE + "*"):  # each batch size reads other blocks
                 part.unlink()
             point = {"stage": stage, "batch_size": batch, "tokens_per_step": batch * args.seq_len}
+            seen = len(run.metrics_path.read_text().splitlines()) if run.metrics_path.is_file() else 0
             t0 = time.time()
+            profiler = _profiler(args.profile)
             try:
-                loop.run_stage(run, stage, 0, None)
+                with profiler:
+                    loop.run_stage(run, stage, 0, None)
+                if args.profile:
+                    table = profiler.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70)
+                    Path(args.profile, f"stage{stage}_batch{batch}.txt").write_text(table)
                 speed = run.speed[f"stage{stage}"]
-                point.update(speed, mfu_6n=mfu(speed, active))
+                steps = [json.loads(l) for l in run.metrics_path.read_text().splitlines()[seen:]]
+                zero = [r["zero_fraction"] for r in steps if r.get("event") == "train"][1:]  # the timed steps
+                f = sum(zero) / len(zero)
+                point.update(speed, mfu_6n=mfu(speed, active), zero_fraction=round(f, 4),
+                             mfu_6n_live=mfu(speed, live_active_params(shape, args.layers, f)))
             except torch.cuda.OutOfMemoryError:
                 point["error"] = "out of GPU memory"
                 for p in run.model.parameters():
@@ -164,6 +183,18 @@ def in_memory(args, result: dict, save) -> None:
             save()
 
 
+def _profiler(folder: str | None):
+    """torch.profiler over a whole (stage, batch size) point, or nothing."""
+    import contextlib
+
+    if not folder:
+        return contextlib.nullcontext()
+    from torch.profiler import ProfilerActivity, profile
+
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    return profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+
+
 # ---------------------------------------------------------------------------- kill-resume ----
 
 
@@ -171,7 +202,8 @@ def cli_cmd(src: Path, out: Path, args) -> list[str]:
     return [sys.executable, "-m", "vllm_zeda.train", "--model", str(src), "--output", str(out), "--device", "cuda",
             "--stage1-steps", str(args.stage1_steps), "--stage2-steps", str(args.stage2_steps),
             "--save-every", str(args.save_every), "--eval-every", "1000", "--seq-len", str(args.seq_len),
-            "--batch-size", str(args.batch_size), "--max-heldout-blocks", "2", "--quiet", "--no-plot", *STAGE2_FLAGS]
+            "--batch-size", str(args.batch_size), "--max-heldout-blocks", "2", "--quiet", "--no-plot", *STAGE2_FLAGS,
+            *(["--deterministic"] if args.deterministic else [])]
 
 
 def launch(cmd: list[str], work: Path, kill_at: tuple[int, int] | None, timeout: float) -> dict:
@@ -258,11 +290,13 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6, help="in-memory: steps per (stage, batch size) point")
     p.add_argument("--stage1-batches", type=int, nargs="+", default=[2, 4])
     p.add_argument("--stage2-batches", type=int, nargs="+", default=[2, 4])
+    p.add_argument("--profile", default=None, metavar="DIR", help="in-memory: a kernel table per point in DIR")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="in-memory: more trainer flags")
     p.add_argument("--batch-size", type=int, default=2, help="kill-resume")
     p.add_argument("--stage1-steps", type=int, default=8, help="kill-resume")
     p.add_argument("--stage2-steps", type=int, default=3, help="kill-resume")
     p.add_argument("--save-every", type=int, default=4, help="kill-resume (>= stage 2's steps: no mid-stage-2 state)")
+    p.add_argument("--deterministic", action="store_true", help="kill-resume: pass --deterministic to the CLI")
     p.add_argument("--timeout", type=float, default=300)
     args = p.parse_args()
     args.layers = args.layers or (48 if args.mode == "in-memory" else 16)

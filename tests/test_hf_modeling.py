@@ -116,3 +116,43 @@ def test_router_gradients_are_deterministic_and_finite(tiny_models, converted):
     assert all(torch.isfinite(g).all() for g in grads)
     for g in grads[1:]:
         torch.testing.assert_close(g, grads[0], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_experts_run_only_the_live_slots_and_give_what_running_all_slots_gives(arch, converted, monkeypatch):
+    """Dynamic mode: each experts module sees only the nonzero-weight slots (zero slots cost
+    nothing), and logits and gradients equal those of every slot run with zero slots at expert 0."""
+    zeda = load(converted[arch])
+    zeda.zeda_set_mode(masked=False, zero_bias=0.0)
+    experts = [r for r in zeda.modules() if hasattr(r, "gate") and hasattr(r, "experts")]
+    seen = []
+    cls = type(experts[0].experts)
+    original = cls.forward
+
+    def counting(self, hidden, ids, weights):
+        seen.append(ids.numel())
+        return original(self, hidden, ids, weights)
+
+    monkeypatch.setattr(cls, "forward", counting)
+    x = _ids(5)
+
+    def run():
+        zeda.zero_grad()
+        zeda.zeda_stats(reset=True)
+        logits = zeda(x).logits
+        logits.square().mean().backward()
+        grads = {n: p.grad.clone() for n, p in zeda.named_parameters() if p.grad is not None}
+        return logits.detach(), grads, zeda.zeda_stats()
+
+    live_logits, live_grads, stats = run()
+    slots = sum(layer["total_slots"] - layer["zero_slots"] for layer in stats["layers"])
+    assert 0.2 < stats["zero_fraction"] < 0.8 and sum(seen) == slots  # only live slots reached the experts
+    for block in experts:
+        del block.experts.forward  # back to the class's forward: every slot, zero ones at expert 0
+    seen.clear()
+    all_logits, all_grads, _ = run()
+    assert sum(seen) == stats["layers"][0]["total_slots"] * len(experts)
+    assert (live_logits - all_logits).abs().max().item() <= 1e-5
+    assert live_grads.keys() == all_grads.keys()
+    for n in all_grads:
+        assert torch.allclose(live_grads[n], all_grads[n], atol=1e-6, rtol=1e-4), n

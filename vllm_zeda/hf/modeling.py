@@ -8,6 +8,8 @@ weight init and `output_router_logits` recording keep working) and routes with
 """
 from __future__ import annotations
 
+import types
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -65,10 +67,10 @@ class ZedaRouterMixin:
             self._counts[1] += zero.numel()
         self.last_routing = routing
         scores = routing.weights.to(logits.dtype) if self.cast_scores else routing.weights
-        # Zero slots go to expert 0 with weight 0: exact, and it costs expert-0 work here (the
-        # vLLM layer is where skipping saves time). transformers' own skip sentinel (id E) gave
-        # nondeterministic garbage gradients/NaN in 5.19 (uninitialised memory, reproduced with
-        # both the eager and grouped_mm experts), so it is not used.
+        # Zero slots go to expert 0 with weight 0, and the experts skip weight-0 slots
+        # (live_slots_forward). transformers' own skip sentinel (id E) gave nondeterministic
+        # garbage gradients/NaN in 5.19 (uninitialised memory, reproduced with both the eager and
+        # grouped_mm experts), so it is not used.
         ids = routing.ids.masked_fill(routing.is_zero, 0)
         return logits, scores, ids
 
@@ -87,6 +89,21 @@ class ZedaOlmoeRouter(ZedaRouterMixin, OlmoeTopKRouter):
 
 class ZedaMixtralRouter(ZedaRouterMixin, MixtralTopKRouter):
     cast_scores = False
+
+
+def live_slots_forward(experts: nn.Module, hidden_states, top_k_index, top_k_weights):
+    """The experts module's own forward (whichever experts implementation it is set to) over the
+    slots with a nonzero weight only: a zero slot (weight 0) costs nothing, and the output is the
+    same sum over the K slots of each token. With every slot live (masked mode) it is the
+    unchanged call, so the original model stays bit for bit the original."""
+    tokens, k = top_k_index.shape
+    live = top_k_weights.reshape(-1).nonzero().squeeze(1)  # a host sync: the live count sets the shapes
+    forward = type(experts).forward
+    if live.numel() == tokens * k:
+        return forward(experts, hidden_states, top_k_index, top_k_weights)
+    out = forward(experts, hidden_states[live // k], top_k_index.reshape(-1, 1)[live], top_k_weights.reshape(-1, 1)[live])
+    per_slot = out.new_zeros(tokens * k, out.shape[-1]).index_copy(0, live, out)
+    return per_slot.view(tokens, k, -1).sum(1)
 
 
 class ZedaCausalLMMixin:
@@ -111,6 +128,7 @@ class ZedaCausalLMMixin:
                 router = self.zeda_router_cls(config)
                 router._zeda_setup(config, spec, layer_idx)
                 module.gate = router
+                module.experts.forward = types.MethodType(live_slots_forward, module.experts)
 
     @property
     def zeda_routers(self) -> list[ZedaRouterMixin]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import torch
@@ -57,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--grad-clip", type=float, default=1.0)
     a("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None,
       help="recompute activations in backward: less memory, about a third more compute (default: on GPUs)")
+    a("--deterministic", action="store_true",
+      help="bit-reproducible GPU runs (torch.use_deterministic_algorithms: no atomic adds in backward), so a "
+           "resumed run equals an uninterrupted one bit for bit there too; CPU runs always are")
     a("--no-plot", action="store_true", help="skip zeda_report.png")
     a("--quiet", action="store_true", help="no progress bars")
     return p
@@ -106,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     check_args(args)
+    if args.deterministic:  # cuBLAS reads its workspace setting when it starts: before any CUDA work
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
     dist = Dist(args.device)
     try:
         resolve_auto(args, dist)
@@ -120,6 +127,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         raise ZedaError(f"the disk is full: cannot write {where} ({free_gb(where.parent):.1f} GB free there): free "
                         f"space, then {resume_hint(work_dir(args))}") from None
+    except RuntimeError as exc:
+        if not (args.deterministic and "deterministic" in str(exc)):
+            raise
+        raise ZedaError(f"--deterministic: {str(exc).splitlines()[0]} (drop --deterministic); "
+                        + resume_hint(work_dir(args))) from None
     except KeyboardInterrupt:
         raise Interrupted("interrupted: " + resume_hint(work_dir(args))) from None
     finally:

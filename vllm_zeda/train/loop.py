@@ -546,7 +546,7 @@ def write_output(run: Run) -> dict:
         "frozen_dtype": str(_checkpoint_dtype(run.cfg) if run.use_bf16 else torch.float32).removeprefix("torch."),
         "teacher": "top-k cache" if args.teacher_cache else "frozen copy", "grad_checkpointing": args.grad_checkpointing,
         "expert_optimizer": args.expert_optimizer, "expert_master": args.expert_master,
-        "optimizer_in_backward": args.optimizer_in_backward,
+        "optimizer_in_backward": args.optimizer_in_backward, "deterministic": args.deterministic,
         "throughput": run.speed,
         "balance_alpha": args.balance_alpha,
         "balance_w": balance_weight(args.target_zero_fraction, spec.num_real_experts, spec.num_zero_experts),
