@@ -35,7 +35,7 @@
 #   tp-serve  bench_serve.py --tp 2: stock static vs the plugin through `vllm serve` at TP=2
 #             (two runs each after a warm-up, the faster reported)                     §6.4  ~7 min
 #   ep-serve  the same, the plugin with --enable-expert-parallel (one run each)        §6.4  ~7 min
-#   tp-train  gpu_train_ddp.py: torchrun 2 processes vs 1 (fp32 and bf16 tokens/s)     §6.5  ~3 min
+#   tp-train  gpu_train_torchrun.py: torchrun (FSDP2) 2 processes vs 1 (fp32 and bf16 tokens/s)     §6.5  ~3 min
 #
 # Each stage's commands get their own timeout, so one slow stage leaves the others' files. The
 # logs are packed into $OUT/logs.tgz at the end (the device tool returns at most 8 files).
@@ -103,7 +103,7 @@ for stage in "$@"; do
     env) run 30 env bash -c 'nvidia-smi -L; nvidia-smi topo -m; python3 -c "import torch; print(torch.__version__, torch.cuda.device_count())"' ;;
     tp-parity) run 480 tp_parity python3 benchmarks/gpu_parity.py --out "$OUT/tp_parity.json" \
              --modes skip skip@tp2 skip@tp2ep masked masked@tp2 --worker-timeout 110 ;;
-    tp-train) run 180 tp_train python3 benchmarks/gpu_train_ddp.py --out "$OUT/tp_train.json" --gpus 2 ;;
+    tp-train) run 180 tp_train python3 benchmarks/gpu_train_torchrun.py --out "$OUT/tp_train.json" --gpus 2 ;;
     tp-e2e) run 585 tp_e2e python3 benchmarks/bench_e2e.py --out "$OUT/tp_e2e.json" --configs static8 zeda \
              --targets 0 0.5 --quick --timeout 160 --tp 2 ;;
     ep-e2e) run 585 ep_e2e python3 benchmarks/bench_e2e.py --out "$OUT/ep_e2e.json" --configs static8 zeda \

@@ -152,12 +152,18 @@ def test_kill_and_resume_gives_identical_weights(tiny_models, tmp_path):
     assert steps == [(1, i) for i in range(1, 9)] + [(2, i) for i in range(1, 7)]  # no duplicates after resume
 
 
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m"]  # a free port
+
+
 @pytest.mark.slow
-def test_torchrun_two_gloo_processes_match_one(tiny_models, tmp_path):
+def test_torchrun_fsdp2_matches_one_process_and_resumes_exactly(tiny_models, tmp_path):
+    """Two gloo processes, the model sharded with FSDP2 (4 blocks each a step) train the weights
+    one process trains on 8 blocks a step; killed mid-stage 2 they resume from their
+    torch.distributed.checkpoint shards to the uninterrupted run's weights, bit for bit."""
     src = tiny_models["qwen3_moe"]
-    one = train(src, tmp_path / "one", *SHORT)  # 8 blocks per step in one process
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517", "-m"]
-    proc = train_subprocess(src, tmp_path / "two", *SHORT, "--batch-size", "4", launcher=launcher)  # 2 x 4 blocks
+    run = [*SHORT, "--teacher-cache", "--teacher-topk", "400", "--save-every", "2"]  # top-400: the whole vocabulary
+    one = train(src, tmp_path / "one", *run)
+    proc = train_subprocess(src, tmp_path / "two", *run, "--batch-size", "4", launcher=TORCHRUN)
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = json.loads((tmp_path / "two" / "zeda_report.json").read_text())
     assert two["world_size"] == 2
@@ -166,9 +172,36 @@ def test_torchrun_two_gloo_processes_match_one(tiny_models, tmp_path):
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-4, rtol=1e-4), k
-    assert not torch.equal(a["model.layers.0.mlp.gate.weight"], weights(src)["model.layers.0.mlp.gate.weight"][:8].new_zeros(16, 64))
+    assert not torch.equal(b["model.layers.0.mlp.gate.weight"][:8], weights(src)["model.layers.0.mlp.gate.weight"])
     assert two["zero_fraction"] == pytest.approx(one["zero_fraction"], abs=0.01)
     assert two["teacher_kl"] == pytest.approx(one["teacher_kl"], rel=1e-3)
+
+    killed = train_subprocess(src, tmp_path / "killed", *run, "--batch-size", "4", launcher=TORCHRUN,
+                              env={"ZEDA_TRAIN_KILL_AT": "2:3"})
+    work = tmp_path / ".killed.zeda-work"
+    dirs = [d.name for d in work.glob("*.dcp")]
+    assert killed.returncode != 0 and dirs == ["trainer_state.s2-2.dcp"], (dirs, killed.stderr[-3000:])
+    resumed = train_subprocess(src, tmp_path / "killed", *run, "--batch-size", "4", "--resume", launcher=TORCHRUN)
+    assert resumed.returncode == 0 and "resuming at stage 2, step 2" in resumed.stdout, resumed.stderr[-3000:]
+    c = weights(tmp_path / "killed")
+    assert all(torch.equal(b[k], c[k]) for k in b), max((b[k] - c[k]).abs().max().item() for k in b)
+
+
+def test_torchrun_refuses_what_cannot_step_sharded_tensors():
+    from types import SimpleNamespace
+
+    from vllm_zeda.errors import ZedaError
+    from vllm_zeda.train.cli import build_parser, resolve_auto
+
+    dist = SimpleNamespace(world=2, device=torch.device("cpu"))
+    base = ["--model", "m", "--output", "o"]
+    args = build_parser().parse_args(base)
+    resolve_auto(args, dist)
+    assert args.teacher_cache and not args.optimizer_in_backward  # the defaults under torchrun
+    for flags in (["--expert-optimizer", "adafactor"], ["--expert-master", "bfloat16"], ["--no-teacher-cache"],
+                  ["--optimizer-in-backward"]):
+        with pytest.raises(ZedaError, match=f"{flags[0]}.* runs in one process only"):
+            resolve_auto(build_parser().parse_args(base + flags), dist)
 
 
 @pytest.mark.slow

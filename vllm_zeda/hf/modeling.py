@@ -43,6 +43,7 @@ class ZedaRouterMixin:
         self.weight = nn.Parameter(torch.empty(spec.num_router_rows, config.hidden_size))
         nn.init.normal_(self.weight, std=getattr(config, "initializer_range", 0.02))
         self.masked = spec.masked_by_default
+        self.masked_rows: torch.Tensor | None = None  # masked mode's [E, H] rows, if not weight[:E]
         self.zero_bias = 0.0
         self._counts: torch.Tensor | None = None  # [zero slots, total slots], made on first use
         self.last_routing: Routing | None = None
@@ -50,7 +51,12 @@ class ZedaRouterMixin:
     def route(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, Routing]:
         # Masked mode never looks at the zero rows: computing only the real logits keeps it
         # bit-identical to the original model (a GEMM over E+Z rows may round differently).
-        weight = self.weight[: self.num_real] if self.masked else self.weight
+        # masked_rows: the trainer's stage-1 teacher routes with the original rows while the live
+        # ones train (a plain attribute: no weight swap, so it works on sharded weights too).
+        if self.masked:
+            weight = self.weight[: self.num_real] if self.masked_rows is None else self.masked_rows
+        else:
+            weight = self.weight
         logits = F.linear(hidden_states.reshape(-1, self.weight.shape[1]), weight)
         routing = route_softmax(
             logits, self.num_real, self.top_k, self.renormalize, masked=self.masked, zero_bias=self.zero_bias

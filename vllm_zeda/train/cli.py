@@ -91,16 +91,28 @@ def check_args(args) -> None:
 
 def resolve_auto(args, dist) -> None:
     """The flags left to the machine: on a GPU the teacher cache, activation checkpointing and,
-    in a single process, the optimizer in backward (what fits its memory); off on CPUs."""
+    in a single process, the optimizer in backward (what fits its memory); off on CPUs. Under
+    torchrun (FSDP2) the teacher cache is the default everywhere, and what cannot step sharded
+    tensors is refused."""
     on_gpu = dist.device.type == "cuda"
-    for flag in ("teacher_cache", "grad_checkpointing"):
-        if getattr(args, flag) is None:
-            setattr(args, flag, on_gpu)
+    if args.teacher_cache is None:
+        args.teacher_cache = on_gpu or dist.world > 1
+    if args.grad_checkpointing is None:
+        args.grad_checkpointing = on_gpu
     if args.optimizer_in_backward is None:
         args.optimizer_in_backward = on_gpu and dist.world == 1
-    if args.optimizer_in_backward and dist.world > 1:
-        raise ZedaError("--optimizer-in-backward runs in one process (DDP reduces gradients after its hooks): "
-                        "drop it under torchrun")
+    if dist.world == 1:
+        return
+    refused = {
+        "--optimizer-in-backward": args.optimizer_in_backward,
+        "--expert-optimizer adafactor": args.expert_optimizer == "adafactor",  # its factored moments need whole rows
+        "--expert-master bfloat16": args.expert_master == "bfloat16",
+        "--no-teacher-cache": not args.teacher_cache and args.stage2_steps > 0,  # a frozen copy is not sharded
+    }
+    for flag, asked in refused.items():
+        if asked:
+            raise ZedaError(f"{flag} runs in one process only; under torchrun FSDP2 shards fp32 weights and AdamW's "
+                            "state over the GPUs instead: drop it")
 
 
 @cli_entry

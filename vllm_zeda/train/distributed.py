@@ -1,4 +1,5 @@
-"""torchrun's environment for the trainer: ranks, the device, and the few collectives it uses."""
+"""torchrun's environment for the trainer: ranks, the device, the few collectives it uses, and
+FSDP2 (torch.distributed.fsdp.fully_shard) sharding of the model over the processes."""
 from __future__ import annotations
 
 import os
@@ -8,7 +9,7 @@ import torch.distributed as torch_dist
 
 
 class Dist:
-    """torchrun's environment, or a single process. DDP does the work; this only holds ranks."""
+    """torchrun's environment, or a single process."""
 
     def __init__(self, device_flag: str):
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -25,6 +26,11 @@ class Dist:
     def main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def sharded(self) -> bool:
+        """Whether the model is sharded with FSDP2 (under torchrun)."""
+        return self.world > 1
+
     def barrier(self) -> None:
         if self.world > 1:
             torch_dist.barrier()
@@ -34,6 +40,51 @@ class Dist:
             torch_dist.all_reduce(t)
         return t
 
+    def max(self, n: int) -> int:
+        """The largest `n` over the processes."""
+        if self.world == 1:
+            return n
+        t = torch.tensor([n], device=self.device)
+        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
+        return int(t.item())
+
+    def share(self, items: torch.Tensor, batch_size: int):
+        """This process's share of `items` (every world-th from its rank) in batches, as
+        (batch, real): every process yields the same number of batches, those past its share
+        repeating its first one with real=False, so sharded forwards stay in step."""
+        mine = items[self.rank :: self.world]
+        batches = list(mine.split(batch_size))
+        rounds = -(-((items.numel() + self.world - 1) // self.world) // batch_size)  # the largest share's batches
+        for i in range(rounds):
+            yield (batches[i], True) if i < len(batches) else (items[:1], False)
+
+    def shard(self, model: torch.nn.Module, compute_dtype: torch.dtype | None) -> None:
+        """FSDP2 over all processes: each decoder layer is one group, the rest (embeddings, final
+        norm, head) the root's; parameters, gradients and optimizer state are sharded, moved to
+        this process's device. `compute_dtype`: what the gathered weights are cast to (bf16 runs:
+        frozen bf16 and trained fp32 weights in one group), gradients reduced in fp32."""
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mesh = init_device_mesh(self.device.type, (self.world,))
+        policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32 if compute_dtype else None)
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh, mp_policy=policy)
+        fully_shard(model, mesh=mesh, mp_policy=policy)
+
+    def reshard(self, model: torch.nn.Module) -> None:
+        """Put every FSDP2 group back in its sharded state (the root stays gathered after a
+        forward), so named_parameters() are the sharded tensors again."""
+        if self.sharded:
+            for m in model.modules():
+                if hasattr(m, "reshard"):
+                    m.reshard()
+
     def close(self) -> None:
         if self.world > 1 and torch_dist.is_initialized():
             torch_dist.destroy_process_group()
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a sharded (DTensor) parameter; a plain tensor as it is."""
+    return t.to_local() if hasattr(t, "to_local") else t

@@ -13,7 +13,8 @@ load the data) -> `load_student` (inject, load, freeze) -> `run_stage(1)` (route
 Loss = KL(teacher || student) on next-token distributions + the group balancing loss with w from
 --target-zero-fraction. Resuming (--resume) is exact: the batch at every step is a pure function
 of (seed, stage, step), and the checkpoint holds the trained tensors, the optimizer and the RNG
-states. Under torchrun each process trains --batch-size blocks a step (DDP).
+states. Under torchrun each process trains --batch-size blocks a step, the model sharded over the
+processes with FSDP2 (fully_shard) and the state saved with torch.distributed.checkpoint.
 """
 from __future__ import annotations
 
@@ -30,13 +31,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..errors import ZedaError
 from ..routing import balance_weight
 from . import state as run_state
 from . import teacher as teachers
-from .distributed import Dist
+from .distributed import Dist, local
 
 KILL_ENV = "ZEDA_TRAIN_KILL_AT"  # test hook: "STAGE:STEP" -> os._exit(137) after that step (a kill -9)
 
@@ -75,8 +75,10 @@ def moe_blocks(model):
 
 
 def fingerprints(model, names: set[str]) -> dict[str, torch.Tensor]:
-    """Exact float64 checksums of the named parameters: proof that frozen weights stayed put."""
-    return {n: torch.stack([p.double().sum(), p.double().square().sum()]).cpu() for n, p in model.named_parameters() if n in names}
+    """Exact float64 checksums of the named parameters (this process's shards of them): proof
+    that frozen weights stayed put."""
+    return {n: torch.stack([local(p).double().sum(), local(p).double().square().sum()]).cpu()
+            for n, p in model.named_parameters() if n in names}
 
 
 def assert_unchanged(before: dict, after: dict, what: str) -> None:
@@ -161,16 +163,19 @@ class Run:
             return MASTER_DTYPES[self.args.expert_master]
         return torch.float32
 
-    def checkpoint(self, stage: int, step: int, optimizer_state) -> None:
+    def checkpoint(self, stage: int, step: int, opt=None) -> None:
         """The resumable state: only the tensors that moved (in their master dtype), the
-        optimizer, the RNG states and where the run stands."""
-        if self.dist.main:
-            trained = self.moved_names(stage, step)
+        optimizer (`opt`, a StageOptimizer, mid-stage), the RNG states and where the run stands.
+        Under torchrun the tensors and the optimizer go to torch.distributed.checkpoint shards."""
+        trained = self.moved_names(stage, step)
+        meta = {"stage": stage, "step": step, "evals": self.evals, "run_config": self.config,
+                "rng": run_state.rng_state(), "has_optimizer": opt is not None}
+        if self.dist.sharded:
+            run_state.save_sharded(self.work, meta, self.model, trained, opt.optimizers if opt else None, self.dist)
+        elif self.dist.main:
             run_state.save_state(self.work / run_state.CKPT, {
-                "stage": stage, "step": step, "evals": self.evals, "run_config": self.config,
-                "rng": run_state.rng_state(),
-                "trained": {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if n in trained},
-                "optimizer": optimizer_state,
+                **meta, "trained": {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if n in trained},
+                "optimizer": opt.state_dict() if opt else None,
             })
         self.dist.barrier()
 
@@ -275,13 +280,15 @@ def prepare(args, dist: Dist) -> Run | None:
                config=run_state.run_config(args, dist.world), use_bf16=use_bf16, plot=plot)
 
 
-def load_converted_model(run: Run, dtype: torch.dtype) -> torch.nn.Module:
-    """The converted model on this process's device (injected while loading, seeded)."""
+def load_converted_model(run: Run, dtype: torch.dtype, to_device: bool = True) -> torch.nn.Module:
+    """The converted model (injected while loading, seeded), on this process's device or, for
+    FSDP2 to move shard by shard, in host memory."""
     from .converted import load_converted
 
     if run.build_model is not None:
         return run.build_model(dtype)
-    return load_converted(run.src, run.cfg, run.arch, run.spec, seed=run.args.seed, dtype=dtype).to(run.device)
+    model = load_converted(run.src, run.cfg, run.arch, run.spec, seed=run.args.seed, dtype=dtype)
+    return model.to(run.device) if to_device else model
 
 
 def load_student(run: Run) -> None:
@@ -293,7 +300,8 @@ def load_student(run: Run) -> None:
         run.work.mkdir(parents=True, exist_ok=True)
     dist.barrier()
     # bf16 compute: frozen weights in the checkpoint's dtype, trained ones fp32 (run_stage); fp32: all fp32
-    model = load_converted_model(run, _checkpoint_dtype(run.cfg) if run.use_bf16 else torch.float32)
+    model = load_converted_model(run, _checkpoint_dtype(run.cfg) if run.use_bf16 else torch.float32,
+                                 to_device=not dist.sharded)
     model.zeda_set_mode(masked=False, zero_bias=0.0)
     if args.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -302,9 +310,15 @@ def load_student(run: Run) -> None:
     routers = model.zeda_routers
     names = {p: n for n, p in model.named_parameters()}
     run.model = model
-    run.original_rows = [r.weight.detach().clone() for r in routers]
+    run.original_rows = [r.weight.detach().clone().to(run.device) for r in routers]
     run.router_names = {names[r.weight] for r in routers}
     run.moe_names = {names[p] for m in moe_blocks(model) for p in m.parameters()}
+    if dist.sharded:  # FSDP2 keeps each weight's dtype from here on: trained ones get their master dtype now
+        last_stage = 2 if args.stage2_steps > 0 else 1
+        for p, n in names.items():
+            if n in run.trained_names(last_stage):
+                p.data = p.data.to(run.master_dtype(last_stage, n))
+        dist.shard(model, torch.bfloat16 if run.use_bf16 else None)
     run.frozen_in = {1: set(names.values()) - run.router_names, 2: set(names.values()) - run.moe_names}
     run.tap = RouterTap(routers)
 
@@ -316,10 +330,13 @@ def resume_point(run: Run, state: dict | None) -> tuple[int, int]:
 
     stage, step = 1, 0
     if state is not None:
-        params = dict(run.model.named_parameters())
-        for n, t in state["trained"].items():  # in their master dtype, whatever the frozen weights'
-            params[n].data = t.to(run.device)
         stage, step, run.evals = state["stage"], state["step"], state["evals"]
+        if "sharded" in state:
+            run_state.load_sharded(run.work / state["sharded"], run.model, run.moved_names(stage, step))
+        else:
+            params = dict(run.model.named_parameters())
+            for n, t in state["trained"].items():  # in their master dtype, whatever the frozen weights'
+                params[n].data = t.to(run.device)
         run_state.set_rng_state(state["rng"])
         if run.dist.main:
             print(f"resuming at stage {stage}, step {step}", flush=True)
@@ -376,8 +393,11 @@ def stage_optimizer(run: Run, stage: int, state: dict | None):
                        "master": args.expert_master})
     opt = StageOptimizer(groups, in_backward=args.optimizer_in_backward, grad_clip=args.grad_clip,
                          seed=stage_seed(args.seed, stage))
-    if state is not None and state.get("optimizer") is not None and state["stage"] == stage:
-        opt.load_state_dict(state["optimizer"])
+    if state is not None and state.get("has_optimizer") and state["stage"] == stage:
+        if "sharded" in state:
+            run_state.load_sharded(run.work / state["sharded"], run.model, set(), opt.optimizers)
+        else:
+            opt.load_state_dict(state["optimizer"])
     return opt
 
 
@@ -403,10 +423,10 @@ def run_stage(run: Run, stage: int, step: int, state: dict | None) -> None:
         p.requires_grad_(True)
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
+    dist.reshard(model)
     frozen_before = fingerprints(model, run.frozen_in[stage])
     teacher_fn, teacher_model = stage_teacher(run, stage, step)
     opt = stage_optimizer(run, stage, state)
-    ddp = DDP(model, find_unused_parameters=stage == 2) if dist.world > 1 else model
 
     def evaluate_now() -> dict:
         return evaluate(model, teacher_fn, data.heldout, args.batch_size, dist, run.autocast, args.temperature)
@@ -439,18 +459,18 @@ def run_stage(run: Run, stage: int, step: int, state: dict | None) -> None:
                     teacher = teacher_fn(x, ("train", idx))
                 last = micro == args.grad_accum - 1
                 opt.arm(last)  # --optimizer-in-backward: the hooks step in this backward
-                sync = contextlib.nullcontext() if (last or ddp is model) else ddp.no_sync()
-                with sync:
-                    with run.autocast(), run.tap.capture():
-                        logits = ddp(input_ids=x).logits
-                    f_z = zero_fractions(run.tap.ids, e)
-                    if dist.world > 1:  # f is a count statistic: use the all-rank value (exact DDP)
-                        f_z = dist.sum(f_z.clone()) / dist.world
-                    kl = teachers.distill_kl(teacher, logits, args.temperature)
-                    bal = balance_loss(run.tap.logits, run.tap.ids, num_real=e, num_zero=z, top_k=k_slots, w=w,
-                                       alpha=args.balance_alpha, layer_zero_fractions=f_z)
-                    loss = kl + bal
-                    (loss / args.grad_accum).backward()
+                if dist.sharded:  # reduce-scatter the gradients in the last micro-batch's backward only
+                    model.set_requires_gradient_sync(last)
+                with run.autocast(), run.tap.capture():
+                    logits = model(input_ids=x).logits
+                f_z = zero_fractions(run.tap.ids, e)
+                if dist.world > 1:  # f is a count statistic: use the all-rank value
+                    f_z = dist.sum(f_z.clone()) / dist.world
+                kl = teachers.distill_kl(teacher, logits, args.temperature)
+                bal = balance_loss(run.tap.logits, run.tap.ids, num_real=e, num_zero=z, top_k=k_slots, w=w,
+                                   alpha=args.balance_alpha, layer_zero_fractions=f_z)
+                loss = kl + bal
+                (loss / args.grad_accum).backward()
                 sums += torch.cat([torch.stack([loss.detach(), kl.detach(), bal.detach()]).double().cpu(), f_z.double().cpu()])
             opt.clip_and_step(params)
             step += 1
@@ -472,7 +492,7 @@ def run_stage(run: Run, stage: int, step: int, state: dict | None) -> None:
                 if bar is not None:
                     bar.write(f"stage {stage} step {step}: held-out KL {ev['teacher_kl']:.5f}, zero fraction {ev['zero_fraction']:.3f}")
             if step % args.save_every == 0 and step < total:
-                run.checkpoint(stage, step, opt.state_dict())
+                run.checkpoint(stage, step, opt)
             if kill_at == f"{stage}:{step}":
                 os._exit(137)
         if bar is not None:
@@ -489,8 +509,9 @@ def run_stage(run: Run, stage: int, step: int, state: dict | None) -> None:
             run.speed[f"stage{stage}"]["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(run.device) / 2**30, 2)
     if total == 0:
         run.evals.setdefault(f"after_stage{stage}", run.evals.get("after_stage1") or run.evals["after_injection"])
+    dist.reshard(model)
     assert_unchanged(frozen_before, fingerprints(model, run.frozen_in[stage]), f"stage {stage}")
-    del ddp, opt, teacher_model
+    del opt, teacher_model
 
 
 @torch.no_grad()
@@ -499,8 +520,7 @@ def evaluate(model, teacher_fn, heldout: torch.Tensor, batch_size: int, dist: Di
     n_layers = len(model.zeda_routers)
     acc = torch.zeros(2 + 2 * n_layers, dtype=torch.float64)  # kl*tokens, tokens, zero[L], total[L]
     model.eval()
-    mine = torch.arange(dist.rank, heldout.shape[0], dist.world)
-    for chunk in mine.split(batch_size):
+    for chunk, real in dist.share(torch.arange(heldout.shape[0]), batch_size):
         x = heldout[chunk].to(dist.device)
         with autocast():
             teacher = teacher_fn(x, ("heldout", chunk))
@@ -508,6 +528,8 @@ def evaluate(model, teacher_fn, heldout: torch.Tensor, batch_size: int, dist: Di
         with autocast():
             logits = model(input_ids=x).logits
         stats = model.zeda_stats(reset=True)
+        if not real:
+            continue
         acc[0] += teachers.distill_kl(teacher, logits, temperature).item() * x.numel()
         acc[1] += x.numel()
         for i, layer in enumerate(stats["layers"]):
@@ -553,9 +575,19 @@ def write_output(run: Run) -> dict:
         "temperature": args.temperature,
         "note": "zero_fraction / teacher_kl: held-out blocks, dynamic routing, zero_bias 0; teacher = the original model",
     }
+    dtype = _checkpoint_dtype(run.cfg)
+    full = None
+    if dist.sharded:  # gathered by every process, held by rank 0 (in host memory)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(run.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        full = {n: t.to(dtype) for n, t in full.items()}
     if dist.main:
         with atomic_output_dir(run.output) as tmp:
-            run.model.to(_checkpoint_dtype(run.cfg)).save_pretrained(tmp)
+            if full is not None:
+                run.model.save_pretrained(tmp, state_dict=full)
+            else:
+                run.model.to(dtype).save_pretrained(tmp)
             copy_side_files(run.src, tmp, skip=set(os.listdir(tmp)))  # tokenizer, chat template, ...
             _check_written_config(tmp, spec)
             write_report(tmp, report)

@@ -108,6 +108,10 @@ class StageOptimizer:
         self._armed = last_micro_batch
 
     @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [s.optimizer for s in self.steps]
+
+    @property
     def param_groups(self) -> list[dict]:
         return [g for s in self.steps for g in s.optimizer.param_groups]
 

@@ -41,7 +41,7 @@ def load_for_resume(work: Path, config: dict) -> dict | None:
 def save_state(path: Path, state: dict) -> None:
     """Write atomically: a kill or a full disk mid-write leaves the previous file intact (a full
     disk is raised as OSError ENOSPC, whichever way torch.save reported it)."""
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(path.name + ".tmp")
     try:
         torch.save(state, tmp)
     except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as a RuntimeError
@@ -50,6 +50,56 @@ def save_state(path: Path, state: dict) -> None:
             raise
         raise OSError(errno.ENOSPC, "No space left on device", str(path)) from None
     os.replace(tmp, path)
+
+
+def save_sharded(work: Path, meta: dict, model, names: set[str], optimizers, dist) -> None:
+    """Under torchrun: the named tensors and the optimizers' state as torch.distributed.checkpoint
+    shards (each process writes its own) in a directory named for (stage, step); then rank 0
+    points CKPT (`meta` + that directory's name) at it atomically and removes the previous one. A
+    kill at any point leaves CKPT naming a complete directory."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    name = f"trainer_state.s{meta['stage']}-{meta['step']}.dcp"
+    target = work / name
+    state = {"trained": {n: t for n, t in get_model_state_dict(model).items() if n in names}}
+    if optimizers:
+        state["optimizer"] = get_optimizer_state_dict(model, optimizers)
+    if dist.main:
+        shutil.rmtree(target, ignore_errors=True)  # what a run killed while writing it left
+    dist.barrier()
+    try:
+        dcp.save(state, checkpoint_id=target)
+    except Exception as exc:  # dcp wraps each process's failure in its own exception type
+        if free_gb(work) >= 1.0:
+            raise
+        raise OSError(errno.ENOSPC, "No space left on device", str(target)) from exc
+    dist.barrier()
+    if dist.main:
+        previous = work / CKPT
+        old = torch.load(previous, weights_only=False).get("sharded") if previous.is_file() else None
+        save_state(previous, {**meta, "sharded": name})
+        if old and old != name:
+            shutil.rmtree(work / old, ignore_errors=True)
+
+
+def load_sharded(path: Path, model, names: set[str], optimizers=None) -> None:
+    """Load what save_sharded wrote into the (sharded) model's named tensors, and the optimizers."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    state = {}
+    if names:
+        state["trained"] = {n: t for n, t in get_model_state_dict(model).items() if n in names}
+    if optimizers:
+        state["optimizer"] = get_optimizer_state_dict(model, optimizers)
+    dcp.load(state, checkpoint_id=path)
+    if names:
+        set_model_state_dict(model, state["trained"], options=StateDictOptions(strict=False))
+    if optimizers:
+        set_optimizer_state_dict(model, optimizers, state["optimizer"])
 
 
 def is_disk_full(exc: BaseException, where: Path) -> bool:

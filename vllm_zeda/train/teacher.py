@@ -27,15 +27,14 @@ def original_model(model, original_rows: list[torch.Tensor]):
     saved rows are tiny ([E, H] per layer), the rest of the network is unchanged in stage 1.
     """
     routers = model.zeda_routers
-    live = [r.weight.data for r in routers]
     model.zeda_set_mode(masked=True)
     for r, rows in zip(routers, original_rows):
-        r.weight.data = rows
+        r.masked_rows = rows[: r.num_real]
     try:
         yield model
     finally:
-        for r, w in zip(routers, live):
-            r.weight.data = w
+        for r in routers:
+            r.masked_rows = None
         model.zeda_set_mode(masked=False)
 
 
@@ -91,17 +90,18 @@ def part(path: Path, rank: int) -> Path:
 
 def build_teacher_cache(path: Path, model, original_rows, blocks, keys: torch.Tensor, k: int, args, dist, autocast) -> None:
     """Each rank writes the top-k log-probs of its share of `keys` (block ids) to its own file."""
-    mine = keys[dist.rank :: dist.world]
-    logps, ids = [], []
+    mine, logps, ids = [], [], []
     model.eval()
     with torch.no_grad(), original_model(model, original_rows):
-        for chunk in mine.split(args.batch_size):
+        for chunk, real in dist.share(keys, args.batch_size):
             with autocast():
                 logits = model(input_ids=blocks(chunk).to(dist.device)).logits
             lp, ix = teacher_topk(logits, k, args.temperature)
-            logps.append(lp.cpu())
-            ids.append(ix.to(torch.int32).cpu())
-    save_state(part(path, dist.rank), {"keys": mine, "logp": torch.cat(logps), "ids": torch.cat(ids)})
+            keep = chunk.numel() if real else 0  # a batch past this process's share: kept for the shapes only
+            mine.append(chunk[:keep])
+            logps.append(lp[:keep].cpu())
+            ids.append(ix[:keep].to(torch.int32).cpu())
+    save_state(part(path, dist.rank), {"keys": torch.cat(mine), "logp": torch.cat(logps), "ids": torch.cat(ids)})
 
 
 def load_teacher_cache(path: Path, world: int) -> tuple[dict[int, int], torch.Tensor, torch.Tensor]:

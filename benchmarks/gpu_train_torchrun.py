@@ -2,12 +2,14 @@
 against one process, on a small random Qwen3-MoE (byte tokenizer, demo corpus).
 
   parity  fp32: one process with batch N*B against N processes with batch B each (the same
-          global batch, DDP): largest weight difference, held-out zero fraction and KL.
+          global batch, the model sharded with FSDP2): largest weight difference, held-out zero
+          fraction and KL. Every run uses the teacher cache and steps after backward (the
+          torchrun defaults), so one process and N follow the same rule.
   speed   bf16 autocast (the GPU default): one process against N, batch B per process;
           training tokens/s of the whole job and per GPU, per stage (the trainer's report).
 
-    python3 benchmarks/gpu_train_ddp.py --out $OUT/train_ddp.json [--gpus 2] [--size small]
-    python3 benchmarks/gpu_train_ddp.py --out /tmp/t.json --device cpu --size tiny   # CPU smoke run (gloo)
+    python3 benchmarks/gpu_train_torchrun.py --out $OUT/train_torchrun.json [--gpus 2] [--size small]
+    python3 benchmarks/gpu_train_torchrun.py --out /tmp/t.json --device cpu --size tiny   # CPU smoke run (gloo)
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ def train(src: Path, out: Path, procs: int, batch: int, dtype: str, a, port: int
     cmd = [*launcher, "vllm_zeda.train", "--model", str(src), "--output", str(out), "--device", a.device, "--dtype", dtype,
            "--seq-len", str(a.seq_len), "--batch-size", str(batch), "--stage1-steps", str(a.steps), "--stage2-steps",
            str(a.steps), "--eval-every", str(a.steps), "--save-every", str(a.steps), "--max-heldout-blocks", "32",
-           "--quiet", "--no-plot"]
+           "--teacher-cache", "--no-optimizer-in-backward", "--quiet", "--no-plot"]
     t = time.time()
     proc = run_worker(cmd, a.timeout, cwd=ROOT, env={**os.environ, **NCCL_SAFE})
     wall = round(time.time() - t, 1)
