@@ -65,3 +65,30 @@ def test_throughput_leaves_out_the_warm_up_step():
                  "tokens_per_s_per_process": 375.0}
     assert throughput([2.0], 100, 1)["tokens_per_s"] == 50.0  # one step: nothing to leave out
     assert throughput([], 100, 1)["tokens_per_s"] is None
+
+
+def test_chunked_kl_equals_the_whole_batch_at_once_with_its_gradient():
+    """The KLs go a chunk of positions at a time (activation checkpointing): same value and
+    gradient as computing every position at once."""
+    import torch.nn.functional as F
+
+    from vllm_zeda.train import losses
+
+    g = torch.Generator().manual_seed(0)
+    t, s = torch.randn(3, 50, 40, generator=g), torch.randn(3, 50, 40, generator=g).requires_grad_()
+    whole = (F.softmax(t / 2, -1) * (F.log_softmax(t / 2, -1) - F.log_softmax(s / 2, -1))).sum(-1).mean() * 4
+    (g_whole,) = torch.autograd.grad(whole, s)
+    lp, ids = losses.teacher_topk(t, 7)
+    top_whole = losses.kl_topk(lp, ids, s)
+    (gt_whole,) = torch.autograd.grad(top_whole, s)
+    for rows in (7, 64, 1000):
+        losses.ROWS_PER_CHUNK = rows
+        try:
+            chunked = losses.kl_teacher_student(t, s, temperature=2.0)
+            (g_chunked,) = torch.autograd.grad(chunked, s)
+            top = losses.kl_topk(lp, ids, s)
+            (gt,) = torch.autograd.grad(top, s)
+        finally:
+            losses.ROWS_PER_CHUNK = 1024
+        assert torch.allclose(chunked, whole, atol=1e-6) and torch.allclose(g_chunked, g_whole, atol=1e-7)
+        assert torch.allclose(top, top_whole, atol=1e-6) and torch.allclose(gt, gt_whole, atol=1e-7)

@@ -7,8 +7,33 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ..routing import group_balance_loss
+
+
+ROWS_PER_CHUNK = 1024  # positions whose float32 [positions, vocabulary] intermediates exist at once
+
+
+def mean_over_positions(per_position, *tensors: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+    """Mean over positions of per_position(*chunks) ([rows] values), computed a chunk of positions
+    at a time under activation checkpointing: the float32 vocabulary-wide intermediates of one
+    chunk exist at once, in the backward too (they are recomputed there), whatever the batch."""
+    rows = rows or ROWS_PER_CHUNK
+    flat = [t.reshape(-1, t.shape[-1]) for t in tensors]
+    n = flat[0].shape[0]
+
+    def chunk_sum(*chunk):
+        return per_position(*chunk).sum()
+
+    total = sum(checkpoint(chunk_sum, *(t[i : i + rows] for t in flat), use_reentrant=False) for i in range(0, n, rows))
+    return total / n
+
+
+def _kl_rows(teacher_logits, student_logits, temperature):
+    t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    return (t.exp() * (t - s)).sum(-1)
 
 
 def kl_teacher_student(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -17,10 +42,7 @@ def kl_teacher_student(teacher_logits: torch.Tensor, student_logits: torch.Tenso
     The T^2 keeps gradient magnitudes comparable across temperatures (Hinton et al.). Math in
     float32 whatever the logits' dtype: bf16 log-softmax differences are too coarse for a KL.
     """
-    t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    kl = (t.exp() * (t - s)).sum(-1)
-    return kl.mean() * temperature**2
+    return mean_over_positions(lambda t, s: _kl_rows(t, s, temperature), teacher_logits, student_logits) * temperature**2
 
 
 def teacher_topk(teacher_logits: torch.Tensor, k: int, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,12 +59,14 @@ def kl_topk(teacher_logp: torch.Tensor, teacher_ids: torch.Tensor, student_logit
     renormalising over k tokens) never pushes the student's mass onto the k tokens beyond what
     the teacher puts there; it is a lower bound of the full KL and equals it when k = vocabulary.
     """
-    t = teacher_logp.float()
-    s = F.log_softmax(student_logits.float() / temperature, dim=-1).gather(-1, teacher_ids.long())
-    t_rest = torch.log1p(-t.exp().sum(-1).clamp(max=1 - 1e-7))
-    s_rest = torch.log1p(-s.exp().sum(-1).clamp(max=1 - 1e-7))
-    kl = (t.exp() * (t - s)).sum(-1) + t_rest.exp() * (t_rest - s_rest)
-    return kl.mean() * temperature**2
+    def rows(t, ids, student):
+        t = t.float()
+        s = F.log_softmax(student.float() / temperature, dim=-1).gather(-1, ids.long())
+        t_rest = torch.log1p(-t.exp().sum(-1).clamp(max=1 - 1e-7))
+        s_rest = torch.log1p(-s.exp().sum(-1).clamp(max=1 - 1e-7))
+        return (t.exp() * (t - s)).sum(-1) + t_rest.exp() * (t_rest - s_rest)
+
+    return mean_over_positions(rows, teacher_logp, teacher_ids, student_logits) * temperature**2
 
 
 def zero_fractions(layer_ids: Sequence[torch.Tensor], num_real: int) -> torch.Tensor:
