@@ -147,6 +147,12 @@ def test_experts_run_only_the_live_slots_and_give_what_running_all_slots_gives(a
     live_logits, live_grads, stats = run()
     slots = sum(layer["total_slots"] - layer["zero_slots"] for layer in stats["layers"])
     assert 0.2 < stats["zero_fraction"] < 0.8 and sum(seen) == slots  # only live slots reached the experts
+    seen.clear()
+    zeda.zeda_set_mode(masked=True)
+    with torch.no_grad():
+        zeda(x)
+    assert sum(seen) == stats["layers"][0]["total_slots"] * len(experts)  # masked: every slot, one call a layer
+    zeda.zeda_set_mode(masked=False)
     for block in experts:
         del block.experts.forward  # back to the class's forward: every slot, zero ones at expert 0
     seen.clear()

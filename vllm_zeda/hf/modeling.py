@@ -8,6 +8,7 @@ weight init and `output_router_logits` recording keep working) and routes with
 """
 from __future__ import annotations
 
+import functools
 import types
 
 import torch
@@ -97,14 +98,17 @@ class ZedaMixtralRouter(ZedaRouterMixin, MixtralTopKRouter):
     cast_scores = False
 
 
-def live_slots_forward(experts: nn.Module, hidden_states, top_k_index, top_k_weights):
+def live_slots_forward(experts: nn.Module, hidden_states, top_k_index, top_k_weights, *, router):
     """The experts module's own forward (whichever experts implementation it is set to) over the
     slots with a nonzero weight only: a zero slot (weight 0) costs nothing, and the output is the
-    same sum over the K slots of each token. With every slot live (masked mode) it is the
-    unchanged call, so the original model stays bit for bit the original."""
+    same sum over the K slots of each token. With every slot live (masked mode: `router` routes
+    to real experts only) it is the unchanged call, so the original model stays bit for bit the
+    original, without the host sync that counting live slots costs."""
+    forward = type(experts).forward
+    if router.masked:
+        return forward(experts, hidden_states, top_k_index, top_k_weights)
     tokens, k = top_k_index.shape
     live = top_k_weights.reshape(-1).nonzero().squeeze(1)  # a host sync: the live count sets the shapes
-    forward = type(experts).forward
     if live.numel() == tokens * k:
         return forward(experts, hidden_states, top_k_index, top_k_weights)
     out = forward(experts, hidden_states[live // k], top_k_index.reshape(-1, 1)[live], top_k_weights.reshape(-1, 1)[live])
@@ -134,7 +138,8 @@ class ZedaCausalLMMixin:
                 router = self.zeda_router_cls(config)
                 router._zeda_setup(config, spec, layer_idx)
                 module.gate = router
-                module.experts.forward = types.MethodType(live_slots_forward, module.experts)
+                module.experts.forward = types.MethodType(functools.partial(live_slots_forward, router=router),
+                                                          module.experts)
 
     @property
     def zeda_routers(self) -> list[ZedaRouterMixin]:
