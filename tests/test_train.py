@@ -292,6 +292,27 @@ def test_without_matplotlib_the_report_is_written_without_its_png(tiny_models, t
     assert len(warned) == 1 and "matplotlib is not installed" in warned[0]
 
 
+def _stop_in_stage2_and_resume(monkeypatch, capsys, src, out, run, stage1_steps=8):
+    """Run `run` until stage 2's step 3 runs out of GPU memory (its last checkpoint: step 2, with
+    --save-every 2), then --resume it; the output's weights."""
+    from vllm_zeda.train import teacher
+
+    calls, kl = [0], teacher.distill_kl
+
+    def oom_in_stage2(*a, **k):
+        calls[0] += torch.is_grad_enabled()
+        if calls[0] == stage1_steps + 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return kl(*a, **k)
+
+    monkeypatch.setattr(teacher, "distill_kl", oom_in_stage2)
+    args = ["--model", str(src), "--output", str(out), *BASE, *run]
+    assert main(args) == 2 and "out of GPU memory" in capsys.readouterr().err
+    monkeypatch.setattr(teacher, "distill_kl", kl)
+    assert main([*args, "--resume"]) == 0 and "resuming at stage 2, step 2" in capsys.readouterr().out
+    return weights(out)
+
+
 def _one_error_line(capsys) -> str:
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("error: ")]
@@ -344,7 +365,6 @@ def test_bf16_checkpoint_keeps_frozen_weights_bf16_and_resumes_exactly(tmp_path,
     what a stage trains is fp32 with fp32 optimizer state, and a run stopped mid-stage 2 resumes
     to the same weights as an uninterrupted one."""
     from vllm_zeda.testing.tiny import make_tiny_moe
-    from vllm_zeda.train import teacher
 
     src = make_tiny_moe(tmp_path / "src", arch="qwen3_moe", dtype=torch.bfloat16)
     run = ["--dtype", "bfloat16", "--num-zero-experts", "8", "--stage1-steps", "6", "--stage2-steps", "4",
@@ -355,20 +375,7 @@ def test_bf16_checkpoint_keeps_frozen_weights_bf16_and_resumes_exactly(tmp_path,
     assert all(got[k].dtype == torch.bfloat16 for k in got)
     assert all(torch.equal(got[k], v) for k, v in orig.items() if ".mlp." not in k)  # frozen: bit for bit
 
-    calls, kl = [0], teacher.distill_kl
-
-    def oom_in_stage2(*a, **k):
-        calls[0] += torch.is_grad_enabled()
-        if calls[0] == 6 + 3:  # stage 2, step 3 (its last checkpoint: step 2)
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
-        return kl(*a, **k)
-
-    monkeypatch.setattr(teacher, "distill_kl", oom_in_stage2)
-    args = ["--model", str(src), "--output", str(tmp_path / "resumed"), *BASE, *run]
-    assert main(args) == 2 and "out of GPU memory" in capsys.readouterr().err
-    monkeypatch.setattr(teacher, "distill_kl", kl)
-    assert main([*args, "--resume"]) == 0 and "resuming at stage 2, step 2" in capsys.readouterr().out
-    resumed = weights(tmp_path / "resumed")
+    resumed = _stop_in_stage2_and_resume(monkeypatch, capsys, src, tmp_path / "resumed", run, stage1_steps=6)
     assert all(torch.equal(got[k], resumed[k]) for k in got)
 
 
@@ -386,26 +393,11 @@ def test_optimizer_in_backward_steps_exactly_like_after_backward(tiny_models, tm
 
 
 def test_adafactor_in_backward_trains_and_resumes_exactly(tiny_models, tmp_path, monkeypatch, capsys):
-    from vllm_zeda.train import teacher
-
     src = tiny_models["qwen3_moe"]
     run = [*SHORT, "--save-every", "2", "--expert-optimizer", "adafactor", "--optimizer-in-backward"]
     full = train(src, tmp_path / "full", *run)
     assert (full["expert_optimizer"], full["optimizer_in_backward"]) == ("adafactor", True)
-    calls, kl = [0], teacher.distill_kl
-
-    def oom_in_stage2(*a, **k):
-        calls[0] += torch.is_grad_enabled()
-        if calls[0] == 8 + 3:  # stage 2, step 3: its last checkpoint is step 2
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
-        return kl(*a, **k)
-
-    monkeypatch.setattr(teacher, "distill_kl", oom_in_stage2)
-    args = ["--model", str(src), "--output", str(tmp_path / "resumed"), *BASE, *run]
-    assert main(args) == 2
-    monkeypatch.setattr(teacher, "distill_kl", kl)
-    assert main([*args, "--resume"]) == 0 and "resuming at stage 2, step 2" in capsys.readouterr().out
-    a, b = weights(tmp_path / "full"), weights(tmp_path / "resumed")
+    a, b = weights(tmp_path / "full"), _stop_in_stage2_and_resume(monkeypatch, capsys, src, tmp_path / "resumed", run)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -413,7 +405,6 @@ def test_bf16_expert_masters_train_and_resume_exactly(tiny_models, tmp_path, mon
     """--expert-master bfloat16: stage 2 keeps the MoE blocks in bf16 (stochastic rounding), the
     routers in fp32; stage 2 ends where fp32 masters end it, and resumes bit for bit from a
     mid-stage-2 checkpoint (the rounding noise is a pure function of the step)."""
-    from vllm_zeda.train import teacher
 
     src = tiny_models["qwen3_moe"]
     args = ["--model", str(src), "--output", str(tmp_path / "refused"), *BASE, *SHORT, "--expert-master", "bfloat16"]
@@ -428,18 +419,5 @@ def test_bf16_expert_masters_train_and_resume_exactly(tiny_models, tmp_path, mon
     orig, got = weights(src), weights(tmp_path / "full")
     experts = [k for k in orig if ".mlp.experts." in k]
     assert all(not torch.equal(orig[k].to(torch.bfloat16), got[k].to(torch.bfloat16)) for k in experts)
-    calls, kl = [0], teacher.distill_kl
-
-    def oom_in_stage2(*a, **k):
-        calls[0] += torch.is_grad_enabled()
-        if calls[0] == 8 + 3:  # stage 2, step 3: its last checkpoint is step 2
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
-        return kl(*a, **k)
-
-    monkeypatch.setattr(teacher, "distill_kl", oom_in_stage2)
-    args = ["--model", str(src), "--output", str(tmp_path / "resumed"), *BASE, *run, "--expert-master", "bfloat16"]
-    assert main(args) == 2
-    monkeypatch.setattr(teacher, "distill_kl", kl)
-    assert main([*args, "--resume"]) == 0 and "resuming at stage 2, step 2" in capsys.readouterr().out
-    a, b = weights(tmp_path / "full"), weights(tmp_path / "resumed")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    b = _stop_in_stage2_and_resume(monkeypatch, capsys, src, tmp_path / "resumed", [*run, "--expert-master", "bfloat16"])
+    assert all(torch.equal(got[k], b[k]) for k in got)
