@@ -405,7 +405,6 @@ def test_bf16_expert_masters_train_and_resume_exactly(tiny_models, tmp_path, mon
     """--expert-master bfloat16: stage 2 keeps the MoE blocks in bf16 (stochastic rounding), the
     routers in fp32; stage 2 ends where fp32 masters end it, and resumes bit for bit from a
     mid-stage-2 checkpoint (the rounding noise is a pure function of the step)."""
-
     src = tiny_models["qwen3_moe"]
     args = ["--model", str(src), "--output", str(tmp_path / "refused"), *BASE, *SHORT, "--expert-master", "bfloat16"]
     assert main(args) == 2 and "--dtype bfloat16" in _one_error_line(capsys)  # fp32 compute: refused up front
