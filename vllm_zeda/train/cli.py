@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
            "gradients is held; --grad-clip then bounds each tensor's gradient (default: on a single GPU)")
     a("--teacher-cache", action=argparse.BooleanOptionalAction, default=None,
       help="stage 2: the teacher's top-k log-probs cached on disk before the stage instead of a frozen copy of the "
-           "model in memory (default: on GPUs, off on CPU)")
+           "model in memory (default: on GPUs and under torchrun, off in one CPU process)")
     a("--teacher-topk", type=int, default=64, help="tokens per position kept by --teacher-cache (default 64)")
     a("--device", choices=("auto", "cpu", "cuda"), default="auto")
     a("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
