@@ -14,16 +14,31 @@ from ..convert.inject import converted_config, extend_router
 from ..errors import ZedaError
 
 
-def load_converted(src: Path, cfg: dict, arch, spec, *, seed: int, dtype: torch.dtype) -> torch.nn.Module:
-    from safetensors import SafetensorError, safe_open
-    from transformers import AutoModelForCausalLM
+def converted_model_config(cfg: dict, arch, spec):
+    """The transformers config of the converted model (a Zeda class's)."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     from ..hf.modeling import register
 
     register()
     zeda_cfg = converted_config(cfg, arch, spec)
-    config = CONFIG_MAPPING[zeda_cfg["model_type"]].from_dict(zeda_cfg)
+    return CONFIG_MAPPING[zeda_cfg["model_type"]].from_dict(zeda_cfg)
+
+
+def empty_converted(cfg: dict, arch, spec, *, dtype: torch.dtype) -> torch.nn.Module:
+    """The converted model's structure on the meta device (no memory, no weights): what FSDP2
+    shards before the weights arrive."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(converted_model_config(cfg, arch, spec), dtype=dtype)
+
+
+def load_converted(src: Path, cfg: dict, arch, spec, *, seed: int, dtype: torch.dtype) -> torch.nn.Module:
+    from safetensors import SafetensorError, safe_open
+    from transformers import AutoModelForCausalLM
+
+    config = converted_model_config(cfg, arch, spec)
     with _quiet_transformers():  # the E+Z-row routers are "newly initialised": set right below
         model = AutoModelForCausalLM.from_pretrained(src, config=config, dtype=dtype, ignore_mismatched_sizes=True)
     routers = {r.layer_idx: r for r in model.zeda_routers}

@@ -72,6 +72,31 @@ class Dist:
             fully_shard(layer, mesh=mesh, mp_policy=policy)
         fully_shard(model, mesh=mesh, mp_policy=policy)
 
+    def fill_from_rank0(self, model: torch.nn.Module, source: torch.nn.Module | None) -> None:
+        """After shard() of a meta-device model: memory for this process's shards, then rank 0's
+        `source` (the only full copy, in its host memory; None elsewhere) scattered into them by
+        torch.distributed.checkpoint's state-dict API, and the buffers no state dict holds (rotary
+        frequencies) broadcast from it."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        model.to_empty(device=self.device)
+        state = source.state_dict() if source is not None else {}
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        names = sorted(n for n, _ in model.named_buffers())
+        saved = set(self.broadcast_object(sorted(state)))
+        for name in names:
+            if name not in saved:
+                buf = model.get_buffer(name)
+                if self.main:
+                    buf.copy_(source.get_buffer(name))
+                torch_dist.broadcast(buf, src=0)
+
+    def broadcast_object(self, obj):
+        """Rank 0's `obj` on every process."""
+        box = [obj]
+        torch_dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def reshard(self, model: torch.nn.Module) -> None:
         """Put every FSDP2 group back in its sharded state (the root stays gathered after a
         forward), so named_parameters() are the sharded tensors again."""

@@ -300,8 +300,15 @@ def load_student(run: Run) -> None:
         run.work.mkdir(parents=True, exist_ok=True)
     dist.barrier()
     # bf16 compute: frozen weights in the checkpoint's dtype, trained ones fp32 (run_stage); fp32: all fp32
-    model = load_converted_model(run, _checkpoint_dtype(run.cfg) if run.use_bf16 else torch.float32,
-                                 to_device=not dist.sharded)
+    dtype = _checkpoint_dtype(run.cfg) if run.use_bf16 else torch.float32
+    source = None
+    if dist.sharded:  # rank 0 loads the only full copy (host memory); every process shards an empty model
+        from .converted import empty_converted
+
+        source = load_converted_model(run, dtype, to_device=False) if dist.main else None
+        model = empty_converted(run.cfg, run.arch, run.spec, dtype=dtype)
+    else:
+        model = load_converted_model(run, dtype)
     model.zeda_set_mode(masked=False, zero_bias=0.0)
     if args.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -310,7 +317,6 @@ def load_student(run: Run) -> None:
     routers = model.zeda_routers
     names = {p: n for n, p in model.named_parameters()}
     run.model = model
-    run.original_rows = [r.weight.detach().clone().to(run.device) for r in routers]
     run.router_names = {names[r.weight] for r in routers}
     run.moe_names = {names[p] for m in moe_blocks(model) for p in m.parameters()}
     if dist.sharded:  # FSDP2 keeps each weight's dtype from here on: trained ones get their master dtype now
@@ -319,6 +325,11 @@ def load_student(run: Run) -> None:
             if n in run.trained_names(last_stage):
                 p.data = p.data.to(run.master_dtype(last_stage, n))
         dist.shard(model, torch.bfloat16 if run.use_bf16 else None)
+        dist.fill_from_rank0(model, source)
+        del source
+        run.original_rows = [r.weight.full_tensor().to(dtype) for r in routers]
+    else:
+        run.original_rows = [r.weight.detach().clone() for r in routers]
     run.frozen_in = {1: set(names.values()) - run.router_names, 2: set(names.values()) - run.moe_names}
     run.tap = RouterTap(routers)
 
