@@ -281,8 +281,8 @@ def prepare(args, dist: Dist) -> Run | None:
 
 
 def load_converted_model(run: Run, dtype: torch.dtype, to_device: bool = True) -> torch.nn.Module:
-    """The converted model (injected while loading, seeded), on this process's device or, for
-    FSDP2 to move shard by shard, in host memory."""
+    """The converted model (injected while loading, seeded), on this process's device or in host
+    memory (rank 0's copy that FSDP2 scatters into the shards)."""
     from .converted import load_converted
 
     if run.build_model is not None:
