@@ -104,3 +104,69 @@ def test_balance_loss_equilibrium(target):
     loss = group_balance_loss(probs, ids, E, Z, K, w)
     loss.backward()
     assert torch.isfinite(loss) and probs.grad is not None
+
+
+# --------------------------------------------------------------- sigmoid family ----
+
+
+def _deepseek_router(n_experts, n_group, topk_group, k, scaling, weight, bias):
+    """transformers' own DeepSeek-V3 router (sigmoid, correction bias, grouped top-k)."""
+    from transformers import DeepseekV3Config
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
+
+    cfg = DeepseekV3Config(hidden_size=weight.shape[1], n_routed_experts=n_experts, num_experts_per_tok=k,
+                           n_group=n_group, topk_group=topk_group, routed_scaling_factor=scaling, norm_topk_prob=True)
+    router = DeepseekV3TopkRouter(cfg)
+    with torch.no_grad():
+        router.weight.copy_(weight)
+        router.e_score_correction_bias.copy_(bias)
+    return router
+
+
+@pytest.mark.parametrize("n_group,topk_group", [(1, 1), (4, 2)])
+def test_sigmoid_masked_is_transformers_deepseek_v3_router(n_group, topk_group):
+    """Masked mode over E+Z logits and bias routes exactly as transformers' DeepSeek-V3 router
+    does over the E real ones (its grouping included)."""
+    from vllm_zeda.routing import route_sigmoid
+
+    g = torch.Generator().manual_seed(3)
+    e, z, k, h = 16, 8, 4, 32
+    weight, bias, x = torch.randn(e + z, h, generator=g), torch.randn(e + z, generator=g) * 0.1, torch.randn(50, h, generator=g)
+    hf_logits, hf_w, hf_ids = _deepseek_router(e, n_group, topk_group, k, 1.8, weight[:e], bias[:e])(x)
+    r = route_sigmoid(x @ weight.T, bias, e, k, True, scaling=1.8, n_group=n_group, topk_group=topk_group, masked=True)
+    order = hf_ids.sort(-1)
+    mine = r.ids.sort(-1)
+    assert torch.equal(mine.values, order.values)
+    torch.testing.assert_close(r.weights.gather(-1, mine.indices), hf_w.gather(-1, order.indices))
+    assert not r.is_zero.any()
+
+
+def test_sigmoid_zero_slots_dilute_scale_and_follow_the_dial():
+    from vllm_zeda.routing import route_sigmoid
+
+    g = torch.Generator().manual_seed(4)
+    x, bias = torch.randn(512, E + Z, generator=g), torch.randn(E + Z, generator=g) * 0.1
+    r = route_sigmoid(x, bias, E, K, True, scaling=2.5)
+    s = torch.sigmoid(x)
+    ids = torch.topk(s + bias, K).indices  # the bias picks, the unbiased scores weigh
+    assert torch.equal(r.ids, ids) and r.is_zero.any() and (~r.is_zero).any()
+    top = s.gather(-1, ids)
+    expected = top / (top.sum(-1, keepdim=True) + 1e-20) * 2.5
+    assert torch.all(r.weights[r.is_zero] == 0)
+    torch.testing.assert_close(r.weights[~r.is_zero], expected[~r.is_zero])
+    has_zero = r.is_zero.any(-1)
+    assert torch.all(r.weights[has_zero].sum(-1) < 2.5 - 1e-6)  # zero slots dilute
+    fractions = [route_sigmoid(x, bias, E, K, True, zero_bias=b).is_zero.float().mean().item() for b in (-2, 0, 2)]
+    assert fractions[0] < fractions[1] < fractions[2]
+
+
+def test_sigmoid_groups_put_the_zero_experts_in_the_last_groups():
+    """n_group = 2 over E+Z = 12: experts 0-5 and 6-11, so the second group holds 2 real and the 4
+    zero experts; a token whose best two scores sit in it routes only there."""
+    from vllm_zeda.routing import route_sigmoid
+
+    x = torch.full((1, E + Z), -5.0)
+    x[0, 9:11] = 5.0  # two zero experts score highest: group 2 wins
+    x[0, 0] = 4.0  # the best real expert is in the losing group
+    r = route_sigmoid(x, torch.zeros(E + Z), E, K, True, n_group=2, topk_group=1)
+    assert set(r.ids[0].tolist()) <= set(range(6, 12)) and 0 not in r.ids[0].tolist()

@@ -7,6 +7,10 @@ Softmax family (Qwen3-MoE, Qwen2-MoE, OLMoE, Mixtral):
 The sum includes zero slots (they dilute, they do not hand their weight to real experts); a
 zero slot then contributes nothing: its weight is reported as 0.
 Masked mode is the original static top-K over the E real experts (zero logits = -inf).
+Sigmoid family (GLM-4-MoE, GLM-4.7-Flash, DeepSeek-V3), `route_sigmoid`:
+    s = sigmoid(logits over E+Z) ; choose top-K by s + correction bias (E+Z entries), within the
+    top `topk_group` of `n_group` groups ; w = s_topK (/ sum(s_topK) if renormalised) x scaling
+Zero slots dilute the sum the same way and contribute nothing.
 """
 from __future__ import annotations
 
@@ -48,6 +52,50 @@ def route_softmax(
     if renormalize:
         top_p = top_p / top_p.sum(dim=-1, keepdim=True)
     weights = top_p if real_only else top_p.masked_fill(ids >= num_real, 0.0)
+    return Routing(weights=weights, ids=ids, num_real=num_real)
+
+
+def route_sigmoid(
+    logits: torch.Tensor,
+    correction_bias: torch.Tensor,
+    num_real: int,
+    top_k: int,
+    renormalize: bool,
+    *,
+    scaling: float = 1.0,
+    n_group: int = 1,
+    topk_group: int = 1,
+    masked: bool = False,
+    zero_bias: float = 0.0,
+) -> Routing:
+    """Top-K sigmoid routing over E+Z router logits ([T, E+Z]) with a selection-only correction
+    bias ([E+Z]), the DeepSeek-V3 / GLM-4-MoE rule.
+
+    Grouped selection (n_group > 1): the E+Z experts split into n_group contiguous groups (so the
+    zero experts fill the last ones, as the ZEDA authors' code splits them), a group scores the sum
+    of its two best biased scores, and only the top `topk_group` groups compete. `zero_bias` is
+    added to the zero experts' logits before the sigmoid. Masked mode computes on the E real
+    logits and bias entries alone, grouped as the original model groups them.
+    """
+    real_only = masked or logits.shape[-1] == num_real
+    if real_only:
+        logits, correction_bias = logits[..., :num_real], correction_bias[:num_real]
+    else:
+        logits = _bias_zero(logits, num_real, zero_bias)
+    scores = torch.sigmoid(logits.float())
+    choice = scores + correction_bias.float()
+    if n_group > 1:
+        tokens, n = choice.shape
+        group_scores = choice.view(tokens, n_group, n // n_group).topk(2, dim=-1).values.sum(-1)
+        keep = torch.zeros_like(group_scores).scatter_(1, group_scores.topk(topk_group, dim=-1).indices, 1.0)
+        choice = choice.masked_fill(keep.repeat_interleave(n // n_group, dim=1) == 0, float("-inf"))
+    ids = torch.topk(choice, top_k, dim=-1).indices
+    weights = scores.gather(-1, ids)
+    if renormalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    weights = weights * scaling
+    if not real_only:
+        weights = weights.masked_fill(ids >= num_real, 0.0)
     return Routing(weights=weights, ids=ids, num_real=num_real)
 
 
