@@ -40,14 +40,6 @@ class Dist:
             torch_dist.all_reduce(t)
         return t
 
-    def max(self, n: int) -> int:
-        """The largest `n` over the processes."""
-        if self.world == 1:
-            return n
-        t = torch.tensor([n], device=self.device)
-        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
-        return int(t.item())
-
     def share(self, items: torch.Tensor, batch_size: int):
         """This process's share of `items` (every world-th from its rank) in batches, as
         (batch, real): every process yields the same number of batches, those past its share
