@@ -28,6 +28,7 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeForCausalLM
 from ..errors import ZedaError
 from ..routing import Routing, route_softmax, skip_fraction
 from ..spec import ZedaSpec, arch_of, read_spec
+from .experts import live_experts_forward, runs_grouped
 
 
 class ZedaRouterMixin:
@@ -99,21 +100,13 @@ class ZedaMixtralRouter(ZedaRouterMixin, MixtralTopKRouter):
 
 
 def live_slots_forward(experts: nn.Module, hidden_states, top_k_index, top_k_weights, *, router):
-    """The experts module's own forward (whichever experts implementation it is set to) over the
-    slots with a nonzero weight only: a zero slot (weight 0) costs nothing, and the output is the
-    same sum over the K slots of each token. With every slot live (masked mode: `router` routes
-    to real experts only) it is the unchanged call, so the original model stays bit for bit the
-    original, without the host sync that counting live slots costs."""
-    forward = type(experts).forward
+    """The experts over the slots with a nonzero weight only: a zero slot (weight 0) costs nothing,
+    and the output is the same sum over each token's K slots (`experts.live_experts_forward`).
+    Masked mode (`router` routes to real experts only) calls the module's own forward unchanged,
+    so the original model stays bit for bit the original."""
     if router.masked:
-        return forward(experts, hidden_states, top_k_index, top_k_weights)
-    tokens, k = top_k_index.shape
-    live = top_k_weights.reshape(-1).nonzero().squeeze(1)  # a host sync: the live count sets the shapes
-    if live.numel() == tokens * k:
-        return forward(experts, hidden_states, top_k_index, top_k_weights)
-    out = forward(experts, hidden_states[live // k], top_k_index.reshape(-1, 1)[live], top_k_weights.reshape(-1, 1)[live])
-    per_slot = out.new_zeros(tokens * k, out.shape[-1]).index_copy(0, live, out)
-    return per_slot.view(tokens, k, -1).sum(1)
+        return type(experts).forward(experts, hidden_states, top_k_index, top_k_weights)
+    return live_experts_forward(experts, hidden_states, top_k_index, top_k_weights)
 
 
 class ZedaCausalLMMixin:
@@ -137,6 +130,9 @@ class ZedaCausalLMMixin:
                 layer_idx = int(name.split("layers.")[1].split(".")[0])
                 router = self.zeda_router_cls(config)
                 router._zeda_setup(config, spec, layer_idx)
+                if not runs_grouped(module.experts):
+                    raise ZedaError(f"{name}.experts ({type(module.experts).__name__}) is not transformers' fused gated "
+                                    "experts layout (gate_up_proj [E, 2I, H], down_proj [E, H, I]); ZEDA cannot skip its zero slots")
                 module.gate = router
                 module.experts.forward = types.MethodType(functools.partial(live_slots_forward, router=router),
                                                           module.experts)

@@ -1,0 +1,57 @@
+"""A transformers MoE block's routed experts run over its live slots only, without a host sync.
+
+transformers' experts take (token, slot) pairs whose ids are all real experts; a ZEDA router's
+zero slots reach them as expert 0 with weight 0. Here a slot is live when its weight is nonzero:
+the live pairs are sorted by expert and run through two grouped GEMMs (`grouped_mm`, which
+autograd differentiates), and the dead ones sort last, past the GEMMs' last group, so they cost
+no GEMM work. Shapes never depend on how many slots are live, so nothing waits for the device to
+count them (a `nonzero` would stop the host once per layer, forward and recompute alike).
+
+Rows past the last group are left unwritten by grouped_mm, in its outputs and in its input
+gradients: the dead rows are zeroed before the first GEMM (whose backward then zeroes their
+gradient) and selected away after the last, never multiplied (NaN * 0 is NaN).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
+
+
+def runs_grouped(experts: nn.Module) -> bool:
+    """Whether `live_experts_forward` can run this experts module: transformers' fused layout of
+    a gated MLP without biases (gate_up_proj [E, 2I, H], down_proj [E, H, I])."""
+    gate_up, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
+    if not isinstance(gate_up, torch.Tensor) or not isinstance(down, torch.Tensor) or gate_up.dim() != 3:
+        return False
+    if getattr(experts, "has_bias", False) or getattr(experts, "is_transposed", False):
+        return False
+    e, two_i, h = gate_up.shape
+    return down.shape == (e, h, two_i // 2) and hasattr(experts, "act_fn")
+
+
+def live_experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                         top_k_weights: torch.Tensor) -> torch.Tensor:
+    """sum over each token's live slots of weight * expert(x): [T, H] from x [T, H], ids and
+    weights [T, K]; equal to transformers' grouped_mm experts over the same slots."""
+    tokens, k = top_k_index.shape
+    num_experts = experts.gate_up_proj.shape[0]
+    weights = top_k_weights.reshape(-1)
+    key = top_k_index.reshape(-1).masked_fill(weights == 0, num_experts)  # dead slots sort last
+    key_sorted, order = torch.sort(key, stable=True)
+    # offs[e] = live pairs of experts 0..e: the groups' ends (searchsorted: no sync, any device)
+    offs = torch.searchsorted(key_sorted, torch.arange(1, num_experts + 1, device=key.device, dtype=key.dtype))
+    offs = offs.to(torch.int32)
+    live = (key_sorted < num_experts).unsqueeze(1)
+
+    x = hidden_states[order // k].masked_fill(~live, 0)
+    gate_up = _grouped_mm(x.to(experts.gate_up_proj.dtype), experts.gate_up_proj.transpose(-2, -1), offs=offs)
+    gate, up = gate_up.chunk(2, dim=-1)
+    out = _grouped_mm(experts.act_fn(gate) * up, experts.down_proj.transpose(-2, -1), offs=offs)
+    out = torch.where(live, out * weights[order].unsqueeze(1), 0)
+
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return out[inverse].view(tokens, k, -1).sum(dim=1).to(hidden_states.dtype)
