@@ -9,7 +9,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-ARCHS = ["qwen3_moe", "qwen2_moe", "olmoe", "mixtral"]
+ARCHS = ["qwen3_moe", "qwen2_moe", "olmoe", "mixtral", "glm4_moe", "glm4_moe_lite", "deepseek_v3"]
+SIGMOID_ARCHS = ["glm4_moe", "glm4_moe_lite", "deepseek_v3"]
 
 
 @pytest.fixture(scope="session")

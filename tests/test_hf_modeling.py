@@ -4,7 +4,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ARCHS, load
-from vllm_zeda.routing import route_softmax
+from vllm_zeda.routing import route_sigmoid, route_softmax
 
 
 def _ids(seed=0):
@@ -35,16 +35,25 @@ def test_injection_leaves_everything_else_bit_identical(arch, tiny_models, conve
             assert b[name].shape == (t.shape[0] + 4, t.shape[1])
             assert torch.equal(b[name][: t.shape[0]], t)
             assert torch.isfinite(b[name]).all()
+        elif name.endswith(".gate.e_score_correction_bias"):  # the sigmoid family's, E -> E+Z entries
+            assert b[name].shape == (t.shape[0] + 4,) and torch.equal(b[name][: t.shape[0]], t)
+            assert b[name].dtype == torch.float32 and b[name][t.shape[0]:].std() > 0
         else:
             assert torch.equal(a[name], b[name]), name
     assert routers == 2
 
 
-def _reference_moe(block, hidden, masked, zero_bias, arch):
+def _reference_moe(block, hidden, masked, zero_bias, config):
     """One MoE block computed from its raw weights with the routing reference."""
     router = block.gate
     h = hidden.reshape(-1, hidden.shape[-1])
-    r = route_softmax(h @ router.weight.T, router.num_real, router.top_k, router.renormalize, masked=masked, zero_bias=zero_bias)
+    if hasattr(router, "e_score_correction_bias"):
+        r = route_sigmoid(h @ router.weight.T, router.e_score_correction_bias, router.num_real, router.top_k,
+                          router.renormalize, masked=masked, zero_bias=zero_bias,
+                          scaling=config.routed_scaling_factor, n_group=config.n_group, topk_group=config.topk_group)
+    else:
+        r = route_softmax(h @ router.weight.T, router.num_real, router.top_k, router.renormalize, masked=masked,
+                          zero_bias=zero_bias)
     ex = block.experts
     out = torch.zeros_like(h)
     for slot in range(r.ids.shape[1]):
@@ -56,6 +65,8 @@ def _reference_moe(block, hidden, masked, zero_bias, arch):
                 out[rows] += r.weights[rows, slot, None] * y
     if hasattr(block, "shared_expert"):
         out = out + torch.sigmoid(block.shared_expert_gate(h)) * block.shared_expert(h)
+    if hasattr(block, "shared_experts"):  # the sigmoid family's: always run, ungated
+        out = out + block.shared_experts(h)
     return out.reshape(hidden.shape), r
 
 
@@ -67,12 +78,13 @@ def test_dynamic_mode_equals_routing_reference(arch, converted, zero_bias):
     seen = []
 
     def check(block, args, output):
-        ref, r = _reference_moe(block, args[0], False, zero_bias, arch)
+        ref, r = _reference_moe(block, args[0], False, zero_bias, model.config)
         torch.testing.assert_close(output, ref, rtol=1e-5, atol=1e-5)
         seen.append(r.is_zero.float().mean().item())
 
     for layer in model.model.layers:
-        layer.mlp.register_forward_hook(check)
+        if hasattr(layer.mlp, "gate"):  # the sigmoid family's first layer is dense
+            layer.mlp.register_forward_hook(check)
     with torch.no_grad():
         logits = model(_ids()).logits
     assert torch.isfinite(logits).all() and len(seen) == 2

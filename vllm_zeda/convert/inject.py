@@ -14,7 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from ..archs import EXPERT_COUNT_KEYS, TOP_K_KEYS, MoeArch, arch_for_base, router_layer
+from ..archs import EXPERT_COUNT_KEYS, TOP_K_KEYS, MoeArch, arch_for_base, bias_layer, router_layer, sigmoid_routing
 from .checkpoint import CONFIG, INDEX, atomic_output_dir, load_config, shard_files
 from ..errors import ZedaError
 from ..spec import ZedaSpec, first_key, read_spec, validate
@@ -34,6 +34,35 @@ def extend_router(router: torch.Tensor, num_zero: int, seed: int, layer: int) ->
     return torch.cat([router, zero_expert_rows(router, num_zero, gen)], dim=0)
 
 
+def extend_bias(bias: torch.Tensor, num_zero: int, seed: int, layer: int) -> torch.Tensor:
+    """A sigmoid router's correction bias [E] -> [E+Z]: entries 0..E-1 bit for bit, the new ones
+    ~ N(mean, std) of the existing entries (the ZEDA authors' rule for a 1-D tensor), seeded
+    apart from the router rows."""
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + layer) ^ 0x5EED_B1A5)
+    real = bias.float()
+    new = real.mean() + real.std() * torch.randn(num_zero, generator=gen, dtype=torch.float32)
+    return torch.cat([bias, new.to(bias.dtype)])
+
+
+def extend_router_tensor(name: str, t: torch.Tensor, spec: ZedaSpec, seed: int) -> torch.Tensor | None:
+    """The converted form of a router weight or correction bias, or None for any other tensor."""
+    e, z = spec.num_real_experts, spec.num_zero_experts
+    layer = router_layer(name)
+    if layer is not None:
+        if t.dim() != 2 or t.shape[0] != e:
+            raise ZedaError(f"router {name} has shape {tuple(t.shape)}, expected ({e}, hidden)")
+        return extend_router(t, z, seed, layer)
+    layer = bias_layer(name)
+    if layer is not None:
+        if t.shape != (e,):
+            raise ZedaError(f"router bias {name} has shape {tuple(t.shape)}, expected ({e},)")
+        return extend_bias(t, z, seed, layer)
+    return None
+
+
+SUPPORTED_NAMES = "Qwen3-MoE, Qwen2-MoE, OLMoE, Mixtral, GLM-4-MoE (GLM-4.5/4.6), GLM-4.7-Flash (glm4_moe_lite), DeepSeek-V3"
+
+
 def describe_source(cfg: dict, num_zero_experts: int | None, target_zero_fraction: float | None) -> tuple[MoeArch, ZedaSpec]:
     """Check the source config is a supported, unconverted MoE and build the spec to write."""
     if read_spec(cfg) is not None:
@@ -45,7 +74,7 @@ def describe_source(cfg: dict, num_zero_experts: int | None, target_zero_fractio
         has_experts = any(isinstance(cfg.get(k), int) and cfg[k] > 0 for k in EXPERT_COUNT_KEYS)
         if not has_experts:
             raise ZedaError(f"{name} is not a mixture-of-experts model (no expert count in config.json)")
-        raise ZedaError(f"unsupported architecture {name!r}; supported: Qwen3-MoE, Qwen2-MoE, OLMoE, Mixtral")
+        raise ZedaError(f"unsupported architecture {name!r}; supported: {SUPPORTED_NAMES}")
     e = first_key(cfg, EXPERT_COUNT_KEYS, "expert count")
     if e < 1:
         raise ZedaError(f"{name} is not a mixture-of-experts model (expert count {e})")
@@ -57,6 +86,11 @@ def describe_source(cfg: dict, num_zero_experts: int | None, target_zero_fractio
         top_k=first_key(cfg, TOP_K_KEYS, "top-k (num_experts_per_tok)"),
         target_zero_fraction=target_zero_fraction,
     )
+    if arch.scoring == "sigmoid":
+        groups = sigmoid_routing(cfg)["n_group"]
+        if spec.num_router_rows % groups:
+            raise ZedaError(f"{e} + {z} experts do not split into the model's n_group={groups} groups; "
+                            f"choose --num-zero-experts so that E + Z is a multiple of {groups}")
     return arch, validate(spec)
 
 
@@ -81,8 +115,7 @@ def convert_checkpoint(
     cfg = load_config(src)
     arch, spec = describe_source(cfg, num_zero_experts, target_zero_fraction)
     shards, index = shard_files(src)
-    e, z = spec.num_real_experts, spec.num_zero_experts
-    routers_seen: set[int] = set()
+    routers_seen: set[int | None] = set()
     total_size = 0
     with atomic_output_dir(dst) as tmp:
         for shard in tqdm(shards, desc="injecting zero experts", unit="shard", disable=not progress):
@@ -91,16 +124,14 @@ def convert_checkpoint(
             except (SafetensorError, OSError, ValueError) as exc:
                 raise ZedaError(f"checkpoint shard {src / shard} is corrupt ({exc})") from None
             for name, t in tensors.items():
-                layer = router_layer(name)
-                if layer is None:
-                    continue
-                if t.dim() != 2 or t.shape[0] != e:
-                    raise ZedaError(f"router {name} has shape {tuple(t.shape)}, expected ({e}, hidden)")
-                tensors[name] = extend_router(t, z, seed, layer)
-                routers_seen.add(layer)
+                grown = extend_router_tensor(name, t, spec, seed)
+                if grown is not None:
+                    tensors[name] = grown
+                    routers_seen.add(router_layer(name))
             total_size += sum(t.numel() * t.element_size() for t in tensors.values())
             save_file(tensors, tmp / shard, metadata={"format": "pt"})
             del tensors
+        routers_seen.discard(None)  # biases
         if not routers_seen:
             raise ZedaError(f"no router weights (layers.<i>.mlp.gate.weight) found in {src}")
         if index is not None:

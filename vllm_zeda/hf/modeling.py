@@ -2,9 +2,12 @@
 
 Only the router changes. Each Zeda router subclasses the architecture's own TopKRouter (so
 weight init and `output_router_logits` recording keep working) and routes with
-`routing.route_softmax`. Zero slots reach transformers' experts as expert 0 with weight 0
-(exact; see ZedaRouterMixin.forward for why not transformers' skip sentinel). Modes: dynamic
-(zero experts live; `zero_bias` is the runtime dial) or masked (the original static top-K).
+`routing.route_softmax` (Qwen-MoE, OLMoE, Mixtral) or `routing.route_sigmoid` (GLM-4-MoE,
+GLM-4.7-Flash, DeepSeek-V3: its correction bias grows to E+Z entries too). Zero slots reach
+transformers' experts as expert 0 with weight 0 and the experts run only the live slots
+(live_slots_forward; see ZedaRouterMixin.forward for why not transformers' skip sentinel).
+Modes: dynamic (zero experts live; `zero_bias` is the runtime dial) or masked (the original
+static top-K).
 """
 from __future__ import annotations
 
@@ -16,6 +19,12 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+from transformers.models.deepseek_v3.configuration_deepseek_v3 import DeepseekV3Config
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3ForCausalLM, DeepseekV3TopkRouter
+from transformers.models.glm4_moe.configuration_glm4_moe import Glm4MoeConfig
+from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeForCausalLM, Glm4MoeTopkRouter
+from transformers.models.glm4_moe_lite.configuration_glm4_moe_lite import Glm4MoeLiteConfig
+from transformers.models.glm4_moe_lite.modeling_glm4_moe_lite import Glm4MoeLiteForCausalLM, Glm4MoeLiteTopkRouter
 from transformers.models.mixtral.configuration_mixtral import MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralForCausalLM, MixtralTopKRouter
 from transformers.models.olmoe.configuration_olmoe import OlmoeConfig
@@ -25,8 +34,9 @@ from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeForCausalLM
 from transformers.models.qwen3_moe.configuration_qwen3_moe import Qwen3MoeConfig
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeForCausalLM, Qwen3MoeTopKRouter
 
+from ..archs import sigmoid_routing
 from ..errors import ZedaError
-from ..routing import Routing, route_softmax, skip_fraction
+from ..routing import Routing, route_sigmoid, route_softmax, skip_fraction
 from ..spec import ZedaSpec, arch_of, read_spec
 from .experts import live_experts_forward, runs_grouped
 
@@ -83,6 +93,29 @@ class ZedaRouterMixin:
         return logits, scores, ids
 
 
+class ZedaSigmoidRouterMixin(ZedaRouterMixin):
+    """The sigmoid family's router (GLM-4-MoE, GLM-4.7-Flash, DeepSeek-V3): logits in float32 as
+    the base router computes them, a selection-only correction bias of E+Z entries (a buffer, as
+    in the base model: it is not trained), groups and routed scaling from the config."""
+
+    cast_scores = False  # the base routers hand float32 weights to the experts
+
+    def _zeda_setup(self, config, spec: ZedaSpec, layer_idx: int) -> None:
+        super()._zeda_setup(config, spec, layer_idx)
+        self.e_score_correction_bias = nn.Buffer(torch.zeros(spec.num_router_rows, dtype=torch.float32))
+        self.sigmoid_routing = sigmoid_routing(config)
+
+    def route(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, Routing]:
+        if self.masked:
+            weight = self.weight[: self.num_real] if self.masked_rows is None else self.masked_rows
+        else:
+            weight = self.weight
+        logits = F.linear(hidden_states.reshape(-1, self.weight.shape[1]).float(), weight.float())
+        routing = route_sigmoid(logits, self.e_score_correction_bias, self.num_real, self.top_k, self.renormalize,
+                                masked=self.masked, zero_bias=self.zero_bias, **self.sigmoid_routing)
+        return logits, routing
+
+
 class ZedaQwen3MoeRouter(ZedaRouterMixin, Qwen3MoeTopKRouter):
     pass
 
@@ -97,6 +130,18 @@ class ZedaOlmoeRouter(ZedaRouterMixin, OlmoeTopKRouter):
 
 class ZedaMixtralRouter(ZedaRouterMixin, MixtralTopKRouter):
     cast_scores = False
+
+
+class ZedaGlm4MoeRouter(ZedaSigmoidRouterMixin, Glm4MoeTopkRouter):
+    pass
+
+
+class ZedaGlm4MoeLiteRouter(ZedaSigmoidRouterMixin, Glm4MoeLiteTopkRouter):
+    pass
+
+
+class ZedaDeepseekV3Router(ZedaSigmoidRouterMixin, DeepseekV3TopkRouter):
+    pass
 
 
 def live_slots_forward(experts: nn.Module, hidden_states, top_k_index, top_k_weights, *, router):
@@ -123,7 +168,7 @@ class ZedaCausalLMMixin:
         if spec is None:
             raise ZedaError(f"{type(self).__name__} needs a config with zero experts (a 'zeda' block)")
         self.zeda_spec = spec
-        base = self.zeda_router_cls.__bases__[1]  # (ZedaRouterMixin, <arch TopKRouter>)
+        base = self.zeda_router_cls.__bases__[1]  # (Zeda...RouterMixin, <arch TopKRouter>)
         for name, module in list(self.named_modules()):
             gate = getattr(module, "gate", None)
             if isinstance(gate, base) and not isinstance(gate, ZedaRouterMixin):
@@ -180,10 +225,28 @@ class ZedaMixtralConfig(MixtralConfig):
     model_type = "zeda_mixtral"
 
 
+class ZedaGlm4MoeConfig(Glm4MoeConfig):
+    model_type = "zeda_glm4_moe"
+
+
+class ZedaGlm4MoeLiteConfig(Glm4MoeLiteConfig):
+    model_type = "zeda_glm4_moe_lite"
+
+
+class ZedaDeepseekV3Config(DeepseekV3Config):
+    model_type = "zeda_deepseek_v3"
+
+
 class Qwen3MoePlusPlusConfig(Qwen3MoeConfig):
     """The ZEDA authors' released format (zce_nums / zce_types / use_zce_mask)."""
 
     model_type = "qwen3_moe_plus_plus"
+
+
+class Glm4MoeLitePlusPlusConfig(Glm4MoeLiteConfig):
+    """The ZEDA authors' released GLM-4.7-Flash format (zce_nums / zce_types / use_zce_mask)."""
+
+    model_type = "glm4_moe_lite_plus_plus"
 
 
 class ZedaQwen3MoeForCausalLM(ZedaCausalLMMixin, Qwen3MoeForCausalLM):
@@ -222,8 +285,39 @@ class ZedaMixtralForCausalLM(ZedaCausalLMMixin, MixtralForCausalLM):
         self._install_zeda_routers(config)
 
 
+class ZedaGlm4MoeForCausalLM(ZedaCausalLMMixin, Glm4MoeForCausalLM):
+    config_class = ZedaGlm4MoeConfig
+    zeda_router_cls = ZedaGlm4MoeRouter
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._install_zeda_routers(config)
+
+
+class ZedaGlm4MoeLiteForCausalLM(ZedaCausalLMMixin, Glm4MoeLiteForCausalLM):
+    config_class = ZedaGlm4MoeLiteConfig
+    zeda_router_cls = ZedaGlm4MoeLiteRouter
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._install_zeda_routers(config)
+
+
+class ZedaDeepseekV3ForCausalLM(ZedaCausalLMMixin, DeepseekV3ForCausalLM):
+    config_class = ZedaDeepseekV3Config
+    zeda_router_cls = ZedaDeepseekV3Router
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._install_zeda_routers(config)
+
+
 class Qwen3MoePlusPlusForCausalLM(ZedaQwen3MoeForCausalLM):
     config_class = Qwen3MoePlusPlusConfig
+
+
+class Glm4MoeLitePlusPlusForCausalLM(ZedaGlm4MoeLiteForCausalLM):
+    config_class = Glm4MoeLitePlusPlusConfig
 
 
 # (zeda config, zeda model, base model_type whose checkpoint conversion mapping applies)
@@ -232,7 +326,11 @@ _REGISTRY = (
     (ZedaQwen2MoeConfig, ZedaQwen2MoeForCausalLM, "qwen2_moe"),
     (ZedaOlmoeConfig, ZedaOlmoeForCausalLM, "olmoe"),
     (ZedaMixtralConfig, ZedaMixtralForCausalLM, "mixtral"),
+    (ZedaGlm4MoeConfig, ZedaGlm4MoeForCausalLM, "glm4_moe"),
+    (ZedaGlm4MoeLiteConfig, ZedaGlm4MoeLiteForCausalLM, "glm4_moe_lite"),
+    (ZedaDeepseekV3Config, ZedaDeepseekV3ForCausalLM, "deepseek_v3"),
     (Qwen3MoePlusPlusConfig, Qwen3MoePlusPlusForCausalLM, "qwen3_moe"),
+    (Glm4MoeLitePlusPlusConfig, Glm4MoeLitePlusPlusForCausalLM, "glm4_moe_lite"),
 )
 
 

