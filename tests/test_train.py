@@ -116,6 +116,25 @@ def test_stage1_drives_zero_fraction_up_to_target(tiny_models, tmp_path):
     assert r["after_stage2"] == r["after_stage1"]
 
 
+@pytest.mark.parametrize("arch", ["glm4_moe_lite", "deepseek_v3"])
+def test_sigmoid_family_trains_to_the_target_with_the_bias_frozen(arch, tiny_models, tmp_path):
+    """GLM-4.7-Flash / DeepSeek-V3 routing: both stages train, the zero fraction reaches the
+    target, and the correction bias stays what the injection drew (the ZEDA authors train with
+    `--moe-router-bias-update-rate 0`: a frozen buffer) while router rows and experts move."""
+    from vllm_zeda.convert.inject import convert_checkpoint
+
+    r = train(tiny_models[arch], tmp_path / "o", "--num-zero-experts", "4", "--stage1-steps", "40", "--stage2-steps", "4")
+    assert abs(r["after_stage2"]["zero_fraction"] - 0.5) < 0.1 and r["after_injection"]["zero_fraction"] < 0.4
+    convert_checkpoint(tiny_models[arch], tmp_path / "ref", 4, progress=False)
+    got, injected = weights(tmp_path / "o"), weights(tmp_path / "ref")
+    assert got.keys() == injected.keys()
+    biases = [k for k in got if k.endswith("e_score_correction_bias")]
+    assert len(biases) == 2 and all(got[k].shape == (12,) and torch.equal(got[k], injected[k]) for k in biases)
+    moved = [k for k in got if not torch.equal(got[k], injected[k])]
+    assert any(k.endswith("mlp.gate.weight") for k in moved) and any(".experts." in k for k in moved)
+    assert all(k.endswith("mlp.gate.weight") or ".experts." in k or ".shared_experts." in k for k in moved)  # MoE blocks only
+
+
 def test_convert_only(tiny_models, tmp_path):
     from vllm_zeda.convert.inject import convert_checkpoint
 

@@ -4,26 +4,29 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from conftest import ARCHS, SIGMOID_ARCHS
 from vllm_zeda.convert.checkpoint import load_config
 from vllm_zeda.convert.inject import convert_checkpoint, describe_source
 from vllm_zeda.train.converted import load_converted
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe", "olmoe", "mixtral"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_converted_while_loading_equals_the_written_conversion(tiny_models, tmp_path, arch):
     src = tiny_models[arch]
     cfg = load_config(src)
-    base, spec = describe_source(cfg, 3, 0.5)
-    convert_checkpoint(src, tmp_path / "z", 3, seed=7, progress=False)
+    base, spec = describe_source(cfg, 4, 0.5)  # 8 + 4 experts: DeepSeek-V3's 4 groups of 3
+    convert_checkpoint(src, tmp_path / "z", 4, seed=7, progress=False)
     written = AutoModelForCausalLM.from_pretrained(tmp_path / "z", dtype=torch.float32).state_dict()
     loaded = load_converted(src, cfg, base, spec, seed=7, dtype=torch.float32)
-    assert type(loaded).__name__ == base.zeda_architecture and loaded.config.zeda["num_zero_experts"] == 3
+    assert type(loaded).__name__ == base.zeda_architecture and loaded.config.zeda["num_zero_experts"] == 4
     got = loaded.state_dict()
     assert got.keys() == written.keys()
     assert [k for k in got if not torch.equal(got[k], written[k])] == []
     other_seed = load_converted(src, cfg, base, spec, seed=8, dtype=torch.float32).state_dict()
-    router = next(k for k in got if k.endswith("mlp.gate.weight"))
-    assert torch.equal(other_seed[router][:-3], got[router][:-3]) and not torch.equal(other_seed[router], got[router])
+    grown = [k for k in got if k.endswith(("mlp.gate.weight", "mlp.gate.e_score_correction_bias"))]
+    assert len(grown) == (4 if arch in SIGMOID_ARCHS else 2)  # two MoE layers: routers (and biases)
+    for k in grown:
+        assert torch.equal(other_seed[k][:-4], got[k][:-4]) and not torch.equal(other_seed[k], got[k])
 
 
 def test_disk_plan_counts_the_output_the_trained_state_and_the_cache(tiny_models, tmp_path):

@@ -37,6 +37,20 @@ def test_balance_loss_is_the_routing_formula_summed():
     assert all(x.grad is not None and x.grad.abs().sum() > 0 for x in logits)
 
 
+def test_sigmoid_balance_loss_sums_the_normalised_sigmoid():
+    """The sigmoid family's balancing loss takes the ZEDA authors' probabilities: sigmoid scores
+    normalised per token over E+Z (routing.balance_scores), not a softmax."""
+    e, z, k = 8, 4, 2
+    w = balance_weight(0.5, e, z)
+    g = torch.Generator().manual_seed(2)
+    logits = [torch.randn(32, e + z, generator=g, requires_grad=True) for _ in range(2)]
+    ids = [x.detach().topk(k).indices for x in logits]
+    total = balance_loss(logits, ids, num_real=e, num_zero=z, top_k=k, w=w, alpha=0.1, scoring="sigmoid")
+    probs = [x.sigmoid() / x.sigmoid().sum(-1, keepdim=True) for x in logits]
+    assert torch.allclose(total, sum(group_balance_loss(p, i, e, z, k, w, 0.1) for p, i in zip(probs, ids)))
+    assert not torch.allclose(total, balance_loss(logits, ids, num_real=e, num_zero=z, top_k=k, w=w, alpha=0.1))
+
+
 def test_balance_gradient_points_at_the_target():
     """Above the target zero fraction the loss pushes zero probability down, below it up."""
     e, z, k = 8, 8, 2

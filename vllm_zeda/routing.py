@@ -134,6 +134,16 @@ def balance_weight(target_zero_fraction: float, num_real: int, num_zero: int) ->
     return t * num_real / ((1.0 - t) * num_zero)
 
 
+def balance_scores(logits: torch.Tensor, scoring: str = "softmax") -> torch.Tensor:
+    """The router probabilities [T, E+Z] (float32) the group balancing loss sums: softmax for the
+    softmax family; for the sigmoid family the ZEDA authors' per-token normalised sigmoid,
+    s / (sum(s) + 1e-20) (their Megatron `compute_routing_scores_for_aux_loss`)."""
+    if scoring == "softmax":
+        return torch.softmax(logits.float(), dim=-1)
+    s = torch.sigmoid(logits.float())
+    return s / (s.sum(dim=-1, keepdim=True) + 1e-20)
+
+
 def group_balance_loss(
     probs: torch.Tensor,
     ids: torch.Tensor,
@@ -149,7 +159,7 @@ def group_balance_loss(
 
     L = alpha * (E + w*Z)/K * (f_E * P_E / E + f_Z * P_Z / (w*Z)), with f_* the fractions of
     routed slots in each group (no gradient) and P_* the summed router probabilities of each
-    group, averaged over tokens. `probs` [T, E+Z] are the softmax probabilities, `ids` [T, K].
+    group, averaged over tokens. `probs` [T, E+Z] are `balance_scores`, `ids` [T, K] the routing's.
     """
     # `zero_fraction` overrides f_Z (e.g. the value over all data-parallel ranks, so that the
     # averaged gradient equals the single-process one); it carries no gradient either way.

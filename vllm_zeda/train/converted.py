@@ -1,6 +1,6 @@
 """The converted model, built while loading the source: what convert_checkpoint would write (router
-rows E..E+Z-1 drawn by the same seeded extend_router, every other tensor the source's), without
-a converted copy on disk. The trainer's student and stage 2's frozen teacher both load this way."""
+rows E..E+Z-1 and correction-bias entries drawn by the same seeded inject.extend_router_tensor,
+every other tensor the source's), without a converted copy on disk. The trainer's student and stage 2's frozen teacher both load this way."""
 from __future__ import annotations
 
 import contextlib
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from ..archs import router_layer
+from ..archs import bias_layer, router_layer
 from ..convert.checkpoint import shard_files
-from ..convert.inject import converted_config, extend_router
+from ..convert.inject import converted_config, extend_router_tensor
 from ..errors import ZedaError
 
 
@@ -49,12 +49,16 @@ def load_converted(src: Path, cfg: dict, arch, spec, *, seed: int, dtype: torch.
             with safe_open(src / shard, framework="pt") as f:
                 for name in f.keys():
                     layer = router_layer(name)
-                    if layer is None or layer not in routers:
+                    bias = bias_layer(name)
+                    if (layer if bias is None else bias) not in routers:
                         continue
-                    rows = extend_router(f.get_tensor(name), spec.num_zero_experts, seed, layer)
+                    grown = extend_router_tensor(name, f.get_tensor(name), spec, seed)
                     with torch.no_grad():
-                        routers[layer].weight.copy_(rows.to(dtype))
-                    seen.add(layer)
+                        if bias is None:
+                            routers[layer].weight.copy_(grown.to(dtype))
+                            seen.add(layer)
+                        else:  # float32, as the base model keeps it
+                            routers[bias].e_score_correction_bias.copy_(grown)
         except (SafetensorError, OSError) as exc:
             raise ZedaError(f"checkpoint shard {src / shard} is corrupt ({exc})") from None
     if seen != set(routers):

@@ -479,7 +479,7 @@ def run_stage(run: Run, stage: int, step: int, state: dict | None) -> None:
                     f_z = dist.sum(f_z.clone()) / dist.world
                 kl = teachers.distill_kl(teacher, logits, args.temperature)
                 bal = balance_loss(run.tap.logits, run.tap.ids, num_real=e, num_zero=z, top_k=k_slots, w=w,
-                                   alpha=args.balance_alpha, layer_zero_fractions=f_z)
+                                   alpha=args.balance_alpha, layer_zero_fractions=f_z, scoring=run.arch.scoring)
                 loss = kl + bal
                 (loss / args.grad_accum).backward()
                 sums += torch.cat([torch.stack([loss.detach(), kl.detach(), bal.detach()]).double().cpu(), f_z.double().cpu()])

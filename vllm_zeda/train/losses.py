@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ..routing import group_balance_loss
+from ..routing import balance_scores, group_balance_loss
 
 
 ROWS_PER_CHUNK = 1024  # positions whose float32 [positions, vocabulary] intermediates exist at once
@@ -84,15 +84,17 @@ def balance_loss(
     w: float,
     alpha: float,
     layer_zero_fractions: torch.Tensor | None = None,
+    scoring: str = "softmax",
 ) -> torch.Tensor:
-    """Sum over MoE layers of the group balancing loss, from each router's logits [T, E+Z].
+    """Sum over MoE layers of the group balancing loss, from each router's logits [T, E+Z]
+    (`scoring`: the routing family, which sets the probabilities: routing.balance_scores).
 
     `layer_zero_fractions` ([layers], optional) replaces each layer's local f_Z, e.g. by its mean
     over data-parallel ranks.
     """
     total = layer_logits[0].new_zeros((), dtype=torch.float32)
     for i, (logits, ids) in enumerate(zip(layer_logits, layer_ids)):
-        probs = torch.softmax(logits.float(), dim=-1)
+        probs = balance_scores(logits, scoring)
         f_z = None if layer_zero_fractions is None else layer_zero_fractions[i]
         total = total + group_balance_loss(probs, ids, num_real, num_zero, top_k, w, alpha, zero_fraction=f_z)
     return total
