@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from ..archs import arch_for_zeda, router_layer
+from ..archs import arch_for_zeda, bias_layer, router_layer
 from .checkpoint import load_config, shard_files
 from ..errors import ZedaError
 from ..spec import ZedaSpec, read_spec
@@ -48,6 +48,13 @@ def check_checkpoint(model: str, require_zero_experts: bool = True, check_weight
         try:
             with safe_open(path / shard, framework="pt") as f:
                 for name in f.keys():
+                    if bias_layer(name) is not None:
+                        t = f.get_tensor(name)
+                        if t.shape != (spec.num_router_rows,) or not torch.isfinite(t).all():
+                            raise ZedaError(f"router bias {name} has shape {tuple(t.shape)} (or NaN/inf values) but "
+                                            f"the zeda block says {spec.num_real_experts} real + "
+                                            f"{spec.num_zero_experts} zero experts")
+                        continue
                     if router_layer(name) is None:
                         continue
                     t = f.get_tensor(name)
@@ -70,12 +77,17 @@ def check_checkpoint(model: str, require_zero_experts: bool = True, check_weight
 
 
 def moe_layers(cfg: dict) -> set[int]:
-    """Layers the config says are MoE (Qwen's mlp_only_layers / decoder_sparse_step; else all)."""
+    """Layers the config says are MoE: Qwen's mlp_only_layers / decoder_sparse_step, GLM-4.7-Flash's
+    mlp_layer_types ("dense" / "sparse"), GLM-4-MoE's and DeepSeek's first_k_dense_replace; else all."""
     n = cfg.get("num_hidden_layers")
     if not isinstance(n, int):
         return set()
+    types = cfg.get("mlp_layer_types")
+    if isinstance(types, list) and len(types) == n:
+        return {i for i, t in enumerate(types) if t != "dense"}
     dense = cfg.get("mlp_only_layers") or []
     step = cfg.get("decoder_sparse_step") or 1
-    if not isinstance(dense, list) or not isinstance(step, int) or step < 1:
+    first_sparse = cfg.get("first_k_dense_replace") or 0
+    if not isinstance(dense, list) or not isinstance(step, int) or step < 1 or not isinstance(first_sparse, int):
         return set()
-    return {i for i in range(n) if i not in dense and (i + 1) % step == 0}
+    return {i for i in range(first_sparse, n) if i not in dense and (i + 1) % step == 0}

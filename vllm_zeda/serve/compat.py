@@ -22,6 +22,9 @@ VLLM_BASES = {
     "Qwen2MoeForCausalLM": ("vllm.model_executor.models.qwen2_moe", "Qwen2MoeForCausalLM"),
     "OlmoeForCausalLM": ("vllm.model_executor.models.olmoe", "OlmoeForCausalLM"),
     "MixtralForCausalLM": ("vllm.model_executor.models.mixtral", "MixtralForCausalLM"),
+    "Glm4MoeForCausalLM": ("vllm.model_executor.models.glm4_moe", "Glm4MoeForCausalLM"),
+    "Glm4MoeLiteForCausalLM": ("vllm.model_executor.models.glm4_moe_lite", "Glm4MoeLiteForCausalLM"),
+    "DeepseekV3ForCausalLM": ("vllm.model_executor.models.deepseek_v2", "DeepseekV3ForCausalLM"),
 }
 
 
@@ -54,6 +57,14 @@ def model_module(base_architecture: str) -> ModuleType:
     return importlib.import_module(VLLM_BASES[base_architecture][0])
 
 
+def factory_module(module: ModuleType) -> ModuleType:
+    """The module whose MoE factory global builds `module`'s MoE layers: the module itself, or
+    for glm4_moe_lite (whose MoE block is glm4_moe's, imported) glm4_moe."""
+    if any(hasattr(module, name) for name in FACTORY_NAMES):
+        return module
+    return importlib.import_module("vllm.model_executor.models.glm4_moe")
+
+
 def base_model_class(base_architecture: str) -> type:
     module_name, cls_name = VLLM_BASES[base_architecture]
     return getattr(importlib.import_module(module_name), cls_name)
@@ -77,6 +88,41 @@ def custom_routing_method():
     from vllm.model_executor.layers.fused_moe.config import RoutingMethodType
 
     return getattr(RoutingMethodType, "Custom", RoutingMethodType.Unspecified)
+
+
+def recognise_zeda_model_types(base_types: dict[str, str]) -> bool:
+    """vLLM decides whether a model has MLA attention (DeepSeek-V3, GLM-4.7-Flash) from a literal
+    list of config model_types (`ModelArchConfigConvertorBase.is_deepseek_mla`, 0.26 and 0.32);
+    `zeda_deepseek_v3` is not on it. Wrap the check so that a ZEDA model type answers as its
+    base type (`base_types`: ours -> base) does. Idempotent; False where this vLLM has no such check."""
+    try:
+        from vllm.transformers_utils.model_arch_config_convertor import ModelArchConfigConvertorBase as cls
+    except ImportError:
+        return False
+    original = getattr(cls, "is_deepseek_mla", None)
+    if original is None or getattr(original, "_zeda", False):
+        return original is not None
+
+    @functools.wraps(original)
+    def is_deepseek_mla(self) -> bool:
+        config = self.hf_text_config
+        base = base_types.get(getattr(config, "model_type", None))
+        if base is None:
+            return original(self)
+        had_own = "model_type" in vars(config)
+        own = vars(config).get("model_type")
+        config.model_type = base
+        try:
+            return original(self)
+        finally:
+            if had_own:
+                config.model_type = own
+            else:
+                del config.model_type
+
+    is_deepseek_mla._zeda = True
+    cls.is_deepseek_mla = is_deepseek_mla
+    return True
 
 
 def padding_mask(num_tokens: int):

@@ -1,10 +1,15 @@
 """ZEDA model classes for vLLM: the in-tree models, built with an E+Z-row gate and our router.
 
-While the in-tree `__init__` runs, the model module's gate class and MoE factory are wrapped:
-a gate asked for E outputs gets E+Z rows (the router weights on disk; on a GPU with dynamic
-routing also gate's small-batch GEMM), and every MoE layer is built with a ZedaRouter
-(and, on GPU, routed experts that map zero experts to -1). Expert weights keep E experts and
-load unchanged.
+While the in-tree `__init__` runs, the model module's MoE factory is wrapped: every MoE layer is
+built with a ZedaRouter (and, on GPU, routed experts that map zero experts to -1). Expert
+weights keep E experts and load unchanged. The gate gets E+Z rows (the router weights on disk):
+- softmax family: the module's gate class is wrapped, a gate asked for E outputs gets E+Z rows
+  (on a GPU with dynamic routing also the gate's small-batch GEMM);
+- sigmoid family (GLM-4-MoE, GLM-4.7-Flash, DeepSeek-V3): the config's n_routed_experts reads E+Z
+  while the model is built, so the gate (a GateLinear, or 0.26 GLM's plain nn.Linear) and its
+  e_score_correction_bias get E+Z entries whatever class builds them; the factory is handed E
+  experts and the bias goes to the router. Derived expert counts of the MoE blocks (EPLB's) read
+  E+Z: expert-load balancing is refused with these models.
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import functools
 import logging
 
 from . import compat
+from ..archs import sigmoid_routing
 from ..spec import ZedaSpec, arch_of, read_spec
 from .checks import check_parallel_layout, zero_slot_mode
 from .router import ZedaRouter
@@ -48,6 +54,20 @@ def _patched(module, name, wrapper):
         setattr(module, name, original)
 
 
+@contextlib.contextmanager
+def _config_value(configs, name, value):
+    """Set `name` on each (distinct) config object for the duration, then restore it."""
+    configs = list({id(c): c for c in configs}.values())
+    originals = [getattr(c, name) for c in configs]
+    for c in configs:
+        setattr(c, name, value)
+    try:
+        yield
+    finally:
+        for c, v in zip(configs, originals):
+            setattr(c, name, v)
+
+
 class ZedaModelMixin:
     """Mixed in before an in-tree vLLM MoE model class."""
 
@@ -74,7 +94,13 @@ class ZedaModelMixin:
                       spec.num_real_experts, spec.num_zero_experts, spec.top_k, float(settings.get("zero_bias", 0.0)), how)
         routers: list[ZedaRouter] = []
         module = compat.model_module(spec.base_architecture)
-        renormalize = arch_of(spec).always_renormalize or bool(getattr(hf_config, "norm_topk_prob", False))
+        arch = arch_of(spec)
+        sigmoid = arch.scoring == "sigmoid"
+        if sigmoid and getattr(vllm_config.parallel_config, "enable_eplb", False):
+            raise ValueError("ZEDA checkpoints of the sigmoid family do not support expert-load balancing (--enable-eplb)")
+        renormalize = arch.always_renormalize or bool(getattr(hf_config, "norm_topk_prob", False))
+        groups = sigmoid_routing(hf_config) if sigmoid else {}
+        groups.pop("scaling", None)  # vLLM scales the routed output itself
 
         def gate_wrapper(original):
             @functools.wraps(original)
@@ -103,9 +129,17 @@ class ZedaModelMixin:
                     masked=masked,
                     zero_bias=float(settings.get("zero_bias", 0.0)),
                     zero_slots=mode,
+                    scoring=arch.scoring,
+                    **groups,
                 )
                 routers.append(router)
                 kwargs["router"] = router
+                if sigmoid:  # built while the config said E+Z experts: the experts are E
+                    kwargs["num_experts"] = spec.num_real_experts
+                    router.correction_bias = kwargs.pop("e_score_correction_bias", None)
+                    if router.correction_bias is None:
+                        raise ValueError(f"{prefix_}: a sigmoid-routed ZEDA layer needs e_score_correction_bias "
+                                         "(DeepSeek-V3 configs: topk_method 'noaux_tc')")
                 if mode == "skip" and not masked:
                     from .experts import zero_skipping_experts_kwargs
 
@@ -118,10 +152,15 @@ class ZedaModelMixin:
 
             return make_moe
 
-        with (
-            _patched(module, compat.module_global(module, compat.GATE_NAMES), gate_wrapper),
-            _patched(module, compat.module_global(module, compat.FACTORY_NAMES), factory_wrapper),
-        ):
+        with contextlib.ExitStack() as stack:
+            factory_module = compat.factory_module(module)
+            stack.enter_context(_patched(factory_module, compat.module_global(factory_module, compat.FACTORY_NAMES),
+                                         factory_wrapper))
+            if sigmoid:
+                configs = (hf_config, vllm_config.model_config.hf_config)
+                stack.enter_context(_config_value(configs, "n_routed_experts", spec.num_router_rows))
+            else:
+                stack.enter_context(_patched(module, compat.module_global(module, compat.GATE_NAMES), gate_wrapper))
             super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.zeda_spec: ZedaSpec = spec
         self.zeda_routers = sorted(routers, key=lambda r: r.layer_idx)

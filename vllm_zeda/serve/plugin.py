@@ -12,7 +12,7 @@ import importlib
 import logging
 import sys
 
-from ..archs import ARCHS, RELEASE_ARCHITECTURES
+from ..archs import ARCHS, RELEASE_ARCHITECTURES, RELEASE_MODEL_TYPES
 
 logger = logging.getLogger("vllm.zeda")  # a child of vLLM's logger: its format and level
 
@@ -33,6 +33,10 @@ def register() -> None:
     for name in RELEASE_ARCHITECTURES:
         ModelRegistry.register_model(name, f"vllm_zeda.serve.models:{name}")
     _register_hf_configs()
+    from . import compat
+
+    compat.recognise_zeda_model_types({**{a.zeda_model_type: a.base_model_type for a in ARCHS.values()},
+                                       **RELEASE_MODEL_TYPES})
     _wrap_engine_args()
 
 

