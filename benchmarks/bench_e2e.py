@@ -1,4 +1,6 @@
-"""End-to-end vLLM throughput on a Qwen3-30B-A3B-shaped model with dummy weights (device machine).
+"""End-to-end vLLM throughput on a Qwen3-30B-A3B-shaped model with dummy weights (device machine);
+`--shape glm-4.7-flash`: GLM-4.7-Flash's shape instead (47 layers, MLA, 64 experts top-4 with
+sigmoid routing and one shared expert; Z = 32), whose configs are static4 / ideal2 / zeda.
 
 Configs, each in its own engine process, measured in one run:
   static8   stock vLLM, Qwen3MoeForCausalLM, top-8 (no plugin involved)
@@ -42,7 +44,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.workers import run_worker  # noqa: E402
 
-E, Z = 128, 64
+E, Z = 128, 64  # the Qwen3 shape's; a shape's own in SHAPES
 SHAPE = dict(
     architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", vocab_size=151936, hidden_size=2048,
     num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128, intermediate_size=6144,
@@ -51,9 +53,27 @@ SHAPE = dict(
     torch_dtype="bfloat16", hidden_act="silu", attention_bias=False,
 )
 
+# GLM-4.7-Flash (zai-org/GLM-4.7-Flash config.json, as vLLM's tests and the ZEDA authors' scripts
+# give it): layer 0 dense, layers 1-46 MoE; the MTP layer is not built.
+GLM47_FLASH = dict(
+    architectures=["Glm4MoeLiteForCausalLM"], model_type="glm4_moe_lite", vocab_size=154880, hidden_size=2048,
+    num_hidden_layers=47, num_attention_heads=20, num_key_value_heads=20, intermediate_size=10240,
+    moe_intermediate_size=1536, n_routed_experts=64, num_experts_per_tok=4, n_shared_experts=1, n_group=1,
+    topk_group=1, topk_method="noaux_tc", routed_scaling_factor=1.8, norm_topk_prob=True, first_k_dense_replace=1,
+    mlp_layer_types=["dense"] + ["sparse"] * 46, q_lora_rank=768, kv_lora_rank=512, qk_nope_head_dim=192,
+    qk_rope_head_dim=64, v_head_dim=256, max_position_embeddings=202752, rms_norm_eps=1e-5, rope_theta=1e6,
+    tie_word_embeddings=False, torch_dtype="bfloat16", hidden_act="silu", attention_bias=False,
+)
+SHAPES = {  # name: (config, E, Z, static top-K, description)
+    "qwen3-30b-a3b": (SHAPE, 128, 64, 8, "Qwen3-30B-A3B (48 layers, E=128, top-8, H=2048, I=768), dummy weights, bf16"),
+    "glm-4.7-flash": (GLM47_FLASH, 64, 32, 4, "GLM-4.7-Flash (47 layers, MLA, E=64 + 1 shared, top-4 sigmoid, H=2048, "
+                                                "I=1536), dummy weights, bf16"),
+}
+
 
 CONFIGS = {
     "static8": dict(top_k=8),
+    "static4": dict(top_k=4),
     "ideal4": dict(top_k=4),
     "ideal2": dict(top_k=2),
     "zeda": dict(zeda=True),
@@ -73,15 +93,17 @@ MAX_BATCHED = 16384  # max_num_batched_tokens: a prefill step holds up to this m
 MIN_RUNS = {"decode_b256": 4}
 
 
-def write_model(root: Path, name: str) -> Path:
+def write_model(root: Path, name: str, shape: str = "qwen3-30b-a3b") -> Path:
     from vllm_zeda.testing.tiny import byte_tokenizer
 
+    base, e, z, k, _ = SHAPES[shape]
     c = CONFIGS[name]
-    cfg = dict(SHAPE, num_experts_per_tok=c.get("top_k", 8))
+    cfg = dict(base, num_experts_per_tok=c.get("top_k", k))
     if c.get("zeda"):
-        cfg.update(architectures=["ZedaQwen3MoeForCausalLM"], model_type="zeda_qwen3_moe",
-                   zeda={"format_version": 1, "base_architecture": "Qwen3MoeForCausalLM", "num_real_experts": E,
-                         "num_zero_experts": Z, "zero_expert_type": "zero", "target_zero_fraction": 0.5})
+        arch = base["architectures"][0]
+        cfg.update(architectures=["Zeda" + arch], model_type="zeda_" + base["model_type"],
+                   zeda={"format_version": 1, "base_architecture": arch, "num_real_experts": e,
+                         "num_zero_experts": z, "zero_expert_type": "zero", "target_zero_fraction": 0.5})
     d = root / name
     d.mkdir(parents=True)
     (d / "config.json").write_text(json.dumps(cfg))
@@ -286,7 +308,9 @@ def worker(model_dir: str, name: str, a) -> None:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
-    p.add_argument("--configs", nargs="+", default=["static8", "ideal4", "zeda"])
+    p.add_argument("--shape", choices=list(SHAPES), default="qwen3-30b-a3b")
+    p.add_argument("--configs", nargs="+", default=None,
+                   help="default: static8 ideal4 zeda (Qwen3 shape), static4 ideal2 zeda (GLM-4.7-Flash); the first is the baseline")
     p.add_argument("--targets", nargs="+", type=float, default=[0.0, 0.5])
     p.add_argument("--worker", nargs=2)
     p.add_argument("--profile-decode", action="store_true")
@@ -307,6 +331,8 @@ def main() -> None:
         p.error(f"--profile-batch must be at least 1, got {a.profile_batch}")
     if set(a.profile_run) - set(a.workloads):
         p.error(f"--profile-run {' '.join(sorted(set(a.profile_run) - set(a.workloads)))}: not among --workloads")
+    if a.configs is None:
+        a.configs = ["static8", "ideal4", "zeda"] if a.shape == "qwen3-30b-a3b" else ["static4", "ideal2", "zeda"]
     if a.worker:
         return worker(*a.worker, a)
     import torch
@@ -314,11 +340,10 @@ def main() -> None:
 
     root = Path(tempfile.mkdtemp())
     results = {"meta": {"device": torch.cuda.get_device_name(), "vllm": vllm.__version__, "date": time.strftime("%Y-%m-%d"),
-                        "shape": "Qwen3-30B-A3B (48 layers, E=128, top-8, H=2048, I=768), dummy weights, bf16",
-                        "zero_experts": Z, "tensor_parallel_size": a.tp, "expert_parallel": a.ep,
+                        "shape": SHAPES[a.shape][4], "zero_experts": SHAPES[a.shape][2], "tensor_parallel_size": a.tp, "expert_parallel": a.ep,
                         "gpus": torch.cuda.device_count()}, "configs": {}}
     for name in a.configs:
-        d = write_model(root, name)
+        d = write_model(root, name, a.shape)
         log = Path(a.out).with_name(f"e2e_{name}.log")
         timeout = a.timeout + (90 * len(a.targets) if CONFIGS[name].get("zeda") else 0)
         proc = run_worker([sys.executable, __file__, "--out", a.out, "--worker", str(d), name,
@@ -336,13 +361,14 @@ def main() -> None:
             results["configs"][name] = {"error": err[-2000:]}
         print(name, "done" if lines else "FAILED", flush=True)
         Path(a.out).write_text(json.dumps(results, indent=1))
-    base = results["configs"].get("static8", {}).get("workloads", {})
+    key = "vs_" + a.configs[0]  # the baseline: the base model's static top-K
+    base = results["configs"].get(a.configs[0], {}).get("workloads", {})
     for name, r in results["configs"].items():
         for w, e in r.get("workloads", {}).items():
             if w in base:
-                e["vs_static8"] = round(e["tok_per_s"] / base[w]["tok_per_s"], 3)
+                e[key] = round(e["tok_per_s"] / base[w]["tok_per_s"], 3)
     Path(a.out).write_text(json.dumps(results, indent=1))
-    print(json.dumps({n: {w: (e["tok_per_s"], e.get("vs_static8"), e.get("zero_fraction")) for w, e in r.get("workloads", {}).items()}
+    print(json.dumps({n: {w: (e["tok_per_s"], e.get(key), e.get("zero_fraction")) for w, e in r.get("workloads", {}).items()}
                       for n, r in results["configs"].items()}, indent=1))
 
 

@@ -434,3 +434,28 @@ def test_stats_endpoint_loads_without_narrowing_vllm_plugins(monkeypatch):
     assert add_stats_endpoint()
     assert plugins.load_endpoint_plugins(None) == [already]
     assert already.name == ENDPOINT_PLUGIN_NAME
+
+
+def test_sigmoid_router_is_the_reference_and_its_zero_bias_a_device_row():
+    """The vLLM router of the sigmoid family: routing.route_sigmoid without the routed scaling
+    (vLLM scales the output), grouped like the base model; the zero bias is a tensor that
+    set_zero_bias updates in place (so CUDA graphs see it); remap sends zero slots to expert 0."""
+    from vllm_zeda.routing import route_sigmoid
+    from vllm_zeda.serve import router as vllm_router
+
+    e, z, k = 8, 4, 2
+    g = torch.Generator().manual_seed(0)
+    logits, bias = torch.randn(32, e + z, generator=g), torch.randn(e + z, generator=g) * 0.1
+    for masked, mode in ((False, "gather"), (True, "gather"), (False, "remap")):
+        router = vllm_router.ZedaRouter(layer_idx=1, top_k=k, num_real=e, num_zero=z, renormalize=True, masked=masked,
+                                        zero_bias=0.5, zero_slots=mode, scoring="sigmoid", n_group=4, topk_group=2)
+        router.correction_bias = bias
+        weights, ids = router._compute_routing(None, logits, torch.int64)
+        ref = route_sigmoid(logits, bias, e, k, True, n_group=4, topk_group=2, masked=masked, zero_bias=0.5)
+        torch.testing.assert_close(weights, ref.weights)
+        assert torch.equal(ids, ref.ids.masked_fill(ref.is_zero, 0) if mode == "remap" else ref.ids)
+        assert router.stats() == ((0, 0) if masked else (int(ref.is_zero.sum()), 32 * k))
+    router.set_zero_bias(3.0)  # the row made on the first call moves in place
+    row = router._bias_row
+    router._compute_routing(None, logits, torch.int64)
+    assert router._bias_row is row and row[e:].eq(3.0).all() and row[:e].eq(0).all()

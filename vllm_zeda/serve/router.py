@@ -62,9 +62,11 @@ class ZedaRouter(compat.base_router_class()):
 
     def _compute_routing(self, hidden_states, router_logits, indices_type, **_):
         if self.scoring == "sigmoid":
-            r = route_sigmoid(router_logits, self.correction_bias, self.num_real, self.top_k, self.renormalize,
-                              n_group=self.n_group, topk_group=self.topk_group, masked=self.masked,
-                              zero_bias=self.zero_bias)
+            # the zero bias as a device tensor added here, not a Python float inside the
+            # reference: CUDA graphs captured with it read set_zero_bias's value at replay
+            logits = router_logits if self.masked else router_logits + self._zero_bias_row(router_logits.device)
+            r = route_sigmoid(logits, self.correction_bias, self.num_real, self.top_k, self.renormalize,
+                              n_group=self.n_group, topk_group=self.topk_group, masked=self.masked)
         elif router_logits.is_cuda:
             return self._compute_routing_fused(hidden_states, router_logits, indices_type)
         else:
@@ -122,6 +124,16 @@ class ZedaRouter(compat.base_router_class()):
             self._bias = bias
         return bias
 
+    def _zero_bias_row(self, device) -> torch.Tensor:
+        """[E+Z] float32: 0 for the real experts, the zero bias for the zero ones (updated in place
+        by set_zero_bias)."""
+        row = getattr(self, "_bias_row", None)
+        if row is None or row.device != device:
+            row = torch.zeros(self.num_real + self.num_zero, dtype=torch.float32, device=device)
+            row[self.num_real:] = self.zero_bias
+            self._bias_row = row
+        return row
+
     def _count(self, is_zero: torch.Tensor) -> None:
         if self.counts.device != is_zero.device:
             self.counts = self.counts.to(is_zero.device)
@@ -138,9 +150,11 @@ class ZedaRouter(compat.base_router_class()):
         """Change the dial at run time. On GPU the bias tensor is updated in place, so captured
         CUDA graphs see it."""
         self.zero_bias = float(bias)
-        if getattr(self, "_bias", None) is not None:
-            with torch.inference_mode():  # the tensor was made inside vLLM's inference-mode forward
+        with torch.inference_mode():  # the tensors were made inside vLLM's inference-mode forward
+            if getattr(self, "_bias", None) is not None:
                 self._bias.fill_(self.zero_bias)
+            if getattr(self, "_bias_row", None) is not None:
+                self._bias_row[self.num_real:] = self.zero_bias
 
     def stats(self) -> tuple[int, int]:
         zero, total = self.counts.tolist()
