@@ -107,22 +107,35 @@ def test_output_exists(tiny_models, tmp_path):
     assert [p.name for p in dst.iterdir()] == ["keep.txt"]
 
 
-def test_release_format_is_read(converted, tmp_path):
-    """The ZEDA authors' format (zce_nums/zce_types/use_zce_mask) loads in the same classes."""
+@pytest.mark.parametrize("arch,release,model_type", [
+    ("qwen3_moe", "Qwen3MoePlusPlusForCausalLM", "qwen3_moe_plus_plus"),
+    ("glm4_moe_lite", "Glm4MoeLitePlusPlusForCausalLM", "glm4_moe_lite_plus_plus"),
+])
+def test_release_format_is_read(converted, tmp_path, arch, release, model_type):
+    """The ZEDA authors' formats (zce_nums/zce_types/use_zce_mask) load in the same classes."""
     import torch
 
     from conftest import load
     from vllm_zeda.spec import read_spec
 
-    src = _copy(converted["qwen3_moe"], tmp_path / "rel")
+    src = _copy(converted[arch], tmp_path / "rel")
     cfg = json.loads((src / "config.json").read_text())
+    base = cfg["zeda"]["base_architecture"]
     del cfg["zeda"]
-    cfg.update(architectures=["Qwen3MoePlusPlusForCausalLM"], model_type="qwen3_moe_plus_plus",
-               zce_nums=[4], zce_types=["zero"], use_zce_mask=False)
+    cfg.update(architectures=[release], model_type=model_type, zce_nums=[4], zce_types=["zero"], use_zce_mask=False)
     (src / "config.json").write_text(json.dumps(cfg))
     spec = read_spec(cfg)
     assert (spec.num_real_experts, spec.num_zero_experts, spec.masked_by_default) == (8, 4, False)
-    ours, theirs = load(converted["qwen3_moe"]), load(src)
+    assert spec.base_architecture == base
+    ours, theirs = load(converted[arch]), load(src)
+    assert type(theirs).__name__ == release
     ids = torch.randint(0, 256, (2, 9))
     with torch.no_grad():
         assert torch.equal(ours(ids).logits, theirs(ids).logits)
+
+
+def test_grouped_routing_refuses_zero_experts_that_do_not_fill_its_groups(tiny_models, tmp_path):
+    """DeepSeek-V3 routes within n_group groups of the E+Z experts: 8 + 3 do not split into 4."""
+    proc = run_convert(tiny_models["deepseek_v3"], tmp_path / "o", "--num-zero-experts", "3")
+    assert_clean_failure(proc, tmp_path / "o", "n_group=4")
+    assert "multiple of 4" in proc.stderr

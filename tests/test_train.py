@@ -206,6 +206,25 @@ def test_torchrun_fsdp2_matches_one_process_and_resumes_exactly(tiny_models, tmp
     assert all(torch.equal(b[k], c[k]) for k in b), max((b[k] - c[k]).abs().max().item() for k in b)
 
 
+@pytest.mark.slow
+def test_torchrun_fsdp2_trains_the_sigmoid_family_like_one_process(tiny_models, tmp_path):
+    """DeepSeek-V3 (MLA attention, grouped sigmoid routing, the correction bias a buffer that
+    FSDP2 must carry from rank 0): two gloo processes give the one-process weights."""
+    src = tiny_models["deepseek_v3"]
+    run = ["--num-zero-experts", "4", "--stage1-steps", "6", "--stage2-steps", "4", "--teacher-cache",
+           "--teacher-topk", "400"]
+    one = train(src, tmp_path / "one", *run)
+    proc = train_subprocess(src, tmp_path / "two", *run, "--batch-size", "4", launcher=TORCHRUN)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-4, rtol=1e-4), k
+    assert all(torch.equal(a[k], b[k]) for k in a if k.endswith("e_score_correction_bias"))
+    two = json.loads((tmp_path / "two" / "zeda_report.json").read_text())
+    assert two["world_size"] == 2 and two["zero_fraction"] == pytest.approx(one["zero_fraction"], abs=0.01)
+
+
 def test_torchrun_refuses_what_cannot_step_sharded_tensors():
     from types import SimpleNamespace
 
