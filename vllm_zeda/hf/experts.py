@@ -17,7 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-_grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
+try:  # transformers' dispatcher (5.17, 5.19): the grouped GEMM its own experts use on this device and
+    # dtype (torch's grouped_mm, or its fallback where torch's kernel cannot run), input cast to the
+    # weight's dtype (grouped_mm is not autocast-enabled)
+    from transformers.integrations.moe import _grouped_mm
+except ImportError:  # pragma: no cover - a transformers without it
+    def _grouped_mm(input, weight, offs):
+        return (getattr(F, "grouped_mm", None) or torch._grouped_mm)(input.to(weight.dtype), weight, offs=offs)
 
 
 def runs_grouped(experts: nn.Module) -> bool:
@@ -47,7 +53,7 @@ def live_experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_
     live = (key_sorted < num_experts).unsqueeze(1)
 
     x = hidden_states[order // k].masked_fill(~live, 0)
-    gate_up = _grouped_mm(x.to(experts.gate_up_proj.dtype), experts.gate_up_proj.transpose(-2, -1), offs=offs)
+    gate_up = _grouped_mm(x, experts.gate_up_proj.transpose(-2, -1), offs=offs)
     gate, up = gate_up.chunk(2, dim=-1)
     out = _grouped_mm(experts.act_fn(gate) * up, experts.down_proj.transpose(-2, -1), offs=offs)
     out = torch.where(live, out * weights[order].unsqueeze(1), 0)
