@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from vllm_zeda.archs import arch_for_base
 from vllm_zeda.serve import compat
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,8 +27,10 @@ def test_version_parsing():
 def test_in_tree_classes_and_hooks_resolve(arch):
     module = compat.model_module(arch)
     assert compat.base_model_class(arch).__name__ == arch
-    assert compat.module_global(module, compat.FACTORY_NAMES) in compat.FACTORY_NAMES
-    assert compat.module_global(module, compat.GATE_NAMES) in compat.GATE_NAMES
+    factory = compat.factory_module(module)  # glm4_moe_lite's MoE block is glm4_moe's
+    assert compat.module_global(factory, compat.FACTORY_NAMES) in compat.FACTORY_NAMES
+    if arch_for_base(arch).scoring == "softmax":  # the sigmoid family widens its gate through the config
+        assert compat.module_global(module, compat.GATE_NAMES) in compat.GATE_NAMES
 
 
 def test_router_base_and_padding_outside_forward():
@@ -459,3 +462,20 @@ def test_sigmoid_router_is_the_reference_and_its_zero_bias_a_device_row():
     row = router._bias_row
     router._compute_routing(None, logits, torch.int64)
     assert router._bias_row is row and row[e:].eq(3.0).all() and row[:e].eq(0).all()
+
+
+def test_zeda_mla_model_types_are_recognised_as_mla():
+    """vLLM picks MLA attention by config model_type; ours answer as their base type does, and
+    the config's own model_type is left as it was."""
+    from vllm.transformers_utils.model_arch_config_convertor import ModelArchConfigConvertorBase
+
+    from vllm_zeda.hf.modeling import ZedaDeepseekV3Config, ZedaGlm4MoeConfig, register
+    from vllm_zeda.testing.tiny import MLA
+
+    register()
+    assert compat.recognise_zeda_model_types({"zeda_deepseek_v3": "deepseek_v3", "zeda_glm4_moe": "glm4_moe"})
+    mla = ZedaDeepseekV3Config(hidden_size=64, **MLA)
+    plain = ZedaGlm4MoeConfig(hidden_size=64)
+    assert ModelArchConfigConvertorBase(mla, mla).is_deepseek_mla()
+    assert not ModelArchConfigConvertorBase(plain, plain).is_deepseek_mla()
+    assert mla.model_type == "zeda_deepseek_v3" and "model_type" not in vars(mla)
