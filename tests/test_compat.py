@@ -467,6 +467,7 @@ def test_sigmoid_router_is_the_reference_and_its_zero_bias_a_device_row():
 def test_zeda_mla_model_types_are_recognised_as_mla():
     """vLLM picks MLA attention by config model_type; ours answer as their base type does, and
     the config's own model_type is left as it was."""
+    import vllm.config  # noqa: F401  (first: the convertor module alone is a circular import)
     from vllm.transformers_utils.model_arch_config_convertor import ModelArchConfigConvertorBase
 
     from vllm_zeda.hf.modeling import ZedaDeepseekV3Config, ZedaGlm4MoeConfig, register

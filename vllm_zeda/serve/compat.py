@@ -96,6 +96,7 @@ def recognise_zeda_model_types(base_types: dict[str, str]) -> bool:
     `zeda_deepseek_v3` is not on it. Wrap the check so that a ZEDA model type answers as its
     base type (`base_types`: ours -> base) does. Idempotent; False where this vLLM has no such check."""
     try:
+        import vllm.config  # noqa: F401  (first: the convertor module alone is a circular import)
         from vllm.transformers_utils.model_arch_config_convertor import ModelArchConfigConvertorBase as cls
     except ImportError:
         return False
