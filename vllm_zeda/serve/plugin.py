@@ -35,8 +35,10 @@ def register() -> None:
     _register_hf_configs()
     from . import compat
 
-    compat.recognise_zeda_model_types({**{a.zeda_model_type: a.base_model_type for a in ARCHS.values()},
-                                       **RELEASE_MODEL_TYPES})
+    if not compat.recognise_zeda_model_types({**{a.zeda_model_type: a.base_model_type for a in ARCHS.values()},
+                                              **RELEASE_MODEL_TYPES}):
+        logger.warning("[zeda] this vLLM has no model-type check for MLA attention to extend: ZEDA checkpoints of "
+                       "MLA models (GLM-4.7-Flash, DeepSeek-V3) may not get MLA attention")
     _wrap_engine_args()
 
 
