@@ -93,7 +93,7 @@ def test_dynamic_mode_equals_routing_reference(arch, converted, zero_bias):
     assert stats["zero_fraction"] == pytest.approx(sum(seen) / len(seen))
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "glm4_moe_lite", "deepseek_v3"])
 def test_zero_bias_moves_measured_skip_monotonically(arch, converted):
     model = load(converted[arch])
     fractions = []
