@@ -163,6 +163,10 @@ class ZedaCausalLMMixin:
     # Without this the Zeda classes fall back to "eager" while the base models use "grouped_mm".
     _can_set_experts_implementation_cached_value = True
 
+    def __init__(self, config):
+        super().__init__(config)
+        self._install_zeda_routers(config)
+
     def _install_zeda_routers(self, config) -> None:
         spec = read_spec(config)
         if spec is None:
@@ -253,63 +257,35 @@ class ZedaQwen3MoeForCausalLM(ZedaCausalLMMixin, Qwen3MoeForCausalLM):
     config_class = ZedaQwen3MoeConfig
     zeda_router_cls = ZedaQwen3MoeRouter
 
-    def __init__(self, config):
-        super().__init__(config)
-        self._install_zeda_routers(config)
-
 
 class ZedaQwen2MoeForCausalLM(ZedaCausalLMMixin, Qwen2MoeForCausalLM):
     config_class = ZedaQwen2MoeConfig
     zeda_router_cls = ZedaQwen2MoeRouter
-
-    def __init__(self, config):
-        super().__init__(config)
-        self._install_zeda_routers(config)
 
 
 class ZedaOlmoeForCausalLM(ZedaCausalLMMixin, OlmoeForCausalLM):
     config_class = ZedaOlmoeConfig
     zeda_router_cls = ZedaOlmoeRouter
 
-    def __init__(self, config):
-        super().__init__(config)
-        self._install_zeda_routers(config)
-
 
 class ZedaMixtralForCausalLM(ZedaCausalLMMixin, MixtralForCausalLM):
     config_class = ZedaMixtralConfig
     zeda_router_cls = ZedaMixtralRouter
-
-    def __init__(self, config):
-        super().__init__(config)
-        self._install_zeda_routers(config)
 
 
 class ZedaGlm4MoeForCausalLM(ZedaCausalLMMixin, Glm4MoeForCausalLM):
     config_class = ZedaGlm4MoeConfig
     zeda_router_cls = ZedaGlm4MoeRouter
 
-    def __init__(self, config):
-        super().__init__(config)
-        self._install_zeda_routers(config)
-
 
 class ZedaGlm4MoeLiteForCausalLM(ZedaCausalLMMixin, Glm4MoeLiteForCausalLM):
     config_class = ZedaGlm4MoeLiteConfig
     zeda_router_cls = ZedaGlm4MoeLiteRouter
 
-    def __init__(self, config):
-        super().__init__(config)
-        self._install_zeda_routers(config)
-
 
 class ZedaDeepseekV3ForCausalLM(ZedaCausalLMMixin, DeepseekV3ForCausalLM):
     config_class = ZedaDeepseekV3Config
     zeda_router_cls = ZedaDeepseekV3Router
-
-    def __init__(self, config):
-        super().__init__(config)
-        self._install_zeda_routers(config)
 
 
 class Qwen3MoePlusPlusForCausalLM(ZedaQwen3MoeForCausalLM):
