@@ -9,7 +9,8 @@ count them (a `nonzero` would stop the host once per layer, forward and recomput
 
 Rows past the last group are left unwritten by grouped_mm, in its outputs and in its input
 gradients: the dead rows are zeroed before the first GEMM (whose backward then zeroes their
-gradient) and selected away after the last, never multiplied (NaN * 0 is NaN).
+gradient) and after the last, before the routing weights multiply them (NaN * 0 is NaN, and
+the weights' gradient is the GEMM's output times the incoming gradient).
 """
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ def live_experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_
     gate_up = _grouped_mm(x, experts.gate_up_proj.transpose(-2, -1), offs=offs)
     gate, up = gate_up.chunk(2, dim=-1)
     out = _grouped_mm(experts.act_fn(gate) * up, experts.down_proj.transpose(-2, -1), offs=offs)
-    out = torch.where(live, out * weights[order].unsqueeze(1), 0)
+    out = torch.where(live, out, 0) * weights[order].unsqueeze(1)  # zeroed first: weights' gradient reads it
 
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)

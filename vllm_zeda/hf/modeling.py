@@ -65,15 +65,17 @@ class ZedaRouterMixin:
         # bit-identical to the original model (a GEMM over E+Z rows may round differently).
         # masked_rows: the trainer's stage-1 teacher routes with the original rows while the live
         # ones train (a plain attribute: no weight swap, so it works on sharded weights too).
-        if self.masked:
-            weight = self.weight[: self.num_real] if self.masked_rows is None else self.masked_rows
-        else:
-            weight = self.weight
-        logits = F.linear(hidden_states.reshape(-1, self.weight.shape[1]), weight)
+        logits = F.linear(hidden_states.reshape(-1, self.weight.shape[1]), self.routing_rows())
         routing = route_softmax(
             logits, self.num_real, self.top_k, self.renormalize, masked=self.masked, zero_bias=self.zero_bias
         )
         return logits, routing
+
+    def routing_rows(self) -> torch.Tensor:
+        """The router rows of the current mode: all E+Z, or masked mode's E real ones."""
+        if self.masked:
+            return self.weight[: self.num_real] if self.masked_rows is None else self.masked_rows
+        return self.weight
 
     def forward(self, hidden_states):
         logits, routing = self.route(hidden_states)
@@ -106,11 +108,7 @@ class ZedaSigmoidRouterMixin(ZedaRouterMixin):
         self.sigmoid_routing = sigmoid_routing(config)
 
     def route(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, Routing]:
-        if self.masked:
-            weight = self.weight[: self.num_real] if self.masked_rows is None else self.masked_rows
-        else:
-            weight = self.weight
-        logits = F.linear(hidden_states.reshape(-1, self.weight.shape[1]).float(), weight.float())
+        logits = F.linear(hidden_states.reshape(-1, self.weight.shape[1]).float(), self.routing_rows().float())
         routing = route_sigmoid(logits, self.e_score_correction_bias, self.num_real, self.top_k, self.renormalize,
                                 masked=self.masked, zero_bias=self.zero_bias, **self.sigmoid_routing)
         return logits, routing
