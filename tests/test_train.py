@@ -135,6 +135,35 @@ def test_sigmoid_family_trains_to_the_target_with_the_bias_frozen(arch, tiny_mod
     assert all(k.endswith("mlp.gate.weight") or ".experts." in k or ".shared_experts." in k for k in moved)  # MoE blocks only
 
 
+def test_trained_output_keeps_the_layers_transformers_does_not_build(tiny_models, tmp_path):
+    """A multi-token-prediction layer past num_hidden_layers (GLM-4.7-Flash's layer 47,
+    DeepSeek-V3's 61): transformers never builds it, the trainer's output still carries it, its
+    router and bias grown as conversion grows them, listed in the weight index."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from vllm_zeda.convert.inject import convert_checkpoint
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_models["deepseek_v3"], src)
+    tensors = weights(src)
+    g = torch.Generator().manual_seed(5)
+    mtp = {"model.layers.3.eh_proj.weight": torch.randn(64, 128, generator=g),
+           "model.layers.3.mlp.gate.weight": torch.randn(8, 64, generator=g),
+           "model.layers.3.mlp.gate.e_score_correction_bias": torch.randn(8, generator=g)}
+    save_file({**tensors, **mtp}, src / "model.safetensors", metadata={"format": "pt"})
+    train(src, tmp_path / "o", "--num-zero-experts", "4", "--stage1-steps", "2", "--stage2-steps", "1")
+    convert_checkpoint(src, tmp_path / "ref", 4, progress=False)
+    out, ref = tmp_path / "o", weights(tmp_path / "ref")
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    extra = load_file(out / index["model.layers.3.eh_proj.weight"])
+    assert sorted(extra) == sorted(mtp) and set(index.values()) == {"model.safetensors", "model-unbuilt-layers.safetensors"}
+    assert all(torch.equal(extra[k], ref[k]) for k in mtp)  # grown exactly as the converter grows them
+    assert extra["model.layers.3.mlp.gate.weight"].shape == (12, 64)
+    assert set(index) == set(weights(out)) | set(mtp)
+
+
 def test_convert_only(tiny_models, tmp_path):
     from vllm_zeda.convert.inject import convert_checkpoint
 

@@ -6,11 +6,12 @@ it at the end, so an interrupted or failed run leaves nothing behind.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -140,6 +141,42 @@ def convert_checkpoint(
         (tmp / CONFIG).write_text(json.dumps(converted_config(cfg, arch, spec), indent=2) + "\n")
         copy_side_files(src, tmp, skip=set(shards) | {CONFIG, INDEX})
     return spec
+
+
+EXTRA_SHARD = "model-unbuilt-layers.safetensors"
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def carry_unbuilt_layers(src: Path, dst: Path, cfg: dict, spec: ZedaSpec, seed: int) -> list[str]:
+    """Copy into `dst` (a checkpoint transformers just wrote) the source's tensors of layers past
+    num_hidden_layers, which transformers does not build and so never writes: GLM-4.7-Flash's and
+    DeepSeek-V3's multi-token-prediction layer. Their routers grow as conversion grows them. They
+    go to one more shard, listed in the weight index (made if dst had none). Returns their names."""
+    n_layers = cfg.get("num_hidden_layers")
+    if not isinstance(n_layers, int):
+        return []
+    extra: dict[str, torch.Tensor] = {}
+    shards, _ = shard_files(src)
+    for shard in shards:
+        with safe_open(src / shard, framework="pt") as f:
+            for name in f.keys():
+                m = _LAYER.search(name)
+                if m and int(m.group(1)) >= n_layers:
+                    t = f.get_tensor(name)
+                    grown = extend_router_tensor(name, t, spec, seed)
+                    extra[name] = t if grown is None else grown
+    if not extra:
+        return []
+    save_file(extra, dst / EXTRA_SHARD, metadata={"format": "pt"})
+    written, index = shard_files(dst)
+    if index is None:  # one shard: an index over it and the new one
+        with safe_open(dst / written[0], framework="pt") as f:
+            index = {"metadata": {}, "weight_map": {name: written[0] for name in f.keys()}}
+    index["weight_map"].update({name: EXTRA_SHARD for name in extra})
+    size = sum(t.numel() * t.element_size() for t in extra.values())
+    index["metadata"]["total_size"] = index["metadata"].get("total_size", 0) + size
+    (dst / INDEX).write_text(json.dumps(index, indent=2))
+    return sorted(extra)
 
 
 def copy_side_files(src: Path, dst: Path, skip: set[str]) -> None:

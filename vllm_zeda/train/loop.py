@@ -555,7 +555,7 @@ def evaluate(model, teacher_fn, heldout: torch.Tensor, batch_size: int, dist: Di
 def write_output(run: Run) -> dict:
     """The ZEDA checkpoint, its report and plot, written atomically; the work dir then goes."""
     from ..convert.checkpoint import atomic_output_dir
-    from ..convert.inject import copy_side_files
+    from ..convert.inject import carry_unbuilt_layers, copy_side_files
     from .report import METRICS, PLOT, plot, read_metrics, write_report
 
     args, dist, spec, evals = run.args, run.dist, run.spec, run.evals
@@ -599,6 +599,7 @@ def write_output(run: Run) -> dict:
                 run.model.save_pretrained(tmp, state_dict=full)
             else:
                 run.model.to(dtype).save_pretrained(tmp)
+            carry_unbuilt_layers(run.src, tmp, run.cfg, spec, args.seed)  # e.g. an MTP layer
             copy_side_files(run.src, tmp, skip=set(os.listdir(tmp)))  # tokenizer, chat template, ...
             _check_written_config(tmp, spec)
             write_report(tmp, report)
