@@ -591,3 +591,23 @@ def test_dummy_weights_serve_from_a_config_only_checkpoint(ckpt, tmp_path):
                                                     "temperature": 0, "ignore_eos": True}, timeout=REQUEST_TIMEOUT)
         assert status == 200 and body["usage"]["completion_tokens"] == 4, body
         assert sum(layer["total_slots"] for layer in srv.stats()["layers"]) > 0
+
+
+def test_preflight_refuses_a_deepseek_v3_config_vllm_would_route_by_softmax(tiny_models, tmp_path):
+    """vLLM builds DeepSeek-V3's correction bias only for topk_method "noaux_tc" (transformers'
+    config class does not write the field): one line before the engine starts, not a traceback."""
+    import json
+
+    from vllm_zeda.convert.inject import convert_checkpoint
+    from vllm_zeda.convert.preflight import check_checkpoint
+    from vllm_zeda.errors import ZedaError
+
+    dst = tmp_path / "z"
+    convert_checkpoint(tiny_models["deepseek_v3"], dst, 4, progress=False)
+    assert check_checkpoint(str(dst)).num_zero_experts == 4
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg.pop("topk_method")
+    (dst / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ZedaError, match='"topk_method": "noaux_tc"') as exc:
+        check_checkpoint(str(dst))
+    assert "\n" not in str(exc.value)

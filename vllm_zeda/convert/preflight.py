@@ -37,6 +37,9 @@ def check_checkpoint(model: str, require_zero_experts: bool = True, check_weight
             raise ZedaError(f"--enable-zeda: {model} ({arch}) has no zero experts; convert it first with "
                             "python -m vllm_zeda.train (or vllm_zeda.convert)")
         return None
+    if spec.base_architecture == "DeepseekV3ForCausalLM" and cfg.get("topk_method") != "noaux_tc":
+        raise ZedaError(f'{model}: config.json needs "topk_method": "noaux_tc" (DeepSeek-V3\'s own config has it): '
+                        "without it vLLM builds no e_score_correction_bias and routes by softmax")
     if not check_weights:
         return spec
     from safetensors import SafetensorError, safe_open
