@@ -45,3 +45,15 @@ def test_run_profile_table_puts_each_run_in_a_column_per_step():
     assert "| runner: forward | 500.0 |" in lines and "| runner: preprocess | 0.0 |" in lines
     assert "| between runner scopes | 200.0 |" in lines and "| GPU idle | 250.0 |" in lines
     assert "| GPU idle in long gaps (count, total µs) | 2, 700 |" in lines
+
+
+def test_e2e_table_holds_each_target_to_static_k_times_the_live_share():
+    """GLM's static top-4 at skip 0.5 is held to top-2; Qwen's static top-8 to top-4."""
+    def run(tps):
+        return {"workloads": {"prefill": {"tok_per_s": tps}}}
+
+    data = {"configs": {"static4": run(100.0), "ideal2": run(120.0), "zeda_s0": run(99.0), "zeda_s50": run(118.0)}}
+    lines = tables.e2e(data).splitlines()
+    assert lines[2] == "| static4 | 100.0 (1.000x) |"
+    assert lines[-1] == "| zeda_s50 | ideal2 | 90% |"
+    assert tables.ideal_for("static8", "zeda_s75") == "ideal2"
