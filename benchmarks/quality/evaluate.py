@@ -1,0 +1,211 @@
+"""Quality at matched routed-expert FLOPs: the teacher (static top-K), ZEDA checkpoints converted
+from it, and the training-free baselines of `baselines.py` run on the teacher, through transformers.
+
+Metrics, on the corpus's held-out split (`corpus.py`): perplexity per source, next-token accuracy
+on code, greedy exact match on held-out math questions ("Question: q\\nAnswer:" -> the first
+line). Every point reports the share of the K slots it ran ("kept"); a baseline's dial (top-p's
+p, the threshold's tau) is bisected on a calibration slice of the held-out blocks to each
+--kept target. A ZEDA checkpoint runs at its trained zero fraction and, with --zero-biases, at
+each value of the `zero_bias` dial (the logit added to its zero experts): one checkpoint, a curve.
+
+    python benchmarks/quality/evaluate.py --teacher BASE --zeda ZEDA [ZEDA...] --corpus .quality/corpus \
+        --out quality.json [--kept 0.75 0.5 0.25] [--zero-biases -2 -1 1 2]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import baselines  # noqa: E402
+
+
+class BaselineGate(nn.Module):
+    """A softmax top-K router (transformers' TopKRouter interface) whose slots a baseline rule
+    thins; counts the slots it keeps."""
+
+    def __init__(self, gate: nn.Module, rule):
+        super().__init__()
+        self.gate, self.rule = gate, rule
+        self.kept, self.total = 0, 0
+
+    def forward(self, hidden_states):
+        logits = F.linear(hidden_states.reshape(-1, self.gate.weight.shape[1]), self.gate.weight)
+        weights, ids = self.rule(torch.softmax(logits.float(), dim=-1), self.gate.top_k)
+        self.kept += int((weights > 0).sum())
+        self.total += weights.numel()
+        return logits, weights.to(logits.dtype), ids
+
+
+@contextlib.contextmanager
+def baseline(model, rule):
+    """The model's MoE blocks routed by `rule` inside the block; yields the gates (for counts)."""
+    blocks = [m for m in model.modules() if hasattr(m, "gate") and hasattr(m, "experts")]
+    originals = [b.gate for b in blocks]
+    gates = [BaselineGate(g, rule) for g in originals]
+    for b, g in zip(blocks, gates):
+        b.gate = g
+    try:
+        yield gates
+    finally:
+        for b, g in zip(blocks, originals):
+            b.gate = g
+
+
+def kept_share(gates) -> float:
+    return sum(g.kept for g in gates) / max(1, sum(g.total for g in gates))
+
+
+def heldout_blocks(path: Path, tokenizer, seq_len: int, max_blocks: int) -> torch.Tensor:
+    ids: list[int] = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            ids += tokenizer(json.loads(line)["text"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    n = min(max_blocks, len(ids) // seq_len)
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+@torch.no_grad()
+def lm_metrics(model, blocks: torch.Tensor, batch: int) -> tuple[float, float]:
+    """(perplexity, next-token accuracy) over the blocks."""
+    nll, hits, count = 0.0, 0, 0
+    for i in range(0, blocks.shape[0], batch):
+        x = blocks[i:i + batch]
+        logits = model(input_ids=x).logits[:, :-1].float()
+        target = x[:, 1:]
+        nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum").item()
+        hits += int((logits.argmax(-1) == target).sum())
+        count += target.numel()
+    return math.exp(nll / count), hits / count
+
+
+@torch.no_grad()
+def math_exact_match(model, tokenizer, questions: list[dict], batch: int, max_new_tokens: int = 16) -> float:
+    tokenizer.padding_side = "left"
+    right = 0
+    for i in range(0, len(questions), batch):
+        chunk = questions[i:i + batch]
+        enc = tokenizer([f"Question: {q['question']}\nAnswer:" for q in chunk], return_tensors="pt", padding=True)
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+        for q, ids in zip(chunk, out[:, enc["input_ids"].shape[1]:]):
+            right += tokenizer.decode(ids, skip_special_tokens=True).split("\n")[0].strip() == q["answer"]
+    return right / len(questions)
+
+
+def evaluate_point(model, tokenizer, data: dict, args) -> dict:
+    out = {}
+    for source, blocks in data["blocks"].items():
+        ppl, acc = lm_metrics(model, blocks, args.batch_size)
+        out[f"ppl_{source}"] = round(ppl, 4)
+        if source == "code":
+            out["code_next_token_acc"] = round(acc, 4)
+    out["math_exact_match"] = round(math_exact_match(model, tokenizer, data["questions"], args.batch_size), 4)
+    return out
+
+
+@torch.no_grad()
+def calibrate(model, make_rule, lo: float, hi: float, target: float, calib: torch.Tensor, increasing: bool) -> float:
+    """The dial value in [lo, hi] whose kept share on `calib` is `target` (bisection, 14 steps);
+    `increasing`: the kept share grows with the dial."""
+    for _ in range(14):
+        mid = (lo + hi) / 2
+        with baseline(model, make_rule(mid)) as gates:
+            model(input_ids=calib)
+        if (kept_share(gates) < target) == increasing:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+def run_baseline(model, tokenizer, data, args, name: str, rule, dial=None) -> dict:
+    with baseline(model, rule) as gates:
+        point = evaluate_point(model, tokenizer, data, args)
+        point = {"method": name, "kept": round(kept_share(gates), 4), **({"dial": dial} if dial is not None else {}), **point}
+    print(json.dumps(point), flush=True)
+    return point
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--teacher", required=True)
+    p.add_argument("--zeda", nargs="*", default=[])
+    p.add_argument("--corpus", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--kept", type=float, nargs="*", default=[0.75, 0.5, 0.25], help="baselines' kept shares")
+    p.add_argument("--zero-biases", type=float, nargs="*", default=[], help="extra points of each ZEDA model's dial")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--max-blocks", type=int, default=64, help="held-out blocks per source")
+    p.add_argument("--math-questions", type=int, default=500)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+    import vllm_zeda  # noqa: F401  (registers the ZEDA classes with transformers)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(a.seed)
+    t0 = time.time()
+    corpus = Path(a.corpus)
+    tokenizer = AutoTokenizer.from_pretrained(a.teacher)
+    tokenizer.model_max_length = 1 << 30
+    data = {"blocks": {f.stem: heldout_blocks(f, tokenizer, a.seq_len, a.max_blocks)
+                       for f in sorted((corpus / "heldout").glob("*.jsonl"))},
+            "questions": [json.loads(line) for line in (corpus / "math_eval.jsonl").read_text().splitlines()[:a.math_questions]]}
+    calib = torch.cat([b[:4] for b in data["blocks"].values()])
+    points = []
+
+    teacher = AutoModelForCausalLM.from_pretrained(a.teacher, dtype=torch.float32).eval()
+    k = teacher.config.num_experts_per_tok
+    points.append(run_baseline(teacher, tokenizer, data, a, "teacher", lambda pr, kk: baselines.static_k(pr, kk, kk)))
+    for kept in a.kept:
+        keep_k = round(k * kept)
+        if keep_k >= 1 and abs(keep_k / k - kept) < 1e-6:
+            points.append(run_baseline(teacher, tokenizer, data, a, "static_k",
+                                       lambda pr, kk, n=keep_k: baselines.static_k(pr, kk, n), dial=keep_k))
+        pv = calibrate(teacher, lambda v: (lambda pr, kk: baselines.top_p(pr, kk, v)), 0.0, 1.0, kept, calib, True)
+        points.append(run_baseline(teacher, tokenizer, data, a, "top_p", lambda pr, kk, v=pv: baselines.top_p(pr, kk, v), dial=round(pv, 5)))
+        tv = calibrate(teacher, lambda v: (lambda pr, kk: baselines.threshold(pr, kk, v)), 0.0, 1.0, kept, calib, False)
+        points.append(run_baseline(teacher, tokenizer, data, a, "threshold", lambda pr, kk, v=tv: baselines.threshold(pr, kk, v), dial=round(tv, 5)))
+        def dropping(rate):  # a fresh seeded stream for each rate tried and for the evaluation
+            g = torch.Generator().manual_seed(a.seed)
+            return lambda pr, kk: baselines.random_drop(pr, kk, rate, g)
+
+        rv = calibrate(teacher, dropping, 0.0, 1.0, kept, calib, False)
+        points.append(run_baseline(teacher, tokenizer, data, a, "random_drop", dropping(rv), dial=round(rv, 5)))
+    del teacher
+
+    for path in a.zeda:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        target = getattr(model.config, "zeda", {}).get("target_zero_fraction") if isinstance(getattr(model.config, "zeda", None), dict) else None
+        for bias in [None, *a.zero_biases]:
+            if bias is not None:
+                model.zeda_set_mode(zero_bias=bias)
+            model.zeda_stats(reset=True)
+            point = evaluate_point(model, tokenizer, data, a)
+            stats = model.zeda_stats(reset=True)
+            point = {"method": "zeda", "checkpoint": str(path), "kept": round(1 - stats["zero_fraction"], 4),
+                     **({"dial": bias} if bias is not None else {}), **({"target": target} if target is not None else {}), **point}
+            print(json.dumps(point), flush=True)
+            points.append(point)
+        del model
+
+    result = {"teacher": a.teacher, "corpus": json.loads((corpus / "MANIFEST.json").read_text())["files"],
+              "settings": {k: v for k, v in vars(a).items() if k not in ("out",)}, "seconds": round(time.time() - t0, 1),
+              "date": time.strftime("%Y-%m-%d"), "points": points}
+    Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(f"evaluate: {len(points)} points in {time.time() - t0:.0f} s -> {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

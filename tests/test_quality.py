@@ -1,0 +1,107 @@
+"""benchmarks/quality: the training-free baselines' rules, and the testbed pipeline at smoke size
+(a tokenizer trained on a few local texts -> pretrain -> convert -> evaluate), and the bundled
+quickstart model."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks" / "quality"))
+import baselines  # noqa: E402
+import corpus  # noqa: E402
+
+
+def probs(tokens=64, experts=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.softmax(torch.randn(tokens, experts, generator=g) * 2, dim=-1)
+
+
+def test_static_k_keeps_the_best_slots_renormalised():
+    pr = probs()
+    w, ids = baselines.static_k(pr, 4, 2)
+    top, top_ids = torch.topk(pr, 2, dim=-1)
+    assert torch.equal(ids[:, :2], top_ids)
+    assert torch.allclose(w[:, :2], top / top.sum(-1, keepdim=True)) and torch.all(w[:, 2:] == 0)
+    assert baselines.kept_fraction(w) == 0.5
+
+
+@pytest.mark.parametrize("rule", ["top_p", "threshold", "random_drop"])
+def test_dialled_rules_keep_between_one_slot_and_k_and_weights_sum_to_one(rule):
+    pr, g = probs(), torch.Generator().manual_seed(0)
+    run = {"top_p": lambda v: baselines.top_p(pr, 4, v), "threshold": lambda v: baselines.threshold(pr, 4, v),
+           "random_drop": lambda v: baselines.random_drop(pr, 4, v, g)}[rule]
+    shares = []
+    for dial in (0.0, 0.3, 0.6, 0.9, 1.0):
+        w, _ = run(dial)
+        assert torch.allclose(w.sum(-1), torch.ones(w.shape[0]))
+        assert torch.all((w > 0).sum(-1) >= 1)
+        shares.append(baselines.kept_fraction(w))
+    # top-p keeps more as p grows; the threshold and the drop rate keep less as they grow
+    assert shares == sorted(shares, reverse=rule != "top_p") and shares[0] != shares[-1]
+
+
+def test_top_p_stops_once_the_better_slots_reach_p():
+    pr = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    assert (baselines.top_p(pr, 4, 0.75)[0] > 0).sum() == 2  # 0.5 < 0.75, 0.8 >= 0.75
+    assert (baselines.top_p(pr, 4, 0.85)[0] > 0).sum() == 3
+
+
+def test_math_documents_drop_held_out_questions_seen_in_train():
+    train = [{"question": f"q{i}", "answer": str(i)} for i in range(5)]
+    held = [{"question": "q1", "answer": "1"}, {"question": "new", "answer": "7"}]
+    docs, held_docs = corpus.math_documents(train, held, per_doc=2)
+    assert len(docs) == 3 and docs[0] == "Question: q0\nAnswer: 0\n\nQuestion: q1\nAnswer: 1\n\n"
+    assert held == [{"question": "new", "answer": "7"}] and held_docs == ["Question: new\nAnswer: 7\n\n"]
+
+
+def test_testbed_pipeline_smoke(tmp_path):
+    """corpus tokenizer -> pretrain.py -> python -m vllm_zeda.train -> evaluate.py, on local text."""
+    root = tmp_path / "corpus"
+    texts = {"code": [Path(corpus.__file__).read_text(), Path(baselines.__file__).read_text()],
+             "prose": ["The manual page describes the command and its options in plain words. " * 40],
+             "math": ["".join(corpus.qa({"question": f"What is {i} + {i}?", "answer": str(2 * i)}) for i in range(80))]}
+    for split in ("train", "heldout"):
+        for name, docs in texts.items():
+            corpus.write_jsonl(root / split / f"{name}.jsonl", docs)
+    (root / "math_eval.jsonl").write_text("".join(json.dumps({"question": f"What is {i} + {i}?", "answer": str(2 * i)}) + "\n"
+                                                  for i in range(4)))
+    (root / "MANIFEST.json").write_text(json.dumps({"files": {}}))
+    corpus.train_tokenizer(sorted((root / "train").glob("*.jsonl")), 300, root / "tokenizer")
+
+    run = lambda *args: subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True)  # noqa: E731
+    base, zeda, result = tmp_path / "base", tmp_path / "zeda", tmp_path / "q.json"
+    out = run("benchmarks/quality/pretrain.py", "--corpus", root, "--preset", "smoke", "--steps", 6, "--batch-size", 4,
+              "--seq-len", 64, "--out", base, "--device", "cpu")
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads((base / "pretrain_report.json").read_text())
+    assert report["steps"] == 6 and set(report["heldout_perplexity"]) == {"code", "prose", "math"}
+    out = run("-m", "vllm_zeda.train", "--model", base, "--output", zeda, "--data", root / "train", "--stage1-steps", 3,
+              "--stage2-steps", 2, "--seq-len", 32, "--quiet", "--no-plot")
+    assert out.returncode == 0, out.stderr[-2000:]
+    out = run("benchmarks/quality/evaluate.py", "--teacher", base, "--zeda", zeda, "--corpus", root, "--out", result,
+              "--kept", 0.5, "--zero-biases", 30.0, "--seq-len", 32, "--max-blocks", 2, "--math-questions", 4, "--batch-size", 4)
+    assert out.returncode == 0, out.stderr[-2000:]
+    points = json.loads(result.read_text())["points"]
+    methods = [p["method"] for p in points]
+    assert methods == ["teacher", "static_k", "top_p", "threshold", "random_drop", "zeda", "zeda"]
+    assert points[0]["kept"] == 1.0 and points[1]["kept"] == 0.5
+    assert points[-1]["dial"] == 30.0 and points[-1]["kept"] == 0.0  # the dial pushes every slot to a zero expert
+
+
+def test_bundled_quickstart_model_is_a_small_pretrained_qwen3_moe():
+    from transformers import AutoConfig, AutoTokenizer
+
+    base = ROOT / "examples" / "tiny_moe"
+    assert (base / "model.safetensors").stat().st_size <= 16_000_000
+    config = AutoConfig.from_pretrained(base)
+    assert config.model_type == "qwen3_moe" and config.num_experts == 16 and config.num_experts_per_tok == 4
+    tok = AutoTokenizer.from_pretrained(base)
+    assert tok.tokenize("151") == ["1", "5", "1"]
+    for f in ("train/code.jsonl", "heldout/prose.jsonl", "math_eval.jsonl"):
+        assert (base / "data" / f).stat().st_size > 0
