@@ -152,10 +152,13 @@ def main() -> int:
     a = p.parse_args()
     import vllm_zeda  # noqa: F401  (registers the ZEDA classes with transformers)
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from vllm_zeda.spec import read_spec
 
     torch.manual_seed(a.seed)
     t0 = time.time()
     corpus = Path(a.corpus)
+    if not (corpus / "heldout").is_dir() or not (corpus / "math_eval.jsonl").is_file():
+        raise SystemExit(f"evaluate: {corpus} is no built corpus: python benchmarks/quality/corpus.py --out {corpus}")
     tokenizer = AutoTokenizer.from_pretrained(a.teacher)
     tokenizer.model_max_length = 1 << 30
     data = {"blocks": {f.stem: heldout_blocks(f, tokenizer, a.seq_len, a.max_blocks)
@@ -186,7 +189,7 @@ def main() -> int:
 
     for path in a.zeda:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        target = getattr(model.config, "zeda", {}).get("target_zero_fraction") if isinstance(getattr(model.config, "zeda", None), dict) else None
+        target = read_spec(model.config).target_zero_fraction
         for bias in [None, *a.zero_biases]:
             if bias is not None:
                 model.zeda_set_mode(zero_bias=bias)

@@ -8,9 +8,10 @@ corpus's tokenizer, ready for `python -m vllm_zeda.train` and `vllm serve`.
   smoke       2 layers, hidden 64, 8 experts (top-2): CPU tests of this script
 
 `--minutes M` times a few steps first (forward + backward, no update) and fixes the step count
-that fits M minutes; `--steps N` fixes it outright. The run is deterministic in (--seed, steps) on
-one device type. A state is saved every --save-every steps: a killed run resumes with the same
-command (`--steps` as the report states).
+that fits M minutes; `--steps N` fixes it outright. Seeded (initialisation and batch order, with
+torch's deterministic algorithms where they exist; not checked bit for bit across runs). A state
+is saved every --save-every steps in OUT.state: a killed run resumes from it with the same command
+(and `--steps` as the killed run printed); a finished run removes it.
 
     python benchmarks/quality/pretrain.py --corpus .quality/corpus --preset quickstart --minutes 4 --out OUT
 """
@@ -20,6 +21,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -105,6 +107,8 @@ def main() -> int:
     from transformers import AutoTokenizer, Qwen3MoeForCausalLM
 
     corpus, out = Path(a.corpus), Path(a.out)
+    if not (corpus / "tokenizer").is_dir() or not (corpus / "train").is_dir():
+        raise SystemExit(f"pretrain: {corpus} is no built corpus: python benchmarks/quality/corpus.py --out {corpus}")
     work = out.with_name(out.name + ".state")
     work.mkdir(parents=True, exist_ok=True)
     device = torch.device(a.device)
@@ -200,9 +204,9 @@ def main() -> int:
               "corpus_manifest": json.loads((corpus / "MANIFEST.json").read_text())}
     (tmp / "pretrain_report.json").write_text(json.dumps(report, indent=1) + "\n")
     if out.exists():
-        import shutil
         shutil.rmtree(out)
     tmp.rename(out)
+    shutil.rmtree(work, ignore_errors=True)
     print(f"pretrain: {n_params / 1e6:.2f} M params, {report['tokens']:,} tokens in {train_seconds:.0f} s -> {out}")
     return 0
 
