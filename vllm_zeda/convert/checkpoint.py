@@ -30,6 +30,15 @@ def load_config(model_dir: Path) -> dict:
     return cfg
 
 
+def quantization(cfg: dict) -> str | None:
+    """The checkpoint's quantization method ("fp8", "compressed-tensors", ...), or None when its
+    weights are plain floating point."""
+    q = cfg.get("quantization_config")
+    if not isinstance(q, dict):
+        return None
+    return str(q.get("quant_method") or q.get("format") or "unknown")
+
+
 def shard_files(model_dir: Path) -> tuple[list[str], dict | None]:
     """Shard file names (in order) and the index JSON, if the checkpoint is sharded."""
     index_path = model_dir / INDEX

@@ -49,6 +49,9 @@ def extend_router_tensor(name: str, t: torch.Tensor, spec: ZedaSpec, seed: int) 
     """The converted form of a router weight or correction bias, or None for any other tensor."""
     e, z = spec.num_real_experts, spec.num_zero_experts
     layer = router_layer(name)
+    if layer is not None and t.is_floating_point() and t.element_size() == 1:
+        raise ZedaError(f"router {name} is quantized ({t.dtype}): conversion grows the router's rows, so the source "
+                        "must keep its routers unquantized (Qwen's and DeepSeek's FP8 releases do)")
     if layer is not None:
         if t.dim() != 2 or t.shape[0] != e:
             raise ZedaError(f"router {name} has shape {tuple(t.shape)}, expected ({e}, hidden)")

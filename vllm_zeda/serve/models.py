@@ -20,7 +20,7 @@ import logging
 from . import compat
 from ..archs import sigmoid_routing
 from ..spec import ZedaSpec, arch_of, read_spec
-from .checks import check_parallel_layout, zero_slot_mode
+from .checks import check_parallel_layout, check_quantization, zero_slot_mode
 from .router import ZedaRouter
 
 logger = logging.getLogger("vllm.zeda")  # a child of vLLM's logger: its format and level
@@ -79,6 +79,7 @@ class ZedaModelMixin:
         if spec is None:
             raise ValueError(f"{type(self).__name__}: config has no zero experts (no 'zeda' block)")
         check_parallel_layout(compat.is_cpu_platform(), bool(getattr(vllm_config.parallel_config, "enable_expert_parallel", False)))
+        check_quantization(compat.is_cpu_platform(), getattr(vllm_config.model_config, "quantization", None))
         settings = zeda_settings(vllm_config)
         masked = not settings.get("enabled", False)
         mode = zero_slot_mode(settings.get("zero_slots", "auto"), compat.is_cpu_platform())

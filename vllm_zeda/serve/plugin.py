@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
+from pathlib import Path
 
 from ..archs import ARCHS, RELEASE_ARCHITECTURES, RELEASE_MODEL_TYPES
 
@@ -95,7 +96,8 @@ def apply_cli_settings(engine_args, args) -> None:
     from . import compat
     from ..errors import ZedaError
     from ..convert.preflight import check_checkpoint
-    from .checks import check_parallel_layout, zero_slot_mode
+    from ..convert.checkpoint import load_config, quantization
+    from .checks import check_parallel_layout, check_quantization, zero_slot_mode
 
     enabled = bool(getattr(args, "enable_zeda", False))
     try:
@@ -105,6 +107,8 @@ def apply_cli_settings(engine_args, args) -> None:
         if spec is not None:
             on_cpu = compat.is_cpu_platform()
             check_parallel_layout(on_cpu, bool(getattr(engine_args, "enable_expert_parallel", False)))
+            check_quantization(on_cpu, getattr(engine_args, "quantization", None)
+                               or quantization(load_config(Path(engine_args.model))))
             if enabled:
                 zero_slot_mode(getattr(args, "zeda_zero_slots", "auto"), on_cpu)
     except ZedaError as exc:

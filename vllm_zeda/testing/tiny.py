@@ -109,6 +109,46 @@ def make_tiny_moe(out_dir: str | Path, arch: str = "qwen3_moe", seed: int = 0, d
     return out
 
 
+FP8_MAX = 448.0  # float8_e4m3fn's largest finite value
+
+
+def fp8_block_quantize(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w_fp8, scale_inv) in the block format of Qwen's and DeepSeek's FP8 releases: one float32
+    scale per block x block tile, w ~= w_fp8 * scale_inv tile by tile."""
+    out_dim, in_dim = w.shape
+    rows, cols = -(-out_dim // block), -(-in_dim // block)
+    padded = torch.zeros(rows * block, cols * block, dtype=torch.float32)
+    padded[:out_dim, :in_dim] = w.float()
+    tiles = padded.view(rows, block, cols, block)
+    scale = (tiles.abs().amax(dim=(1, 3)) / FP8_MAX).clamp(min=1e-12)
+    q = (tiles / scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q.view(rows * block, cols * block)[:out_dim, :in_dim].contiguous(), scale
+
+
+def make_tiny_fp8_moe(src: str | Path, out_dir: str | Path, block: int = 128) -> Path:
+    """A copy of a tiny checkpoint with its expert and attention projections block-quantized to
+    FP8 as Qwen3-30B-A3B-FP8 is (`weight` float8_e4m3fn + `weight_scale_inv`, quantization_config
+    fp8 / e4m3 / dynamic activations); routers, norms, embeddings and the LM head stay as they are."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src, out = Path(src), Path(out_dir)
+    shutil.copytree(src, out, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
+    tensors = {}
+    for name, t in load_file(src / "model.safetensors").items():
+        if name.endswith("_proj.weight") and ("experts." in name or "self_attn." in name):
+            tensors[name], tensors[name + "_scale_inv"] = fp8_block_quantize(t, block)
+        else:
+            tensors[name] = t
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                  "weight_block_size": [block, block]}
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    return out
+
+
 if __name__ == "__main__":
     import sys
 

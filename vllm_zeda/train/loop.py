@@ -218,7 +218,7 @@ def prepare(args, dist: Dist) -> Run | None:
     is a bare conversion, done here."""
     from transformers import AutoTokenizer
 
-    from ..convert.checkpoint import load_config, shard_files
+    from ..convert.checkpoint import load_config, quantization, shard_files
     from ..convert.inject import convert_checkpoint, describe_source
     from . import disk
     from .data import load_blocks
@@ -226,6 +226,11 @@ def prepare(args, dist: Dist) -> Run | None:
     src, output = Path(args.model), Path(args.output)
     cfg = load_config(src)
     arch, spec = describe_source(cfg, args.num_zero_experts, args.target_zero_fraction)
+    quant = quantization(cfg)
+    if quant and (args.stage1_steps or args.stage2_steps):
+        raise ZedaError(f"{src} is quantized ({quant}): the trainer adapts unquantized weights; train the bf16 source, "
+                        "then serve the output quantized (vllm serve --quantization fp8), or inject without training "
+                        "(--stage1-steps 0 --stage2-steps 0)")
     max_pos = cfg.get("max_position_embeddings")
     if isinstance(max_pos, int) and args.seq_len > max_pos:
         raise ZedaError(f"--seq-len {args.seq_len} is above the model's max_position_embeddings ({max_pos})")
