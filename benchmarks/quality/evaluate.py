@@ -33,6 +33,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import baselines  # noqa: E402
+from pretrain import token_blocks  # noqa: E402
 
 
 class BaselineGate(nn.Module):
@@ -72,12 +73,7 @@ def kept_share(gates) -> float:
 
 
 def heldout_blocks(path: Path, tokenizer, seq_len: int, max_blocks: int) -> torch.Tensor:
-    ids: list[int] = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            ids += tokenizer(json.loads(line)["text"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    n = min(max_blocks, len(ids) // seq_len)
-    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+    return token_blocks([path], tokenizer, seq_len)[:max_blocks]
 
 
 @torch.no_grad()
