@@ -28,11 +28,13 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def test_block_quantize_matches_the_published_layout():
-    w = torch.randn(70, 40) * 3
+    w = torch.randn(70, 40, generator=torch.Generator().manual_seed(0)) * 3
     q, scale = fp8_block_quantize(w, block=32)
     assert q.dtype == torch.float8_e4m3fn and q.shape == w.shape and scale.shape == (3, 2)
     full = scale.repeat_interleave(32, 0)[:70].repeat_interleave(32, 1)[:, :40]
-    assert torch.allclose(q.float() * full, w, rtol=0.07, atol=1e-6)  # e4m3: 3 mantissa bits
+    # e4m3: 3 mantissa bits (relative error <= 1/16); below 2**-6 it is subnormal, spaced 2**-9
+    err = (q.float() * full - w).abs()
+    assert (err <= w.abs() / 16 + full * 2.0**-10).all()
     assert q.float().abs().max() == FP8_MAX  # each tile's largest entry lands on the format's top
 
 
