@@ -165,6 +165,9 @@ def in_memory(args, result: dict, save) -> None:
                 if args.profile:
                     table = profiler.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70)
                     Path(args.profile, f"stage{stage}_batch{batch}.txt").write_text(table)
+                    shapes = profiler.key_averages(group_by_input_shape=True).table(
+                        sort_by="self_cuda_time_total", row_limit=60, max_name_column_width=40, max_shapes_column_width=90)
+                    Path(args.profile, f"stage{stage}_batch{batch}_shapes.txt").write_text(shapes)
                 speed = run.speed[f"stage{stage}"]
                 steps = [json.loads(l) for l in run.metrics_path.read_text().splitlines()[seen:]]
                 zero = [r["zero_fraction"] for r in steps if r.get("event") == "train"][1:]  # the timed steps
@@ -192,7 +195,7 @@ def _profiler(folder: str | None):
     from torch.profiler import ProfilerActivity, profile
 
     Path(folder).mkdir(parents=True, exist_ok=True)
-    return profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+    return profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True)
 
 
 # ---------------------------------------------------------------------------- kill-resume ----

@@ -39,10 +39,39 @@ def runs_grouped(experts: nn.Module) -> bool:
     return down.shape == (e, h, two_i // 2) and hasattr(experts, "act_fn")
 
 
+def gather_live(hidden_states: torch.Tensor, order: torch.Tensor, live: torch.Tensor, k: int) -> torch.Tensor:
+    """Each sorted (token, slot) pair's input row [T*K, H]; dead rows zeroed (their gradient too)."""
+    return hidden_states[order // k].masked_fill(~live, 0)
+
+
+def swiglu(gate_up: torch.Tensor, act_fn) -> torch.Tensor:
+    """act(gate) * up from the first GEMM's fused [rows, 2I] output."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return act_fn(gate) * up
+
+
+def combine(out: torch.Tensor, live: torch.Tensor, sorted_weights: torch.Tensor, inverse: torch.Tensor,
+            tokens: int, dtype: torch.dtype) -> torch.Tensor:
+    """[T, H]: each token's K sorted rows weighted and summed; dead rows zeroed before the weights
+    multiply them (grouped_mm leaves them unwritten: NaN * 0 is NaN)."""
+    out = torch.where(live, out, 0) * sorted_weights.unsqueeze(1)
+    return out[inverse].view(tokens, inverse.numel() // tokens, -1).sum(dim=1).to(dtype)
+
+
+class Pieces:
+    """The elementwise steps around the two grouped GEMMs: eager here; the trainer swaps in
+    compiled ones per experts module on GPUs (`train.fused`)."""
+
+    gather_live = staticmethod(gather_live)
+    swiglu = staticmethod(swiglu)
+    combine = staticmethod(combine)
+
+
 def live_experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                          top_k_weights: torch.Tensor) -> torch.Tensor:
     """sum over each token's live slots of weight * expert(x): [T, H] from x [T, H], ids and
     weights [T, K]; equal to transformers' grouped_mm experts over the same slots."""
+    pieces = getattr(experts, "zeda_pieces", Pieces)
     tokens, k = top_k_index.shape
     num_experts = experts.gate_up_proj.shape[0]
     weights = top_k_weights.reshape(-1)
@@ -53,12 +82,9 @@ def live_experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_
     offs = offs.to(torch.int32)
     live = (key_sorted < num_experts).unsqueeze(1)
 
-    x = hidden_states[order // k].masked_fill(~live, 0)
+    x = pieces.gather_live(hidden_states, order, live, k)
     gate_up = _grouped_mm(x, experts.gate_up_proj.transpose(-2, -1), offs=offs)
-    gate, up = gate_up.chunk(2, dim=-1)
-    out = _grouped_mm(experts.act_fn(gate) * up, experts.down_proj.transpose(-2, -1), offs=offs)
-    out = torch.where(live, out, 0) * weights[order].unsqueeze(1)  # zeroed first: weights' gradient reads it
-
+    out = _grouped_mm(pieces.swiglu(gate_up, experts.act_fn), experts.down_proj.transpose(-2, -1), offs=offs)
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
-    return out[inverse].view(tokens, k, -1).sum(dim=1).to(hidden_states.dtype)
+    return pieces.combine(out, live, weights[order], inverse, tokens, hidden_states.dtype)

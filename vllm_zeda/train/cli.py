@@ -58,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--grad-clip", type=float, default=1.0)
     a("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None,
       help="recompute activations in backward: less memory, about a third more compute (default: on GPUs)")
+    a("--compile", action="store_true",
+      help="fuse the elementwise work between the GEMMs (norms, attention's q/k norms and rotary, SwiGLU, the "
+           "experts' gather and scatter, the KL) with torch.compile; off by default until timed on a GPU "
+           "(benchmarks/train_compile.sh); not bit-reproducible (inductor's scatter-adds are atomic)")
     a("--deterministic", action="store_true",
       help="bit-reproducible GPU runs (torch.use_deterministic_algorithms: no atomic adds in backward), so a "
            "resumed run equals an uninterrupted one bit for bit there too; CPU runs always are")

@@ -123,6 +123,7 @@ class Run:
     moe_names: set = field(default_factory=set)
     frozen_in: dict = field(default_factory=dict)  # stage -> names that must not move in it
     tap: RouterTap | None = None
+    fused: object = None  # fused.Fused when --compile
     # builds the converted model in a dtype instead of loading it from `src` (a benchmark's
     # random weights for a shape no disk holds); None: load_converted
     build_model: Callable[[torch.dtype], torch.nn.Module] | None = None
@@ -337,6 +338,11 @@ def load_student(run: Run) -> None:
         run.original_rows = [r.weight.detach().clone() for r in routers]
     run.frozen_in = {1: set(names.values()) - run.router_names, 2: set(names.values()) - run.moe_names}
     run.tap = RouterTap(routers)
+    if args.compile:
+        from .fused import Fused
+
+        run.fused = Fused()
+        run.fused.install(model)
 
 
 def resume_point(run: Run, state: dict | None) -> tuple[int, int]:
@@ -445,7 +451,7 @@ def run_stage(run: Run, stage: int, step: int, state: dict | None) -> None:
     opt = stage_optimizer(run, stage, state)
 
     def evaluate_now() -> dict:
-        return evaluate(model, teacher_fn, data.heldout, args.batch_size, dist, run.autocast, args.temperature)
+        return evaluate(model, teacher_fn, data.heldout, args.batch_size, dist, run.autocast, args.temperature, run.fused)
 
     if stage == 1 and step == 0 and "after_injection" not in run.evals:
         run.evals["after_injection"] = evaluate_now()
@@ -482,7 +488,7 @@ def run_stage(run: Run, stage: int, step: int, state: dict | None) -> None:
                 f_z = zero_fractions(run.tap.ids, e)
                 if dist.world > 1:  # f is a count statistic: use the all-rank value
                     f_z = dist.sum(f_z.clone()) / dist.world
-                kl = teachers.distill_kl(teacher, logits, args.temperature)
+                kl = teachers.distill_kl(teacher, logits, args.temperature, run.fused)
                 bal = balance_loss(run.tap.logits, run.tap.ids, num_real=e, num_zero=z, top_k=k_slots, w=w,
                                    alpha=args.balance_alpha, layer_zero_fractions=f_z, scoring=run.arch.scoring)
                 loss = kl + bal
@@ -531,7 +537,8 @@ def run_stage(run: Run, stage: int, step: int, state: dict | None) -> None:
 
 
 @torch.no_grad()
-def evaluate(model, teacher_fn, heldout: torch.Tensor, batch_size: int, dist: Dist, autocast, temperature: float) -> dict:
+def evaluate(model, teacher_fn, heldout: torch.Tensor, batch_size: int, dist: Dist, autocast, temperature: float,
+             fused=None) -> dict:
     """Held-out KL to the teacher and zero-slot fractions (the HF router's own counters), all ranks."""
     n_layers = len(model.zeda_routers)
     acc = torch.zeros(2 + 2 * n_layers, dtype=torch.float64)  # kl*tokens, tokens, zero[L], total[L]
@@ -546,7 +553,7 @@ def evaluate(model, teacher_fn, heldout: torch.Tensor, batch_size: int, dist: Di
         stats = model.zeda_stats(reset=True)
         if not real:
             continue
-        acc[0] += teachers.distill_kl(teacher, logits, temperature).item() * x.numel()
+        acc[0] += teachers.distill_kl(teacher, logits, temperature, fused).item() * x.numel()
         acc[1] += x.numel()
         for i, layer in enumerate(stats["layers"]):
             acc[2 + i] += layer["zero_slots"]

@@ -30,19 +30,31 @@ def mean_over_positions(per_position, *tensors: torch.Tensor, rows: int | None =
     return total / n
 
 
-def _kl_rows(teacher_logits, student_logits, temperature):
+def kl_rows(teacher_logits, student_logits, temperature):
+    """[rows] KL(softmax(t/T) || softmax(s/T)) in float32."""
     t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     s = F.log_softmax(student_logits.float() / temperature, dim=-1)
     return (t.exp() * (t - s)).sum(-1)
 
 
-def kl_teacher_student(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def kl_topk_rows(teacher_logp, teacher_ids, student_logits, temperature):
+    """[rows] KL over the teacher's k cached tokens plus an "everything else" bucket (kl_topk)."""
+    t = teacher_logp.float()
+    s = F.log_softmax(student_logits.float() / temperature, dim=-1).gather(-1, teacher_ids.long())
+    t_rest = torch.log1p(-t.exp().sum(-1).clamp(max=1 - 1e-7))
+    s_rest = torch.log1p(-s.exp().sum(-1).clamp(max=1 - 1e-7))
+    return (t.exp() * (t - s)).sum(-1) + t_rest.exp() * (t_rest - s_rest)
+
+
+def kl_teacher_student(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 1.0,
+                       rows=kl_rows) -> torch.Tensor:
     """Mean over tokens of KL(softmax(t/T) || softmax(s/T)), times T^2.
 
     The T^2 keeps gradient magnitudes comparable across temperatures (Hinton et al.). Math in
     float32 whatever the logits' dtype: bf16 log-softmax differences are too coarse for a KL.
+    `rows`: kl_rows or a compiled kl_rows (train.fused).
     """
-    return mean_over_positions(lambda t, s: _kl_rows(t, s, temperature), teacher_logits, student_logits) * temperature**2
+    return mean_over_positions(lambda t, s: rows(t, s, temperature), teacher_logits, student_logits) * temperature**2
 
 
 def teacher_topk(teacher_logits: torch.Tensor, k: int, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,21 +64,17 @@ def teacher_topk(teacher_logits: torch.Tensor, k: int, temperature: float = 1.0)
     return values, ids
 
 
-def kl_topk(teacher_logp: torch.Tensor, teacher_ids: torch.Tensor, student_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def kl_topk(teacher_logp: torch.Tensor, teacher_ids: torch.Tensor, student_logits: torch.Tensor, temperature: float = 1.0,
+            rows=kl_topk_rows) -> torch.Tensor:
     """KL from a top-k cached teacher over k + 1 outcomes: its k tokens and "everything else".
 
     Keeping the teacher's true top-k probabilities plus the rest bucket (instead of
     renormalising over k tokens) never pushes the student's mass onto the k tokens beyond what
     the teacher puts there; it is a lower bound of the full KL and equals it when k = vocabulary.
+    `rows`: kl_topk_rows or a compiled one (train.fused).
     """
-    def rows(t, ids, student):
-        t = t.float()
-        s = F.log_softmax(student.float() / temperature, dim=-1).gather(-1, ids.long())
-        t_rest = torch.log1p(-t.exp().sum(-1).clamp(max=1 - 1e-7))
-        s_rest = torch.log1p(-s.exp().sum(-1).clamp(max=1 - 1e-7))
-        return (t.exp() * (t - s)).sum(-1) + t_rest.exp() * (t_rest - s_rest)
-
-    return mean_over_positions(rows, teacher_logp, teacher_ids, student_logits) * temperature**2
+    return mean_over_positions(lambda t, ids, s: rows(t, ids, s, temperature), teacher_logp, teacher_ids,
+                               student_logits) * temperature**2
 
 
 def zero_fractions(layer_ids: Sequence[torch.Tensor], num_real: int) -> torch.Tensor:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .losses import kl_teacher_student, kl_topk, teacher_topk
+from .losses import kl_rows, kl_teacher_student, kl_topk, kl_topk_rows, teacher_topk
 from .state import save_state
 
 CACHE = "teacher_cache.pt"
@@ -38,11 +38,12 @@ def original_model(model, original_rows: list[torch.Tensor]):
         model.zeda_set_mode(masked=False)
 
 
-def distill_kl(teacher, student_logits, temperature):
-    """KL(teacher || student) from full teacher logits or a cached (top-k log-probs, ids) pair."""
+def distill_kl(teacher, student_logits, temperature, fused=None):
+    """KL(teacher || student) from full teacher logits or a cached (top-k log-probs, ids) pair;
+    `fused`: train.fused.Fused, whose compiled rows replace the eager ones."""
     if isinstance(teacher, tuple):
-        return kl_topk(teacher[0], teacher[1], student_logits, temperature)
-    return kl_teacher_student(teacher, student_logits, temperature)
+        return kl_topk(teacher[0], teacher[1], student_logits, temperature, rows=fused.kl_topk_rows if fused else kl_topk_rows)
+    return kl_teacher_student(teacher, student_logits, temperature, rows=fused.kl_rows if fused else kl_rows)
 
 
 def masked_teacher(model, original_rows):

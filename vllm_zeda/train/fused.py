@@ -1,0 +1,54 @@
+"""Fused elementwise work for the trainer (`--compile`).
+
+At Qwen3-30B-A3B's shape most of a training step's GPU time is elementwise work between the GEMMs
+(benchmarks/RESULTS.md §8): RMSNorm's float32 round trips, attention's q/k norms and rotary
+embedding, SwiGLU, the gather / weight / scatter around the grouped expert GEMMs and the
+vocabulary-wide KL. torch.compile (inductor) fuses each chain, forward and backward, into a few
+kernels. What it compiles is the code as written, unchanged: the forward of every attention and
+RMSNorm class of the model (one compile per class, shared by all its layers: the modules are
+graph inputs), the experts' `Pieces` and the losses' KL rows. The GEMMs, the routing and the
+sort stay eager.
+"""
+from __future__ import annotations
+
+import types
+
+import torch
+from torch import nn
+
+from ..hf.experts import Pieces
+from .losses import kl_rows, kl_topk_rows
+
+FUSED_CLASS_SUFFIXES = ("Attention", "RMSNorm")
+
+
+def _compile(fn):
+    return torch.compile(fn, dynamic=None)
+
+
+class Fused:
+    """Compiled versions of the trainer's elementwise pieces, installed on one model."""
+
+    def __init__(self):
+        self.kl_rows = _compile(kl_rows)
+        self.kl_topk_rows = _compile(kl_topk_rows)
+        self.pieces = type("CompiledPieces", (), {name: staticmethod(_compile(getattr(Pieces, name)))
+                                                  for name in ("gather_live", "swiglu", "combine")})
+        self._forwards: dict[type, object] = {}
+
+    def install(self, model: nn.Module) -> int:
+        """Point `model`'s attention and RMSNorm modules at their class's compiled forward and its
+        experts at the compiled pieces; the number of modules changed."""
+        changed = 0
+        for module in model.modules():
+            cls = type(module)
+            if cls.__name__.endswith(FUSED_CLASS_SUFFIXES) and "forward" in vars(cls):
+                compiled = self._forwards.setdefault(cls, _compile(cls.forward))
+                module.forward = types.MethodType(compiled, module)
+                changed += 1
+            elif hasattr(module, "gate_up_proj") and hasattr(module, "act_fn"):
+                module.zeda_pieces = self.pieces
+                changed += 1
+        # one graph per class and shape: every batch size, chunk length and layer kind may need one
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        return changed
