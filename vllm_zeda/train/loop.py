@@ -398,6 +398,14 @@ def stage_teacher(run: Run, stage: int, step: int):
     return teachers.cached_teacher(path, dist.world, data.train.shape[0]), None
 
 
+DEFAULT_EXPERT_LR = {"adamw": 1e-4, "adafactor": 1e-3}
+
+
+def expert_learning_rate(args) -> float:
+    """Stage 2's peak learning rate of the MoE blocks: --expert-lr, or the optimizer's default."""
+    return args.expert_lr if args.expert_lr is not None else DEFAULT_EXPERT_LR[args.expert_optimizer]
+
+
 def stage_optimizer(run: Run, stage: int, state: dict | None):
     """Routers at --lr (AdamW), in stage 2 the MoE blocks at --expert-lr (--expert-optimizer);
     after the backward or inside it (--optimizer-in-backward); restored on resume."""
@@ -405,7 +413,7 @@ def stage_optimizer(run: Run, stage: int, state: dict | None):
     from .optim import StageOptimizer
 
     args = run.args
-    expert_lr = args.expert_lr if args.expert_lr is not None else args.lr / 3
+    expert_lr = expert_learning_rate(args)
     named = list(run.model.named_parameters())
     groups = [{"params": [p for n, p in named if n in run.router_names], "lr": args.lr, "base_lr": args.lr,
                "optimizer": "adamw"}]
@@ -591,6 +599,7 @@ def write_output(run: Run) -> dict:
         "frozen_dtype": str(_checkpoint_dtype(run.cfg) if run.use_bf16 else torch.float32).removeprefix("torch."),
         "teacher": "top-k cache" if args.teacher_cache else "frozen copy", "grad_checkpointing": args.grad_checkpointing,
         "expert_optimizer": args.expert_optimizer, "expert_master": args.expert_master,
+        "lr": args.lr, "expert_lr": expert_learning_rate(args),
         "optimizer_in_backward": args.optimizer_in_backward, "deterministic": args.deterministic,
         "throughput": run.speed,
         "balance_alpha": args.balance_alpha,
