@@ -53,14 +53,15 @@ def swiglu(gate_up: torch.Tensor, act_fn) -> torch.Tensor:
 def combine(out: torch.Tensor, live: torch.Tensor, sorted_weights: torch.Tensor, inverse: torch.Tensor,
             tokens: int, dtype: torch.dtype) -> torch.Tensor:
     """[T, H]: each token's K sorted rows weighted and summed; dead rows zeroed before the weights
-    multiply them (grouped_mm leaves them unwritten: NaN * 0 is NaN)."""
+    multiply them (grouped_mm leaves them unwritten: NaN * 0 is NaN, and the weights' gradient
+    reads these rows)."""
     out = torch.where(live, out, 0) * sorted_weights.unsqueeze(1)
     return out[inverse].view(tokens, inverse.numel() // tokens, -1).sum(dim=1).to(dtype)
 
 
 class Pieces:
-    """The elementwise steps around the two grouped GEMMs: eager here; the trainer swaps in
-    compiled ones per experts module on GPUs (`train.fused`)."""
+    """The elementwise steps around the two grouped GEMMs, eager; `python -m vllm_zeda.train
+    --compile` gives each experts module compiled ones (`zeda_pieces`, train.fused)."""
 
     gather_live = staticmethod(gather_live)
     swiglu = staticmethod(swiglu)
