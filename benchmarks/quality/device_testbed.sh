@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# benchmarks/quality/device_testbed.sh STAGE... -- the testbed rows of benchmarks/QUALITY.md on the
+# device machine, cut into stages that each fit one device call (< 600 s). The models live in
+# $Q (default /tmp/quality), which a warm machine keeps between calls; JSON and logs land in $OUT.
+# Carry .quality/corpus (python benchmarks/quality/corpus.py --out .quality/corpus) on the first
+# call; `serve` also needs the vLLM bundle (.gpu, ../shared/gpu/README.md).
+#
+#   pretrain      pretrain.py --preset testbed --minutes $MINUTES (default 4)              ~5 min
+#   convert-T     python -m vllm_zeda.train at target zero fraction T (e.g. convert-0.5)    ~2 min
+#   evaluate      evaluate.py: teacher, baselines at kept 0.75/0.5/0.25, every converted
+#                 checkpoint at its trained point and its zero_bias dial (transformers, fp32)  ~2 min
+#   serve         evaluate.py --serve: math exact match through `vllm serve` (bf16, eager), the
+#                 teacher (stock) and zeda-0.5 with --enable-zeda at its trained point and at
+#                 zero_bias $SERVE_BIASES (default -1 1)                                   ~5 min
+set -uo pipefail
+[ $# -gt 0 ] || { awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"; exit 2; }
+: "${OUT:?OUT must name the folder results go to (the device tool sets it)}"
+Q=${Q:-/tmp/quality}
+CORPUS=${CORPUS:-.quality/corpus}
+STEPS1=${STEPS1:-200}
+STEPS2=${STEPS2:-300}
+BIASES=${BIASES:-"-1 -0.5 0.5 1"}
+mkdir -p "$Q"
+[ -f "$CORPUS/MANIFEST.json" ] || { echo "device_testbed: no corpus at $CORPUS (carry .quality/corpus)" >&2; exit 2; }
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+
+run() {  # run SECONDS NAME CMD...: output to $OUT/NAME.log, last lines echoed
+  local limit=$1 name=$2; shift 2
+  echo "== $name ($(date -u +%H:%M:%S), limit ${limit}s): $*"
+  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  echo "== $name exit $?"; grep -v -i "warn" "$OUT/$name.log" | tail -n 15
+}
+
+zedas() { ls -d "$Q"/zeda-* 2>/dev/null | sort; }
+
+for stage in "$@"; do
+  case "$stage" in
+    pretrain)
+      run 560 pretrain python3 benchmarks/quality/pretrain.py --corpus "$CORPUS" --preset testbed \
+        --minutes "${MINUTES:-4}" --out "$Q/testbed"
+      cp "$Q/testbed/pretrain_report.json" "$OUT/pretrain_testbed.json" 2>/dev/null ;;
+    convert-*)
+      t=${stage#convert-}
+      [ -d "$Q/zeda-$t" ] && { echo "== convert_$t: $Q/zeda-$t is there already"; continue; }
+      resume=(); [ -d "$Q/.zeda-$t.zeda-work" ] && resume=(--resume)  # a call cut short goes on where it stopped
+      run 560 "convert_$t" python3 -m vllm_zeda.train --model "$Q/testbed" --output "$Q/zeda-$t" \
+        --data "$CORPUS/train" --target-zero-fraction "$t" --stage1-steps "$STEPS1" --stage2-steps "$STEPS2" \
+        --seq-len 512 --batch-size 16 --device cuda --quiet --no-plot "${resume[@]}"
+      cp "$Q/zeda-$t/zeda_report.json" "$OUT/convert_$t.json" 2>/dev/null ;;
+    evaluate)
+      # shellcheck disable=SC2046,SC2086
+      run 580 evaluate python3 benchmarks/quality/evaluate.py --teacher "$Q/testbed" --zeda $(zedas) \
+        --corpus "$CORPUS" --out "$OUT/quality_testbed.json" --zero-biases $BIASES \
+        --max-blocks 64 --math-questions 500 --device cuda ;;
+    serve)
+      bash .gpu/stage.sh .gpu/p1 >/dev/null || { echo "device_testbed: staging the vLLM bundle failed" >&2; exit 1; }
+      python3 benchmarks/device_env.py /tmp/zeda_meta >/dev/null
+      # shellcheck disable=SC2086
+      run 580 serve env PYTHONPATH=/tmp/site:/tmp/zeda_meta:$PYTHONPATH VLLM_USE_FLASHINFER_SAMPLER=0 \
+        python3 benchmarks/quality/evaluate.py --teacher "$Q/testbed" --zeda "$Q/zeda-0.5" \
+        --corpus "$CORPUS" --out "$OUT/quality_testbed_serve.json" --zero-biases ${SERVE_BIASES:-"-1 1"} --kept \
+        --max-blocks 1 --math-questions 500 --device cuda --serve \
+        --serve-args --dtype bfloat16 --enforce-eager --max-model-len 512 --max-num-seqs 64 \
+        --gpu-memory-utilization 0.3 ;;
+    *) echo "device_testbed: unknown stage '$stage'" >&2; exit 2 ;;
+  esac
+done
