@@ -58,12 +58,7 @@ export PYTHONPATH=/tmp/site:/tmp/zeda_meta:$PWD VLLM_USE_FLASHINFER_SAMPLER=0 HF
 # NVLink multicast stays off on the shared multi-GPU hosts (device README), in every child too
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 
-run() {  # run SECONDS NAME CMD...: output to $OUT/NAME.log, last lines echoed
-  local limit=$1 name=$2; shift 2
-  echo "== $name ($(date -u +%H:%M:%S), limit ${limit}s): $*"
-  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
-  echo "== $name exit $?"; grep -v -i "warn" "$OUT/$name.log" | tail -n 12
-}
+source "$(dirname "$0")/device_common.sh"  # run()
 
 pack_logs() { (cd "$OUT" && ls *.log >/dev/null 2>&1 && tar czf logs.tgz *.log && rm -f *.log); }
 trap pack_logs EXIT

@@ -14,6 +14,9 @@
 #                 zero_bias $SERVE_BIASES (default -1 1)                                   ~5 min
 set -uo pipefail
 [ $# -gt 0 ] || { awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"; exit 2; }
+for stage in "$@"; do  # before anything runs: a typo costs nothing
+  [[ $stage =~ ^(pretrain|convert-0?\.[0-9]+|evaluate|serve)$ ]] || { echo "device_testbed: unknown stage '$stage'" >&2; exit 2; }
+done
 : "${OUT:?OUT must name the folder results go to (the device tool sets it)}"
 Q=${Q:-/tmp/quality}
 CORPUS=${CORPUS:-.quality/corpus}
@@ -24,12 +27,7 @@ mkdir -p "$Q"
 [ -f "$CORPUS/MANIFEST.json" ] || { echo "device_testbed: no corpus at $CORPUS (carry .quality/corpus)" >&2; exit 2; }
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 
-run() {  # run SECONDS NAME CMD...: output to $OUT/NAME.log, last lines echoed
-  local limit=$1 name=$2; shift 2
-  echo "== $name ($(date -u +%H:%M:%S), limit ${limit}s): $*"
-  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
-  echo "== $name exit $?"; grep -v -i "warn" "$OUT/$name.log" | tail -n 15
-}
+source "$(dirname "$0")/../device_common.sh"  # run()
 
 zedas() { ls -d "$Q"/zeda-* 2>/dev/null | sort; }
 
@@ -42,8 +40,8 @@ for stage in "$@"; do
     convert-*)
       t=${stage#convert-}
       [ -d "$Q/zeda-$t" ] && { echo "== convert_$t: $Q/zeda-$t is there already"; continue; }
-      resume=(); [ -d "$Q/.zeda-$t.zeda-work" ] && resume=(--resume)  # a call cut short goes on where it stopped
-      run 560 "convert_$t" python3 -m vllm_zeda.train --model "$Q/testbed" --output "$Q/zeda-$t" \
+      resume=(); [ -d "$Q/work-$t" ] && resume=(--resume)  # a call cut short goes on where it stopped
+      run 560 "convert_$t" python3 -m vllm_zeda.train --model "$Q/testbed" --output "$Q/zeda-$t" --work-dir "$Q/work-$t" \
         --data "$CORPUS/train" --target-zero-fraction "$t" --stage1-steps "$STEPS1" --stage2-steps "$STEPS2" \
         --seq-len 512 --batch-size 16 --device cuda --quiet --no-plot "${resume[@]}"
       cp "$Q/zeda-$t/zeda_report.json" "$OUT/convert_$t.json" 2>/dev/null ;;

@@ -1,5 +1,6 @@
 """Quality at matched routed-expert FLOPs: the teacher (static top-K), ZEDA checkpoints converted
-from it, and the training-free baselines of `baselines.py` run on the teacher, through transformers (fp32, on --device).
+from it, and the training-free baselines of `baselines.py` run on the teacher, through transformers
+(fp32, on --device).
 
 Metrics, on the corpus's held-out split (`corpus.py`): perplexity per source, next-token accuracy
 on code, greedy exact match on held-out math questions ("Question: q\\nAnswer:" -> the first
