@@ -147,7 +147,7 @@ def in_memory(args, result: dict, save) -> None:
     n_params = sum(p.numel() for p in run.model.parameters())
     active = active_params(shape, args.layers)
     result["meta"].update(layers=args.layers, params=n_params, active_params=active, seq_len=args.seq_len,
-                          steps_per_point=args.steps, flags=flags)
+                          steps_per_point=args.steps, flags=flags, compile=train_args.compile)
     result["points"] = []
     for stage, sizes in ((1, args.stage1_batches), (2, args.stage2_batches)):
         for batch in sizes:

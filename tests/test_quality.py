@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks" / "quality"))
 import baselines  # noqa: E402
 import corpus  # noqa: E402
+import plot  # noqa: E402
 
 
 def probs(tokens=64, experts=8, seed=0):
@@ -58,6 +59,26 @@ def test_math_documents_drop_held_out_questions_seen_in_train():
     docs, held_docs = corpus.math_documents(train, held, per_doc=2)
     assert len(docs) == 3 and docs[0] == "Question: q0\nAnswer: 0\n\nQuestion: q1\nAnswer: 1\n\n"
     assert held == [{"question": "new", "answer": "7"}] and held_docs == ["Question: new\nAnswer: 7\n\n"]
+
+
+POINTS = [
+    {"method": "teacher", "kept": 1.0, "ppl_code": 10.0, "code_next_token_acc": 0.5},
+    {"method": "threshold", "kept": 0.25, "ppl_code": 13.0, "code_next_token_acc": 0.40},
+    {"method": "threshold", "kept": 0.5, "ppl_code": 11.0, "code_next_token_acc": 0.45},
+    {"method": "zeda", "target": 0.5, "kept": 0.52, "ppl_code": 10.2, "code_next_token_acc": 0.49},
+    {"method": "zeda", "target": 0.5, "dial": 1.0, "kept": 0.3, "ppl_code": 10.8, "code_next_token_acc": 0.47},
+]
+
+
+def test_plot_curves_run_from_the_teacher_down_and_star_the_trained_points(tmp_path):
+    ppl = plot.curves(POINTS, "ppl_code", relative=True)
+    flat = {name: [round(v, 6) for xy in pts for v in xy] for name, pts in ppl.items()}
+    assert flat["threshold"] == [0.25, 30.0, 0.5, 10.0, 1.0, 0.0]  # sorted by kept, the teacher included
+    assert flat["zeda T=0.5"] == [0.3, 8.0, 0.52, 2.0]  # no teacher point: its own curve
+    assert plot.trained_points(POINTS, "code_next_token_acc", relative=False) == {"zeda T=0.5": (0.52, 49.0)}
+    out = tmp_path / "q.png"
+    plot.plot({"points": POINTS}, out, "smoke")  # metrics absent from the points (math) get no panel
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_testbed_pipeline_smoke(tmp_path):

@@ -5,6 +5,7 @@ fraction near 0.5 right after injection, so the KL checks compare at equal skip 
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -139,8 +140,6 @@ def test_trained_output_keeps_the_layers_transformers_does_not_build(tiny_models
     """A multi-token-prediction layer past num_hidden_layers (GLM-4.7-Flash's layer 47,
     DeepSeek-V3's 61): transformers never builds it, the trainer's output still carries it, its
     router and bias grown as conversion grows them, listed in the weight index."""
-    import shutil
-
     from safetensors.torch import save_file
 
     from vllm_zeda.convert.inject import convert_checkpoint
@@ -269,6 +268,54 @@ def test_torchrun_refuses_what_cannot_step_sharded_tensors():
                   ["--optimizer-in-backward"]):
         with pytest.raises(ZedaError, match=f"{flags[0]}.* runs in one process only"):
             resolve_auto(build_parser().parse_args(base + flags), dist)
+
+
+def test_compile_is_the_single_gpu_default_where_inductor_can_build(monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from vllm_zeda.errors import ZedaError
+    from vllm_zeda.train import fused
+    from vllm_zeda.train.cli import build_parser, check_args, resolve_auto
+
+    base = ["--model", "m", "--output", "o"]
+    gpu, cpu, two_gpus = (SimpleNamespace(world=w, device=torch.device(d)) for d, w in
+                          (("cuda", 1), ("cpu", 1), ("cuda", 2)))
+
+    def resolved(flags, dist):
+        args = build_parser().parse_args(base + flags)
+        check_args(args)
+        resolve_auto(args, dist)
+        return args.compile
+
+    monkeypatch.setattr(fused, "why_not_compilable", lambda device: None)
+    assert resolved([], gpu) is True
+    assert resolved(["--deterministic"], gpu) is False
+    assert resolved([], cpu) is False and resolved([], two_gpus) is False
+    assert resolved(["--compile"], cpu) is True and resolved(["--no-compile"], gpu) is False
+    with pytest.raises(ZedaError, match="--compile is not bit-reproducible"):
+        resolved(["--compile", "--deterministic"], gpu)
+
+    monkeypatch.setattr(fused, "why_not_compilable", lambda device: "Triton is not installed")
+    assert resolved([], gpu) is False
+    assert "running without torch.compile (Triton is not installed)" in capsys.readouterr().out
+    with pytest.raises(ZedaError, match="--compile: Triton is not installed; install it, or rerun with --no-compile"):
+        resolved(["--compile"], gpu)
+
+
+def test_why_not_compilable_names_what_inductor_lacks():
+    import torch._inductor.config as inductor_config
+    import torch._inductor.cpp_builder as cpp_builder
+
+    from vllm_zeda.train.fused import why_not_compilable
+
+    has_cxx = why_not_compilable(torch.device("cpu")) is None
+    assert has_cxx == any(shutil.which(c) for c in ("g++", "clang++", "c++"))
+    cpp_builder.cpp_compiler_search.cache_clear()
+    try:
+        with inductor_config.patch({"cpp.cxx": ("no-such-compiler-zeda",)}):
+            assert "no C++ compiler found" in why_not_compilable(torch.device("cpu"))
+    finally:
+        cpp_builder.cpp_compiler_search.cache_clear()
 
 
 @pytest.mark.slow

@@ -22,6 +22,22 @@ from .losses import kl_rows, kl_topk_rows
 FUSED_CLASS_SUFFIXES = ("Attention", "RMSNorm")
 
 
+def why_not_compilable(device: torch.device) -> str | None:
+    """Why inductor cannot build kernels for `device` on this machine (checked before a run
+    starts), or None: Triton on GPUs, a C++ compiler on CPUs."""
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        return None if has_triton() else "Triton is not installed (inductor builds GPU kernels with it)"
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        get_cpp_compiler()
+    except Exception:  # noqa: BLE001 - InvalidCxxCompiler, whose module moves between torch versions
+        return "no C++ compiler found (inductor builds CPU kernels with one; set CXX)"
+    return None
+
+
 def _compile(fn):
     return torch.compile(fn, dynamic=None)
 
