@@ -29,6 +29,12 @@ def value(point: dict, key: str, teacher: dict, relative: bool) -> float:
     return 100.0 * point[key]
 
 
+def zeda_label(point: dict) -> str:
+    """A ZEDA checkpoint's name in the legend: its training target, else its path."""
+    target = point.get("target")
+    return f"zeda T={target:g}" if target is not None else f"zeda {point.get('checkpoint', '')}"
+
+
 def curves(points: list[dict], key: str, relative: bool) -> dict[str, list[tuple[float, float]]]:
     """{label: [(kept, value), ...] sorted by kept}: each baseline from the teacher's point down,
     each ZEDA checkpoint (by its target) through its dial points and trained point."""
@@ -40,7 +46,7 @@ def curves(points: list[dict], key: str, relative: bool) -> dict[str, list[tuple
         if p["method"] in BASELINES:
             label = p["method"]
         elif p["method"] == "zeda":
-            label = f"zeda T={p['target']:g}" if p.get("target") is not None else f"zeda {p.get('checkpoint', '')}"
+            label = zeda_label(p)
         else:
             continue
         if label not in out and p["method"] in BASELINES:
@@ -52,7 +58,7 @@ def curves(points: list[dict], key: str, relative: bool) -> dict[str, list[tuple
 def trained_points(points: list[dict], key: str, relative: bool) -> dict[str, tuple[float, float]]:
     """{label: (kept, value)} of each ZEDA checkpoint at its trained zero fraction (no dial)."""
     teacher = next(p for p in points if p["method"] == "teacher")
-    return {f"zeda T={p['target']:g}": (p["kept"], value(p, key, teacher, relative))
+    return {zeda_label(p): (p["kept"], value(p, key, teacher, relative))
             for p in points if p["method"] == "zeda" and p.get("dial") is None and key in p}
 
 
@@ -64,7 +70,8 @@ def plot(result: dict, out: Path, title: str) -> None:
 
     points = result["points"]
     metrics = [m for m in METRICS if all(m[0] in p for p in points)]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 4.4))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 4.4), squeeze=False)
+    axes = axes[0]
     for ax, (key, label, relative) in zip(axes, metrics):
         lines = curves(points, key, relative)
         in_range = [v for name, xy in lines.items() if name != "random_drop" for _, v in xy]
