@@ -111,14 +111,13 @@ def resolve_auto(args, dist) -> None:
     if args.compile is not False:
         from .fused import why_not_compilable
 
-        why = why_not_compilable(dist.device) if args.compile or on_gpu else None
-        if args.compile and why:
+        wanted = args.compile or (on_gpu and dist.world == 1 and not args.deterministic)
+        why = why_not_compilable(dist.device) if wanted else None
+        if why and args.compile:
             raise ZedaError(f"--compile: {why}; install it, or rerun with --no-compile")
-        if args.compile is None:
-            args.compile = on_gpu and dist.world == 1 and not args.deterministic and not why
-            if why and on_gpu and dist.world == 1 and not args.deterministic:
-                print(f"warning: running without torch.compile ({why}): slower; --no-compile silences this",
-                      flush=True)
+        if why:
+            print(f"warning: running without torch.compile ({why}): slower; --no-compile silences this", flush=True)
+        args.compile = bool(wanted) and not why
     if args.teacher_cache is None:
         args.teacher_cache = on_gpu or dist.world > 1
     if args.grad_checkpointing is None:
@@ -164,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         raise ZedaError(f"the disk is full: cannot write {where} ({free_gb(where.parent):.1f} GB free there): free "
                         f"space, then {resume_hint(work_dir(args))}") from None
     except torch._dynamo.exc.BackendCompilerFailed as exc:  # inductor's own errors derive from it
-        raise ZedaError(f"--compile: torch.compile failed ({first_line(exc)}): rerun with --no-compile; "
+        cause = getattr(exc, "inner_exception", None) or exc
+        raise ZedaError(f"--compile: torch.compile failed ({first_line(cause)}): rerun with --no-compile; "
                         + resume_hint(work_dir(args))) from None
     except RuntimeError as exc:
         if not (args.deterministic and "deterministic" in str(exc)):
