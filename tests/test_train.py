@@ -302,6 +302,21 @@ def test_compile_is_the_single_gpu_default_where_inductor_can_build(monkeypatch,
         resolved(["--compile"], gpu)
 
 
+def test_a_failed_compile_ends_in_one_line_naming_inductors_error(monkeypatch, tmp_path, capsys):
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    from vllm_zeda.train import loop
+
+    def fails(args, dist):
+        raise BackendCompilerFailed(lambda: None, RuntimeError("CppCompileError: C++ compile error\nmore"), None)
+
+    monkeypatch.setattr(loop, "train", fails)
+    rc = main(["--model", "m", "--output", str(tmp_path / "out"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc != 0 and err.count("\n") == 1, err
+    assert "torch.compile failed (CppCompileError: C++ compile error): rerun with --no-compile" in err
+
+
 def test_why_not_compilable_names_what_inductor_lacks():
     import torch._inductor.config as inductor_config
     import torch._inductor.cpp_builder as cpp_builder
