@@ -2,12 +2,12 @@
 
 At Qwen3-30B-A3B's shape most of a training step's GPU time is elementwise work between the GEMMs
 (benchmarks/RESULTS.md §8): RMSNorm's float32 round trips, attention's q/k norms and rotary
-embedding, SwiGLU, the gather / weight / scatter around the grouped expert GEMMs and the
-vocabulary-wide KL. torch.compile (inductor) fuses each chain, forward and backward, into a few
+embedding, SwiGLU, the gather / weight / scatter around the grouped expert GEMMs, the
+vocabulary-wide KL and, in stage 2, the bf16 experts' Adafactor steps. torch.compile (inductor) fuses each chain, forward and backward, into a few
 kernels. What it compiles is the code as written, unchanged: the forward of every attention and
 RMSNorm class of the model (one compile per class, shared by all its layers: the modules are
-graph inputs), the experts' `Pieces` and the losses' KL rows. The GEMMs, the routing and the
-sort stay eager.
+graph inputs), the experts' `Pieces`, the losses' KL rows and `optim.bf16_adafactor_step` (one
+graph per tensor shape). The GEMMs, the routing and the sort stay eager.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from torch import nn
 
 from ..hf.experts import Pieces
 from .losses import kl_rows, kl_topk_rows
+from .optim import bf16_adafactor_step
 
 FUSED_CLASS_SUFFIXES = ("Attention", "RMSNorm")
 
@@ -50,6 +51,7 @@ class Fused:
         self.kl_topk_rows = _compile(kl_topk_rows)
         self.pieces = type("CompiledPieces", (), {name: staticmethod(_compile(getattr(Pieces, name)))
                                                   for name in ("gather_live", "swiglu", "combine")})
+        self.bf16_adafactor_step = torch.compile(bf16_adafactor_step, dynamic=False)
         self._forwards: dict[type, object] = {}
 
     def install(self, model: nn.Module) -> int:

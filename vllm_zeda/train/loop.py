@@ -421,8 +421,9 @@ def stage_optimizer(run: Run, stage: int, state: dict | None):
         groups.append({"params": [p for n, p in named if n in run.moe_names - run.router_names],
                        "lr": expert_lr, "base_lr": expert_lr, "optimizer": args.expert_optimizer,
                        "master": args.expert_master})
+    fused = {"adafactor_step": run.fused.bf16_adafactor_step} if run.fused else {}
     opt = StageOptimizer(groups, in_backward=args.optimizer_in_backward, grad_clip=args.grad_clip,
-                         seed=stage_seed(args.seed, stage))
+                         seed=stage_seed(args.seed, stage), **fused)
     if state is not None and state.get("has_optimizer") and state["stage"] == stage:
         if "sharded" in state:
             run_state.load_sharded(run.work / state["sharded"], run.model, set(), opt.optimizers)
