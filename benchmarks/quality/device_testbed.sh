@@ -2,8 +2,13 @@
 # benchmarks/quality/device_testbed.sh STAGE... -- the testbed rows of benchmarks/QUALITY.md on the
 # device machine, cut into stages that each fit one device call (< 600 s). The models live in
 # $Q (default /tmp/quality), which a warm machine keeps between calls; JSON and logs land in $OUT.
-# Carry .quality/corpus (python benchmarks/quality/corpus.py --out .quality/corpus) on the first
-# call; `serve` also needs the vLLM bundle (.gpu, ../shared/gpu/README.md).
+# Carry .quality/corpus (python benchmarks/quality/corpus.py --out .quality/corpus), or its
+# archive .quality/corpus.tar.xz (7 MB, unpacked here; `tar -C .quality -cJf .quality/corpus.tar.xz
+# corpus`), on the first call; `serve` also needs the vLLM bundle (../shared/gpu/README.md): $BUNDLE
+# names its part folders (default .gpu/p1). The tree (17 MiB with examples/) and the 52 MiB
+# one-part bundle exceed a call's 64 MiB: split the part in two (.gpu2/p1, .gpu2/p2, each with
+# MANIFEST parts=2 and stage.sh), stage p1 on the call before (`bash .gpu2/p1/stage.sh --partial-ok
+# .gpu2/p1`) and carry p2 with BUNDLE=.gpu2/p2 on the `serve` call, within the machine's warm window.
 #
 #   pretrain      pretrain.py --preset testbed --minutes $MINUTES (default 4)              ~5 min
 #   convert-T     python -m vllm_zeda.train at target zero fraction T (e.g. convert-0.5)    ~2 min
@@ -24,7 +29,10 @@ STEPS1=${STEPS1:-200}
 STEPS2=${STEPS2:-300}
 BIASES=${BIASES:-"-1 -0.5 0.5 1"}
 mkdir -p "$Q"
-[ -f "$CORPUS/MANIFEST.json" ] || { echo "device_testbed: no corpus at $CORPUS (carry .quality/corpus)" >&2; exit 2; }
+if [ ! -f "$CORPUS/MANIFEST.json" ] && [ -f .quality/corpus.tar.xz ] && [ "$CORPUS" = .quality/corpus ]; then
+  tar -C .quality -xJf .quality/corpus.tar.xz
+fi
+[ -f "$CORPUS/MANIFEST.json" ] || { echo "device_testbed: no corpus at $CORPUS (carry .quality/corpus or .quality/corpus.tar.xz)" >&2; exit 2; }
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 
 source "$(dirname "$0")/../device_common.sh"  # run()
@@ -51,7 +59,11 @@ for stage in "$@"; do
         --corpus "$CORPUS" --out "$OUT/quality_testbed.json" --zero-biases $BIASES \
         --max-blocks 64 --math-questions 500 --device cuda ;;
     serve)
-      bash .gpu/stage.sh .gpu/p1 >/dev/null || { echo "device_testbed: staging the vLLM bundle failed" >&2; exit 1; }
+      for part in ${BUNDLE:-.gpu/p1}; do
+        stage=$part/stage.sh; [ -f "$stage" ] || stage=.gpu/stage.sh
+        bash "$stage" --partial-ok "$part" >/dev/null || { echo "device_testbed: staging $part failed" >&2; exit 1; }
+      done
+      [ -f /tmp/site/.zeda_bundle ] || { echo "device_testbed: the vLLM bundle is incomplete (stage its other parts first)" >&2; exit 1; }
       python3 benchmarks/device_env.py /tmp/zeda_meta >/dev/null
       # shellcheck disable=SC2086
       run 580 serve env PYTHONPATH=/tmp/site:/tmp/zeda_meta:$PYTHONPATH VLLM_USE_FLASHINFER_SAMPLER=0 \
