@@ -126,3 +126,18 @@ def test_bundled_quickstart_model_is_a_small_pretrained_qwen3_moe():
     assert tok.tokenize("151") == ["1", "5", "1"]
     for f in ("train/code.jsonl", "heldout/prose.jsonl", "math_eval.jsonl"):
         assert (base / "data" / f).stat().st_size > 0
+
+
+def test_teacher_sample_prompts_keep_each_sources_share_of_text(tmp_path):
+    import teacher_samples
+    from vllm_zeda.testing.tiny import byte_tokenizer
+
+    train = tmp_path / "train"
+    train.mkdir()
+    (train / "long.jsonl").write_text("".join(json.dumps({"text": "a" * 300 + str(i)}) + "\n" for i in range(3)))
+    (train / "short.jsonl").write_text("".join(json.dumps({"text": "b" * 100 + str(i)}) + "\n" for i in range(9)))
+    got = teacher_samples.prompts(tmp_path, byte_tokenizer(), count=40, length=16, seed=0)
+    shares = {s: sum(src == s for src, _ in got) for s in ("long", "short")}
+    assert shares == {"long": 20, "short": 20}  # 903 vs 909 bytes: by documents it would be 10 / 30
+    assert all(len(ids) == 16 for _, ids in got)
+    assert got == teacher_samples.prompts(tmp_path, byte_tokenizer(), count=40, length=16, seed=0)
