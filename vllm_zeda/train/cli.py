@@ -46,6 +46,21 @@ def build_parser() -> argparse.ArgumentParser:
       help="stage 2: the teacher's top-k log-probs cached on disk before the stage instead of a frozen copy of the "
            "model in memory (default: on GPUs and under torchrun, off in one CPU process)")
     a("--teacher-topk", type=int, default=64, help="tokens per position kept by --teacher-cache (default 64)")
+    a("--on-policy", action="store_true",
+      help="stage 2 distils on the student's own continuations of the data's prompts: reverse KL(student || "
+           "teacher) over the generated tokens, against a frozen copy of the original (the ZEDA authors' "
+           "on-policy stage); stage 1 and the held-out evaluation stay on the data")
+    a("--rollout-engine", choices=("vllm", "transformers"), default="vllm",
+      help="--on-policy: what generates the rollouts: vllm (the student exported and served with the plugin, "
+           "zero slots skipped, in a subprocess) or transformers (the student's HF classes in this process) "
+           "(default vllm)")
+    a("--rollout-every", type=int, default=50, metavar="N",
+      help="--on-policy: new rollouts from the current student every N steps of stage 2 (default 50; 1 = "
+           "exactly on-policy, practical with --rollout-engine transformers)")
+    a("--rollout-prompt-tokens", type=int, default=None, metavar="P",
+      help="--on-policy: prompt tokens taken from each training block; the student writes the rest up to "
+           "--seq-len (default seq-len / 4)")
+    a("--rollout-temperature", type=float, default=1.0, help="--on-policy: sampling temperature, 0 = greedy (default 1)")
     a("--device", choices=("auto", "cpu", "cuda"), default="auto")
     a("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
       help="compute dtype; auto = bf16 on GPU, fp32 on CPU. With bf16 the frozen weights stay in the checkpoint's "
@@ -94,6 +109,20 @@ def check_args(args) -> None:
         raise ZedaError("--balance-alpha must be >= 0")
     if not 0.0 < args.heldout_fraction < 1.0:
         raise ZedaError("--heldout-fraction must be strictly between 0 and 1")
+    if args.on_policy:
+        if args.rollout_every < 1:
+            raise ZedaError(f"--rollout-every must be >= 1, got {args.rollout_every}")
+        if args.rollout_prompt_tokens is not None and not 1 <= args.rollout_prompt_tokens < args.seq_len:
+            raise ZedaError(f"--rollout-prompt-tokens must be between 1 and --seq-len - 1 ({args.seq_len - 1}), got "
+                            f"{args.rollout_prompt_tokens}")
+        if args.rollout_temperature < 0:
+            raise ZedaError("--rollout-temperature must be >= 0")
+        if args.teacher_cache:
+            raise ZedaError("--on-policy distils on text generated while it trains, which no cache can hold in advance: "
+                            "drop --teacher-cache (the teacher is then a frozen copy of the original)")
+        from .onpolicy import check_engine
+
+        check_engine(args.rollout_engine)
     if args.compile and args.deterministic:
         raise ZedaError("--compile is not bit-reproducible (inductor's scatter-adds are atomic): drop --compile or "
                         "--deterministic")
@@ -119,7 +148,7 @@ def resolve_auto(args, dist) -> None:
             print(f"warning: running without torch.compile ({why}): slower; --no-compile silences this", flush=True)
         args.compile = bool(wanted) and not why
     if args.teacher_cache is None:
-        args.teacher_cache = on_gpu or dist.world > 1
+        args.teacher_cache = (on_gpu or dist.world > 1) and not args.on_policy
     if args.grad_checkpointing is None:
         args.grad_checkpointing = on_gpu
     if args.optimizer_in_backward is None:
@@ -127,6 +156,7 @@ def resolve_auto(args, dist) -> None:
     if dist.world == 1:
         return
     refused = {
+        "--on-policy": args.on_policy,  # its frozen teacher copy is not sharded, nor is the rollout engine
         "--optimizer-in-backward": args.optimizer_in_backward,
         "--expert-optimizer adafactor": args.expert_optimizer == "adafactor",  # its factored moments need whole rows
         "--expert-master bfloat16": args.expert_master == "bfloat16",

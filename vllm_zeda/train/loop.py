@@ -7,7 +7,9 @@ load the data) -> `load_student` (inject, load, freeze) -> `run_stage(1)` (route
   stage 1  router weights only; teacher = the same network in masked mode with the original
            router rows, under no_grad (no second copy of the model)
   stage 2  routers + MoE blocks (experts, shared experts); attention, embeddings, norms frozen;
-           teacher = a frozen copy, or its top-k log-probs cached on disk (--teacher-cache)
+           teacher = a frozen copy, or its top-k log-probs cached on disk (--teacher-cache);
+           --on-policy: on the student's own continuations of the data's prompts, reverse KL
+           (train/onpolicy.py)
   write    DST = ZEDA checkpoint (save_pretrained) + zeda_report.json + zeda_report.png
 
 Loss = KL(teacher || student) on next-token distributions + the group balancing loss with w from
@@ -467,11 +469,24 @@ def run_stage(run: Run, stage: int, step: int, state: dict | None) -> None:
         run.log({"event": "eval", "stage": 1, "step": 0, **run.evals["after_injection"]})
 
     bar = None
+    on_policy = stage == 2 and args.on_policy
     if dist.main and not args.quiet and total > step:
         from tqdm import tqdm
 
         bar = tqdm(total=total, initial=step, desc=f"stage {stage} ({'routers' if stage == 1 else 'routers+experts'})", unit="step")
     data_seed = stage_seed(args.seed, stage)
+
+    def step_blocks(step: int, micro: int) -> torch.Tensor:
+        """The training blocks of (step, micro) on this rank: a pure function of the seeded stream."""
+        pos = ((step * args.grad_accum + micro) * dist.world + dist.rank) * args.batch_size
+        return batch_indices(data.train.shape[0], pos, args.batch_size, data_seed)
+
+    rollouts = None
+    if on_policy:
+        from .losses import reverse_kl_generated
+        from .onpolicy import Rollouts, prompt_tokens
+
+        rollouts = Rollouts(run, total, step_blocks, log=bar.write if bar is not None else print)
     kill_at = os.environ.get(KILL_ENV)
     step_seconds = []  # this process's steps of this stage (not those before a --resume)
     try:
@@ -482,10 +497,8 @@ def run_stage(run: Run, stage: int, step: int, state: dict | None) -> None:
             sums = torch.zeros(3 + len(routers), dtype=torch.float64)  # loss, kl, balance, zero[L]
             model.train()  # no dropout in these configs; lets --grad-checkpointing act
             for micro in range(args.grad_accum):
-                # sample position of this rank in the seeded stream: pure in (step, micro, rank)
-                pos = ((step * args.grad_accum + micro) * dist.world + dist.rank) * args.batch_size
-                idx = batch_indices(data.train.shape[0], pos, args.batch_size, data_seed)
-                x = data.train[idx].to(run.device)
+                idx = step_blocks(step, micro)
+                x = (rollouts.batch(step, micro) if on_policy else data.train[idx]).to(run.device)
                 with run.autocast():
                     teacher = teacher_fn(x, ("train", idx))
                 last = micro == args.grad_accum - 1
@@ -497,7 +510,10 @@ def run_stage(run: Run, stage: int, step: int, state: dict | None) -> None:
                 f_z = zero_fractions(run.tap.ids, e)
                 if dist.world > 1:  # f is a count statistic: use the all-rank value
                     f_z = dist.sum(f_z.clone()) / dist.world
-                kl = teachers.distill_kl(teacher, logits, args.temperature, run.fused)
+                if on_policy:  # the student's own tokens: reverse KL over what it generated
+                    kl = reverse_kl_generated(teacher, logits, prompt_tokens(args), args.temperature)
+                else:
+                    kl = teachers.distill_kl(teacher, logits, args.temperature, run.fused)
                 bal = balance_loss(run.tap.logits, run.tap.ids, num_real=e, num_zero=z, top_k=k_slots, w=w,
                                    alpha=args.balance_alpha, layer_zero_fractions=f_z, scoring=run.arch.scoring)
                 loss = kl + bal
@@ -536,6 +552,8 @@ def run_stage(run: Run, stage: int, step: int, state: dict | None) -> None:
     if step_seconds:
         tokens_per_step = args.batch_size * args.seq_len * args.grad_accum * dist.world
         run.speed[f"stage{stage}"] = throughput(step_seconds, tokens_per_step, dist.world)
+        if rollouts is not None:  # inside the steps' times above
+            run.speed[f"stage{stage}"]["rollout_seconds"] = round(rollouts.seconds, 2)
         if run.device.type == "cuda":
             run.speed[f"stage{stage}"]["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(run.device) / 2**30, 2)
     if total == 0:
@@ -606,6 +624,10 @@ def write_output(run: Run) -> dict:
         "balance_alpha": args.balance_alpha,
         "balance_w": balance_weight(args.target_zero_fraction, spec.num_real_experts, spec.num_zero_experts),
         "temperature": args.temperature,
+        "stage2_data": ({"on_policy": True, "rollout_engine": args.rollout_engine, "rollout_every": args.rollout_every,
+                         "rollout_prompt_tokens": _prompt_tokens(args), "rollout_temperature": args.rollout_temperature,
+                         "loss": "KL(student || teacher) over the generated tokens"}
+                        if args.on_policy else {"on_policy": False, "loss": "KL(teacher || student) over the data's text"}),
         "note": "zero_fraction / teacher_kl: held-out blocks, dynamic routing, zero_bias 0; teacher = the original model",
     }
     dtype = _checkpoint_dtype(run.cfg)
@@ -640,6 +662,12 @@ def write_output(run: Run) -> dict:
                       f" {sp['steps_timed']} steps timed)", flush=True)
     dist.barrier()
     return report
+
+
+def _prompt_tokens(args) -> int:
+    from .onpolicy import prompt_tokens
+
+    return prompt_tokens(args)
 
 
 def _checkpoint_dtype(cfg: dict) -> torch.dtype:

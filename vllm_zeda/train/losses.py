@@ -1,5 +1,6 @@
-"""Distillation losses, pure functions: KL(teacher || student) on next-token distributions and
-the per-layer group balancing loss (routing.group_balance_loss), summed over layers.
+"""Distillation losses, pure functions: KL(teacher || student) on next-token distributions (and
+the reverse, KL(student || teacher), on the student's own text: --on-policy) and the per-layer
+group balancing loss (routing.group_balance_loss), summed over layers.
 """
 from __future__ import annotations
 
@@ -55,6 +56,27 @@ def kl_teacher_student(teacher_logits: torch.Tensor, student_logits: torch.Tenso
     `rows`: kl_rows or a compiled kl_rows (train.fused).
     """
     return mean_over_positions(lambda t, s: rows(t, s, temperature), teacher_logits, student_logits) * temperature**2
+
+
+def reverse_kl_rows(teacher_logits, student_logits, temperature):
+    """[rows] KL(softmax(s/T) || softmax(t/T)) in float32: mode-seeking, the on-policy loss."""
+    t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    return (s.exp() * (s - t)).sum(-1)
+
+
+def reverse_kl_generated(teacher_logits: torch.Tensor, student_logits: torch.Tensor, prompt_len: int,
+                         temperature: float = 1.0) -> torch.Tensor:
+    """Mean of KL(student || teacher) over the positions that predict generated tokens (the
+    logits [B, L, V] at prompt_len - 1 .. L - 2 predict tokens prompt_len .. L - 1), times T^2.
+
+    The full-vocabulary form of on-policy distillation's per-token reverse KL (the ZEDA authors'
+    stage 2 estimates it from the sampled token's log-ratio): an exact expectation under the
+    student instead of a one-sample estimate, so no sampling noise in the gradient.
+    """
+    end = student_logits.shape[1] - 1
+    return mean_over_positions(lambda t, s: reverse_kl_rows(t, s, temperature), teacher_logits[:, prompt_len - 1 : end],
+                               student_logits[:, prompt_len - 1 : end]) * temperature**2
 
 
 def teacher_topk(teacher_logits: torch.Tensor, k: int, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:

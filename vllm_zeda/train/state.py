@@ -18,7 +18,8 @@ CKPT = "trainer_state.pt"
 RUN_KEYS = ("model", "data", "num_zero_experts", "target_zero_fraction", "stage1_steps", "stage2_steps", "seq_len",
             "batch_size", "grad_accum", "lr", "expert_lr", "balance_alpha", "temperature", "teacher_cache",
             "teacher_topk", "seed", "heldout_fraction", "max_heldout_blocks", "grad_clip", "dtype",
-            "expert_optimizer", "expert_master", "optimizer_in_backward")
+            "expert_optimizer", "expert_master", "optimizer_in_backward", "on_policy", "rollout_every",
+            "rollout_prompt_tokens", "rollout_temperature")  # not --rollout-engine: saved rounds are reused
 
 
 def run_config(args, world_size: int) -> dict:
