@@ -149,7 +149,9 @@ def generate_vllm(run, prompts: torch.Tensor, new_tokens: int, temperature: floa
     cmd = [sys.executable, "-m", "vllm_zeda.train.rollout", "--model", str(export), "--prompts", str(prompts_file),
            "--out", str(out_file), "--new-tokens", str(new_tokens), "--temperature", str(temperature),
            "--seed", str(seed), "--dtype", "bfloat16" if run.use_bf16 else "float32"]
-    if run.device.type == "cuda":  # what the trainer leaves free, with a margin
+    if run.device.type == "cpu":
+        cmd.append("--eager")
+    else:  # what the trainer leaves free, with a margin
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(run.device)
         cmd += ["--gpu-memory-utilization", f"{0.9 * free / total:.3f}"]

