@@ -1,6 +1,7 @@
 """Quality at matched routed-expert FLOPs: the teacher (static top-K), ZEDA checkpoints converted
 from it, and the training-free baselines of `baselines.py` run on the teacher, through transformers
-(fp32, on --device).
+(fp32, on --device); with --static, checkpoints the teacher became statically with fewer slots
+(`static_ceiling.py`: the ceiling for a kept share).
 
 Metrics, on the corpus's held-out split (`corpus.py`): perplexity per source, next-token accuracy
 on code, greedy exact match on held-out math questions ("Question: q\\nAnswer:" -> the first
@@ -173,6 +174,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--teacher", required=True)
     p.add_argument("--zeda", nargs="*", default=[])
+    p.add_argument("--static", nargs="*", default=[],
+                   help="plain checkpoints of the teacher's family run statically with fewer slots (static_ceiling.py)")
     p.add_argument("--corpus", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--kept", type=float, nargs="*", default=[0.75, 0.5, 0.25], help="baselines' kept shares")
@@ -237,6 +240,14 @@ def main() -> int:
                      **({"dial": bias} if bias is not None else {}), **({"target": target} if target is not None else {}), **point}
             print(json.dumps(point), flush=True)
             points.append(point)
+        del model
+
+    for path in a.static:  # kept = its top-K over the teacher's
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(a.device).eval()
+        point = {"method": "static_distilled", "checkpoint": str(path), "kept": round(model.config.num_experts_per_tok / k, 4),
+                 **evaluate_point(model, tokenizer, data, a)}
+        print(json.dumps(point), flush=True)
+        points.append(point)
         del model
 
     if a.serve:
