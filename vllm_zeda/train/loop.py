@@ -267,6 +267,10 @@ def prepare(args, dist: Dist) -> Run | None:
     disk_plan = disk.plan(sizes, spec.num_real_experts, spec.num_zero_experts, stage2=args.stage2_steps > 0,
                           cache_entries=cache_entries, expert_optimizer=args.expert_optimizer,
                           expert_master=args.expert_master, saves_mid_stage2=args.save_every < args.stage2_steps)
+    if args.on_policy and args.rollout_engine == "vllm" and args.stage2_steps > 0:  # the student exported each round
+        import dataclasses
+
+        disk_plan = dataclasses.replace(disk_plan, state=disk_plan.state + disk_plan.output)
     disk.check_free_space(disk_plan, output, work, resuming=args.resume)
     device = dist.device
     use_bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
@@ -595,6 +599,7 @@ def write_output(run: Run) -> dict:
     """The ZEDA checkpoint, its report and plot, written atomically; the work dir then goes."""
     from ..convert.checkpoint import atomic_output_dir
     from ..convert.inject import carry_unbuilt_layers, copy_side_files
+    from .onpolicy import prompt_tokens
     from .report import METRICS, PLOT, plot, read_metrics, write_report
 
     args, dist, spec, evals = run.args, run.dist, run.spec, run.evals
@@ -625,7 +630,7 @@ def write_output(run: Run) -> dict:
         "balance_w": balance_weight(args.target_zero_fraction, spec.num_real_experts, spec.num_zero_experts),
         "temperature": args.temperature,
         "stage2_data": ({"on_policy": True, "rollout_engine": args.rollout_engine, "rollout_every": args.rollout_every,
-                         "rollout_prompt_tokens": _prompt_tokens(args), "rollout_temperature": args.rollout_temperature,
+                         "rollout_prompt_tokens": prompt_tokens(args), "rollout_temperature": args.rollout_temperature,
                          "loss": "KL(student || teacher) over the generated tokens"}
                         if args.on_policy else {"on_policy": False, "loss": "KL(teacher || student) over the data's text"}),
         "note": "zero_fraction / teacher_kl: held-out blocks, dynamic routing, zero_bias 0; teacher = the original model",
@@ -662,12 +667,6 @@ def write_output(run: Run) -> dict:
                       f" {sp['steps_timed']} steps timed)", flush=True)
     dist.barrier()
     return report
-
-
-def _prompt_tokens(args) -> int:
-    from .onpolicy import prompt_tokens
-
-    return prompt_tokens(args)
 
 
 def _checkpoint_dtype(cfg: dict) -> torch.dtype:

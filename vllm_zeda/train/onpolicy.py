@@ -24,6 +24,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -79,8 +80,6 @@ class Rollouts:
         path = self.dir / f"round_{r:05d}.pt"
         if path.is_file():  # written before a kill: the same text again
             return torch.load(path)
-        import time
-
         args, data = self.run.args, self.run.data
         steps = range(r * self.every, min((r + 1) * self.every, self.total))
         p = prompt_tokens(args)
