@@ -149,7 +149,7 @@ def in_memory(args, result: dict, save) -> None:
     result["meta"].update(layers=args.layers, params=n_params, active_params=active, seq_len=args.seq_len,
                           steps_per_point=args.steps, flags=flags, compile=train_args.compile)
     result["points"] = []
-    for stage, sizes in ((1, args.stage1_batches), (2, args.stage2_batches)):
+    for stage, sizes in ((1, args.stage1_batches), (2, args.stage2_batches), (1, args.then_stage1_batches)):
         for batch in sizes:
             train_args.batch_size = batch
             run.speed.clear()
@@ -158,16 +158,13 @@ def in_memory(args, result: dict, save) -> None:
             point = {"stage": stage, "batch_size": batch, "tokens_per_step": batch * args.seq_len}
             seen = len(run.metrics_path.read_text().splitlines()) if run.metrics_path.is_file() else 0
             t0 = time.time()
-            profiler = _profiler(args.profile)
+            profiler = _profiler(args.profile, args.steps, f"stage{stage}_batch{batch}", point)
+            log = run.log
+            if args.profile:  # the profiler's window: the timed steps (each train record ends a step)
+                run.log = lambda record: (log(record), record.get("event") == "train" and profiler.step())
             try:
                 with profiler:
                     loop.run_stage(run, stage, 0, None)
-                if args.profile:
-                    table = profiler.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70)
-                    Path(args.profile, f"stage{stage}_batch{batch}.txt").write_text(table)
-                    shapes = profiler.key_averages(group_by_input_shape=True).table(
-                        sort_by="self_cuda_time_total", row_limit=60, max_name_column_width=40, max_shapes_column_width=90)
-                    Path(args.profile, f"stage{stage}_batch{batch}_shapes.txt").write_text(shapes)
                 speed = run.speed[f"stage{stage}"]
                 steps = [json.loads(l) for l in run.metrics_path.read_text().splitlines()[seen:]]
                 zero = [r["zero_fraction"] for r in steps if r.get("event") == "train"][1:]  # the timed steps
@@ -180,22 +177,39 @@ def in_memory(args, result: dict, save) -> None:
                     p.grad = None
                     p.requires_grad_(False)
                 torch.cuda.empty_cache()
+            run.log = log
             point["wall_seconds"] = round(time.time() - t0, 1)
             result["points"].append(point)
             print(json.dumps(point), flush=True)
             save()
 
 
-def _profiler(folder: str | None):
-    """torch.profiler over a whole (stage, batch size) point, or nothing."""
+def _profiler(folder: str | None, steps: int, name: str, point: dict):
+    """torch.profiler over the timed steps of a (stage, batch size) point (the first step, which
+    compiles, and the stage's evaluations and frozen-weight fingerprints left out), or nothing.
+    Writes the kernel tables to `folder` and the GPU time per step into `point`."""
     import contextlib
 
     if not folder:
         return contextlib.nullcontext()
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity, profile, schedule
 
     Path(folder).mkdir(parents=True, exist_ok=True)
-    return profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True)
+
+    def save(prof):
+        averages = prof.key_averages()
+        Path(folder, f"{name}.txt").write_text(averages.table(sort_by="self_cuda_time_total", row_limit=40,
+                                                              max_name_column_width=110))
+        shapes = prof.key_averages(group_by_input_shape=True).table(
+            sort_by="self_cuda_time_total", row_limit=60, max_name_column_width=40, max_shapes_column_width=90)
+        Path(folder, f"{name}_shapes.txt").write_text(shapes)
+        kernels = sum(e.self_device_time_total for e in averages  # the tables' "Self CUDA time total"
+                      if e.device_type.name == "CUDA" and not e.is_user_annotation)
+        point["profiled_steps"] = steps - 1
+        point["gpu_ms_per_step"] = round(kernels / 1e3 / (steps - 1), 1)
+
+    return profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True,
+                   schedule=schedule(wait=0, warmup=1, active=steps - 1, repeat=1), on_trace_ready=save)
 
 
 # ---------------------------------------------------------------------------- kill-resume ----
@@ -293,7 +307,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6, help="in-memory: steps per (stage, batch size) point")
     p.add_argument("--stage1-batches", type=int, nargs="*", default=[2, 4], help="none: skip the stage")
     p.add_argument("--stage2-batches", type=int, nargs="*", default=[2, 4], help="none: skip the stage")
-    p.add_argument("--profile", default=None, metavar="DIR", help="in-memory: a kernel table per point in DIR")
+    p.add_argument("--then-stage1-batches", type=int, nargs="*", default=[],
+                   help="in-memory: stage 1 again after the stage-2 points, whose steps have pulled the random "
+                        "routers' zero fraction towards the target")
+    p.add_argument("--profile", default=None, metavar="DIR", help="in-memory: kernel tables of each point's timed steps in DIR")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="in-memory: more trainer flags")
     p.add_argument("--batch-size", type=int, default=2, help="kill-resume")
     p.add_argument("--stage1-steps", type=int, default=8, help="kill-resume")

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import load
-from vllm_zeda.train import main
+from vllm_zeda.train import loop, main
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ["--seq-len", "64", "--batch-size", "8", "--quiet", "--no-plot"]
@@ -519,6 +519,24 @@ def test_optimizer_in_backward_steps_exactly_like_after_backward(tiny_models, tm
     a, b = weights(tmp_path / "after"), weights(tmp_path / "inside")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
     assert inside["after_stage2"]["teacher_kl"] == pytest.approx(after["after_stage2"]["teacher_kl"], rel=1e-4)
+
+
+def test_recomputing_some_layers_trains_like_recomputing_all_or_none(tiny_models, tmp_path):
+    """--grad-checkpointing-layers N: the first N decoder layers recompute in the backward, the
+    others keep their activations; the gradients, so the weights, are those of either extreme."""
+    src = tiny_models["qwen3_moe"]
+    runs = {"all": ["--grad-checkpointing"], "none": ["--no-grad-checkpointing"], "first": ["--grad-checkpointing-layers", "1"]}
+    got = {}
+    for name, flags in runs.items():
+        report = train(src, tmp_path / name, *SHORT, *flags)
+        assert report["grad_checkpointing"] is (name != "none")
+        got[name] = weights(tmp_path / name)
+    for other in ("none", "first"):
+        assert max((got["all"][k] - got[other][k]).abs().max().item() for k in got["all"]) < 1e-6
+    model = load(src)  # the 2-layer tiny model: which layers recompute
+    assert loop.enable_grad_checkpointing(model, 1) == 1 and [m.gradient_checkpointing for m in model.model.layers] == [True, False]
+    assert loop.enable_grad_checkpointing(load(src), None) == 2
+    assert main(["--model", str(src), "--output", str(tmp_path / "x"), "--no-grad-checkpointing", "--grad-checkpointing-layers", "1"]) != 0
 
 
 def test_adafactor_in_backward_trains_and_resumes_exactly(tiny_models, tmp_path, monkeypatch, capsys):

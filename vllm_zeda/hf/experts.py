@@ -39,9 +39,59 @@ def runs_grouped(experts: nn.Module) -> bool:
     return down.shape == (e, h, two_i // 2) and hasattr(experts, "act_fn")
 
 
-def gather_live(hidden_states: torch.Tensor, order: torch.Tensor, live: torch.Tensor, k: int) -> torch.Tensor:
+def _sum_slots(rows: torch.Tensor, inverse: torch.Tensor, k: int) -> torch.Tensor:
+    """[T, H]: token t's K sorted rows rows[inverse[t*K + j]] summed over j in slot order, as K
+    gathers added in turn (one pointwise pass once compiled; no reduction kernel, no atomics)."""
+    picked = rows[inverse.view(-1, k)]  # [T, K, H]
+    total = picked[:, 0]
+    for j in range(1, k):
+        total = total + picked[:, j]
+    return total
+
+
+class _GatherLive(torch.autograd.Function):
+    """x [T, H] -> [T*K, H]: sorted pair i's token row, zeroed where dead. The backward sums each
+    token's K row gradients by gathering them (`_sum_slots`) instead of autograd's scatter-add
+    of T*K rows (atomics, or a sort under deterministic algorithms)."""
+
+    @staticmethod
+    def forward(ctx, x, order, inverse, live, k):
+        ctx.save_for_backward(inverse, live)
+        ctx.k = k
+        return x[order // k].masked_fill(~live, 0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        inverse, live = ctx.saved_tensors
+        return _sum_slots(grad.masked_fill(~live, 0), inverse, ctx.k), None, None, None, None
+
+
+class _Combine(torch.autograd.Function):
+    """[T*K, H] expert rows -> [T, H]: each token's live rows times their routing weights,
+    summed (dead rows are zero whatever grouped_mm left there: NaN * 0 would be NaN). Both
+    directions gather: the rows' and the weights' gradients read the token's incoming gradient
+    at order // K, no scatter."""
+
+    @staticmethod
+    def forward(ctx, out, live, weights, order, inverse, k, dtype):
+        out = torch.where(live, out, 0)
+        ctx.save_for_backward(out, live, weights, order)
+        ctx.k = k
+        return _sum_slots(out * weights.unsqueeze(1), inverse, k).to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        out, live, weights, order = ctx.saved_tensors
+        g = grad[order // ctx.k]  # [T*K, H]: each sorted row's token's gradient
+        grad_out = torch.where(live, g * weights.unsqueeze(1), 0).to(out.dtype)
+        grad_weights = (g.to(torch.float32) * out.to(torch.float32)).sum(-1).to(weights.dtype)
+        return grad_out, None, grad_weights, None, None, None, None
+
+
+def gather_live(hidden_states: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, live: torch.Tensor,
+                k: int) -> torch.Tensor:
     """Each sorted (token, slot) pair's input row [T*K, H]; dead rows zeroed (their gradient too)."""
-    return hidden_states[order // k].masked_fill(~live, 0)
+    return _GatherLive.apply(hidden_states, order, inverse, live, k)
 
 
 def swiglu(gate_up: torch.Tensor, act_fn) -> torch.Tensor:
@@ -50,13 +100,11 @@ def swiglu(gate_up: torch.Tensor, act_fn) -> torch.Tensor:
     return act_fn(gate) * up
 
 
-def combine(out: torch.Tensor, live: torch.Tensor, sorted_weights: torch.Tensor, inverse: torch.Tensor,
-            tokens: int, dtype: torch.dtype) -> torch.Tensor:
-    """[T, H]: each token's K sorted rows weighted and summed; dead rows zeroed before the weights
-    multiply them (grouped_mm leaves them unwritten: NaN * 0 is NaN, and the weights' gradient
-    reads these rows)."""
-    out = torch.where(live, out, 0) * sorted_weights.unsqueeze(1)
-    return out[inverse].view(tokens, inverse.numel() // tokens, -1).sum(dim=1).to(dtype)
+def combine(out: torch.Tensor, live: torch.Tensor, sorted_weights: torch.Tensor, order: torch.Tensor,
+            inverse: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """[T, H]: each token's K sorted rows weighted and summed in slot order; dead rows zeroed
+    before the weights multiply them (grouped_mm leaves them unwritten)."""
+    return _Combine.apply(out, live, sorted_weights, order, inverse, k, dtype)
 
 
 class Pieces:
@@ -83,9 +131,9 @@ def live_experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_
     offs = offs.to(torch.int32)
     live = (key_sorted < num_experts).unsqueeze(1)
 
-    x = pieces.gather_live(hidden_states, order, live, k)
-    gate_up = _grouped_mm(x, experts.gate_up_proj.transpose(-2, -1), offs=offs)
-    out = _grouped_mm(pieces.swiglu(gate_up, experts.act_fn), experts.down_proj.transpose(-2, -1), offs=offs)
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
-    return pieces.combine(out, live, weights[order], inverse, tokens, hidden_states.dtype)
+    x = pieces.gather_live(hidden_states, order, inverse, live, k)
+    gate_up = _grouped_mm(x, experts.gate_up_proj.transpose(-2, -1), offs=offs)
+    out = _grouped_mm(pieces.swiglu(gate_up, experts.act_fn), experts.down_proj.transpose(-2, -1), offs=offs)
+    return pieces.combine(out, live, weights[order], order, inverse, k, hidden_states.dtype)

@@ -70,6 +70,18 @@ class RouterTap:
             self.on = False
 
 
+def enable_grad_checkpointing(model, layers: int | None) -> int:
+    """Activation checkpointing in the first `layers` decoder layers (None: all): they recompute
+    their forward in the backward, the others keep their activations. How many recompute."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    decoder = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for layer in decoder[layers:] if layers is not None else []:
+        layer.gradient_checkpointing = False
+    return sum(layer.gradient_checkpointing for layer in decoder)
+
+
 def moe_blocks(model):
     """The modules that own a Zeda router (router + experts + shared experts of one layer)."""
     routers = set(map(id, model.zeda_routers))
@@ -323,7 +335,7 @@ def load_student(run: Run) -> None:
         model = load_converted_model(run, dtype)
     model.zeda_set_mode(masked=False, zero_bias=0.0)
     if args.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_grad_checkpointing(model, args.grad_checkpointing_layers)
     for p in model.parameters():
         p.requires_grad_(False)
     routers = model.zeda_routers
