@@ -146,8 +146,11 @@ def live_slots_forward(experts: nn.Module, hidden_states, top_k_index, top_k_wei
     """The experts over the slots with a nonzero weight only: a zero slot (weight 0) costs nothing,
     and the output is the same sum over each token's K slots (`experts.live_experts_forward`).
     Masked mode (`router` routes to real experts only) calls the module's own forward unchanged,
-    so the original model stays bit for bit the original."""
-    if router.masked:
+    so the original model stays bit for bit the original; except where the trainer's `--compile`
+    has given the experts compiled pieces (`zeda_pieces`, train.fused): there the teacher's
+    masked forward takes the same compiled live-slot path, every slot live (the same sums, in
+    another order), instead of transformers' eager one."""
+    if router.masked and not hasattr(experts, "zeda_pieces"):
         return type(experts).forward(experts, hidden_states, top_k_index, top_k_weights)
     return live_experts_forward(experts, hidden_states, top_k_index, top_k_weights)
 

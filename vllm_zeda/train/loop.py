@@ -522,7 +522,7 @@ def run_stage(run: Run, stage: int, step: int, state: dict | None) -> None:
                 if dist.sharded:  # reduce-scatter the gradients in the last micro-batch's backward only
                     model.set_requires_gradient_sync(last)
                 with run.autocast(), run.tap.capture():
-                    logits = model(input_ids=x).logits
+                    logits = model(input_ids=x, use_cache=False).logits
                 f_z = zero_fractions(run.tap.ids, e)
                 if dist.world > 1:  # f is a count statistic: use the all-rank value
                     f_z = dist.sum(f_z.clone()) / dist.world
@@ -592,7 +592,7 @@ def evaluate(model, teacher_fn, heldout: torch.Tensor, batch_size: int, dist: Di
             teacher = teacher_fn(x, ("heldout", chunk))
         model.zeda_stats(reset=True)
         with autocast():
-            logits = model(input_ids=x).logits
+            logits = model(input_ids=x, use_cache=False).logits
         stats = model.zeda_stats(reset=True)
         if not real:
             continue

@@ -51,7 +51,7 @@ def masked_teacher(model, original_rows):
 
     def teacher(x, key):
         with torch.no_grad(), original_model(model, original_rows):
-            return model(input_ids=x).logits
+            return model(input_ids=x, use_cache=False).logits
 
     return teacher
 
@@ -64,7 +64,7 @@ def frozen_copy_teacher(copy: torch.nn.Module):
 
     def teacher(x, key):
         with torch.no_grad():
-            return copy(input_ids=x).logits
+            return copy(input_ids=x, use_cache=False).logits
 
     return teacher, copy
 
@@ -96,7 +96,7 @@ def build_teacher_cache(path: Path, model, original_rows, blocks, keys: torch.Te
     with torch.no_grad(), original_model(model, original_rows):
         for chunk, real in dist.share(keys, args.batch_size):
             with autocast():
-                logits = model(input_ids=blocks(chunk).to(dist.device)).logits
+                logits = model(input_ids=blocks(chunk).to(dist.device), use_cache=False).logits
             lp, ix = teacher_topk(logits, k, args.temperature)
             keep = chunk.numel() if real else 0  # a batch past this process's share: kept for the shapes only
             mine.append(chunk[:keep])
