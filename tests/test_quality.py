@@ -141,3 +141,25 @@ def test_teacher_sample_prompts_keep_each_sources_share_of_text(tmp_path):
     assert shares == {"long": 20, "short": 20}  # 903 vs 909 bytes: by documents it would be 10 / 30
     assert all(len(ids) == 16 for _, ids in got)
     assert got == teacher_samples.prompts(tmp_path, byte_tokenizer(), count=40, length=16, seed=0)
+
+
+def test_static_ceiling_distils_a_static_top_k_and_refuses_bad_input_in_one_line(tmp_path):
+    """static_ceiling.py: the bundled model made static top-2 and distilled a few steps, written
+    as a plain HF checkpoint with its report; a bad --teacher, --top-k or --data: one line."""
+    from transformers import AutoConfig
+
+    base, out = ROOT / "examples" / "tiny_moe", tmp_path / "static"
+    run = lambda *args: subprocess.run([sys.executable, "benchmarks/quality/static_ceiling.py", *map(str, args)],  # noqa: E731
+                                       cwd=ROOT, capture_output=True, text=True)
+    done = run("--teacher", base, "--top-k", 2, "--data", base / "data" / "train", "--out", out, "--steps", 3,
+               "--seq-len", 32, "--batch-size", 2)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert AutoConfig.from_pretrained(out).num_experts_per_tok == 2
+    report = json.loads((out / "static_ceiling.json").read_text())
+    assert report["top_k"] == 2 and report["heldout_kl"] > 0
+    for args, says in ((["--teacher", tmp_path / "nope", "--top-k", 2], "no config.json"),
+                       (["--teacher", base, "--top-k", 4], "--top-k must be"),
+                       (["--teacher", base, "--top-k", 2, "--data", tmp_path / "nope.txt"], "does not exist")):
+        bad = run(*args, *([] if "--data" in args else ["--data", base / "data" / "train"]), "--out", tmp_path / "bad")
+        assert bad.returncode != 0 and says in bad.stderr and "Traceback" not in bad.stderr
+        assert len(bad.stderr.strip().splitlines()) == 1

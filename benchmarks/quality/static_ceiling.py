@@ -41,16 +41,26 @@ def main() -> int:
     out = Path(a.out)
     if out.exists():
         raise SystemExit(f"static_ceiling: {out} exists")
+    config = Path(a.teacher, "config.json")
+    if not config.is_file():
+        raise SystemExit(f"static_ceiling: --teacher {a.teacher} is not a model folder (no config.json)")
+    k = json.loads(config.read_text()).get("num_experts_per_tok")
+    if not k or not 1 <= a.top_k < k:
+        raise SystemExit(f"static_ceiling: --top-k must be between 1 and the teacher's top-k less one ({k}), got {a.top_k}")
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from vllm_zeda.errors import ZedaError
     from vllm_zeda.train.data import batch_indices, load_blocks
     from vllm_zeda.train.losses import kl_teacher_student
     from vllm_zeda.train.loop import lr_factor
 
     torch.manual_seed(a.seed)
     tokenizer = AutoTokenizer.from_pretrained(a.teacher)
-    data = load_blocks(a.data, tokenizer, a.seq_len, seed=a.seed)
+    try:
+        data = load_blocks(a.data, tokenizer, a.seq_len, seed=a.seed)
+    except ZedaError as exc:  # a missing, empty or unreadable --data: its one line
+        raise SystemExit(f"static_ceiling: {exc}") from None
     teacher = AutoModelForCausalLM.from_pretrained(a.teacher, dtype=torch.float32).eval().requires_grad_(False)
     student = AutoModelForCausalLM.from_pretrained(a.teacher, dtype=torch.float32, num_experts_per_tok=a.top_k)
     student.requires_grad_(False)
