@@ -7,7 +7,9 @@ vocabulary-wide KL and, in stage 2, the bf16 experts' Adafactor steps. torch.com
 kernels. What it compiles is the code as written, unchanged: the forward of every attention and
 RMSNorm class of the model (one compile per class, shared by all its layers: the modules are
 graph inputs), the experts' `Pieces`, the losses' KL rows and `optim.bf16_adafactor_step` (one
-graph per tensor shape). The GEMMs, the routing and the sort stay eager.
+graph per tensor shape). With the pieces installed the teacher's masked forward runs them too
+(`hf.modeling.live_slots_forward`: every slot live) instead of transformers' eager experts. The
+GEMMs, the routing and the sort stay eager.
 """
 from __future__ import annotations
 
