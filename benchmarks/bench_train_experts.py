@@ -26,7 +26,10 @@ sys.path.insert(0, str(ROOT))
 
 
 def load_impl(spec: str):
-    name, path = spec.split("=", 1)
+    """NAME=path/to/experts.py -> (NAME, the module); argparse reports a bad one in one line."""
+    name, _, path = spec.partition("=")
+    if not name or not Path(path).is_file():
+        raise argparse.ArgumentTypeError(f"expected NAME=path/to/experts.py (an existing file), got {spec!r}")
     module_spec = importlib.util.spec_from_file_location(f"experts_{name}", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
@@ -39,7 +42,8 @@ def main() -> None:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True)
-    p.add_argument("--impl", action="append", required=True, help="NAME=path/to/experts.py (first = reference)")
+    p.add_argument("--impl", action="append", required=True, type=load_impl,
+                   help="NAME=path/to/experts.py (first = reference)")
     p.add_argument("--tokens", type=int, default=12288)
     p.add_argument("--zero-fractions", type=float, nargs="+", default=[0.0, 0.5, 0.9])
     p.add_argument("--warmup", type=int, default=3)
@@ -60,7 +64,7 @@ def main() -> None:
     ids = torch.randint(0, e, (t, k), generator=gen).to(device)
     w0 = torch.rand(t, k, generator=gen).to(device)
     grad_y = torch.randn(t, h, generator=gen).to(device, torch.bfloat16)
-    impls = [load_impl(s) for s in args.impl]
+    impls = args.impl
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch": torch.__version__,
               "shape": dict(experts=e, hidden=h, width=i, top_k=k, tokens=t), "points": []}
 

@@ -8,9 +8,11 @@ no GEMM work. Shapes never depend on how many slots are live, so nothing waits f
 count them (a `nonzero` would stop the host once per layer, forward and recompute alike).
 
 Rows past the last group are left unwritten by grouped_mm, in its outputs and in its input
-gradients: the dead rows are zeroed before the first GEMM (whose backward then zeroes their
-gradient) and after the last, before the routing weights multiply them (NaN * 0 is NaN, and
-the weights' gradient is the GEMM's output times the incoming gradient).
+gradients: the dead rows are zeroed before the first GEMM (and their gradient in its backward)
+and after the last, before the routing weights multiply them (NaN * 0 is NaN, and the weights'
+gradient is the GEMM's output times the incoming gradient). The gather before the GEMMs and the
+weighted sum after them gather in both directions (autograd Functions with hand-written
+backwards), so no backward scatter-adds T x K rows.
 """
 from __future__ import annotations
 
