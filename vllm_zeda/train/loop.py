@@ -510,7 +510,8 @@ def run_stage(run: Run, stage: int, step: int, state: dict | None) -> None:
             t_step = time.perf_counter()
             for group in opt.param_groups:
                 group["lr"] = group["base_lr"] * lr_factor(step, total)
-            sums = torch.zeros(3 + len(routers), dtype=torch.float64)  # loss, kl, balance, zero[L]
+            # loss, kl, balance, zero[L], summed on the device: one host sync per step, at its end
+            sums = torch.zeros(3 + len(routers), dtype=torch.float64, device=run.device)
             model.train()  # no dropout in these configs; lets --grad-checkpointing act
             for micro in range(args.grad_accum):
                 idx = step_blocks(step, micro)
@@ -534,10 +535,10 @@ def run_stage(run: Run, stage: int, step: int, state: dict | None) -> None:
                                    alpha=args.balance_alpha, layer_zero_fractions=f_z, scoring=run.arch.scoring)
                 loss = kl + bal
                 (loss / args.grad_accum).backward()
-                sums += torch.cat([torch.stack([loss.detach(), kl.detach(), bal.detach()]).double().cpu(), f_z.double().cpu()])
+                sums += torch.cat([torch.stack([loss.detach(), kl.detach(), bal.detach()]).double(), f_z.detach().double()])
             opt.clip_and_step(params)
             step += 1
-            sums = dist.sum(sums.to(run.device)).cpu() / (args.grad_accum * dist.world)  # .cpu() waits for the GPU
+            sums = dist.sum(sums).cpu() / (args.grad_accum * dist.world)  # .cpu() waits for the GPU
             step_seconds.append(time.perf_counter() - t_step)
             record = {"event": "train", "stage": stage, "step": step, "loss": float(sums[0]), "kl": float(sums[1]),
                       "balance": float(sums[2]), "zero_fraction": float(sums[3:].mean()),
