@@ -224,6 +224,41 @@ def test_a_vllm_without_the_fast_paths_hooks_keeps_its_own_experts(monkeypatch, 
     assert len(warned) == 1 and "global x" in warned[0].getMessage()
 
 
+def test_one_dynamic_scale_over_every_row_gets_zeros_in_dead_rows(monkeypatch):
+    """Per-tensor dynamic activation scales (`--quantization fp8` online) read every row of the
+    second GEMM's input, dead slot rows (never written by the first GEMM) too: there the
+    activation writes them as zeros, through the live-slot SiLU at any batch size, or after
+    another activation. Block, per-token and static scales read no dead row: left alone."""
+    from vllm.model_executor.layers.fused_moe.activation import MoEActivation
+    from vllm.model_executor.layers.fused_moe.experts.triton_moe import TritonExperts
+
+    from vllm_zeda.serve import triton_experts as vte
+    from vllm_zeda.serve.handover import Handover
+
+    fp8, scale = torch.float8_e4m3fn, torch.ones(1)
+    assert vte.one_scale_over_every_row(fp8, None, False, None)
+    assert vte.one_scale_over_every_row(torch.int8, None, False, None)
+    assert not vte.one_scale_over_every_row(fp8, [128, 128], False, None)  # block scales: a row's own
+    assert not vte.one_scale_over_every_row(fp8, None, True, None)  # per token
+    assert not vte.one_scale_over_every_row(fp8, None, False, scale)  # static
+    assert not vte.one_scale_over_every_row(None, None, False, None)  # unquantised
+
+    live = torch.tensor([[0, -1], [-1, 3]], dtype=torch.int32)
+    calls = []
+    monkeypatch.setattr(vte, "live_silu_and_mul_", lambda out, x, ids, **kw: calls.append(kw["zero_dead"]))
+    monkeypatch.setattr(TritonExperts, "activation", lambda self, act, out, x, **kw: out.fill_(5.0))
+    for per_tensor in (True, False):
+        experts = _live_slot_experts()
+        monkeypatch.setattr(vte, "one_scale_over_every_row", lambda *a, p=per_tensor: p)
+        experts._state.slots = Handover(live, live)
+        out, x = torch.full((4, 32), 9.0), torch.zeros(4, 64)
+        experts.activation(MoEActivation.SILU, out, x)  # 4 rows: vLLM's kernel unless dead rows matter
+        experts.activation(MoEActivation.GELU, out, x)  # no live-slot kernel for it
+        assert torch.equal(out[live.reshape(-1) < 0].unique(), torch.tensor([0.0 if per_tensor else 5.0]))
+        assert torch.all(out[live.reshape(-1) >= 0] == 5.0)
+    assert calls == [True]
+
+
 def _live_slot_experts():
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation
     from vllm.model_executor.layers.fused_moe.config import (
@@ -287,7 +322,7 @@ def test_small_batches_take_vllms_activation_over_every_row(monkeypatch):
     from vllm_zeda.serve.handover import Handover
 
     experts, calls = _live_slot_experts(), []
-    monkeypatch.setattr(vte, "live_silu_and_mul_", lambda out, x, live: calls.append(out.shape[0]))
+    monkeypatch.setattr(vte, "live_silu_and_mul_", lambda out, x, live, **kw: calls.append(out.shape[0]))
     for rows in (2, vte.LIVE_SILU_MIN_ROWS - 2, vte.LIVE_SILU_MIN_ROWS):
         x, out = torch.randn(rows, 64), torch.full((rows, 32), float("nan"))
         experts._state.slots = Handover(None, torch.tensor([[0, -1]] * (rows // 2), dtype=torch.int32))

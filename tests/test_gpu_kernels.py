@@ -191,6 +191,9 @@ def test_live_activation_and_sum_touch_live_slots_only(dtype, per_program, block
     tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=2 ** -6, atol=1e-6)  # tl.exp in the interpreter: a bf16 ulp or two
     assert torch.allclose(out[rows].float(), ref[rows].float(), **tol)
     assert torch.all(out[~rows] == 7.0)  # dead rows never written
+    zeroed = torch.full_like(out, 7.0)
+    gk.live_silu_and_mul_(zeroed, x, live, rows_per_program=per_program, block=block, zero_dead=True)
+    assert torch.equal(zeroed[rows], out[rows]) and torch.all(zeroed[~rows] == 0)  # zeros, NaN inputs unread
     slots = torch.randn(m, k, d, generator=g).to(DEVICE, dtype)
     slots[live < 0] = float("nan")  # dead rows hold garbage: never read
     total = torch.empty(m, d, dtype=dtype, device=DEVICE)

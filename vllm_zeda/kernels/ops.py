@@ -153,10 +153,11 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["rows"])  # the batch size: not a specialisation, one compile for all
     def _live_silu_and_mul(x_ptr, out_ptr, live_ptr, rows, n, stride_x, stride_out, ROWS: tl.constexpr,
-                           BLOCK: tl.constexpr):
-        """out[r] = silu(x[r, :n]) * x[r, n:] for live slot rows r; dead rows are neither read nor
-        written, rounded as vLLM's silu_and_mul (_silu_mul). A program takes ROWS consecutive
-        rows, each behind its own branch on its live id (a dead row costs one cached id load)."""
+                           BLOCK: tl.constexpr, ZERO_DEAD: tl.constexpr):
+        """out[r] = silu(x[r, :n]) * x[r, n:] for live slot rows r, rounded as vLLM's silu_and_mul
+        (_silu_mul); dead rows are not read, and written only with ZERO_DEAD (zeros). A program
+        takes ROWS consecutive rows, each behind its own branch on its live id (a dead row costs
+        one cached id load)."""
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         for r in tl.static_range(ROWS):
@@ -166,6 +167,8 @@ if triton is not None:
                     gate = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
                     up = tl.load(x_ptr + row * stride_x + n + offs, mask=mask, other=0.0)
                     tl.store(out_ptr + row * stride_out + offs, _silu_mul(gate, up), mask=mask)
+                elif ZERO_DEAD:
+                    tl.store(out_ptr + row * stride_out + offs, tl.zeros((BLOCK,), out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit(do_not_specialize=["m"])
     def _live_moe_sum(in_ptr, out_ptr, live_ptr, m, d, stride_out, K: tl.constexpr, BLOCK: tl.constexpr):
@@ -339,10 +342,11 @@ LIVE_SILU_WIDE_ROWS = 65536
 
 
 def live_silu_and_mul_(out: torch.Tensor, x: torch.Tensor, live_ids: torch.Tensor, *,
-                       rows_per_program: int | None = None, block: int | None = None) -> None:
+                       rows_per_program: int | None = None, block: int | None = None, zero_dead: bool = False) -> None:
     """Gated SiLU over the [M*K, 2N] slot rows of the first expert GEMM for live slots only
     (live_ids [M, K] int32, -1 = not computed on this GPU: zero experts, other EP ranks' experts).
-    Dead rows hold no data (their GEMM blocks never ran) and are never written. The launch shape
+    Dead rows hold no data (their GEMM blocks never ran) and are not read; they are left as they
+    are, or with `zero_dead` set to zeros (for a reader of every row: a per-tensor scale). The launch shape
     (rows_per_program; block columns, a power of 2, default the row's up to 256) does not change
     the result. Default: 4 rows a program (8 from LIVE_SILU_WIDE_ROWS rows) over 256 columns on 2
     warps, the fastest or within 3.5% of it in launch sweeps at 2k, 8k and 16k tokens, skip 0 and
@@ -356,7 +360,7 @@ def live_silu_and_mul_(out: torch.Tensor, x: torch.Tensor, live_ids: torch.Tenso
     rows_per_program = rows_per_program or (8 if rows >= LIVE_SILU_WIDE_ROWS else 4)
     _live_silu_and_mul[(-(-rows // rows_per_program), -(-n // block))](
         x, out, live_ids.reshape(-1), rows, n, x.stride(0), out.stride(0), ROWS=rows_per_program, BLOCK=block,
-        num_warps=2,
+        ZERO_DEAD=zero_dead, num_warps=2,
     )
 
 

@@ -25,6 +25,9 @@ Zero slots reach the experts with ids E..E+Z-1 and an expert map that sends them
    (`kernels.ops.live_silu_and_mul_`) once there are enough rows for that to pay
    (`live_activation_pays`); below, vLLM's CUDA kernel runs over every row, dead ones too (their
    garbage is never read: neither the second GEMM nor the live-slot sum touches a dead row).
+   Where the second GEMM's input gets one dynamic FP8/int8 scale over all rows (per-tensor
+   activations), dead rows would enter that scale: there the activation writes them as zeros
+   (`one_scale_over_every_row`).
 3. Sum over slots: only live rows are read: `kernels.ops.live_moe_sum_` inside CUDA graphs, vLLM's
    map-aware CUDA `moe_sum` in eager forwards, where host launch time counts (`live_sum_pays`).
 4. Tile configs: vllm_zeda's own tables, tuned at the ZEDA operating point, come before vLLM's
@@ -155,6 +158,15 @@ def live_sum_pays(device: torch.device) -> bool:
     return _capturing(device)
 
 
+def one_scale_over_every_row(quant_dtype, block_shape, per_act_token_quant: bool, a2_scale) -> bool:
+    """Whether the second GEMM's input is quantised with one scale computed over all its rows
+    (dynamic per-tensor activations: `--quantization fp8` online). Its dead slot rows were never
+    written by the first GEMM, so they hold whatever the workspace held and would enter that scale
+    (too coarse a scale for the live rows, or inf): the activation writes them as zeros then. Block
+    and per-token scales read a row's own values only; a static a2 scale reads none."""
+    return quant_dtype is not None and block_shape is None and not per_act_token_quant and a2_scale is None
+
+
 def _grouped_int_weights(kwargs) -> bool:
     """Upstream's condition for refusing the naive assignment (group-quantised int weights)."""
     block_shape = kwargs.get("block_shape")
@@ -223,11 +235,15 @@ class ZedaTritonExperts(TritonExperts):
 
     def activation(self, activation, output, input, **kwargs) -> None:
         slots = self._slots
-        if (slots is not None and activation == MoEActivation.SILU and live_activation_pays(output.shape[0])
+        zero_dead = slots is not None and one_scale_over_every_row(self.quant_dtype, self.block_shape,
+                                                                   self.per_act_token_quant, self.a2_scale)
+        if (slots is not None and activation == MoEActivation.SILU and (zero_dead or live_activation_pays(output.shape[0]))
                 and self.quant_config.gemm1_clamp_limit is None and output.dtype == input.dtype):
-            live_silu_and_mul_(output, input, slots.live)
+            live_silu_and_mul_(output, input, slots.live, zero_dead=zero_dead)
             return
         super().activation(activation, output, input, **kwargs)
+        if zero_dead:
+            output.masked_fill_(slots.live.reshape(-1, 1) < 0, 0)
 
     def moe_sum(self, input, output, topk_ids=None, expert_map=None) -> None:
         slots = self._slots
