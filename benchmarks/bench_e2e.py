@@ -13,8 +13,8 @@ Configs, each in its own engine process, measured in one run:
             prompts (OWN_PROBES).
             Reported as zeda_s0, zeda_s50, ... in --targets order.
             Target 0 uses bias -1e4: no zero slot at all, so it measures the plugin's overhead.
-Workloads: prefill (64 x 2048 prompt tokens, 1 output: input tok/s), decode at batch 1, 16, 256
-(output tok/s). Each workload runs a short warm-up, then three timed runs (--quick: two; batch
+Workloads: prefill (64 x 2048 prompt tokens, 1 output: input tok/s), decode at batch 1, 8, 16,
+256 (output tok/s). Each workload runs a short warm-up, then three timed runs (--quick: two; batch
 256 four either way, MIN_RUNS); the fastest is reported and all times are kept. Every engine uses
 the same CUDA-graph capture sizes (CAPTURE_SIZES) to keep start-up short.
 --profile-decode adds, per config and target, the GPU kernels of one batch-1 decode step (device
@@ -29,6 +29,7 @@ the GPU's busy and idle time (kernel_profile.run_timeline).
                                     [--profile-run decode_b256] [--tp 2 [--ep]]
 --tp N runs every engine tensor-parallel over N GPUs, --ep adds --enable-expert-parallel (each rank
 holds E/N real experts). The zero fraction is read from rank 0: every rank routes every token.
+--quantization fp8 | fp8-block: every engine's experts in FP8 (QUANTIZATIONS, below).
 """
 from __future__ import annotations
 
@@ -79,10 +80,11 @@ CONFIGS = {
     "zeda": dict(zeda=True),
 }
 CAPTURE_SIZES = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256]
-SHORT_CAPTURE_SIZES = [1, 16, 32, 256]  # --quick: the batch sizes the workloads and probes run at
+SHORT_CAPTURE_SIZES = [1, 8, 16, 32, 256]  # --quick: the batch sizes the workloads and probes run at
 WORKLOADS = {  # name: (num prompts, prompt len, output len)
     "prefill": (64, 2048, 1),
     "decode_b1": (1, 16, 256),
+    "decode_b8": (8, 16, 256),
     "decode_b16": (16, 16, 256),
     "decode_b256": (256, 16, 128),
 }
@@ -91,14 +93,25 @@ MAX_BATCHED = 16384  # max_num_batched_tokens: a prefill step holds up to this m
 # either ~2.75 s or 3.3-4.6 s (runs G, H, I, the skip-0.75 run: one of two slow, sometimes both;
 # cause unknown, the warm-up of 8 tokens took 2.1 s too), so two runs often held no clean one
 MIN_RUNS = {"decode_b256": 4}
+# --quantization: "fp8" is vLLM's online per-tensor FP8 (`LLM(quantization="fp8")`: bf16 weights
+# quantised at load, dynamic per-tensor activation scales); "fp8-block" writes the checkpoint
+# config of Qwen3-30B-A3B-FP8 (128 x 128 weight blocks, dynamic per-token-group activations),
+# whose dummy weights vLLM makes in that layout. Routers stay unquantised in the block format, as
+# in Qwen's release (bf16 router weights): listed by full name, as vLLM 0.26's is_layer_skipped
+# matches them.
+BLOCK_FP8 = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+QUANTIZATIONS = ("none", "fp8", "fp8-block")
 
 
-def write_model(root: Path, name: str, shape: str = "qwen3-30b-a3b") -> Path:
+def write_model(root: Path, name: str, shape: str = "qwen3-30b-a3b", quantization: str = "none") -> Path:
     from vllm_zeda.testing.tiny import byte_tokenizer
 
     base, e, z, k, _ = SHAPES[shape]
     c = CONFIGS[name]
     cfg = dict(base, num_experts_per_tok=c.get("top_k", k))
+    if quantization == "fp8-block":
+        cfg["quantization_config"] = dict(BLOCK_FP8, modules_to_not_convert=[
+            f"model.layers.{i}.mlp.gate" for i in range(cfg["num_hidden_layers"])])
     if c.get("zeda"):
         arch = base["architectures"][0]
         cfg.update(architectures=["Zeda" + arch], model_type="zeda_" + base["model_type"],
@@ -257,6 +270,8 @@ def worker(model_dir: str, name: str, a) -> None:
     # benchmark-only worker RPCs (kernel_profile.py); for zeda also the plugin's zero-bias dial:
     # a device tensor read by the captured graphs, set per target through the RPC
     kw = dict(worker_extension_cls="benchmarks.kernel_profile." + ("ZedaProfileExtension" if zeda else "KernelProfileExtension"))
+    if a.quantization == "fp8":
+        kw["quantization"] = "fp8"
     if zeda:
         kw["additional_config"] = {"zeda": {"enabled": True, "zero_bias": 1e-9}}
     t0 = time.time()
@@ -323,9 +338,11 @@ def main() -> None:
                    help="after the timed runs, one more run of each with CPU ops and GPU kernels profiled in the "
                         "worker: where its wall time goes (vLLM's model-runner scopes, the GPU's idle time)")
     p.add_argument("--quick", action="store_true", help="4 CUDA-graph sizes and 2 timed runs per workload")
-    p.add_argument("--timeout", type=float, default=200, help="seconds per engine, plus 90 per zeda target")
+    p.add_argument("--timeout", type=float, default=240, help="seconds per engine, plus 90 per zeda target")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size of every engine")
     p.add_argument("--ep", action="store_true", help="with --tp N: expert parallelism over the N GPUs")
+    p.add_argument("--quantization", choices=QUANTIZATIONS, default="none",
+                   help="fp8: vLLM's online per-tensor FP8; fp8-block: Qwen3-30B-A3B-FP8's 128x128 block format")
     a = p.parse_args()
     if a.profile_batch < 1:
         p.error(f"--profile-batch must be at least 1, got {a.profile_batch}")
@@ -341,9 +358,9 @@ def main() -> None:
     root = Path(tempfile.mkdtemp())
     results = {"meta": {"device": torch.cuda.get_device_name(), "vllm": vllm.__version__, "date": time.strftime("%Y-%m-%d"),
                         "shape": SHAPES[a.shape][4], "zero_experts": SHAPES[a.shape][2], "tensor_parallel_size": a.tp, "expert_parallel": a.ep,
-                        "gpus": torch.cuda.device_count()}, "configs": {}}
+                        "gpus": torch.cuda.device_count(), "quantization": a.quantization}, "configs": {}}
     for name in a.configs:
-        d = write_model(root, name, a.shape)
+        d = write_model(root, name, a.shape, a.quantization)
         log = Path(a.out).with_name(f"e2e_{name}.log")
         timeout = a.timeout + (90 * len(a.targets) if CONFIGS[name].get("zeda") else 0)
         proc = run_worker([sys.executable, __file__, "--out", a.out, "--worker", str(d), name,
@@ -351,7 +368,8 @@ def main() -> None:
                           + ["--profile-decode"] * a.profile_decode + ["--profile-prefill"] * a.profile_prefill
                           + ["--profile-batch", str(a.profile_batch)]
                           + (["--profile-run", *a.profile_run] if a.profile_run else [])
-                          + ["--quick"] * a.quick + ["--workloads", *a.workloads], timeout)
+                          + ["--quick"] * a.quick + ["--workloads", *a.workloads]
+                          + ["--quantization", a.quantization], timeout)
         out, err = proc.stdout, proc.stderr
         log.write_text(out + "\n----- stderr\n" + err[-20000:])
         lines = [json.loads(l[7:]) for l in out.splitlines() if l.startswith("RESULT ")]

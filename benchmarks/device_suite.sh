@@ -17,6 +17,9 @@
 #   e2e75     bench_e2e.py --configs static8 ideal2 zeda --targets 0.75 --quick        §3.2  ~6 min
 #   e2e-glm   bench_e2e.py --shape glm-4.7-flash: static4 ideal2 zeda at skip 0 and 0.5, prefill
 #             and decode at batch 1 and 16, --quick                                    §3.4  ~8 min
+#   fp8-e2e   bench_e2e.py --quantization fp8 (online per-tensor): static8 ideal4 zeda at skip 0 and
+#             0.5, prefill and decode at batch 1, 8, 16, one batch-8 decode step profiled    §3.5  ~8 min
+#   fp8-block-e2e  the same in Qwen3-30B-A3B-FP8's 128x128 block format                §3.5  ~8 min
 #   b256-run  batch-256 decode, static8 and zeda (skip 0.5 first, then 0), then one run of each
 #             profiled whole, CPU and GPU (--profile-run; `tables.py run-profile`)     §3.3  ~6 min
 #   serve3    bench_serve.py: static8, zeda and ideal4 servers in one call, one run each after a
@@ -43,7 +46,7 @@
 # logs are packed into $OUT/logs.tgz at the end (the device tool returns at most 8 files).
 set -uo pipefail
 [ $# -gt 0 ] || { awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"; exit 2; }
-STAGES="kernel-tests parity layer layer-small tune tune-glm route e2e50 e2e75 e2e-glm b256-run serve3 serve-graphs serve-vllm-graphs serve-profile host env tp-parity tp-train tp-e2e ep-e2e tp-serve ep-serve"
+STAGES="kernel-tests parity layer layer-small tune tune-glm route e2e50 e2e75 e2e-glm fp8-e2e fp8-block-e2e b256-run serve3 serve-graphs serve-vllm-graphs serve-profile host env tp-parity tp-train tp-e2e ep-e2e tp-serve ep-serve"
 for stage in "$@"; do  # before staging the bundle: a typo costs nothing
   [[ " $STAGES " == *" $stage "* ]] || { echo "device_suite: unknown stage '$stage' ($STAGES)" >&2; exit 2; }
 done
@@ -82,6 +85,11 @@ for stage in "$@"; do
              --targets 0.75 --quick --timeout 220 ;;
     e2e-glm) run 585 e2e_glm python3 benchmarks/bench_e2e.py --out "$OUT/e2e_glm.json" --shape glm-4.7-flash \
                --targets 0 0.5 --workloads prefill decode_b1 decode_b16 --quick ;;
+    fp8-e2e|fp8-block-e2e)
+             q=fp8; [ "$stage" = fp8-block-e2e ] && q=fp8-block
+             run 585 "${stage//-/_}" python3 benchmarks/bench_e2e.py --out "$OUT/${stage//-/_}.json" --quantization "$q" \
+             --configs static8 ideal4 zeda --targets 0 0.5 --workloads prefill decode_b1 decode_b8 decode_b16 --quick \
+             --profile-decode --profile-batch 8 --timeout 170 ;;
     b256-run) run 585 b256_run python3 benchmarks/bench_e2e.py --out "$OUT/b256_run.json" --configs static8 zeda \
              --targets 0.5 0 --quick --workloads decode_b256 --profile-run decode_b256 --timeout 200 ;;
     serve3) run 585 serve3 python3 benchmarks/bench_serve.py --out "$OUT/serve3.json" --zero-bias 2.6e-6 \
