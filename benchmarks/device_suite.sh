@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # benchmarks/device_suite.sh STAGE... -- the GPU measurements of benchmarks/RESULTS.md, cut into
 # stages that each fit one device call (< 600 s); each line names the RESULTS.md section it feeds.
-# Run from the repo root on the device machine, with the ../shared/gpu bundle carried as .gpu;
-# JSON and logs land in $OUT.
+# Run from the repo root on the device machine, with the ../shared/gpu bundle carried as .gpu
+# (or in parts: BUNDLE names the part folders this call carries, the others staged by an earlier
+# call on the same warm machine); JSON and logs land in $OUT.
 #
 #   kernel-tests  tests/test_gpu_kernels.py on the GPU (compiled, no interpreter)      §1    <1 min
 #   parity    gpu_parity.py --modes skip remap masked (fp32, CUDA graphs)              §1    ~5 min
@@ -55,7 +56,11 @@ done
 stale=$(nvidia-smi --query-compute-apps=pid --format=csv,noheader 2>/dev/null | tr -d ' ' | grep -E '^[0-9]+$')
 [ -z "$stale" ] || { echo "device_suite: killing GPU processes left by an earlier call: $stale" | tr '\n' ' '; echo
                      kill -9 $stale 2>/dev/null; sleep 3; }
-bash .gpu/stage.sh .gpu/p1 >/dev/null || { echo "device_suite: staging the vLLM bundle failed" >&2; exit 1; }
+for part in ${BUNDLE:-.gpu/p1}; do  # BUNDLE: the part folders this call carries (device_testbed.sh's header)
+  stager=$part/stage.sh; [ -f "$stager" ] || stager=.gpu/stage.sh
+  bash "$stager" --partial-ok "$part" >/dev/null || { echo "device_suite: staging $part failed" >&2; exit 1; }
+done
+[ -f /tmp/site/.zeda_bundle ] || { echo "device_suite: the vLLM bundle is incomplete (stage its other parts first)" >&2; exit 1; }
 python3 benchmarks/device_env.py /tmp/zeda_meta >/dev/null
 export PYTHONPATH=/tmp/site:/tmp/zeda_meta:$PWD VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1
 # NVLink multicast stays off on the shared multi-GPU hosts (device README), in every child too
