@@ -7,6 +7,15 @@ Each vLLM mode runs in its own process (one engine per process). A mode may carr
 layout: MODE@tpN (tensor parallel over N GPUs) or MODE@tpNep (plus --enable-expert-parallel, so
 each rank holds E/N real experts and zero experts are -1 on every rank); each such mode is also
 compared with the same mode on one GPU.
+
+--quantization fp8 (vLLM's online per-tensor FP8) or fp8-block (the checkpoints block-quantized as
+Qwen3-30B-A3B-FP8, 32 x 32 tiles at this size, routers unquantised): no HF reference (transformers
+does not run these); instead the original checkpoint served by stock vLLM (`original`), which
+masked mode and skip mode without a zero slot (`skip0`, zero bias -1e4) must equal, and skip
+mode at zero bias +1 (`skip_bias`), whose zero fraction must be above skip's:
+
+    python3 benchmarks/gpu_parity.py --out $OUT/parity_fp8.json --quantization fp8-block --dtype bfloat16 \
+        --modes original masked skip0 skip skip_bias remap
 """
 from __future__ import annotations
 
@@ -25,7 +34,11 @@ MODES = {  # name -> additional_config["zeda"]
     "skip": {"enabled": True, "zero_slots": "skip"},
     "remap": {"enabled": True, "zero_slots": "remap"},
     "masked": {"enabled": False},
+    "skip0": {"enabled": True, "zero_slots": "skip", "zero_bias": -1e4},  # no zero slot at all
+    "skip_bias": {"enabled": True, "zero_slots": "skip", "zero_bias": 1.0},
+    "original": None,  # the original checkpoint, stock vLLM (no plugin involved)
 }
+QUANTIZATIONS = ("none", "fp8", "fp8-block")
 PROMPTS = ["The quick brown fox jumps over", "def fibonacci(n):", "Mixture-of-experts models route each token",
            "In 1905, Einstein published", "import torch\nimport numpy as np\n", "Once upon a time, in a small village",
            "SELECT name, price FROM products WHERE", "The capital of France is"]
@@ -40,7 +53,7 @@ def parse_mode(mode: str) -> tuple[str, int, bool]:
     return (base, int(m[1]), m[2] is not None) if m else (base, 1, False)
 
 
-def worker(ckpt: str, mode: str, dtype: str, max_tokens: int, eager: bool = False) -> None:
+def worker(ckpt: str, mode: str, dtype: str, max_tokens: int, eager: bool = False, quantization: str = "none") -> None:
     from vllm import LLM, SamplingParams
     from transformers import AutoTokenizer
 
@@ -48,13 +61,17 @@ def worker(ckpt: str, mode: str, dtype: str, max_tokens: int, eager: bool = Fals
     tok = AutoTokenizer.from_pretrained(ckpt)
     prompts = [{"prompt_token_ids": tok(p, add_special_tokens=False)["input_ids"]} for p in PROMPTS]
     t0 = time.time()
+    kw = {} if MODES[base] is None else dict(additional_config={"zeda": MODES[base]},
+                                             worker_extension_cls="vllm_zeda.serve.stats.ZedaWorkerExtension")
+    if quantization == "fp8":
+        kw["quantization"] = "fp8"
     llm = LLM(ckpt, dtype=dtype, max_model_len=256, gpu_memory_utilization=0.3, enforce_eager=eager,
-              tensor_parallel_size=tp, enable_expert_parallel=ep,
-              additional_config={"zeda": MODES[base]}, worker_extension_cls="vllm_zeda.serve.stats.ZedaWorkerExtension")
+              tensor_parallel_size=tp, enable_expert_parallel=ep, **kw)
     init_s = time.time() - t0
-    llm.collective_rpc("zeda_reset_stats")
+    if MODES[base] is not None:
+        llm.collective_rpc("zeda_reset_stats")
     outs = llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
-    stats = llm.collective_rpc("zeda_stats")[0]
+    stats = llm.collective_rpc("zeda_stats")[0] if MODES[base] is not None else {}
     # slots a layer routes for exactly these tokens (prompts + one decode forward per further output
     # token); stats above it count rows vLLM did not mark as padding (CUDA-graph padding on 0.26's
     # V1 runner) or extra scheduled steps
@@ -99,24 +116,31 @@ def main() -> None:
     p.add_argument("--modes", nargs="+", default=list(MODES))
     p.add_argument("--worker", nargs=2, metavar=("CKPT", "MODE"))
     p.add_argument("--eager", action="store_true", help="no CUDA graphs, no torch.compile (debugging)")
+    p.add_argument("--quantization", choices=QUANTIZATIONS, default="none")
     a = p.parse_args()
     for m in a.modes:
         parse_mode(m)
     if a.worker:
-        return worker(a.worker[0], a.worker[1], a.dtype, a.max_tokens, a.eager)
+        return worker(a.worker[0], a.worker[1], a.dtype, a.max_tokens, a.eager, a.quantization)
     from vllm_zeda.convert.inject import convert_checkpoint
-    from vllm_zeda.testing.tiny import make_tiny_moe
+    from vllm_zeda.testing.tiny import make_tiny_fp8_moe, make_tiny_moe
 
     work = Path(tempfile.mkdtemp())
     original = make_tiny_moe(work / "orig", "qwen3_moe", seed=1)
     ckpt = work / "zeda"
     convert_checkpoint(original, ckpt, num_zero_experts=4, seed=3, progress=False)
-    result = {"hf": hf_reference(str(ckpt), str(original), a.dtype, a.max_tokens), "vllm": {}}
-    print("hf reference done", flush=True)
+    if a.quantization == "fp8-block":  # the same quantizer on the same expert tensors: the same FP8 bits
+        original, ckpt = (make_tiny_fp8_moe(d, work / f"{d.name}_fp8", block=32) for d in (original, ckpt))
+    quantized = a.quantization != "none"
+    result = {"quantization": a.quantization, "vllm": {},
+              "hf": None if quantized else hf_reference(str(ckpt), str(original), a.dtype, a.max_tokens)}
+    print("hf reference done" if not quantized else "checkpoints written", flush=True)
     for mode in a.modes:
         log = Path(a.out).with_name(f"parity_{mode.replace('@', '_')}.log")
+        served = original if parse_mode(mode)[0] == "original" else ckpt
         proc = run_worker([sys.executable, __file__, "--out", a.out, "--dtype", a.dtype, "--max-tokens",
-                           str(a.max_tokens), "--worker", str(ckpt), mode] + ["--eager"] * a.eager, a.worker_timeout)
+                           str(a.max_tokens), "--worker", str(served), mode, "--quantization", a.quantization]
+                          + ["--eager"] * a.eager, a.worker_timeout)
         out, err = proc.stdout, proc.stderr
         log.write_text(out + "\n----- stderr\n" + err)
         print(f"[{mode}] done, log {log}", flush=True)
@@ -130,17 +154,25 @@ def main() -> None:
     def same(a, b):
         return sum(x == y for x, y in zip(a, b)) if a and b else 0
 
+    tokens = lambda mode: v.get(mode, {}).get("tokens")  # noqa: E731
     summary = {
-        "skip_eq_remap": same(v.get("skip", {}).get("tokens"), v.get("remap", {}).get("tokens")),
-        "skip_eq_hf_dynamic": same(v.get("skip", {}).get("tokens"), hf["dynamic"]),
-        "masked_eq_hf_original": same(v.get("masked", {}).get("tokens"), hf["original"]),
+        "skip_eq_remap": same(tokens("skip"), tokens("remap")),
         "prompts": len(PROMPTS),
         "skip_zero_fraction": v.get("skip", {}).get("stats", {}).get("zero_fraction"),
         "remap_zero_fraction": v.get("remap", {}).get("stats", {}).get("zero_fraction"),
     }
+    if hf is not None:
+        summary.update(skip_eq_hf_dynamic=same(tokens("skip"), hf["dynamic"]),
+                       masked_eq_hf_original=same(tokens("masked"), hf["original"]))
+    if "original" in v:  # stock vLLM on the original checkpoint
+        summary.update(masked_eq_original=same(tokens("masked"), tokens("original")),
+                       skip0_eq_original=same(tokens("skip0"), tokens("original")))
+    for mode in ("skip0", "skip_bias"):
+        if mode in v:
+            summary[f"{mode}_zero_fraction"] = v[mode].get("stats", {}).get("zero_fraction")
     for mode in a.modes:  # parallel layouts: against HF and against the same mode on one GPU
         base, tp, ep = parse_mode(mode)
-        if tp > 1 or ep:
+        if (tp > 1 or ep) and hf is not None:
             ref = hf["original"] if base == "masked" else hf["dynamic"]
             summary[f"{mode}_eq_{base}_tp1"] = same(v.get(mode, {}).get("tokens"), v.get(base, {}).get("tokens"))
             summary[f"{mode}_eq_hf"] = same(v.get(mode, {}).get("tokens"), ref)

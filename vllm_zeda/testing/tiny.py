@@ -143,8 +143,11 @@ def make_tiny_fp8_moe(src: str | Path, out_dir: str | Path, block: int = 128) ->
             tensors[name] = t
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     cfg = json.loads((out / "config.json").read_text())
+    # the routers stay unquantised: named by their full module names, as vLLM's Fp8Config matches
+    # modules_to_not_convert (else it gives them an FP8 linear, which wants scales they lack)
+    gates = sorted(n.removesuffix(".weight") for n in tensors if n.endswith("mlp.gate.weight"))
     cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                  "weight_block_size": [block, block]}
+                                  "weight_block_size": [block, block], "modules_to_not_convert": gates}
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     return out
 
