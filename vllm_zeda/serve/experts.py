@@ -54,8 +54,8 @@ class ZedaRoutedExperts(RoutedExperts):
 
 
 def _use_live_slot_triton_experts(quant_method) -> None:
-    """Where vLLM picked its Triton experts (unquantised; in vLLM 0.26 also block FP8 under tensor
-    parallelism on Hopper; no LoRA), pick ours instead: same
+    """Where vLLM picked its Triton experts (unquantised; in vLLM 0.26 on Hopper also block and
+    online per-tensor FP8 without expert parallelism; no LoRA), pick ours instead: same
     kernels, but zero slots get no blocks, no activation and no sum (triton_experts). Where this
     vLLM lacks a hook ours needs, say so once and keep vLLM's (zero slots still skipped by the map)."""
     if getattr(quant_method, "experts_cls", None) is None:
