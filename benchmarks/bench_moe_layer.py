@@ -26,7 +26,10 @@ to zero experts (`zero_slots`, --zeros: per token, or each slot on its own, inst
 also checks ours against ours_topk_order, stock_map and remap numerically (bf16 max abs diff).
 
     python3 benchmarks/bench_moe_layer.py --out $OUT/moe_layer.json [--shapes qwen3_30b_a3b glm47_flash]
-        [--tokens ...] [--skips ...] [--zeros batch|token|slot] [--profile TOKENS...]
+        [--tokens ...] [--skips ...] [--zeros batch|token|slot] [--profile TOKENS...] [--quant fp8|fp8-block]
+--quant: the experts in FP8 through vLLM's FP8 Triton path (`make_fp8_moe_kernel`), every variant
+alike; with per-tensor FP8 ours must equal stock_map (both give the activation scale zero rows for
+zero slots) and differs from remap (whose expert-0 rows enter that scale).
 """
 from __future__ import annotations
 
@@ -185,15 +188,37 @@ def replay_rounds(names: list[str], reps: int, seed: int = 0) -> list[list[str]]
     return [rng.sample(names, len(names)) for _ in range(reps)]
 
 
-def make_kernel(experts_cls, e, h, i, k, dtype):
-    """vLLM's modular kernel for one unquantized MoE layer, as UnquantizedFusedMoEMethod builds it."""
+QUANTS = ("none", "fp8", "fp8-block")  # --quant: bf16 weights; FP8 with a scale per expert; per 128 x 128 tile
+FP8_BLOCK = [128, 128]
+
+
+def quantize_experts(w: torch.Tensor, quant: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """[E, N, K] weights as the FP8 MoE layer holds them: float8_e4m3fn and a float32 scale per
+    expert ([E]: `--quantization fp8` online) or per 128 x 128 tile ([E, N/128, K/128]: Qwen's
+    FP8 release); `none`: the weights as they are, no scale."""
+    if quant == "none":
+        return w, None
+    from vllm_zeda.testing.tiny import FP8_MAX, fp8_block_quantize
+
+    if quant == "fp8":
+        scale = (w.float().abs().amax(dim=(1, 2)) / FP8_MAX).clamp(min=1e-12)
+        return (w.float() / scale[:, None, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+    q, scales = zip(*(fp8_block_quantize(we.float(), FP8_BLOCK[0]) for we in w))
+    return torch.stack(q), torch.stack(scales)
+
+
+def make_kernel(experts_cls, e, h, i, k, dtype, quant="none", w1_scale=None, w2_scale=None):
+    """vLLM's modular kernel for one MoE layer, as UnquantizedFusedMoEMethod builds it, or for
+    FP8 weights (`quant`, with their scales) as the FP8 methods build it on Hopper (Triton)."""
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation
     from vllm.model_executor.layers.fused_moe.config import (
         FUSED_MOE_UNQUANTIZED_CONFIG,
         FusedMoEConfig,
         FusedMoEParallelConfig,
         RoutingMethodType,
+        fp8_w8a8_moe_quant_config,
     )
+    from vllm.model_executor.layers.fused_moe.oracle.fp8 import Fp8MoeBackend, make_fp8_moe_kernel
     from vllm.model_executor.layers.fused_moe.oracle.unquantized import (
         UnquantizedMoeBackend,
         make_unquantized_moe_kernel,
@@ -204,11 +229,15 @@ def make_kernel(experts_cls, e, h, i, k, dtype):
                          routing_method=RoutingMethodType.Renormalize,
                          moe_parallel_config=FusedMoEParallelConfig.make_no_parallel(), in_dtype=dtype,
                          max_num_tokens=max(TOKENS))
-    return make_unquantized_moe_kernel(quant_config=FUSED_MOE_UNQUANTIZED_CONFIG, moe_config=cfg,
-                                       backend=UnquantizedMoeBackend.TRITON, experts_cls=experts_cls)
+    if quant == "none":
+        return make_unquantized_moe_kernel(quant_config=FUSED_MOE_UNQUANTIZED_CONFIG, moe_config=cfg,
+                                           backend=UnquantizedMoeBackend.TRITON, experts_cls=experts_cls)
+    qcfg = fp8_w8a8_moe_quant_config(w1_scale=w1_scale, w2_scale=w2_scale, per_act_token_quant=False,
+                                     block_shape=FP8_BLOCK if quant == "fp8-block" else None)
+    return make_fp8_moe_kernel(qcfg, cfg, experts_cls, Fp8MoeBackend.TRITON)
 
 
-def bench_shape(name, e, h, i, k, tokens, skips, zeros="batch", profile=(), dtype=torch.bfloat16):
+def bench_shape(name, e, h, i, k, tokens, skips, zeros="batch", profile=(), dtype=torch.bfloat16, quant="none"):
     from vllm.model_executor.layers.fused_moe import override_config
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation
     from vllm.model_executor.layers.fused_moe.experts.triton_moe import TritonExperts
@@ -221,11 +250,13 @@ def bench_shape(name, e, h, i, k, tokens, skips, zeros="batch", profile=(), dtyp
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     z = e // 2
-    w1 = torch.randn(e, 2 * i, h, device="cuda", dtype=dtype, generator=gen) * 0.02
-    w2 = torch.randn(e, h, i, device="cuda", dtype=dtype, generator=gen) * 0.02
+    w1, w1_scale = quantize_experts(torch.randn(e, 2 * i, h, device="cuda", dtype=dtype, generator=gen) * 0.02, quant)
+    w2, w2_scale = quantize_experts(torch.randn(e, h, i, device="cuda", dtype=dtype, generator=gen) * 0.02, quant)
     zmap = zero_expert_map(None, e, z, "cuda")
-    stock = {kk: make_kernel(TritonExperts, e, h, i, kk, dtype) for kk in range(1, k + 1)}
-    ours_kernel = make_kernel(ZedaTritonExperts, e, h, i, k, dtype)
+    scales = dict(quant=quant, w1_scale=w1_scale, w2_scale=w2_scale)
+    stock = {kk: make_kernel(TritonExperts, e, h, i, kk, dtype, **scales) for kk in range(1, k + 1)}
+    ours_kernel = make_kernel(ZedaTritonExperts, e, h, i, k, dtype, **scales)
+    tile_dtype, tile_block = (None, None) if quant == "none" else ("fp8_w8a8", FP8_BLOCK if quant == "fp8-block" else None)
 
     def ours(x, r):
         ids, w, *blocks = r["plugin"]
@@ -241,7 +272,7 @@ def bench_shape(name, e, h, i, k, tokens, skips, zeros="batch", profile=(), dtyp
                             activation=MoEActivation.SILU, global_num_experts=e + z if expert_map is not None else e,
                             expert_map=expert_map, apply_router_weight_on_input=False)
 
-    tuned = shipped_table(e, i, None, None) is not None
+    tuned = shipped_table(e, i, tile_dtype, tuple(tile_block) if tile_block else None) is not None
 
     def with_tiles(cfg, fn):
         with override_config(cfg):
@@ -250,7 +281,7 @@ def bench_shape(name, e, h, i, k, tokens, skips, zeros="batch", profile=(), dtyp
     rows = []
     for m in tokens:
         x = torch.randn(m, h, device="cuda", dtype=dtype, generator=gen)
-        tiles = zeda_moe_config(tuple(w1.shape), tuple(w2.shape), k, None, m)  # what ours runs at this M
+        tiles = zeda_moe_config(tuple(w1.shape), tuple(w2.shape), k, tile_dtype, m, block_shape=tile_block)  # ours at this M
         for s in skips:
             rs = make_routings(m, e, k, s, 8, gen, zeros)
             keep = rs[0]["cids"].shape[1]
@@ -268,7 +299,7 @@ def bench_shape(name, e, h, i, k, tokens, skips, zeros="batch", profile=(), dtyp
                 variants["ideal_t"] = [lambda r=r: with_tiles(tiles, lambda: call(stock[keep], x, r["cw"], r["cids"]))
                                        for r in rs]
             live = sum(int((r["zlive"] >= 0).sum()) for r in rs) / (len(rs) * m * k)
-            row = {"shape": name, "tokens": m, "skip": s, "top_k": k, "zeros": zeros, "exact_zeros": zeros == "token",
+            row = {"shape": name, "quant": quant, "tokens": m, "skip": s, "top_k": k, "zeros": zeros, "exact_zeros": zeros == "token",
                    "live_fraction": round(live, 4), "ideal_live_fraction": round(keep / k, 4),
                    "tiles": "shipped table" if tuned else "vLLM"}
             row.update({v: round(us, 2) for v, us in time_graphs(variants).items()})
@@ -289,7 +320,7 @@ def bench_shape(name, e, h, i, k, tokens, skips, zeros="batch", profile=(), dtyp
                 row[f"ours/{v}"] = round(row["ours"] / row[v], 3)
             row["ours_topk_order/ideal"] = round(row["ours_topk_order"] / row["ideal"], 3)
             rows.append(row)
-            print(f"{name:14s} M={m:6d} skip={s:.2f}  static {row['static']:8.1f}  ours {row['ours']:8.1f}  "
+            print(f"{name:14s} {quant:9s} M={m:6d} skip={s:.2f}  static {row['static']:8.1f}  ours {row['ours']:8.1f}  "
                   f"stock_map {row['stock_map']:8.1f}  remap {row['remap']:8.1f}  ideal {row['ideal']:8.1f}  "
                   f"ours/ideal {row['ours/ideal']:.3f}  topk_order/ideal {row['ours_topk_order/ideal']:.3f}  "
                   f"ideal_t {row['ideal_t']:8.1f}  ours/ideal_t {row['ours/ideal_t']:.3f}  "
@@ -312,6 +343,9 @@ def main():
     p.add_argument("--profile", nargs="*", type=int, default=[], metavar="TOKENS",
                    help="at these token counts also record device µs per call by kernel (torch.profiler over "
                         "CUDA-graph replays) for static, ours, ours_topk_order, ideal and ideal_t")
+    p.add_argument("--quant", choices=QUANTS, default="none",
+                   help="expert weights in FP8: a scale per expert (vLLM's online --quantization fp8) or per "
+                        "128 x 128 tile (Qwen3-30B-A3B-FP8); activations dynamic, per tensor or per 128 columns")
     a = p.parse_args()
     if a.zeros == "token" and any(not 0 <= s < 1 for s in a.skips):
         p.error("--zeros token needs every skip in [0, 1): the ideal keeps at least one slot")
@@ -322,7 +356,7 @@ def main():
     t0 = time.time()
     rows = []
     for s in a.shapes:
-        rows += bench_shape(s, *SHAPES[s], a.tokens, a.skips, a.zeros, a.profile)
+        rows += bench_shape(s, *SHAPES[s], a.tokens, a.skips, a.zeros, a.profile, quant=a.quant)
     meta = {"device": torch.cuda.get_device_name(), "vllm": vllm.__version__, "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d"), "seconds": round(time.time() - t0, 1), "unit": "us per fused-MoE call"}
     Path(a.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))

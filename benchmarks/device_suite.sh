@@ -18,6 +18,8 @@
 #   e2e75     bench_e2e.py --configs static8 ideal2 zeda --targets 0.75 --quick        §3.2  ~6 min
 #   e2e-glm   bench_e2e.py --shape glm-4.7-flash: static4 ideal2 zeda at skip 0 and 0.5, prefill
 #             and decode at batch 1 and 16, --quick                                    §3.4  ~8 min
+#   fp8-layer bench_moe_layer.py --quant fp8 and fp8-block, Qwen3-30B-A3B's experts, 1-16,384 tokens,
+#             skip 0-0.75                                                              §2.5  ~3 min
 #   fp8-parity  gpu_parity.py on FP8 checkpoints, block and online per-tensor: stock vLLM on the
 #             original = masked = skip without zero slots; the zero fraction rises with the bias   §1  ~5 min
 #   fp8-e2e   bench_e2e.py --quantization fp8 (online per-tensor): static8 ideal4 zeda at skip 0 and
@@ -49,7 +51,7 @@
 # logs are packed into $OUT/logs.tgz at the end (the device tool returns at most 8 files).
 set -uo pipefail
 [ $# -gt 0 ] || { awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"; exit 2; }
-STAGES="kernel-tests parity layer layer-small tune tune-glm route e2e50 e2e75 e2e-glm fp8-parity fp8-e2e fp8-block-e2e b256-run serve3 serve-graphs serve-vllm-graphs serve-profile host env tp-parity tp-train tp-e2e ep-e2e tp-serve ep-serve"
+STAGES="kernel-tests parity layer layer-small tune tune-glm route e2e50 e2e75 e2e-glm fp8-layer fp8-parity fp8-e2e fp8-block-e2e b256-run serve3 serve-graphs serve-vllm-graphs serve-profile host env tp-parity tp-train tp-e2e ep-e2e tp-serve ep-serve"
 for stage in "$@"; do  # before staging the bundle: a typo costs nothing
   [[ " $STAGES " == *" $stage "* ]] || { echo "device_suite: unknown stage '$stage' ($STAGES)" >&2; exit 2; }
 done
@@ -92,6 +94,10 @@ for stage in "$@"; do
              --targets 0.75 --quick --timeout 220 ;;
     e2e-glm) run 585 e2e_glm python3 benchmarks/bench_e2e.py --out "$OUT/e2e_glm.json" --shape glm-4.7-flash \
                --targets 0 0.5 --workloads prefill decode_b1 decode_b16 --quick ;;
+    fp8-layer) for q in fp8 fp8-block; do
+             run 200 "layer_${q//-/_}" python3 benchmarks/bench_moe_layer.py --out "$OUT/layer_${q//-/_}.json" \
+               --shapes qwen3_30b_a3b --quant "$q" --profile 1 8
+           done ;;
     fp8-parity)
              run 300 parity_fp8_block python3 benchmarks/gpu_parity.py --out "$OUT/parity_fp8_block.json" \
                --quantization fp8-block --dtype bfloat16 --modes original masked skip0 skip skip_bias remap --worker-timeout 90
