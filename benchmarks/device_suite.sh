@@ -96,7 +96,7 @@ for stage in "$@"; do
                --targets 0 0.5 --workloads prefill decode_b1 decode_b16 --quick ;;
     fp8-layer) for q in fp8 fp8-block; do
              run 200 "layer_${q//-/_}" python3 benchmarks/bench_moe_layer.py --out "$OUT/layer_${q//-/_}.json" \
-               --shapes qwen3_30b_a3b --quant "$q" --profile 1 8
+               --shapes qwen3_30b_a3b --quant "$q" --tokens 1 4 8 16 64 256 1024 4096 16384 --profile 1 8
            done ;;
     fp8-parity)
              run 300 parity_fp8_block python3 benchmarks/gpu_parity.py --out "$OUT/parity_fp8_block.json" \
