@@ -101,6 +101,14 @@ MIN_RUNS = {"decode_b256": 4}
 # matches them.
 BLOCK_FP8 = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
 QUANTIZATIONS = ("none", "fp8", "fp8-block")
+# --temperature (set in each worker process). 0, greedy, is how every table before 2026-12-07 ran.
+# With dummy weights greedy decoding collapses: the sequences of a batch soon generate the same
+# tokens, a decode step then routes to a handful of experts, and how few depends on each engine's
+# own dummy router. On an H100 (FP8, batch 8, 2026-12-07) the ZEDA engine at skip 0 spent 90 µs a
+# layer in fused_moe_kernel, what random routing costs in the layer bench (91), while stock top-4
+# spent 34: engines then differ in routing, not in kernels. At 1 every token is sampled from the
+# near-uniform dummy distribution and routing spreads as in real traffic, alike in every engine.
+TEMPERATURE = 0.0
 
 
 def write_model(root: Path, name: str, shape: str = "qwen3-30b-a3b", quantization: str = "none") -> Path:
@@ -190,7 +198,7 @@ def calibrate(llm, target, prompts: list[dict], olen: int, kind: str) -> float:
 
     if target <= 0.0 or target >= 1.0:
         return -1e4 if target <= 0.0 else 1e4
-    sp = SamplingParams(max_tokens=olen, temperature=0, ignore_eos=True)
+    sp = SamplingParams(max_tokens=olen, temperature=TEMPERATURE, ignore_eos=True)
     bias, z = bisect_bias(lambda b: probe(llm, b, prompts, sp), target)
     print(f"calibrated {kind} bias {bias:.3e} -> {z:.3f} (target {target})", flush=True)
     return bias
@@ -206,11 +214,11 @@ def run_workloads(llm, label: str, prompts: dict, biases: dict | None, runs: int
     out = {}
     for wname, wprompts in prompts.items():
         n, plen, olen = WORKLOADS[wname]
-        sp = SamplingParams(max_tokens=olen, temperature=0, ignore_eos=True)
+        sp = SamplingParams(max_tokens=olen, temperature=TEMPERATURE, ignore_eos=True)
         if biases:
             llm.collective_rpc("zeda_set_zero_bias", args=(biases[bias_kind(wname)],))
         t = time.perf_counter()
-        llm.generate(wprompts, SamplingParams(max_tokens=min(olen, 8), temperature=0, ignore_eos=True), use_tqdm=False)
+        llm.generate(wprompts, SamplingParams(max_tokens=min(olen, 8), temperature=TEMPERATURE, ignore_eos=True), use_tqdm=False)
         warmup = time.perf_counter() - t
         times = []
         for attempt in range(max(runs, MIN_RUNS.get(wname, 0))):
@@ -249,12 +257,14 @@ def profile_run(llm, prompts: list[dict], olen: int) -> dict:
     llm.collective_rpc("bench_gc_collect")
     llm.collective_rpc("bench_timeline_start")
     t = time.perf_counter()
-    llm.generate(prompts, SamplingParams(max_tokens=olen, temperature=0, ignore_eos=True), use_tqdm=False)
+    llm.generate(prompts, SamplingParams(max_tokens=olen, temperature=TEMPERATURE, ignore_eos=True), use_tqdm=False)
     wall = time.perf_counter() - t
     return dict(llm.collective_rpc("bench_timeline_stop")[0], generate_s=round(wall, 3))
 
 
 def worker(model_dir: str, name: str, a) -> None:
+    global TEMPERATURE
+    TEMPERATURE = a.temperature
     if a.profile_run:  # vLLM's model-runner scopes, read when the engine starts (the engine core inherits it)
         os.environ["VLLM_CUSTOM_SCOPES_FOR_PROFILING"] = "1"
     import torch
@@ -300,7 +310,8 @@ def worker(model_dir: str, name: str, a) -> None:
                 if biases:
                     llm.collective_rpc("zeda_set_zero_bias", args=(biases["decode" if key == "decode_profile" else "prefill"],))
                 if key == "decode_profile":
-                    res[key] = decode_step_kernels(llm, list(range(1, 17)), zeda=zeda, batch=a.profile_batch)
+                    res[key] = decode_step_kernels(llm, list(range(1, 17)), zeda=zeda, batch=a.profile_batch,
+                                                   temperature=TEMPERATURE)
                 else:  # one step of max_num_batched_tokens prompt tokens
                     plen = WORKLOADS["prefill"][1]
                     res[key] = prefill_step_kernels(
@@ -341,6 +352,8 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=240, help="seconds per engine, plus 90 per zeda target")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size of every engine")
     p.add_argument("--ep", action="store_true", help="with --tp N: expert parallelism over the N GPUs")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="sampling temperature of every run (default 0, greedy; 1: routing spreads as in real traffic, TEMPERATURE)")
     p.add_argument("--quantization", choices=QUANTIZATIONS, default="none",
                    help="fp8: vLLM's online per-tensor FP8; fp8-block: Qwen3-30B-A3B-FP8's 128x128 block format")
     a = p.parse_args()
@@ -358,7 +371,8 @@ def main() -> None:
     root = Path(tempfile.mkdtemp())
     results = {"meta": {"device": torch.cuda.get_device_name(), "vllm": vllm.__version__, "date": time.strftime("%Y-%m-%d"),
                         "shape": SHAPES[a.shape][4], "zero_experts": SHAPES[a.shape][2], "tensor_parallel_size": a.tp, "expert_parallel": a.ep,
-                        "gpus": torch.cuda.device_count(), "quantization": a.quantization}, "configs": {}}
+                        "gpus": torch.cuda.device_count(), "quantization": a.quantization,
+                        "temperature": a.temperature}, "configs": {}}
     for name in a.configs:
         d = write_model(root, name, a.shape, a.quantization)
         log = Path(a.out).with_name(f"e2e_{name}.log")
@@ -369,7 +383,7 @@ def main() -> None:
                           + ["--profile-batch", str(a.profile_batch)]
                           + (["--profile-run", *a.profile_run] if a.profile_run else [])
                           + ["--quick"] * a.quick + ["--workloads", *a.workloads]
-                          + ["--quantization", a.quantization], timeout)
+                          + ["--quantization", a.quantization, "--temperature", str(a.temperature)], timeout)
         out, err = proc.stdout, proc.stderr
         log.write_text(out + "\n----- stderr\n" + err[-20000:])
         lines = [json.loads(l[7:]) for l in out.splitlines() if l.startswith("RESULT ")]

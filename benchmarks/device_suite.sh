@@ -107,7 +107,7 @@ for stage in "$@"; do
              q=fp8; [ "$stage" = fp8-block-e2e ] && q=fp8-block
              run 585 "${stage//-/_}" python3 benchmarks/bench_e2e.py --out "$OUT/${stage//-/_}.json" --quantization "$q" \
              --configs static8 ideal4 zeda --targets 0 0.5 --workloads prefill decode_b1 decode_b8 decode_b16 --quick \
-             --profile-decode --profile-batch 8 --timeout 170 ;;
+             --profile-decode --profile-batch 8 --temperature 1 --timeout 200 ;;
     b256-run) run 585 b256_run python3 benchmarks/bench_e2e.py --out "$OUT/b256_run.json" --configs static8 zeda \
              --targets 0.5 0 --quick --workloads decode_b256 --profile-run decode_b256 --timeout 200 ;;
     serve3) run 585 serve3 python3 benchmarks/bench_serve.py --out "$OUT/serve3.json" --zero-bias 2.6e-6 \

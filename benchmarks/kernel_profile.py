@@ -228,7 +228,7 @@ def _fraction(before, after) -> float | None:
 
 
 def decode_step_kernels(llm, prompt_ids: list[int], short: int = 33, long: int = 97, top: int = 40,
-                        zeda: bool = False, batch: int = 1) -> dict:
+                        zeda: bool = False, batch: int = 1, temperature: float = 0.0) -> dict:
     """Device µs per decode step (of `batch` sequences) by kernel, from two profiled runs of
     `short` and `long` output tokens; also the summed kernel time and the wall time per step, how
     the MoE kernels' calls spread (long run) and, for a ZEDA engine, the zero fraction of these
@@ -239,7 +239,7 @@ def decode_step_kernels(llm, prompt_ids: list[int], short: int = 33, long: int =
     prompts = [{"prompt_token_ids": [(t + i) % 250 for t in prompt_ids]} for i in range(batch)]  # i=0: prompt_ids
     runs, slots = [], []
     for n in (short, long):
-        sp = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+        sp = SamplingParams(max_tokens=n, temperature=temperature, ignore_eos=True)
         llm.generate(prompts, sp, use_tqdm=False)  # warm, unprofiled
         before = zero_slots(llm) if zeda else None
         llm.collective_rpc("bench_profile_start")

@@ -117,7 +117,7 @@ def fp8_block_quantize(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor,
     scale per block x block tile, w ~= w_fp8 * scale_inv tile by tile."""
     out_dim, in_dim = w.shape
     rows, cols = -(-out_dim // block), -(-in_dim // block)
-    padded = torch.zeros(rows * block, cols * block, dtype=torch.float32)
+    padded = torch.zeros(rows * block, cols * block, dtype=torch.float32, device=w.device)
     padded[:out_dim, :in_dim] = w.float()
     tiles = padded.view(rows, block, cols, block)
     scale = (tiles.abs().amax(dim=(1, 3)) / FP8_MAX).clamp(min=1e-12)
