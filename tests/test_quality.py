@@ -163,3 +163,25 @@ def test_static_ceiling_distils_a_static_top_k_and_refuses_bad_input_in_one_line
         bad = run(*args, *([] if "--data" in args else ["--data", base / "data" / "train"]), "--out", tmp_path / "bad")
         assert bad.returncode != 0 and says in bad.stderr and "Traceback" not in bad.stderr
         assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_the_weight_convention_probe_renormalises_over_real_slots_only():
+    """benchmarks/quality/weight_convention.py: the real slots' weights sum to 1 whenever a token
+    keeps one, zero slots weigh 0, the choice of slots is route_softmax's; masked mode unchanged."""
+    import importlib.util
+
+    from vllm_zeda.routing import route_softmax
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "quality" / "weight_convention.py"
+    spec = importlib.util.spec_from_file_location("weight_convention", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    logits = torch.randn(64, 12, generator=torch.Generator().manual_seed(0))
+    logits[:8, 8:] += 10  # tokens whose slots are all zero
+    ref, got = route_softmax(logits, 8, 4, True), probe.route_real_renormalised(logits, 8, 4, True)
+    assert torch.equal(got.ids, ref.ids) and torch.all(got.weights[got.is_zero] == 0)
+    live = (~got.is_zero).any(-1)
+    assert torch.allclose(got.weights[live].sum(-1), torch.ones(int(live.sum()))) and not live[:8].any()
+    assert torch.all(got.weights[~live] == 0)
+    masked = probe.route_real_renormalised(logits, 8, 4, True, masked=True)
+    assert torch.allclose(masked.weights, route_softmax(logits, 8, 4, True, masked=True).weights)
