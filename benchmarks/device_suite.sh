@@ -13,6 +13,8 @@
 #   tune      tune_moe_configs.py: the tile grid and tables, E=128 N=768               §2.3  ~4 min
 #   tune-glm  the same for GLM-4.7-Flash's experts (E=64 N=1536, top-4); the grid and tables land
 #             in $OUT/tune_glm.json, $OUT/tables_glm                                   §2.3  ~4 min
+#   tune-fp8  the same for FP8 experts (--quant fp8: a scale per expert, as --quantization fp8
+#             makes online); then fp8-block (Qwen's FP8 release) as tune-fp8-block      §2.5  ~4 min
 #   route     bench_route.py: the routing kernel and the router's gate vs vLLM's       §2.4  <1 min
 #   e2e50     bench_e2e.py --configs static8 ideal4 zeda --targets 0 0.5 --quick       §3.1  ~8 min
 #   e2e75     bench_e2e.py --configs static8 ideal2 zeda --targets 0.75 --quick        §3.2  ~6 min
@@ -51,7 +53,7 @@
 # logs are packed into $OUT/logs.tgz at the end (the device tool returns at most 8 files).
 set -uo pipefail
 [ $# -gt 0 ] || { awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"; exit 2; }
-STAGES="kernel-tests parity layer layer-small tune tune-glm route e2e50 e2e75 e2e-glm fp8-layer fp8-parity fp8-e2e fp8-block-e2e b256-run serve3 serve-graphs serve-vllm-graphs serve-profile host env tp-parity tp-train tp-e2e ep-e2e tp-serve ep-serve"
+STAGES="kernel-tests parity layer layer-small tune tune-glm tune-fp8 tune-fp8-block route e2e50 e2e75 e2e-glm fp8-layer fp8-parity fp8-e2e fp8-block-e2e b256-run serve3 serve-graphs serve-vllm-graphs serve-profile host env tp-parity tp-train tp-e2e ep-e2e tp-serve ep-serve"
 for stage in "$@"; do  # before staging the bundle: a typo costs nothing
   [[ " $STAGES " == *" $stage "* ]] || { echo "device_suite: unknown stage '$stage' ($STAGES)" >&2; exit 2; }
 done
@@ -87,6 +89,9 @@ for stage in "$@"; do
     tune) run 450 tune python3 benchmarks/tune_moe_configs.py --out "$OUT/tune.json" --table-dir "$OUT/tables" ;;
     tune-glm) run 450 tune_glm python3 benchmarks/tune_moe_configs.py --shape glm47_flash --out "$OUT/tune_glm.json" \
              --table-dir "$OUT/tables_glm" ;;
+    tune-fp8|tune-fp8-block)
+             q=${stage#tune-}; t=${stage//-/_}
+             run 450 "$t" python3 benchmarks/tune_moe_configs.py --quant "$q" --out "$OUT/$t.json" --table-dir "$OUT/tables_$t" ;;
     route) run 120 route python3 benchmarks/bench_route.py --out "$OUT/route.json" ;;
     e2e50) run 585 e2e50 python3 benchmarks/bench_e2e.py --out "$OUT/e2e50.json" --configs static8 ideal4 zeda \
              --targets 0 0.5 --quick --timeout 220 ;;

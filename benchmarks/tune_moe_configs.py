@@ -1,4 +1,4 @@
-"""Fused-MoE Triton tile configs for an expert shape on this GPU (bf16): a candidate search
+"""Fused-MoE Triton tile configs for an expert shape on this GPU (bf16, or FP8 with --quant): a candidate search
 (device machine, vLLM bundle). Shapes (--shape, bench_moe_layer.SHAPES): Qwen3-30B-A3B (E=128,
 N=768, top-8; the default) and GLM-4.7-Flash (E=64, N=1536, top-4).
 
@@ -32,6 +32,9 @@ GPU (tests/test_tuned_configs.py checks that this reproduces it):
     python3 benchmarks/tune_moe_configs.py --out $OUT/tune.json --table-dir $OUT/tables [--shape glm47_flash]
     python3 benchmarks/tune_moe_configs.py --table-from benchmarks/results/tune_moe_h100_2026-11-23.json \
         --table-dir vllm_zeda/moe_configs --variants ours      # and tune_moe_{,glm_}h200_2026-11-30.json
+--quant fp8 | fp8-block tunes the FP8 layer (bench_moe_layer.quantize_experts; vLLM's FP8 tables
+and defaults seed the candidates; block FP8 only takes N tiles dividing 128); its tables carry
+vLLM's dtype / block_shape name, which the plugin's lookup (kernels.tiles.shipped_table) uses.
 """
 from __future__ import annotations
 
@@ -56,10 +59,21 @@ KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "num_war
 CAPTURED_UP_TO = 512  # vLLM's largest CUDA-graph size by default: its tile config compiles at start-up
 
 
-def table_name(device: str, e: int, n: int) -> str:
+QUANT_TABLES = {"none": (None, None), "fp8": ("fp8_w8a8", None), "fp8-block": ("fp8_w8a8", [128, 128])}
+
+
+def table_name(device: str, e: int, n: int, dtype: str | None = None, block_shape: list[int] | None = None) -> str:
     """vLLM's file name for the table of E experts of intermediate size N on a GPU named `device`
-    (as torch names it)."""
-    return f"E={e},N={n},device_name={device.replace(' ', '_')}.json"
+    (as torch names it), for the weights' `dtype` and quantization blocks (0.26's
+    fused_moe.get_config_file_name)."""
+    tail = (f",dtype={dtype}" if dtype else "") + (f",block_shape={block_shape}".replace(" ", "") if block_shape else "")
+    return f"E={e},N={n},device_name={device.replace(' ', '_')}{tail}.json"
+
+
+def valid_for_blocks(cfg: dict, block_shape: list[int] | None) -> bool:
+    """Whether a tile suits block-quantised weights: its N tile must divide the quantization
+    block (the kernel reads one scale per N element's block; vLLM clips BLOCK_SIZE_K itself)."""
+    return block_shape is None or block_shape[0] % cfg["BLOCK_SIZE_N"] == 0
 
 
 def _key(cfg: dict) -> tuple:
@@ -204,20 +218,20 @@ def write_tables(grid: dict, table_dir: str, variants, min_gain: float, name: st
         (d / name).write_text(json.dumps(table, indent=1) + "\n")
 
 
-def candidates(e: int, h: int, i: int, k: int) -> list[dict]:
+def candidates(e: int, h: int, i: int, k: int, dtype: str | None = None, block_shape: list[int] | None = None) -> list[dict]:
     import vllm.model_executor.layers.fused_moe.fused_moe as fm
 
     found = []
     for gpu in SM90_GPUS:
-        table = Path(fm.__file__).parent / "configs" / table_name(gpu, e, i)
+        table = Path(fm.__file__).parent / "configs" / table_name(gpu, e, i, dtype, block_shape)
         entries = json.loads(table.read_text()).values() if table.exists() else []
         found += [c for c in entries if isinstance(c, dict)]  # tables may carry "triton_version": "..."
-    found += [fm.get_default_config(m, e, i, h, k, None) for m in BATCHES]
+    found += [fm.get_default_config(m, e, i, h, k, dtype, block_shape) for m in BATCHES]
     found += [dict(zip(KEYS, c)) for c in EXTRA]
     out, seen = [], set()
     for c in found:
         key = tuple(c.get(name, 1) for name in KEYS)
-        if key not in seen:
+        if key not in seen and valid_for_blocks(dict(zip(KEYS, key)), block_shape):
             seen.add(key)
             out.append(dict(zip(KEYS, key)))
     return out
@@ -238,6 +252,8 @@ def main():
     p.add_argument("--budget-s", type=float, default=400, help="stop timing new batch sizes after this")
     p.add_argument("--shape", default="qwen3_30b_a3b", choices=["qwen3_30b_a3b", "glm47_flash"],
                    help="the expert shape to tune (bench_moe_layer.SHAPES)")
+    p.add_argument("--quant", choices=list(QUANT_TABLES), default="none",
+                   help="experts in FP8 (bench_moe_layer.quantize_experts): a scale per expert or per 128 x 128 tile")
     a = p.parse_args()
     if a.skip0_trade < 0:
         p.error(f"--skip0-trade must be at least 0, got {a.skip0_trade}")
@@ -250,7 +266,7 @@ def main():
         if not device or not shape:
             p.error(f"{a.table_from} has no meta.device and meta.shape (the GPU and experts the table is for): "
                     "not a grid written by --out")
-        name = table_name(device, shape[0], shape[2])
+        name = table_name(device, shape[0], shape[2], *QUANT_TABLES[grid["meta"].get("quant", "none")])
         return write_tables(grid, a.table_dir, a.variants, a.min_gain, name, a.static_within, a.skip0_trade)
     if not a.out:
         p.error("--out is required unless --table-from is given")
@@ -258,7 +274,7 @@ def main():
     import torch
     import vllm
     import vllm.model_executor.layers.fused_moe.fused_moe as fm
-    from bench_moe_layer import SHAPES, make_kernel, make_routings, time_graph
+    from bench_moe_layer import SHAPES, make_kernel, make_routings, quantize_experts, time_graph
     from vllm.model_executor.layers.fused_moe import override_config
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation
     from vllm.model_executor.layers.fused_moe.experts.triton_moe import TritonExperts
@@ -274,10 +290,13 @@ def main():
     t0 = time.time()
     gen = torch.Generator(device="cuda").manual_seed(0)
     z = E // 2
-    w1 = torch.randn(E, 2 * I, H, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02
-    w2 = torch.randn(E, H, I, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02
+    dtype, block = QUANT_TABLES[a.quant]
+    w1, w1_scale = quantize_experts(torch.randn(E, 2 * I, H, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02, a.quant)
+    w2, w2_scale = quantize_experts(torch.randn(E, H, I, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02, a.quant)
     zmap = zero_expert_map(None, E, z, "cuda")
-    stock, ours_k = make_kernel(TritonExperts, E, H, I, K, torch.bfloat16), make_kernel(ZedaTritonExperts, E, H, I, K, torch.bfloat16)
+    scales = dict(quant=a.quant, w1_scale=w1_scale, w2_scale=w2_scale)
+    stock = make_kernel(TritonExperts, E, H, I, K, torch.bfloat16, **scales)
+    ours_k = make_kernel(ZedaTritonExperts, E, H, I, K, torch.bfloat16, **scales)
 
     def call(kernel, x, w, ids, emap=None):
         return kernel.apply(hidden_states=x, w1=w1, w2=w2, topk_weights=w, topk_ids=ids, activation=MoEActivation.SILU,
@@ -289,10 +308,10 @@ def main():
         handover.publish(Handover(ids, *blocks))
         return call(ours_k, x, w, ids, zmap)
 
-    cands = candidates(E, H, I, K)
-    own = fm.get_moe_configs(E, I, None)  # stock vLLM's own table for this GPU (VLLM_TUNED_CONFIG_FOLDER unset)
+    cands = candidates(E, H, I, K, dtype, block)
+    own = fm.get_moe_configs(E, I, dtype, *(block or (None, None)))  # stock vLLM's own table (VLLM_TUNED_CONFIG_FOLDER unset)
     meta = {"device": torch.cuda.get_device_name(), "vllm": vllm.__version__, "date": time.strftime("%Y-%m-%d"),
-            "unit": "us per fused-MoE call", "shape": [E, H, I, K], "zero_experts": z, "triton": __import__("triton").__version__,
+            "unit": "us per fused-MoE call", "shape": [E, H, I, K], "zero_experts": z, "quant": a.quant, "triton": __import__("triton").__version__,
             "vllm_table": {str(k): v for k, v in own.items()} if own else None}
     print(f"{len(cands)} candidate configs; vLLM's own table: {'yes' if own else 'none'}", flush=True)
     rows = []
@@ -304,7 +323,7 @@ def main():
         rs = make_routings(m, E, K, 0.5, 8, gen)
         fns = {"static": [lambda r=r: call(stock, x, r["w"], r["ids"]) for r in rs],
                "ours": [lambda r=r: ours(x, r) for r in rs]}
-        fallback = {"tokens": m, "default": fm.get_default_config(m, E, I, H, K, None)}
+        fallback = {"tokens": m, "default": fm.get_default_config(m, E, I, H, K, dtype, block)}
         row = {"tokens": m, "default": {**stock_config(fallback, meta["vllm_table"]), "SPLIT_K": 1}}  # stock's tiles
         for v, fl in fns.items():
             with override_config(row["default"]):  # ours would otherwise look up vllm_zeda's shipped table
@@ -326,7 +345,7 @@ def main():
     meta["seconds"] = round(time.time() - t0, 1)
     grid = {"meta": meta, "candidates": cands, "rows": rows}
     Path(a.out).write_text(json.dumps(grid, indent=1))
-    name = fm.get_config_file_name(E, I, None)
+    name = fm.get_config_file_name(E, I, dtype, block)
     write_tables(grid, a.table_dir, a.variants, a.min_gain, name, a.static_within, a.skip0_trade)
     print(json.dumps(meta), "tables:", name)
 

@@ -196,3 +196,22 @@ def test_stock_config_is_vllms_own_table_where_it_ships_one(tune):
     assert tune.stock_config(row, own) == {"BLOCK_SIZE_M": 32}
     assert tune.stock_config(dict(row, tokens=5000), own) == {"BLOCK_SIZE_M": 64}
     assert tune.stock_config(row, None) == {"BLOCK_SIZE_M": 128}
+
+
+@pytest.mark.parametrize("quant", ["none", "fp8", "fp8-block"])
+def test_fp8_tables_take_vllms_names(tune, monkeypatch, quant):
+    """--quant tables are named as vLLM's lookup names them (dtype and block shape in the name),
+    so the plugin's shipped_table finds them for FP8 layers; `--table-from` names them from the
+    grid's meta.quant."""
+    from vllm.model_executor.layers.fused_moe import fused_moe as fm
+
+    monkeypatch.setattr(fm, "get_device_name_as_file_name", lambda: "NVIDIA_H100_80GB_HBM3")
+    dtype, block = tune.QUANT_TABLES[quant]
+    assert tune.table_name("NVIDIA H100 80GB HBM3", 128, 768, dtype, block) == fm.get_config_file_name(128, 768, dtype, block)
+
+
+def test_block_fp8_tiles_divide_the_quantization_block(tune):
+    """Block-FP8 weights carry one scale per 128 output rows: an N tile must divide 128."""
+    assert tune.valid_for_blocks({"BLOCK_SIZE_N": 64}, [128, 128])
+    assert not tune.valid_for_blocks({"BLOCK_SIZE_N": 256}, [128, 128])
+    assert tune.valid_for_blocks({"BLOCK_SIZE_N": 256}, None)  # per-tensor FP8 and bf16: any tile
