@@ -216,9 +216,7 @@ def make_kernel(experts_cls, e, h, i, k, dtype, quant="none", w1_scale=None, w2_
         FusedMoEConfig,
         FusedMoEParallelConfig,
         RoutingMethodType,
-        fp8_w8a8_moe_quant_config,
     )
-    from vllm.model_executor.layers.fused_moe.oracle.fp8 import Fp8MoeBackend, make_fp8_moe_kernel
     from vllm.model_executor.layers.fused_moe.oracle.unquantized import (
         UnquantizedMoeBackend,
         make_unquantized_moe_kernel,
@@ -232,6 +230,9 @@ def make_kernel(experts_cls, e, h, i, k, dtype, quant="none", w1_scale=None, w2_
     if quant == "none":
         return make_unquantized_moe_kernel(quant_config=FUSED_MOE_UNQUANTIZED_CONFIG, moe_config=cfg,
                                            backend=UnquantizedMoeBackend.TRITON, experts_cls=experts_cls)
+    from vllm.model_executor.layers.fused_moe.config import fp8_w8a8_moe_quant_config
+    from vllm.model_executor.layers.fused_moe.oracle.fp8 import Fp8MoeBackend, make_fp8_moe_kernel
+
     qcfg = fp8_w8a8_moe_quant_config(w1_scale=w1_scale, w2_scale=w2_scale, per_act_token_quant=False,
                                      block_shape=FP8_BLOCK if quant == "fp8-block" else None)
     return make_fp8_moe_kernel(qcfg, cfg, experts_cls, Fp8MoeBackend.TRITON)
