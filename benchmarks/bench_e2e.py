@@ -97,9 +97,7 @@ MIN_RUNS = {"decode_b256": 4}
 # quantised at load, dynamic per-tensor activation scales); "fp8-block" writes the checkpoint
 # config of Qwen3-30B-A3B-FP8 (128 x 128 weight blocks, dynamic per-token-group activations),
 # whose dummy weights vLLM makes in that layout. Routers stay unquantised in the block format, as
-# in Qwen's release (bf16 router weights): listed by full name, as vLLM 0.26's is_layer_skipped
-# matches them.
-BLOCK_FP8 = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+# in Qwen's release (bf16 router weights): testing.tiny.fp8_block_config.
 QUANTIZATIONS = ("none", "fp8", "fp8-block")
 # --temperature (set in each worker process). 0, greedy, is how every table before 2026-12-07 ran.
 # With dummy weights greedy decoding collapses: the sequences of a batch soon generate the same
@@ -112,14 +110,14 @@ TEMPERATURE = 0.0
 
 
 def write_model(root: Path, name: str, shape: str = "qwen3-30b-a3b", quantization: str = "none") -> Path:
-    from vllm_zeda.testing.tiny import byte_tokenizer
+    from vllm_zeda.testing.tiny import byte_tokenizer, fp8_block_config
 
     base, e, z, k, _ = SHAPES[shape]
     c = CONFIGS[name]
     cfg = dict(base, num_experts_per_tok=c.get("top_k", k))
     if quantization == "fp8-block":
-        cfg["quantization_config"] = dict(BLOCK_FP8, modules_to_not_convert=[
-            f"model.layers.{i}.mlp.gate" for i in range(cfg["num_hidden_layers"])])
+        cfg["quantization_config"] = fp8_block_config(128, [f"model.layers.{i}.mlp.gate"
+                                                             for i in range(cfg["num_hidden_layers"])])
     if c.get("zeda"):
         arch = base["architectures"][0]
         cfg.update(architectures=["Zeda" + arch], model_type="zeda_" + base["model_type"],

@@ -13,6 +13,7 @@ does not, so such a checkpoint must not be served. Results: benchmarks/QUALITY.m
 """
 from __future__ import annotations
 
+import importlib.util
 import runpy
 import sys
 from pathlib import Path
@@ -35,11 +36,21 @@ def route_real_renormalised(logits, num_real, top_k, renormalize, *, masked=Fals
                    num_real=num_real)
 
 
+def _module_exists(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # a missing parent package
+        return False
+
+
 def main() -> None:
     if len(sys.argv) < 2:
         raise SystemExit("usage: weight_convention.py MODULE_OR_SCRIPT [ARGS...]")
+    target = sys.argv[1]
+    if not (Path(target).is_file() if target.endswith(".py") else _module_exists(target)):
+        raise SystemExit(f"weight_convention.py: no {'script' if target.endswith('.py') else 'module'} {target}")
     modeling.route_softmax = route_real_renormalised
-    target, sys.argv = sys.argv[1], sys.argv[1:]
+    sys.argv = sys.argv[1:]
     if target.endswith(".py"):
         runpy.run_path(target, run_name="__main__")
     else:

@@ -235,8 +235,7 @@ class ZedaTritonExperts(TritonExperts):
 
     def activation(self, activation, output, input, **kwargs) -> None:
         slots = self._slots
-        zero_dead = slots is not None and one_scale_over_every_row(self.quant_dtype, self.block_shape,
-                                                                   self.per_act_token_quant, self.a2_scale)
+        zero_dead = slots is not None and self._dead_rows_enter_a_scale()
         if (slots is not None and activation == MoEActivation.SILU and (zero_dead or live_activation_pays(output.shape[0]))
                 and self.quant_config.gemm1_clamp_limit is None and output.dtype == input.dtype):
             live_silu_and_mul_(output, input, slots.live, zero_dead=zero_dead)
@@ -244,6 +243,15 @@ class ZedaTritonExperts(TritonExperts):
         super().activation(activation, output, input, **kwargs)
         if zero_dead:
             output.masked_fill_(slots.live.reshape(-1, 1) < 0, 0)
+
+    def _dead_rows_enter_a_scale(self) -> bool:
+        """one_scale_over_every_row for this object's quantisation, fixed once it runs: worked
+        out on the first activation, not in every layer's every forward."""
+        known = getattr(self, "_zero_dead", None)
+        if known is None:
+            known = self._zero_dead = one_scale_over_every_row(self.quant_dtype, self.block_shape,
+                                                               self.per_act_token_quant, self.a2_scale)
+        return known
 
     def moe_sum(self, input, output, topk_ids=None, expert_map=None) -> None:
         slots = self._slots

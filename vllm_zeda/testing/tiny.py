@@ -125,6 +125,13 @@ def fp8_block_quantize(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor,
     return q.view(rows * block, cols * block)[:out_dim, :in_dim].contiguous(), scale
 
 
+def fp8_block_config(block: int, routers: list[str]) -> dict:
+    """The `quantization_config` of a block-FP8 checkpoint as Qwen3-30B-A3B-FP8's (dynamic
+    activations), its routers (full module names, as vLLM's Fp8Config matches them) unquantised."""
+    return {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [block, block],
+            "modules_to_not_convert": routers}
+
+
 def make_tiny_fp8_moe(src: str | Path, out_dir: str | Path, block: int = 128) -> Path:
     """A copy of a tiny checkpoint with its expert and attention projections block-quantized to
     FP8 as Qwen3-30B-A3B-FP8 is (`weight` float8_e4m3fn + `weight_scale_inv`, quantization_config
@@ -146,8 +153,7 @@ def make_tiny_fp8_moe(src: str | Path, out_dir: str | Path, block: int = 128) ->
     # the routers stay unquantised: named by their full module names, as vLLM's Fp8Config matches
     # modules_to_not_convert (else it gives them an FP8 linear, which wants scales they lack)
     gates = sorted(n.removesuffix(".weight") for n in tensors if n.endswith("mlp.gate.weight"))
-    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                  "weight_block_size": [block, block], "modules_to_not_convert": gates}
+    cfg["quantization_config"] = fp8_block_config(block, gates)
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     return out
 
