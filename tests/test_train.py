@@ -253,6 +253,44 @@ def test_torchrun_fsdp2_trains_the_sigmoid_family_like_one_process(tiny_models, 
     assert two["world_size"] == 2 and two["zero_fraction"] == pytest.approx(one["zero_fraction"], abs=0.01)
 
 
+TEARDOWN_PROBE = """
+import gc, sys
+from vllm_zeda.train.cli import build_parser, check_args, resolve_auto
+from vllm_zeda.train.distributed import Dist
+from vllm_zeda.train.loop import train
+
+def main():
+    args = build_parser().parse_args(sys.argv[1:])
+    check_args(args)
+    dist = Dist(args.device)
+    resolve_auto(args, dist)
+    train(args, dist)
+    gc.collect()
+    alive = sum(type(o).__name__ == "FSDPParamGroup" for o in gc.get_objects())
+    print(f"rank {dist.rank}: FSDP2 groups alive after train() and gc: {alive}", flush=True)
+    dist.close()
+
+main()
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_frees_the_sharded_model_before_the_process_group_goes(tiny_models, tmp_path):
+    """After train() nothing holds the FSDP2 model (whose modules hold the process group), so
+    destroy_process_group is its end: a step's router logits kept past the step tied the model
+    into a cycle through the autograd graph that no collection frees, and the gloo group then
+    lived into interpreter shutdown (a worker once died there with SIGABRT after a good run)."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(TEARDOWN_PROBE)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(probe)]
+    cmd = [*launcher, "--model", str(tiny_models["qwen3_moe"]), "--output", str(tmp_path / "out"), *BASE,
+           "--stage1-steps", "2", "--stage2-steps", "2", "--teacher-cache", "--teacher-topk", "400", "--batch-size", "4"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = sorted(line for line in proc.stdout.splitlines() if "FSDP2 groups alive" in line)
+    assert lines == [f"rank {r}: FSDP2 groups alive after train() and gc: 0" for r in (0, 1)], proc.stdout[-2000:]
+
+
 def test_torchrun_refuses_what_cannot_step_sharded_tensors():
     from types import SimpleNamespace
 

@@ -2,6 +2,7 @@
 FSDP2 (torch.distributed.fsdp.fully_shard) sharding of the model over the processes."""
 from __future__ import annotations
 
+import gc
 import os
 
 import torch
@@ -98,7 +99,11 @@ class Dist:
                     m.reshard()
 
     def close(self) -> None:
+        """Destroy the process group while the interpreter is whole: first the garbage the
+        sharded model leaves (FSDP2's modules hold the group), so the group's last reference
+        goes here and its worker threads are joined now, not during interpreter shutdown."""
         if self.world > 1 and torch_dist.is_initialized():
+            gc.collect()
             torch_dist.destroy_process_group()
 
 

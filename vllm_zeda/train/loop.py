@@ -47,7 +47,11 @@ KILL_ENV = "ZEDA_TRAIN_KILL_AT"  # test hook: "STAGE:STEP" -> os._exit(137) afte
 
 
 class RouterTap:
-    """Forward hooks that keep each router's logits (with grad) and chosen ids for the balance loss."""
+    """Forward hooks that keep each router's logits (with grad) and chosen ids for the balance loss,
+    from capture() until take(): holding them longer would keep a step's router logits in memory
+    through the next evaluation and, under FSDP2, tie the model into a reference cycle through
+    the autograd graph (the tensors' backward hooks hold FSDP's state) that no garbage collection
+    frees, so the process group would outlive destroy_process_group."""
 
     def __init__(self, routers):
         self.logits: list[torch.Tensor] = []
@@ -68,6 +72,12 @@ class RouterTap:
             yield self
         finally:
             self.on = False
+
+    def take(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """What the last capture() kept, (logits, ids) per router; the tap lets go of them."""
+        taken = self.logits, self.ids
+        self.logits, self.ids = [], []
+        return taken
 
 
 def enable_grad_checkpointing(model, layers: int | None) -> int:
@@ -524,18 +534,21 @@ def run_stage(run: Run, stage: int, step: int, state: dict | None) -> None:
                     model.set_requires_gradient_sync(last)
                 with run.autocast(), run.tap.capture():
                     logits = model(input_ids=x, use_cache=False).logits
-                f_z = zero_fractions(run.tap.ids, e)
+                router_logits, router_ids = run.tap.take()
+                f_z = zero_fractions(router_ids, e)
                 if dist.world > 1:  # f is a count statistic: use the all-rank value
                     f_z = dist.sum(f_z.clone()) / dist.world
                 if on_policy:  # the student's own tokens: reverse KL over what it generated
                     kl = reverse_kl_generated(teacher, logits, prompt_tokens(args), args.temperature)
                 else:
                     kl = teachers.distill_kl(teacher, logits, args.temperature, run.fused)
-                bal = balance_loss(run.tap.logits, run.tap.ids, num_real=e, num_zero=z, top_k=k_slots, w=w,
+                bal = balance_loss(router_logits, router_ids, num_real=e, num_zero=z, top_k=k_slots, w=w,
                                    alpha=args.balance_alpha, layer_zero_fractions=f_z, scoring=run.arch.scoring)
                 loss = kl + bal
                 (loss / args.grad_accum).backward()
                 sums += torch.cat([torch.stack([loss.detach(), kl.detach(), bal.detach()]).double(), f_z.detach().double()])
+                # the outputs go now, not when the next micro-batch's teacher logits already exist
+                del logits, teacher, router_logits, router_ids, loss, kl, bal
             opt.clip_and_step(params)
             step += 1
             sums = dist.sum(sums).cpu() / (args.grad_accum * dist.world)  # .cpu() waits for the GPU
