@@ -277,9 +277,10 @@ main()
 @pytest.mark.slow
 def test_torchrun_frees_the_sharded_model_before_the_process_group_goes(tiny_models, tmp_path):
     """After train() nothing holds the FSDP2 model (whose modules hold the process group), so
-    destroy_process_group is its end: a step's router logits kept past the step tied the model
-    into a cycle through the autograd graph that no collection frees, and the gloo group then
-    lived into interpreter shutdown (a worker once died there with SIGABRT after a good run)."""
+    destroy_process_group is the group's end and its gloo threads do not live on into
+    interpreter shutdown, where they can abort a process after a good run. Router logits kept
+    past their step would tie the model into a cycle through the autograd graph that no
+    garbage collection frees."""
     probe = tmp_path / "probe.py"
     probe.write_text(TEARDOWN_PROBE)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(probe)]
