@@ -22,8 +22,9 @@
 #             and decode at batch 1 and 16, --quick                                    §3.4  ~8 min
 #   fp8-layer bench_moe_layer.py --quant fp8 and fp8-block, Qwen3-30B-A3B's experts, 1-16,384 tokens,
 #             skip 0-0.75                                                              §2.5  ~3 min
-#   fp8-parity  gpu_parity.py on FP8 checkpoints, block and online per-tensor: stock vLLM on the
-#             original = masked = skip without zero slots; the zero fraction rises with the bias   §1  ~5 min
+#   fp8-parity  gpu_parity.py on FP8 checkpoints, block and online per-tensor, every engine side by
+#             side: skip without zero slots = masked (= stock vLLM on the original, block format);
+#             the zero fraction rises with the bias                                   §1  ~4 min
 #   fp8-e2e   bench_e2e.py --quantization fp8 (online per-tensor): static8 ideal4 zeda at skip 0 and
 #             0.5, prefill and decode at batch 1, 8, 16, one batch-8 decode step profiled    §3.5  ~8 min
 #   fp8-block-e2e  the same in Qwen3-30B-A3B-FP8's 128x128 block format                §3.5  ~8 min
@@ -103,11 +104,14 @@ for stage in "$@"; do
              run 200 "layer_${q//-/_}" python3 benchmarks/bench_moe_layer.py --out "$OUT/layer_${q//-/_}.json" \
                --shapes qwen3_30b_a3b --quant "$q" --tokens 1 4 8 16 64 256 1024 4096 16384 --profile 1 8
            done ;;
-    fp8-parity)
-             run 300 parity_fp8_block python3 benchmarks/gpu_parity.py --out "$OUT/parity_fp8_block.json" \
-               --quantization fp8-block --dtype bfloat16 --modes original masked skip0 skip skip_bias remap --worker-timeout 90
-             run 240 parity_fp8 python3 benchmarks/gpu_parity.py --out "$OUT/parity_fp8.json" \
-               --quantization fp8 --dtype bfloat16 --modes original skip0 skip skip_bias --worker-timeout 90 ;;
+    fp8-parity)  # both formats at once, every mode's engine side by side (one after another: ~9 min)
+             run 330 parity_fp8_block python3 benchmarks/gpu_parity.py --out "$OUT/parity_fp8_block.json" \
+               --quantization fp8-block --dtype bfloat16 --modes original masked skip0 skip skip_bias remap \
+               --parallel 6 --worker-timeout 300 > "$OUT/parity_fp8_block.run" &
+             run 330 parity_fp8 python3 benchmarks/gpu_parity.py --out "$OUT/parity_fp8.json" \
+               --quantization fp8 --dtype bfloat16 --modes original masked skip0 skip skip_bias \
+               --parallel 5 --worker-timeout 300 > "$OUT/parity_fp8.run" &
+             wait; cat "$OUT/parity_fp8_block.run" "$OUT/parity_fp8.run"; rm -f "$OUT"/parity_fp8*.run ;;
     fp8-e2e|fp8-block-e2e)
              q=fp8; [ "$stage" = fp8-block-e2e ] && q=fp8-block
              run 585 "${stage//-/_}" python3 benchmarks/bench_e2e.py --out "$OUT/${stage//-/_}.json" --quantization "$q" \

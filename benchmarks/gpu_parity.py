@@ -10,12 +10,15 @@ compared with the same mode on one GPU.
 
 --quantization fp8 (vLLM's online per-tensor FP8) or fp8-block (the checkpoints block-quantized as
 Qwen3-30B-A3B-FP8, 32 x 32 tiles at this size, routers unquantised): no HF reference (transformers
-does not run these); instead the original checkpoint served by stock vLLM (`original`), which
-masked mode and skip mode without a zero slot (`skip0`, zero bias -1e4) must equal, and skip
-mode at zero bias +1 (`skip_bias`), whose zero fraction must be above skip's:
+does not run these); instead skip mode without a zero slot (`skip0`, zero bias -1e4) must equal
+masked mode, and in the block format both must equal the original checkpoint served by stock vLLM
+(`original`); skip mode at zero bias +1 (`skip_bias`) must have a zero fraction above skip's.
+Online per-tensor FP8 quantizes stock's router gate too (one weight scale over its E rows), a ZEDA
+gate never (serve/models.py): there `original` routes on other logits and is reported, not matched.
+`--parallel N` runs N one-GPU engines side by side (each a fixed 1 GiB KV cache):
 
     python3 benchmarks/gpu_parity.py --out $OUT/parity_fp8.json --quantization fp8-block --dtype bfloat16 \
-        --modes original masked skip0 skip skip_bias remap
+        --modes original masked skip0 skip skip_bias remap --parallel 6
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import re
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -53,7 +57,8 @@ def parse_mode(mode: str) -> tuple[str, int, bool]:
     return (base, int(m[1]), m[2] is not None) if m else (base, 1, False)
 
 
-def worker(ckpt: str, mode: str, dtype: str, max_tokens: int, eager: bool = False, quantization: str = "none") -> None:
+def worker(ckpt: str, mode: str, dtype: str, max_tokens: int, eager: bool = False, quantization: str = "none",
+           kv_cache_bytes: int | None = None) -> None:
     from vllm import LLM, SamplingParams
     from transformers import AutoTokenizer
 
@@ -65,8 +70,12 @@ def worker(ckpt: str, mode: str, dtype: str, max_tokens: int, eager: bool = Fals
                                              worker_extension_cls="vllm_zeda.serve.stats.ZedaWorkerExtension")
     if quantization == "fp8":
         kw["quantization"] = "fp8"
-    llm = LLM(ckpt, dtype=dtype, max_model_len=256, gpu_memory_utilization=0.3, enforce_eager=eager,
-              tensor_parallel_size=tp, enable_expert_parallel=ep, **kw)
+    if kv_cache_bytes:  # engines side by side: a fixed KV cache, no memory profile (the others' allocations would enter it)
+        kw.update(kv_cache_memory_bytes=kv_cache_bytes, gpu_memory_utilization=0.05)
+    else:
+        kw.update(gpu_memory_utilization=0.3)
+    llm = LLM(ckpt, dtype=dtype, max_model_len=256, enforce_eager=eager, tensor_parallel_size=tp,
+              enable_expert_parallel=ep, **kw)
     init_s = time.time() - t0
     if MODES[base] is not None:
         llm.collective_rpc("zeda_reset_stats")
@@ -117,11 +126,14 @@ def main() -> None:
     p.add_argument("--worker", nargs=2, metavar=("CKPT", "MODE"))
     p.add_argument("--eager", action="store_true", help="no CUDA graphs, no torch.compile (debugging)")
     p.add_argument("--quantization", choices=QUANTIZATIONS, default="none")
+    p.add_argument("--parallel", type=int, default=1,
+                   help="engines at once on the GPU (one-GPU modes; each with a fixed 1 GiB KV cache)")
+    p.add_argument("--kv-cache-bytes", type=int, default=None, help=argparse.SUPPRESS)  # set by --parallel
     a = p.parse_args()
     for m in a.modes:
         parse_mode(m)
     if a.worker:
-        return worker(a.worker[0], a.worker[1], a.dtype, a.max_tokens, a.eager, a.quantization)
+        return worker(a.worker[0], a.worker[1], a.dtype, a.max_tokens, a.eager, a.quantization, a.kv_cache_bytes)
     from vllm_zeda.convert.inject import convert_checkpoint
     from vllm_zeda.testing.tiny import make_tiny_fp8_moe, make_tiny_moe
 
@@ -135,20 +147,24 @@ def main() -> None:
     result = {"quantization": a.quantization, "vllm": {},
               "hf": None if quantized else hf_reference(str(ckpt), str(original), a.dtype, a.max_tokens)}
     print("hf reference done" if not quantized else "checkpoints written", flush=True)
-    for mode in a.modes:
-        log = Path(a.out).with_name(f"parity_{mode.replace('@', '_')}.log")
+    if a.parallel > 1 and any(parse_mode(m)[1] > 1 for m in a.modes):
+        raise SystemExit("gpu_parity: --parallel runs one-GPU modes only")
+
+    def run_mode(mode: str) -> tuple[str, dict]:
+        log = Path(a.out).with_name(f"{Path(a.out).stem}_{mode.replace('@', '_')}.log")
         served = original if parse_mode(mode)[0] == "original" else ckpt
         proc = run_worker([sys.executable, __file__, "--out", a.out, "--dtype", a.dtype, "--max-tokens",
                            str(a.max_tokens), "--worker", str(served), mode, "--quantization", a.quantization]
-                          + ["--eager"] * a.eager, a.worker_timeout)
+                          + ["--eager"] * a.eager + (["--kv-cache-bytes", str(1 << 30)] if a.parallel > 1 else []),
+                          a.worker_timeout)
         out, err = proc.stdout, proc.stderr
         log.write_text(out + "\n----- stderr\n" + err)
         print(f"[{mode}] done, log {log}", flush=True)
         lines = [l for l in out.splitlines() if l.startswith("RESULT ")]
-        if not lines:
-            result["vllm"][mode] = {"error": err[-3000:]}
-            continue
-        result["vllm"][mode] = json.loads(lines[-1][7:])
+        return mode, (json.loads(lines[-1][7:]) if lines else {"error": err[-3000:]})
+
+    with ThreadPoolExecutor(max_workers=max(1, a.parallel)) as pool:
+        result["vllm"] = dict(pool.map(run_mode, a.modes))
     v, hf = result["vllm"], result["hf"]
 
     def same(a, b):
@@ -167,6 +183,8 @@ def main() -> None:
     if "original" in v:  # stock vLLM on the original checkpoint
         summary.update(masked_eq_original=same(tokens("masked"), tokens("original")),
                        skip0_eq_original=same(tokens("skip0"), tokens("original")))
+    if "masked" in v and "skip0" in v:
+        summary["skip0_eq_masked"] = same(tokens("skip0"), tokens("masked"))
     for mode in ("skip0", "skip_bias"):
         if mode in v:
             summary[f"{mode}_zero_fraction"] = v[mode].get("stats", {}).get("zero_fraction")

@@ -73,3 +73,25 @@ def test_gate_method_runs_the_triton_gate_only_where_it_pays(gate, monkeypatch):
     assert calls == [(1, vllm_gate.LAUNCH), (16, vllm_gate.LAUNCH)]
     out = gate.quant_method.apply(gate, torch.randn(1, 64), bias=torch.zeros(24))  # a bias: vLLM's GEMM
     assert out.shape == (1, 24) and len(calls) == 2
+
+
+def test_router_gate_is_built_with_zero_rows_and_never_quantized():
+    """The softmax family's gate class, wrapped while a ZEDA model is built: the router gate (E
+    outputs asked) gets E+Z rows and no quant_config, so online per-tensor FP8 leaves it in the
+    checkpoint's dtype (one scale over the E+Z rows would move with the zero rows); every other
+    linear layer built through the class keeps what it asked for."""
+    from vllm_zeda.serve.models import router_gate_factory
+    from vllm_zeda.spec import ZedaSpec
+
+    built = []
+
+    def linear_class(input_size, output_size, *, bias=True, quant_config=None, prefix=""):
+        built.append((output_size, quant_config, prefix))
+        return object()
+
+    spec = ZedaSpec("Qwen3MoeForCausalLM", num_real_experts=8, num_zero_experts=4, top_k=2)
+    make = router_gate_factory(linear_class, spec=spec, small_batch=False)
+    fp8 = object()  # what the engine's quantization hands every layer
+    make(64, 8, bias=False, quant_config=fp8, prefix="model.layers.0.mlp.gate")
+    make(64, 1, bias=False, quant_config=fp8, prefix="model.layers.0.mlp.shared_expert_gate")
+    assert built == [(12, None, "model.layers.0.mlp.gate"), (1, fp8, "model.layers.0.mlp.shared_expert_gate")]

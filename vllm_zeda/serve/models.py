@@ -3,8 +3,9 @@
 While the in-tree `__init__` runs, the model module's MoE factory is wrapped: every MoE layer is
 built with a ZedaRouter (and, on GPU, routed experts that map zero experts to -1). Expert
 weights keep E experts and load unchanged. The gate gets E+Z rows (the router weights on disk):
-- softmax family: the module's gate class is wrapped, a gate asked for E outputs gets E+Z rows
-  (on a GPU with dynamic routing also the gate's small-batch GEMM);
+- softmax family: the module's gate class is wrapped, a gate asked for E outputs gets E+Z rows,
+  unquantized whatever the engine's quantization (on a GPU with dynamic routing also the gate's
+  small-batch GEMM);
 - sigmoid family (GLM-4-MoE, GLM-4.7-Flash, DeepSeek-V3): the config's n_routed_experts reads E+Z
   while the model is built, so the gate (a GateLinear, or 0.26 GLM's plain nn.Linear) and its
   e_score_correction_bias get E+Z entries whatever class builds them; the factory is handed E
@@ -103,20 +104,6 @@ class ZedaModelMixin:
         groups = sigmoid_routing(hf_config) if sigmoid else {}
         groups.pop("scaling", None)  # vLLM scales the routed output itself
 
-        def gate_wrapper(original):
-            @functools.wraps(original)
-            def make_gate(input_size, output_size, *args, **kwargs):
-                if output_size != spec.num_real_experts:  # another linear layer of the module
-                    return original(input_size, output_size, *args, **kwargs)
-                gate = original(input_size, spec.num_router_rows, *args, **kwargs)
-                if mode == "skip" and not masked:
-                    from .gate import use_small_batch_gate
-
-                    use_small_batch_gate(gate)
-                return gate
-
-            return make_gate
-
         def factory_wrapper(original):
             @functools.wraps(original)
             def make_moe(*args, **kwargs):
@@ -161,6 +148,7 @@ class ZedaModelMixin:
                 configs = (hf_config, vllm_config.model_config.hf_config)
                 stack.enter_context(_config_value(configs, "n_routed_experts", spec.num_router_rows))
             else:
+                gate_wrapper = functools.partial(router_gate_factory, spec=spec, small_batch=mode == "skip" and not masked)
                 stack.enter_context(_patched(module, compat.module_global(module, compat.GATE_NAMES), gate_wrapper))
             super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.zeda_spec: ZedaSpec = spec
@@ -182,6 +170,28 @@ class ZedaModelMixin:
     def zeda_set_zero_bias(self, bias: float) -> None:
         for r in self.zeda_routers:
             r.set_zero_bias(bias)
+
+
+def router_gate_factory(original, *, spec: ZedaSpec, small_batch: bool):
+    """Wrap a module's gate class (softmax family): the gate asked for E outputs is built with
+    E+Z rows and never quantized, whatever the engine's quantization. ZEDA routers stay in the
+    checkpoint's dtype (as in Qwen's and DeepSeek's FP8 releases): online per-tensor FP8 would
+    give the E+Z rows one weight scale, which the zero rows move, and with it the real rows'
+    logits. `small_batch`: also the gate's small-batch GEMM (GPU, dynamic routing). Any other
+    linear layer built through the class is left as asked."""
+
+    @functools.wraps(original)
+    def make_gate(input_size, output_size, *args, **kwargs):
+        if output_size != spec.num_real_experts:  # another linear layer of the module
+            return original(input_size, output_size, *args, **kwargs)
+        gate = original(input_size, spec.num_router_rows, *args, **dict(kwargs, quant_config=None))
+        if small_batch:
+            from .gate import use_small_batch_gate
+
+            use_small_batch_gate(gate)
+        return gate
+
+    return make_gate
 
 
 def _layer_index(prefix: str) -> int:
