@@ -22,8 +22,8 @@
 #             and decode at batch 1 and 16, --quick                                    §3.4  ~8 min
 #   fp8-layer bench_moe_layer.py --quant fp8 and fp8-block, Qwen3-30B-A3B's experts, 1-16,384 tokens,
 #             skip 0-0.75                                                              §2.5  ~3 min
-#   fp8-parity  gpu_parity.py on FP8 checkpoints, block and online per-tensor, every engine side by
-#             side: skip without zero slots = masked (= stock vLLM on the original, block format);
+#   fp8-parity  gpu_parity.py on FP8 forms of the quickstart model, block and online per-tensor, every
+#             engine side by side: skip without zero slots = masked (= stock vLLM on the original, block);
 #             the zero fraction rises with the bias                                   §1  ~4 min
 #   fp8-e2e   bench_e2e.py --quantization fp8 (online per-tensor): static8 ideal4 zeda at skip 0 and
 #             0.5, prefill and decode at batch 1, 8, 16, one batch-8 decode step profiled    §3.5  ~8 min
@@ -107,10 +107,10 @@ for stage in "$@"; do
     fp8-parity)  # both formats at once, every mode's engine side by side (one after another: ~9 min)
              run 330 parity_fp8_block python3 benchmarks/gpu_parity.py --out "$OUT/parity_fp8_block.json" \
                --quantization fp8-block --dtype bfloat16 --modes original masked skip0 skip skip_bias remap \
-               --parallel 6 --worker-timeout 300 > "$OUT/parity_fp8_block.run" &
+               --parallel 6 --worker-timeout 300 --model examples/tiny_moe > "$OUT/parity_fp8_block.run" &
              run 330 parity_fp8 python3 benchmarks/gpu_parity.py --out "$OUT/parity_fp8.json" \
                --quantization fp8 --dtype bfloat16 --modes original masked skip0 skip skip_bias \
-               --parallel 5 --worker-timeout 300 > "$OUT/parity_fp8.run" &
+               --parallel 5 --worker-timeout 300 --model examples/tiny_moe > "$OUT/parity_fp8.run" &
              wait; cat "$OUT/parity_fp8_block.run" "$OUT/parity_fp8.run"; rm -f "$OUT"/parity_fp8*.run ;;
     fp8-e2e|fp8-block-e2e)
              q=fp8; [ "$stage" = fp8-block-e2e ] && q=fp8-block

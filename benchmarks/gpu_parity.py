@@ -15,10 +15,16 @@ masked mode, and in the block format both must equal the original checkpoint ser
 (`original`); skip mode at zero bias +1 (`skip_bias`) must have a zero fraction above skip's.
 Online per-tensor FP8 quantizes stock's router gate too (one weight scale over its E rows), a ZEDA
 gate never (serve/models.py): there `original` routes on other logits and is reported, not matched.
-`--parallel N` runs N one-GPU engines side by side (each a fixed 1 GiB KV cache):
+Online per-tensor FP8 also scales each dense layer's activations by one maximum over the whole
+batch, so one sequence's divergence reaches every other: its token parity is all-or-little.
+In bf16 a random model's greedy tokens sit on near-ties that one rounding difference flips (H100,
+2026-12-07: stock vLLM's own original matched masked mode on 6 of 8 prompts with CUDA graphs, 8 of 8
+eager); `--model examples/tiny_moe` converts the pretrained quickstart model instead, whose
+distributions are peaked. `--parallel N` runs N one-GPU engines side by side (each a fixed 1 GiB
+KV cache):
 
     python3 benchmarks/gpu_parity.py --out $OUT/parity_fp8.json --quantization fp8-block --dtype bfloat16 \
-        --modes original masked skip0 skip skip_bias remap --parallel 6
+        --modes original masked skip0 skip skip_bias remap --parallel 6 --model examples/tiny_moe
 """
 from __future__ import annotations
 
@@ -46,6 +52,13 @@ QUANTIZATIONS = ("none", "fp8", "fp8-block")
 PROMPTS = ["The quick brown fox jumps over", "def fibonacci(n):", "Mixture-of-experts models route each token",
            "In 1905, Einstein published", "import torch\nimport numpy as np\n", "Once upon a time, in a small village",
            "SELECT name, price FROM products WHERE", "The capital of France is"]
+# teacher-forced texts: every mode scores the same tokens, so per-position log-probs compare even
+# where greedy decoding diverges on a near-tie
+SCORED = ['def mean(values):\n    """Return the arithmetic mean of a non-empty list."""\n    total = 0\n'
+          '    for v in values:\n        total += v\n    return total / len(values)\n',
+          "The library keeps its books on open shelves, sorted by subject. Readers may borrow up to "
+          "five books at a time for three weeks, and may renew them once if nobody else has asked.",
+          "Question: What is 12 plus 30? Answer: 42. Question: What is 7 times 6? Answer: 42."]
 
 
 def parse_mode(mode: str) -> tuple[str, int, bool]:
@@ -86,9 +99,33 @@ def worker(ckpt: str, mode: str, dtype: str, max_tokens: int, eager: bool = Fals
     # V1 runner) or extra scheduled steps
     top_k = json.loads((Path(ckpt) / "config.json").read_text())["num_experts_per_tok"]
     expected = (sum(len(p["prompt_token_ids"]) for p in prompts) + len(prompts) * (max_tokens - 1)) * top_k
+    texts = [{"prompt_token_ids": tok(t, add_special_tokens=False)["input_ids"]} for t in SCORED]
+    scored = llm.generate(texts, SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=1))
     print("RESULT " + json.dumps({"mode": mode, "tensor_parallel_size": tp, "expert_parallel": ep, "init_s": init_s, "tokens": [list(o.outputs[0].token_ids) for o in outs],
+                                  "scored": [position_logprobs(t["prompt_token_ids"], o.prompt_logprobs)
+                                             for t, o in zip(texts, scored)],
                                   "stats": stats, "expected_slots_per_layer": expected,
                                   "cudagraph_mode": str(llm.llm_engine.vllm_config.compilation_config.cudagraph_mode)}))
+
+
+def position_logprobs(ids: list[int], prompt_logprobs) -> list[list]:
+    """[log-prob of the text's token, the most likely token] at each position after the first."""
+    rows = []
+    for tok_id, entry in zip(ids[1:], prompt_logprobs[1:]):
+        top = min(entry.items(), key=lambda kv: kv[1].rank)[0]
+        rows.append([entry[tok_id].logprob, top])
+    return rows
+
+
+def compare_scored(a: list | None, b: list | None) -> dict | None:
+    """Two modes' teacher-forced log-probs of the same texts: how often their most likely token
+    agrees, and the largest and mean gap between the log-probs they give the text's tokens."""
+    if not a or not b:
+        return None
+    pairs = [(x, y) for ta, tb in zip(a, b) for x, y in zip(ta, tb)]
+    gaps = [abs(x[0] - y[0]) for x, y in pairs]
+    return {"positions": len(pairs), "top1_agree": sum(x[1] == y[1] for x, y in pairs) / len(pairs),
+            "max_abs_logprob_gap": max(gaps), "mean_abs_logprob_gap": sum(gaps) / len(gaps)}
 
 
 def hf_reference(ckpt: str, original: str, dtype: str, max_tokens: int) -> dict:
@@ -126,6 +163,9 @@ def main() -> None:
     p.add_argument("--worker", nargs=2, metavar=("CKPT", "MODE"))
     p.add_argument("--eager", action="store_true", help="no CUDA graphs, no torch.compile (debugging)")
     p.add_argument("--quantization", choices=QUANTIZATIONS, default="none")
+    p.add_argument("--model", default=None,
+                   help="a Qwen3-MoE checkpoint to convert (default: a random tiny one); in bf16 a random model's "
+                        "greedy tokens sit on near-ties that rounding flips, a pretrained one's (examples/tiny_moe) do not")
     p.add_argument("--parallel", type=int, default=1,
                    help="engines at once on the GPU (one-GPU modes; each with a fixed 1 GiB KV cache)")
     p.add_argument("--kv-cache-bytes", type=int, default=None, help=argparse.SUPPRESS)  # set by --parallel
@@ -138,7 +178,7 @@ def main() -> None:
     from vllm_zeda.testing.tiny import make_tiny_fp8_moe, make_tiny_moe
 
     work = Path(tempfile.mkdtemp())
-    original = make_tiny_moe(work / "orig", "qwen3_moe", seed=1)
+    original = Path(a.model) if a.model else make_tiny_moe(work / "orig", "qwen3_moe", seed=1)
     ckpt = work / "zeda"
     convert_checkpoint(original, ckpt, num_zero_experts=4, seed=3, progress=False)
     if a.quantization == "fp8-block":  # the same quantizer on the same expert tensors: the same FP8 bits
@@ -185,6 +225,10 @@ def main() -> None:
                        skip0_eq_original=same(tokens("skip0"), tokens("original")))
     if "masked" in v and "skip0" in v:
         summary["skip0_eq_masked"] = same(tokens("skip0"), tokens("masked"))
+    scored = lambda mode: v.get(mode, {}).get("scored")  # noqa: E731
+    for x, y in (("skip0", "masked"), ("masked", "original"), ("skip0", "original"), ("skip", "remap")):
+        if scored(x) and scored(y):
+            summary[f"scored_{x}_vs_{y}"] = compare_scored(scored(x), scored(y))
     for mode in ("skip0", "skip_bias"):
         if mode in v:
             summary[f"{mode}_zero_fraction"] = v[mode].get("stats", {}).get("zero_fraction")

@@ -48,3 +48,18 @@ def test_a_finished_worker_leaves_no_straggler(tmp_path):
     res = run_worker([sys.executable, "-c", SPAWN, str(pid_file), "0"], timeout=60)
     assert res.returncode == 0 and not res.timed_out and res.stdout.strip() == "started"
     assert _wait_gone(int(pid_file.read_text()))
+
+
+def test_gpu_parity_compares_teacher_forced_logprobs_position_by_position():
+    """gpu_parity's scored texts: vLLM's prompt log-probs (None first, then {token: Logprob}) to
+    [log-prob of the text's token, most likely token] rows, and two modes' rows compared."""
+    from types import SimpleNamespace as Lp
+
+    from benchmarks.gpu_parity import compare_scored, position_logprobs
+
+    rows = position_logprobs([1, 5, 7], [None, {5: Lp(logprob=-0.1, rank=1)},
+                                         {7: Lp(logprob=-2.0, rank=3), 9: Lp(logprob=-0.5, rank=1)}])
+    assert rows == [[-0.1, 5], [-2.0, 9]]
+    got = compare_scored([rows], [[[-0.1, 5], [-2.5, 7]]])
+    assert got == {"positions": 2, "top1_agree": 0.5, "max_abs_logprob_gap": 0.5, "mean_abs_logprob_gap": 0.25}
+    assert compare_scored(None, [rows]) is None
