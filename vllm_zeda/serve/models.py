@@ -184,7 +184,9 @@ def router_gate_factory(original, *, spec: ZedaSpec, small_batch: bool):
     def make_gate(input_size, output_size, *args, **kwargs):
         if output_size != spec.num_real_experts:  # another linear layer of the module
             return original(input_size, output_size, *args, **kwargs)
-        gate = original(input_size, spec.num_router_rows, *args, **dict(kwargs, quant_config=None))
+        if "quant_config" in kwargs:  # vLLM's gate classes take it by keyword (0.26-0.33)
+            kwargs = dict(kwargs, quant_config=None)
+        gate = original(input_size, spec.num_router_rows, *args, **kwargs)
         if small_batch:
             from .gate import use_small_batch_gate
 
