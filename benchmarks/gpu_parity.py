@@ -178,9 +178,14 @@ def main() -> None:
     from vllm_zeda.testing.tiny import make_tiny_fp8_moe, make_tiny_moe
 
     work = Path(tempfile.mkdtemp())
+    from vllm_zeda.errors import ZedaError
+
     original = Path(a.model) if a.model else make_tiny_moe(work / "orig", "qwen3_moe", seed=1)
     ckpt = work / "zeda"
-    convert_checkpoint(original, ckpt, num_zero_experts=4, seed=3, progress=False)
+    try:
+        convert_checkpoint(original, ckpt, num_zero_experts=4, seed=3, progress=False)
+    except ZedaError as e:  # --model: not a convertible checkpoint
+        raise SystemExit(f"gpu_parity: {e}") from None
     if a.quantization == "fp8-block":  # the same quantizer on the same expert tensors: the same FP8 bits
         original, ckpt = (make_tiny_fp8_moe(d, work / f"{d.name}_fp8", block=32) for d in (original, ckpt))
     quantized = a.quantization != "none"
