@@ -106,3 +106,21 @@ def test_chunked_kl_equals_the_whole_batch_at_once_with_its_gradient():
             losses.ROWS_PER_CHUNK = 1024
         assert torch.allclose(chunked, whole, atol=1e-6) and torch.allclose(g_chunked, g_whole, atol=1e-7)
         assert torch.allclose(top, top_whole, atol=1e-6) and torch.allclose(gt, gt_whole, atol=1e-7)
+
+
+def test_chunked_kl_backward_builds_one_logits_sized_gradient():
+    """The chunks' gradients are concatenated once, not each zero-padded to the whole [positions,
+    vocabulary] tensor and summed (a fill and an addition of the whole logits per chunk)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from vllm_zeda.train import losses
+
+    g = torch.Generator().manual_seed(0)
+    t, s = torch.randn(2, 48, 40, generator=g), torch.randn(2, 48, 40, generator=g).requires_grad_()
+    loss = losses.mean_over_positions(lambda a, b: losses.kl_rows(a, b, 1.0), t, s, rows=8)  # 12 chunks
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        loss.backward()
+    whole = [96, 40]
+    full_size = [e.name for e in prof.events() if e.input_shapes and whole in e.input_shapes
+                 and e.name in ("aten::add_", "aten::add", "aten::fill_", "aten::zero_", "aten::cat")]
+    assert full_size.count("aten::cat") <= 1 and not {"aten::add_", "aten::add", "aten::fill_", "aten::zero_"} & set(full_size), full_size

@@ -19,7 +19,12 @@ ROWS_PER_CHUNK = 1024  # positions whose float32 [positions, vocabulary] interme
 def mean_over_positions(per_position, *tensors: torch.Tensor, rows: int | None = None) -> torch.Tensor:
     """Mean over positions of per_position(*chunks) ([rows] values), computed a chunk of positions
     at a time under activation checkpointing: the float32 vocabulary-wide intermediates of one
-    chunk exist at once, in the backward too (they are recomputed there), whatever the batch."""
+    chunk exist at once, in the backward too (they are recomputed there), whatever the batch.
+
+    The chunks come from one `split`, whose backward concatenates their gradients once. Slicing
+    each chunk out instead gives every chunk's backward a zero-filled gradient of the whole
+    [positions, vocabulary] tensor, which autograd then sums: at Qwen3's vocabulary and 16,384
+    positions, 16 fills and 15 additions of 5 GB a step (RESULTS.md §8)."""
     rows = rows or ROWS_PER_CHUNK
     flat = [t.reshape(-1, t.shape[-1]) for t in tensors]
     n = flat[0].shape[0]
@@ -27,7 +32,7 @@ def mean_over_positions(per_position, *tensors: torch.Tensor, rows: int | None =
     def chunk_sum(*chunk):
         return per_position(*chunk).sum()
 
-    total = sum(checkpoint(chunk_sum, *(t[i : i + rows] for t in flat), use_reentrant=False) for i in range(0, n, rows))
+    total = sum(checkpoint(chunk_sum, *chunk, use_reentrant=False) for chunk in zip(*(t.split(rows) for t in flat)))
     return total / n
 
 
