@@ -21,10 +21,10 @@ def mean_over_positions(per_position, *tensors: torch.Tensor, rows: int | None =
     at a time under activation checkpointing: the float32 vocabulary-wide intermediates of one
     chunk exist at once, in the backward too (they are recomputed there), whatever the batch.
 
-    The chunks come from one `split`, whose backward concatenates their gradients once. Slicing
-    each chunk out instead gives every chunk's backward a zero-filled gradient of the whole
-    [positions, vocabulary] tensor, which autograd then sums: at Qwen3's vocabulary and 16,384
-    positions, 16 fills and 15 additions of 5 GB a step (RESULTS.md §8)."""
+    The chunks come from one `split`, whose backward concatenates their gradients once; a slice's
+    backward would build a zero-filled gradient of the whole [positions, vocabulary] tensor per
+    chunk for autograd to sum (at Qwen3's vocabulary and 16,384 positions: 16 fills and 15
+    additions of 5 GB a step, RESULTS.md §8)."""
     rows = rows or ROWS_PER_CHUNK
     flat = [t.reshape(-1, t.shape[-1]) for t in tensors]
     n = flat[0].shape[0]
