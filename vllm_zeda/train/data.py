@@ -156,3 +156,11 @@ def stage_seed(seed: int, stage: int) -> int:
     """The seed of stage `stage`'s training stream (`batch_indices`): the batches it trains on and
     the blocks stage 2's teacher cache holds are both drawn from it."""
     return seed * 31 + stage
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without waiting for the GPU: on CUDA through pinned memory and
+    an asynchronous copy (a copy from pageable memory waits for every kernel queued before it)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)

@@ -463,7 +463,7 @@ def stage_optimizer(run: Run, stage: int, state: dict | None):
 def run_stage(run: Run, stage: int, step: int, state: dict | None) -> None:
     """Train stage `stage` from `step` to its end: evaluations, metrics, checkpoints, and at the
     end the proof that the weights this stage must not touch did not move."""
-    from .data import batch_indices, stage_seed
+    from .data import batch_indices, stage_seed, to_device
     from .losses import balance_loss, zero_fractions
     from .report import throughput
 
@@ -515,17 +515,37 @@ def run_stage(run: Run, stage: int, step: int, state: dict | None) -> None:
         rollouts = Rollouts(run, total, step_blocks, log=bar.write if bar is not None else print)
     kill_at = os.environ.get(KILL_ENV)
     step_seconds = []  # this process's steps of this stage (not those before a --resume)
+    # A step's numbers are read one step late: the host queues step n+1 while the GPU still runs
+    # step n (reading them at once would drain the queue every step). `pending`: (step, summed
+    # numbers on the device, lr) of the step not yet read; `since`: when the last read returned.
+    pending, since = None, time.perf_counter()
+
+    def read_pending() -> None:
+        nonlocal pending, since
+        done, sums, lr = pending
+        sums = sums.cpu() / (args.grad_accum * dist.world)  # .cpu() waits for the GPU
+        now = time.perf_counter()
+        step_seconds.append(now - since)
+        pending, since = None, now
+        record = {"event": "train", "stage": stage, "step": done, "loss": float(sums[0]), "kl": float(sums[1]),
+                  "balance": float(sums[2]), "zero_fraction": float(sums[3:].mean()),
+                  "layers": [{"layer": r.layer_idx, "zero_fraction": float(v)} for r, v in zip(routers, sums[3:])],
+                  "lr": lr, "step_seconds": round(step_seconds[-1], 4), "time": time.time()}
+        run.log(record)
+        if bar is not None:
+            bar.set_postfix(loss=f"{record['loss']:.4f}", kl=f"{record['kl']:.4f}", zero=f"{record['zero_fraction']:.3f}")
+            bar.update(1)
+
     try:
         while step < total:
-            t_step = time.perf_counter()
             for group in opt.param_groups:
                 group["lr"] = group["base_lr"] * lr_factor(step, total)
-            # loss, kl, balance, zero[L], summed on the device: one host sync per step, at its end
+            # loss, kl, balance, zero[L], summed on the device: read one step late (read_pending)
             sums = torch.zeros(3 + len(routers), dtype=torch.float64, device=run.device)
             model.train()  # no dropout in these configs; lets --grad-checkpointing act
             for micro in range(args.grad_accum):
                 idx = step_blocks(step, micro)
-                x = (rollouts.batch(step, micro) if on_policy else data.train[idx]).to(run.device)
+                x = to_device(rollouts.batch(step, micro) if on_policy else data.train[idx], run.device)
                 with run.autocast():
                     teacher = teacher_fn(x, ("train", idx))
                 last = micro == args.grad_accum - 1
@@ -551,27 +571,26 @@ def run_stage(run: Run, stage: int, step: int, state: dict | None) -> None:
                 del logits, teacher, router_logits, router_ids, loss, kl, bal
             opt.clip_and_step(params)
             step += 1
-            sums = dist.sum(sums).cpu() / (args.grad_accum * dist.world)  # .cpu() waits for the GPU
-            step_seconds.append(time.perf_counter() - t_step)
-            record = {"event": "train", "stage": stage, "step": step, "loss": float(sums[0]), "kl": float(sums[1]),
-                      "balance": float(sums[2]), "zero_fraction": float(sums[3:].mean()),
-                      "layers": [{"layer": r.layer_idx, "zero_fraction": float(v)} for r, v in zip(routers, sums[3:])],
-                      "lr": opt.param_groups[0]["lr"], "step_seconds": round(step_seconds[-1], 4), "time": time.time()}
-            run.log(record)
-            if bar is not None:
-                bar.set_postfix(loss=f"{record['loss']:.4f}", kl=f"{record['kl']:.4f}", zero=f"{record['zero_fraction']:.3f}")
-                bar.update(1)
-            if step % args.eval_every == 0 or step == total:
+            if pending is not None:  # the step before, while this one runs
+                read_pending()
+            pending = (step, dist.sum(sums), opt.param_groups[0]["lr"])
+            evaluating = step % args.eval_every == 0 or step == total
+            saving = step % args.save_every == 0 and step < total
+            if not (evaluating or saving or kill_at == f"{stage}:{step}"):
+                continue
+            read_pending()  # this step's record before its evaluation, checkpoint or kill
+            if evaluating:
                 ev = evaluate_now()
                 run.log({"event": "eval", "stage": stage, "step": step, **ev})
                 if step == total:
                     run.evals[f"after_stage{stage}"] = ev
                 if bar is not None:
                     bar.write(f"stage {stage} step {step}: held-out KL {ev['teacher_kl']:.5f}, zero fraction {ev['zero_fraction']:.3f}")
-            if step % args.save_every == 0 and step < total:
+            if saving:
                 run.checkpoint(stage, step, opt)
             if kill_at == f"{stage}:{step}":
                 os._exit(137)
+            since = time.perf_counter()  # an evaluation or a checkpoint is no step's time
         if bar is not None:
             bar.close()
     finally:  # also on an error: no optimizer hook or trainable flag outlives the stage

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .data import to_device
 from .losses import kl_rows, kl_teacher_student, kl_topk, kl_topk_rows, teacher_topk
 from .state import save_state
 
@@ -76,7 +77,7 @@ def cached_teacher(path: Path, world: int, num_train_blocks: int):
     def teacher(x, key):
         ks = key[1] + num_train_blocks if key[0] == "heldout" else key[1]
         rows = torch.tensor([row[int(k)] for k in ks])
-        return cache_lp[rows].to(x.device), cache_ids[rows].to(x.device)
+        return to_device(cache_lp[rows], x.device), to_device(cache_ids[rows], x.device)
 
     return teacher
 
