@@ -79,13 +79,16 @@ def test_users_table_and_override_come_first(h100_names, tmp_path, monkeypatch):
 @pytest.mark.parametrize("grid_file,device,name", [
     ("tune_moe_h100_2026-11-23.json", "NVIDIA H100 80GB HBM3", QWEN3_H100),
     ("tune_moe_h200_2026-11-30.json", "NVIDIA H200", "E=128,N=768,device_name=NVIDIA_H200.json"),
-    ("tune_moe_glm_h200_2026-11-30.json", "NVIDIA H200", "E=64,N=1536,device_name=NVIDIA_H200.json")])
+    ("tune_moe_glm_h200_2026-11-30.json", "NVIDIA H200", "E=64,N=1536,device_name=NVIDIA_H200.json"),
+    ("tune_moe_fp8_block_h100_2026-12-07.json", "NVIDIA H100 80GB HBM3",
+     "E=128,N=768,device_name=NVIDIA_H100_80GB_HBM3,dtype=fp8_w8a8,block_shape=[128,128].json")])
 def test_shipped_table_is_the_recorded_search_result(tune, grid_file, device, name):
     """Each shipped table is exactly what benchmarks/tune_moe_configs.py derives from the
     measured grid in benchmarks/results (the provenance RESULTS.md §2.3 states), under the name
     vLLM looks up on that GPU."""
     grid = json.loads((ROOT / "benchmarks" / "results" / grid_file).read_text())
-    assert grid["meta"]["device"] == device and tune.table_name(device, *grid["meta"]["shape"][::2]) == name
+    quant = tune.QUANT_TABLES[grid["meta"].get("quant", "none")]
+    assert grid["meta"]["device"] == device and tune.table_name(device, *grid["meta"]["shape"][::2], *quant) == name
     table = tune.table_from_grid(grid, "ours")
     assert table == json.loads((tc.TABLE_DIR / name).read_text())
     above_capture = {json.dumps(cfg, sort_keys=True) for m, cfg in table.items() if int(m) > tune.CAPTURED_UP_TO}

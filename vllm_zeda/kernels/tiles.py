@@ -4,9 +4,9 @@ vLLM looks its tables up by `get_config_file_name(E, N, dtype, block_shape)` (E 
 expert intermediate size, the GPU's name) in VLLM_TUNED_CONFIG_FOLDER, then in its own configs
 folder, else it uses `get_default_config`. vLLM 0.26 ships a table for Qwen3-30B-A3B's expert
 shape (E=128, N=768) on H200, none on H100, and GLM-4.7-Flash's (E=64, N=1536) on H100, not
-H200. `moe_configs/` holds tables in vLLM's format (Qwen3's shape: H100, H200; GLM's: H200),
-tuned with half of the slots on zero experts (the ZEDA operating point;
-benchmarks/tune_moe_configs.py) among tiles at most 2% slower than stock's own at skip 0 (and
+H200. `moe_configs/` holds tables in vLLM's format (Qwen3's shape: H100, H200, and its 128 x 128
+block FP8 form on H100; GLM's: H200), tuned with half of the slots on zero experts (the ZEDA
+operating point; benchmarks/tune_moe_configs.py) among tiles at most 2% slower than stock's own at skip 0 (and
 no slower, wherever such a tile costs at most 3% at the operating point), with
 BLOCK_SIZE_M 16 and GROUP_SIZE_M 1 where the slot assignment is sort-free (the router's hand-over
 needs the one, and triton_experts.slot_block_config runs every tile there ungrouped); above
