@@ -576,7 +576,8 @@ def run_stage(run: Run, stage: int, step: int, state: dict | None) -> None:
             pending = (step, dist.sum(sums), opt.param_groups[0]["lr"])
             evaluating = step % args.eval_every == 0 or step == total
             saving = step % args.save_every == 0 and step < total
-            if not (evaluating or saving or kill_at == f"{stage}:{step}"):
+            killing = kill_at == f"{stage}:{step}"
+            if not (evaluating or saving or killing):
                 continue
             read_pending()  # this step's record before its evaluation, checkpoint or kill
             if evaluating:
@@ -588,11 +589,16 @@ def run_stage(run: Run, stage: int, step: int, state: dict | None) -> None:
                     bar.write(f"stage {stage} step {step}: held-out KL {ev['teacher_kl']:.5f}, zero fraction {ev['zero_fraction']:.3f}")
             if saving:
                 run.checkpoint(stage, step, opt)
-            if kill_at == f"{stage}:{step}":
+            if killing:
                 os._exit(137)
             since = time.perf_counter()  # an evaluation or a checkpoint is no step's time
         if bar is not None:
             bar.close()
+    except BaseException:  # the last finished step's record still goes to the metrics, if it can be read
+        if pending is not None:
+            with contextlib.suppress(Exception):
+                read_pending()
+        raise
     finally:  # also on an error: no optimizer hook or trainable flag outlives the stage
         opt.close()
         for p in params:
