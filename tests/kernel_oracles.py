@@ -60,3 +60,16 @@ def align_by_expert(live_ids: torch.Tensor, block: int, num_experts: int) -> tup
     block_experts = torch.repeat_interleave(torch.arange(num_experts, dtype=torch.int32, device=flat.device),
                                             padded // block)
     return rows, block_experts, end
+
+
+def silu_mul_group_quant(x: torch.Tensor, group: int, quant_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """vLLM's silu_and_mul_per_block_quant in torch: a = silu(gate) * up in fp32 (gate, up = x's
+    halves), per `group` columns scale = max(amax / q_max, 1 / (q_max * 512)), q = clamp(a /
+    scale, +-q_max). Returns (q [R, N] quant_dtype, scales [R, N / group] fp32)."""
+    rows, n = x.shape[0], x.shape[1] // 2
+    gate, up = x[:, :n].float(), x[:, n:].float()
+    act = (gate * (1.0 / (1.0 + torch.exp(-gate))) * up).view(rows, n // group, group)
+    q_max = torch.finfo(quant_dtype).max
+    scale = (act.abs().amax(dim=-1) / q_max).clamp(min=1.0 / (q_max * 512.0))
+    q = (act / scale[..., None]).clamp(-q_max, q_max).to(quant_dtype)
+    return q.view(rows, n), scale

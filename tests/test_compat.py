@@ -259,6 +259,46 @@ def test_one_dynamic_scale_over_every_row_gets_zeros_in_dead_rows(monkeypatch):
     assert calls == [True]
 
 
+def test_block_fp8_fused_activation_runs_over_live_rows_where_it_pays(monkeypatch):
+    """Block-FP8 experts: upstream's apply calls vLLM's fused SiLU + per-group quantisation through
+    its module's `ops`, so ours rebinds `ops` to LiveSlotOps: the live-row kernel while an apply()
+    is in progress, from LIVE_GROUP_QUANT_MIN_ROWS rows inside CUDA graphs and LIVE_SILU_MIN_ROWS
+    in eager forwards; vLLM's op otherwise (and for scale bounds, transposed scales, int8); every
+    other op upstream's own. (GPU ops: recorded here, not run.)"""
+    from vllm_zeda.serve import triton_experts as vte
+    from vllm_zeda.serve.handover import Handover
+
+    assert compat.fused_block_quant_in_triton_experts()  # 0.32 (and 0.26) call it through `ops`
+    experts, calls = _live_slot_experts(), []
+    for apply in (experts._live_apply, experts._slot_apply):
+        assert isinstance(apply.__globals__["ops"], vte.LiveSlotOps)
+    live_ops = experts._live_apply.__globals__["ops"]
+    assert live_ops.moe_sum is vte.ops.moe_sum  # the rest: upstream's
+    monkeypatch.setattr(vte, "live_silu_and_mul_group_quant", lambda x, live, g, dt: calls.append(("ours", x.shape[0])))
+    monkeypatch.setattr(vte.ops, "silu_and_mul_per_block_quant",
+                        lambda x, group_size, quant_dtype, scale_ub=None, is_scale_transposed=False:
+                        calls.append(("vllm", x.shape[0])), raising=False)
+    fp8 = torch.float8_e4m3fn
+
+    def run(rows, capturing, dtype=fp8, **kw):
+        monkeypatch.setattr(vte, "_capturing", lambda device: capturing)
+        live_ops.silu_and_mul_per_block_quant(torch.empty(rows, 4), group_size=128, quant_dtype=dtype, **kw)
+        return calls.pop()[0]
+
+    assert run(vte.LIVE_GROUP_QUANT_MIN_ROWS, True) == "vllm"  # no apply() in progress
+    experts._state.slots = Handover(None, torch.zeros(1, 2, dtype=torch.int32))
+    try:
+        assert run(vte.LIVE_GROUP_QUANT_MIN_ROWS - 1, True) == "vllm"
+        assert run(vte.LIVE_GROUP_QUANT_MIN_ROWS, True) == "ours"
+        assert run(vte.LIVE_GROUP_QUANT_MIN_ROWS, False) == "vllm"  # eager: the host's launch time
+        assert run(vte.LIVE_SILU_MIN_ROWS, False) == "ours"
+        assert run(vte.LIVE_SILU_MIN_ROWS, True, dtype=torch.int8) == "vllm"
+        assert run(vte.LIVE_SILU_MIN_ROWS, True, scale_ub=torch.ones(1)) == "vllm"
+        assert run(vte.LIVE_SILU_MIN_ROWS, True, is_scale_transposed=True) == "vllm"
+    finally:
+        experts._state.slots = None
+
+
 def _live_slot_experts():
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation
     from vllm.model_executor.layers.fused_moe.config import (

@@ -13,7 +13,7 @@ pytest.importorskip("triton")
 import torch  # noqa: E402
 
 from vllm_zeda.kernels import ops as gk  # noqa: E402
-from tests.kernel_oracles import live_blocks_first, live_first, slot_blocks  # noqa: E402
+from tests.kernel_oracles import live_blocks_first, live_first, silu_mul_group_quant, slot_blocks  # noqa: E402
 from vllm_zeda.routing import route_sigmoid, route_softmax  # noqa: E402
 
 if os.environ["TRITON_INTERPRET"] != "1" and not torch.cuda.is_available():
@@ -173,6 +173,41 @@ def test_gate_logits_match_a_linear_layer(m, n, h, dtype, block_n):
     tol = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=1e-2)  # one bf16 rounding
     assert torch.allclose(out.cpu().float(), ref.cpu().float(), **tol)
     assert torch.allclose(whole_rows.cpu().float(), ref.cpu().float(), **tol)
+
+
+@pytest.mark.parametrize("rows_per_program,groups_per_program", [(1, None), (4, None), (4, 1), (8, 4)])
+def test_live_silu_group_quant_touches_live_rows_only(rows_per_program, groups_per_program):
+    """Block-FP8 experts' fused activation + per-group quantisation over live rows: the oracle's
+    values (vLLM's formula) in live rows, whatever the launch shape (ragged last program; 5 groups:
+    a ragged last group block), dead rows holding NaN. On a GPU with vLLM: bit for bit vLLM's
+    own kernel over rows that are all live."""
+    g = torch.Generator().manual_seed(1)
+    m, k, group, groups = 7, 4, 16, 5
+    live = torch.randint(-1, 5, (m, k), generator=g, dtype=torch.int32).clamp(min=-1).to(DEVICE)
+    x = (torch.randn(m * k, 2 * group * groups, generator=g) * 3).to(DEVICE, torch.bfloat16)
+    x[live.reshape(-1) < 0] = float("nan")
+    x[0, :group] = 0.0  # an all-zero group's gate: amax 0, the minimum scale
+    rows = live.reshape(-1) >= 0
+    q, scales = gk.live_silu_and_mul_group_quant(x, live, group, torch.float8_e4m3fn,
+                                                 rows_per_program=rows_per_program, groups_per_program=groups_per_program)
+    want_q, want_s = silu_mul_group_quant(x[rows].cpu(), group, torch.float8_e4m3fn)
+    assert q.shape == (m * k, group * groups) and scales.shape == (m * k, groups)
+    assert torch.allclose(scales[rows].cpu(), want_s, rtol=1e-6, atol=0)
+    got, want = q[rows].cpu().float(), want_q.float()
+    step = (got - want).abs() <= want.abs() / 8  # an fp8 rounding step at most (tl.exp vs torch.exp)
+    if DEVICE == "cpu":  # the interpreter's fp32 -> fp8 cast loses the carry of a round-up to a power of 2
+        step |= (got == want / 2) & (torch.frexp(want).mantissa.abs() == 0.5)
+    assert step.all()
+    if DEVICE == "cuda":
+        try:
+            from vllm import _custom_ops as vllm_ops
+        except ImportError:
+            return
+        all_live = torch.arange(m * k, dtype=torch.int32, device=DEVICE)
+        x128 = torch.randn(m * k, 2 * 128 * 6, generator=g).to(DEVICE, torch.bfloat16)
+        got_q, got_s = gk.live_silu_and_mul_group_quant(x128, all_live, 128, torch.float8_e4m3fn)
+        ref_q, ref_s = vllm_ops.silu_and_mul_per_block_quant(x128, group_size=128, quant_dtype=torch.float8_e4m3fn)
+        assert torch.equal(got_s, ref_s) and torch.equal(got_q.view(torch.uint8), ref_q.view(torch.uint8))  # bit for bit
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

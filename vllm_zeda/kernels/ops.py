@@ -6,7 +6,8 @@ torch.compile never fuses anything there: every torch op would be its own launch
   ids (zero slots -1) that let the experts skip zero slots without a gather; optionally each
   token's live slots first and, for a single token, where their fused-MoE blocks end.
 - `live_silu_and_mul_`, `live_moe_sum_`: the gated activation and the sum over slots of the
-  fused-MoE experts, restricted to live slots (triton_experts).
+  fused-MoE experts, restricted to live slots (triton_experts); `live_silu_and_mul_group_quant`:
+  the activation fused with the second GEMM's per-group FP8 quantisation (block-FP8 experts).
 - `gate_logits_`: the router's gate GEMM for decode-sized batches (gate).
 """
 from __future__ import annotations
@@ -28,12 +29,28 @@ if triton is not None:
         def _silu(x):
             return x / (1.0 + tl.exp(-x))
 
+        @triton.jit
+        def _div(x, y):
+            return x / y
+
+        @triton.jit
+        def _sigmoid(x):
+            return 1.0 / (1.0 + tl.exp(-x))
+
     else:
         from triton.language.extra import libdevice
 
         @triton.jit
         def _silu(x):  # vLLM's CUDA silu: IEEE division by (1 + expf(-x)), expf from libdevice
             return tl.div_rn(x, 1.0 + libdevice.exp(-x))
+
+        @triton.jit
+        def _div(x, y):  # IEEE division, as CUDA's `/` on floats
+            return tl.div_rn(x, y)
+
+        @triton.jit
+        def _sigmoid(x):  # vLLM's fused SiLU + block quant: 1.0f / (1.0f + expf(-x))
+            return tl.div_rn(1.0, 1.0 + libdevice.exp(-x))
 
     # Not specialised on the batch size M (Triton specialises ints equal to 1 or divisible by 16)
     # nor on the alignment of the one-element / padding pointers: what it is specialised on is
@@ -169,6 +186,30 @@ if triton is not None:
                     tl.store(out_ptr + row * stride_out + offs, _silu_mul(gate, up), mask=mask)
                 elif ZERO_DEAD:
                     tl.store(out_ptr + row * stride_out + offs, tl.zeros((BLOCK,), out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit(do_not_specialize=["rows"])
+    def _live_silu_mul_group_quant(x_ptr, q_ptr, s_ptr, live_ptr, rows, n, groups, stride_x, stride_q, stride_s,
+                                   q_max, min_scale, ROWS: tl.constexpr, GROUP: tl.constexpr,
+                                   GROUPS: tl.constexpr):
+        """For live slot rows r: a = silu(x[r, :n]) * x[r, n:] in fp32, then per GROUP columns
+        scale = max(amax / q_max, min_scale) and q = clamp(a / scale, +-q_max) in q's dtype, as
+        vLLM's silu_and_mul_per_block_quant computes them (one rounding each). Dead rows are not
+        read or written. A program takes ROWS consecutive rows times GROUPS groups."""
+        g = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
+        gmask = g < groups
+        cols = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+        mask = gmask[:, None]
+        for r in tl.static_range(ROWS):
+            row = tl.program_id(0).to(tl.int64) * ROWS + r
+            if row < rows:
+                if tl.load(live_ptr + row) >= 0:
+                    gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+                    up = tl.load(x_ptr + row * stride_x + n + cols, mask=mask, other=0.0).to(tl.float32)
+                    act = gate * _sigmoid(gate) * up
+                    scale = tl.maximum(_div(tl.max(tl.abs(act), axis=1), q_max), min_scale)
+                    q = tl.minimum(tl.maximum(_div(act, scale[:, None]), -q_max), q_max)
+                    tl.store(q_ptr + row * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
+                    tl.store(s_ptr + row * stride_s + g, scale, mask=gmask)
 
     @triton.jit(do_not_specialize=["m"])
     def _live_moe_sum(in_ptr, out_ptr, live_ptr, m, d, stride_out, K: tl.constexpr, BLOCK: tl.constexpr):
@@ -362,6 +403,32 @@ def live_silu_and_mul_(out: torch.Tensor, x: torch.Tensor, live_ids: torch.Tenso
         x, out, live_ids.reshape(-1), rows, n, x.stride(0), out.stride(0), ROWS=rows_per_program, BLOCK=block,
         ZERO_DEAD=zero_dead, num_warps=2,
     )
+
+
+def live_silu_and_mul_group_quant(x: torch.Tensor, live_ids: torch.Tensor, group_size: int,
+                                  quant_dtype: torch.dtype, *, rows_per_program: int = 4,
+                                  groups_per_program: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """vLLM's `silu_and_mul_per_block_quant` (the fused gated SiLU and per-group FP8 quantisation
+    between the two expert GEMMs of block-quantised experts, 0.26+) over the live slot rows of x
+    [M*K, 2N] only: ([M*K, N] quant_dtype, [M*K, N / group_size] fp32 scales), the same values
+    in live rows, dead rows unwritten (the second GEMM reads live rows only). The launch shape
+    (rows_per_program; groups_per_program, a power of 2, default up to 256 columns' worth) does not
+    change the result."""
+    rows, two_n = x.shape
+    n = two_n // 2
+    assert live_ids.numel() == rows and n % group_size == 0 and x.stride(1) == 1, (x.shape, live_ids.shape, group_size)
+    q = torch.empty((rows, n), dtype=quant_dtype, device=x.device)
+    scales = torch.empty((rows, n // group_size), dtype=torch.float32, device=x.device)
+    if rows == 0:
+        return q, scales
+    groups = n // group_size
+    per_program = groups_per_program or min(_pow2(groups), max(1, 256 // group_size))
+    q_max = torch.finfo(quant_dtype).max
+    _live_silu_mul_group_quant[(-(-rows // rows_per_program), -(-groups // per_program))](
+        x, q, scales, live_ids.reshape(-1), rows, n, groups, x.stride(0), q.stride(0), scales.stride(0),
+        q_max, 1.0 / (q_max * 512.0), ROWS=rows_per_program, GROUP=group_size, GROUPS=per_program, num_warps=2,
+    )
+    return q, scales
 
 
 def live_moe_sum_(out: torch.Tensor, slots: torch.Tensor, live_ids: torch.Tensor, *, block: int | None = None) -> None:

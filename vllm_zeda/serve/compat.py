@@ -181,6 +181,20 @@ def rebind_globals(func, **replacements):
 TRITON_EXPERTS_GLOBALS = ("_prepare_expert_assignment", "try_get_optimal_moe_config")
 
 
+def fused_block_quant_in_triton_experts() -> bool:
+    """Whether TritonExperts.apply calls vLLM's fused SiLU + per-group quantisation through its
+    module's `ops` (0.26 and 0.32 do, for 128 x 128 block-FP8 experts), so that ZedaTritonExperts
+    can hand it a live-slot version."""
+    try:
+        from vllm import _custom_ops as ops
+        from vllm.model_executor.layers.fused_moe.experts.triton_moe import TritonExperts
+    except ImportError:
+        return False
+    return (getattr(TritonExperts.apply, "__globals__", {}).get("ops") is ops
+            and hasattr(ops, "silu_and_mul_per_block_quant")
+            and "silu_and_mul_per_block_quant" in TritonExperts.apply.__code__.co_names)
+
+
 def missing_triton_experts_hooks() -> list[str]:
     """The hooks ZedaTritonExperts needs that this vLLM lacks (empty: the fast path can run)."""
     try:

@@ -27,7 +27,11 @@ Zero slots reach the experts with ids E..E+Z-1 and an expert map that sends them
    garbage is never read: neither the second GEMM nor the live-slot sum touches a dead row).
    Where the second GEMM's input gets one dynamic FP8/int8 scale over all rows (per-tensor
    activations), dead rows would enter that scale: there the activation writes them as zeros
-   (`one_scale_over_every_row`).
+   (`one_scale_over_every_row`). Block-FP8 experts (128 x 128, Qwen's FP8 releases) skip
+   `activation` altogether: upstream's `apply` (0.26+) calls vLLM's fused SiLU + per-group FP8
+   quantisation (`ops.silu_and_mul_per_block_quant`, a thread block per row and group, dead rows
+   too) instead; here that op runs over live rows only (`kernels.ops.live_silu_and_mul_group_quant`,
+   the same values bit for bit) once there are enough rows for that to pay (`live_group_quant_pays`).
 3. Sum over slots: only live rows are read: `kernels.ops.live_moe_sum_` inside CUDA graphs, vLLM's
    map-aware CUDA `moe_sum` in eager forwards, where host launch time counts (`live_sum_pays`).
 4. Tile configs: vllm_zeda's own tables, tuned at the ZEDA operating point, come before vLLM's
@@ -39,9 +43,9 @@ map instead). The router's kernel writes them while routing (handover.py); only
 with expert parallelism, or when vLLM hands the experts a copy or chunk of the ids, are they
 gathered through the map (one small kernel).
 
-1 and 4 are applied by running upstream's own `apply` with its module-level
-`_prepare_expert_assignment` and `try_get_optimal_moe_config` rebound (compat.rebind_globals, one
-copy per experts object), so the rest of upstream's logic, LoRA and quantised paths included,
+1, 2's block-FP8 op and 4 are applied by running upstream's own `apply` with its module-level
+`_prepare_expert_assignment`, `try_get_optimal_moe_config` and `ops` rebound (compat.rebind_globals,
+one copy per experts object; `ops` only where this vLLM has the fused op), so the rest of upstream's logic, LoRA and quantised paths included,
 stays upstream's. What this class does not cover (LoRA, other activations) takes the stock path;
 a vLLM without those hooks never selects it (experts._use_live_slot_triton_experts logs why).
 """
@@ -56,7 +60,7 @@ from vllm.model_executor.layers.fused_moe.experts import triton_moe
 from vllm.model_executor.layers.fused_moe.experts.triton_moe import TritonExperts
 
 from ..kernels.align import align_live_slots
-from ..kernels.ops import SLOT_BLOCK_M, live_moe_sum_, live_silu_and_mul_, sort_free
+from ..kernels.ops import SLOT_BLOCK_M, live_moe_sum_, live_silu_and_mul_, live_silu_and_mul_group_quant, sort_free
 from ..kernels.tiles import zeda_moe_config
 from . import compat, handover
 from .handover import Handover
@@ -148,6 +152,18 @@ def live_activation_pays(rows: int) -> bool:
     return rows >= LIVE_SILU_MIN_ROWS
 
 
+# Slot rows from which block-FP8 experts' fused SiLU + quantisation runs over live rows only
+# inside CUDA graphs (device time alone counts there); outside them, as the bf16 SiLU, from
+# LIVE_SILU_MIN_ROWS (host launch time).
+LIVE_GROUP_QUANT_MIN_ROWS = 2048
+
+
+def live_group_quant_pays(rows: int, device: torch.device) -> bool:
+    """Whether block-FP8 experts' fused SiLU + per-group quantisation should run over live slot
+    rows only (else vLLM's op over every row)."""
+    return rows >= (LIVE_GROUP_QUANT_MIN_ROWS if _capturing(device) else LIVE_SILU_MIN_ROWS)
+
+
 def live_sum_pays(device: torch.device) -> bool:
     """Whether the sum over slots should be our Triton kernel (else vLLM's CUDA `moe_sum` given
     the ids and the map, which reads no mapped-out slot either). Inside a CUDA graph only device
@@ -190,11 +206,35 @@ def slot_block_config(*args, **kwargs) -> dict:
     return config if config.get("GROUP_SIZE_M", 1) == 1 else dict(config, GROUP_SIZE_M=1)
 
 
-def _upstream_apply(assign, config) -> object:
+class LiveSlotOps:
+    """vLLM's `_custom_ops` as ZedaTritonExperts' `apply` sees them: every op upstream's, save the
+    fused SiLU + per-group quantisation of block-FP8 experts, which runs over the live slot rows of
+    the `apply` in progress where that pays (else, and for what it does not cover, vLLM's own)."""
+
+    def __init__(self, experts: "ZedaTritonExperts"):
+        self._experts = experts
+
+    def __getattr__(self, name):  # any other op: upstream's, looked up once
+        value = getattr(ops, name)
+        setattr(self, name, value)
+        return value
+
+    def silu_and_mul_per_block_quant(self, input, group_size, quant_dtype, scale_ub=None, is_scale_transposed=False):
+        slots = self._experts._slots
+        if (slots is None or scale_ub is not None or is_scale_transposed or quant_dtype != torch.float8_e4m3fn
+                or not live_group_quant_pays(input.shape[0], input.device)):
+            return ops.silu_and_mul_per_block_quant(input, group_size=group_size, quant_dtype=quant_dtype,
+                                                    scale_ub=scale_ub, is_scale_transposed=is_scale_transposed)
+        return live_silu_and_mul_group_quant(input, slots.live, group_size, quant_dtype)
+
+
+def _upstream_apply(assign, config, live_ops: LiveSlotOps | None) -> object:
     """TritonExperts.apply with the given assignment and config functions in place of its
-    module's `_prepare_expert_assignment` and `try_get_optimal_moe_config`."""
+    module's `_prepare_expert_assignment` and `try_get_optimal_moe_config`, and `live_ops` in place
+    of its `ops` where given."""
+    extra = {} if live_ops is None else {"ops": live_ops}
     return compat.rebind_globals(TritonExperts.apply, _prepare_expert_assignment=assign,
-                                 try_get_optimal_moe_config=config)
+                                 try_get_optimal_moe_config=config, **extra)
 
 
 class ZedaTritonExperts(TritonExperts):
@@ -205,8 +245,9 @@ class ZedaTritonExperts(TritonExperts):
         super().__init__(*args, **kwargs)
         self._state = threading.local()  # one experts object serves every micro-batch thread
         assign = self._assign
-        self._live_apply = _upstream_apply(assign, zeda_moe_config)
-        self._slot_apply = _upstream_apply(assign, slot_block_config)  # sort-free calls
+        live_ops = LiveSlotOps(self) if compat.fused_block_quant_in_triton_experts() else None
+        self._live_apply = _upstream_apply(assign, zeda_moe_config, live_ops)
+        self._slot_apply = _upstream_apply(assign, slot_block_config, live_ops)  # sort-free calls
 
     @property
     def _slots(self) -> Handover | None:
