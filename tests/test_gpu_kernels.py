@@ -317,15 +317,35 @@ def test_align_live_slots_matches_reference(m, k, experts, block, dead):
     """kernels.align.align_live_slots against kernel_oracles.align_by_expert: the same end, block experts and,
     expert by expert, the same slots then padding (order within an expert is the atomics')."""
     from vllm_zeda.kernels.align import align_live_slots
+
+    _check_alignment(align_live_slots, m, k, experts, block, dead)
+
+
+@pytest.mark.parametrize("m,k,experts,block,dead", [(8, 8, 192, 16, 0.5), (16, 8, 192, 16, 0.5), (5, 8, 192, 64, 0.3),
+                                                     (8, 4, 96, 16, 1.0), (16, 8, 64, 32, 0.0), (1, 8, 192, 16, 0.9),
+                                                     (3, 5, 24, 16, 0.2), (12, 8, 192, 16, 0.0)])
+def test_small_batch_alignment_matches_reference_in_order(m, k, experts, block, dead):
+    """kernels.align.align_live_slots_small (one program): align_by_expert exactly, the slots of an
+    expert ascending as vLLM orders them (16 x 8 = 128 slots: its largest size; 15 slots: a ragged
+    power of 2)."""
+    from vllm_zeda.kernels.align import align_live_slots_small
+    from tests.kernel_oracles import align_by_expert
+
+    live = _check_alignment(align_live_slots_small, m, k, experts, block, dead)
+    sorted_ids, _, end = align_live_slots_small(live.to(DEVICE), block, experts)
+    assert torch.equal(sorted_ids.cpu()[: int(end)], align_by_expert(live, block, experts)[0])
+
+
+def _check_alignment(align, m, k, experts, block, dead) -> torch.Tensor:
     from tests.kernel_oracles import align_by_expert
 
     g = torch.Generator().manual_seed(m + block)
     real = experts * 2 // 3  # ids of zero experts never reach the alignment: -1 instead
     ids = torch.randint(0, real, (m, k), generator=g, dtype=torch.int32)
-    if m == 50:  # every slot on one expert: its blocks span many programs' shares
+    if m in (50, 12):  # every slot on one expert: its blocks span many programs' shares (one program's many blocks)
         ids[:] = 5
     live = torch.where(torch.rand(m, k, generator=g) < dead, -1, ids)
-    sorted_ids, expert_ids, end = align_live_slots(live.to(DEVICE), block, experts)
+    sorted_ids, expert_ids, end = align(live.to(DEVICE), block, experts)
     ref_rows, ref_experts, ref_end = align_by_expert(live, block, experts)
     assert sorted_ids.numel() == m * k + experts * (block - 1)  # vLLM's buffer sizes: the same grid
     assert expert_ids.numel() == -(-sorted_ids.numel() // block)
@@ -337,6 +357,7 @@ def test_align_live_slots_matches_reference(m, k, experts, block, dead):
         mine, want = rows[ref_experts == e].reshape(-1), ref[ref_experts == e].reshape(-1)
         n_live = int((want < m * k).sum())
         assert torch.equal(mine[:n_live].sort().values, want[:n_live]) and torch.all(mine[n_live:] == m * k)
+    return live
 
 
 @pytest.mark.parametrize("wide_from", [1 << 30, 8])

@@ -20,7 +20,9 @@ Zero slots reach the experts with ids E..E+Z-1 and an expert map that sends them
    expert -1 branch masked). From LIVE_ALIGN_MIN_SLOTS slots (inside CUDA graphs) the live slots
    are aligned by `kernels.align.align_live_slots` across the whole GPU instead of by vLLM's
    one-thread-block kernel, which reads every slot id, zero ones too (H200, 16,384 tokens at skip
-   0.5: 28 instead of 70 µs, the ideal top-4's own alignment 36).
+   0.5: 28 instead of 70 µs, the ideal top-4's own alignment 36); past the sort-free sizes up to
+   align.SMALL_SLOTS slots (inside CUDA graphs) by one program, `align_live_slots_small`, where vLLM
+   takes two launches and the ideal's smaller top-K is still sort-free (8 tokens at top-8).
 2. Activation. The gated SiLU ran over all M*K rows; here only over live rows
    (`kernels.ops.live_silu_and_mul_`) once there are enough rows for that to pay
    (`live_activation_pays`); below, vLLM's CUDA kernel runs over every row, dead ones too (their
@@ -59,7 +61,7 @@ from vllm.model_executor.layers.fused_moe.activation import MoEActivation
 from vllm.model_executor.layers.fused_moe.experts import triton_moe
 from vllm.model_executor.layers.fused_moe.experts.triton_moe import TritonExperts
 
-from ..kernels.align import align_live_slots
+from ..kernels.align import SMALL_SLOTS, align_live_slots, align_live_slots_small
 from ..kernels.ops import SLOT_BLOCK_M, live_moe_sum_, live_silu_and_mul_, live_silu_and_mul_group_quant, sort_free
 from ..kernels.tiles import zeda_moe_config
 from . import compat, handover
@@ -87,8 +89,12 @@ def assign_live_slots(slots: Handover | None, topk_ids, config, num_tokens, top_
             # 5-6 tokens: zero slots' blocks only padding
         # else (no hand-over, another block size) every zero slot's block writes a row of zeros
         return blocks, expert_ids, slot_blocks_end(topk_ids.numel() * config["BLOCK_SIZE_M"], topk_ids.device)
-    if slots is not None and live_align_pays(slots.live.numel(), slots.live.device) and not _grouped_int_weights(kwargs):
-        return align_live_slots(slots.live, config["BLOCK_SIZE_M"], global_num_experts)
+    if slots is not None and not _grouped_int_weights(kwargs):
+        n, device = slots.live.numel(), slots.live.device
+        if small_align_pays(n, device):
+            return align_live_slots_small(slots.live, config["BLOCK_SIZE_M"], global_num_experts)
+        if live_align_pays(n, device):
+            return align_live_slots(slots.live, config["BLOCK_SIZE_M"], global_num_experts)
     kwargs["ignore_invalid_experts"] = True
     return _UPSTREAM_ASSIGN(topk_ids, config, num_tokens, top_k_num, global_num_experts, expert_map, **kwargs)
 
@@ -120,6 +126,13 @@ def slot_blocks_end(value: int, device: torch.device) -> torch.Tensor:
 # (cuda_graphs.LARGEST tokens at top-8): such steps are GPU-bound.
 LIVE_ALIGN_MIN_SLOTS = 16384
 LIVE_ALIGN_MIN_SLOTS_EAGER = 131072
+
+
+def small_align_pays(slots: int, device: torch.device) -> bool:
+    """Whether up to align.SMALL_SLOTS live slots (past the sort-free sizes) are aligned in one
+    program (align_live_slots_small) rather than by vLLM's two launches: inside CUDA graphs, where
+    only device time counts."""
+    return slots <= SMALL_SLOTS and _capturing(device)
 
 
 def live_align_pays(slots: int, device: torch.device) -> bool:
