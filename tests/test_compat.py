@@ -274,6 +274,9 @@ def test_block_fp8_fused_activation_runs_over_live_rows_where_it_pays(monkeypatc
         assert isinstance(apply.__globals__["ops"], vte.LiveSlotOps)
     live_ops = experts._live_apply.__globals__["ops"]
     assert live_ops.moe_sum is vte.ops.moe_sum  # the rest: upstream's
+    import copy
+
+    assert copy.copy(live_ops)._experts is experts  # copy protocols: no lookup of its own names in vLLM's ops
     monkeypatch.setattr(vte, "live_silu_and_mul_group_quant", lambda x, live, g, dt: calls.append(("ours", x.shape[0])))
     monkeypatch.setattr(vte.ops, "silu_and_mul_per_block_quant",
                         lambda x, group_size, quant_dtype, scale_ub=None, is_scale_transposed=False:

@@ -410,8 +410,8 @@ def live_silu_and_mul_group_quant(x: torch.Tensor, live_ids: torch.Tensor, group
                                   groups_per_program: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """vLLM's `silu_and_mul_per_block_quant` (the fused gated SiLU and per-group FP8 quantisation
     between the two expert GEMMs of block-quantised experts, 0.26+) over the live slot rows of x
-    [M*K, 2N] only: ([M*K, N] quant_dtype, [M*K, N / group_size] fp32 scales), the same values
-    in live rows, dead rows unwritten (the second GEMM reads live rows only). The launch shape
+    [M*K, 2N] only: ([M*K, N] quant_dtype, [M*K, N / group_size] fp32 scales), vLLM's formula
+    and roundings in live rows, dead rows unwritten (the second GEMM reads live rows only). The launch shape
     (rows_per_program; groups_per_program, a power of 2, default up to 256 columns' worth) does not
     change the result."""
     rows, two_n = x.shape

@@ -33,7 +33,8 @@ Zero slots reach the experts with ids E..E+Z-1 and an expert map that sends them
    `activation` altogether: upstream's `apply` (0.26+) calls vLLM's fused SiLU + per-group FP8
    quantisation (`ops.silu_and_mul_per_block_quant`, a thread block per row and group, dead rows
    too) instead; here that op runs over live rows only (`kernels.ops.live_silu_and_mul_group_quant`,
-   the same values bit for bit) once there are enough rows for that to pay (`live_group_quant_pays`).
+   vLLM's formula with its roundings; tests/test_gpu_kernels.py compares the two bit for bit on a
+   GPU) once there are enough rows for that to pay (`live_group_quant_pays`).
 3. Sum over slots: only live rows are read: `kernels.ops.live_moe_sum_` inside CUDA graphs, vLLM's
    map-aware CUDA `moe_sum` in eager forwards, where host launch time counts (`live_sum_pays`).
 4. Tile configs: vllm_zeda's own tables, tuned at the ZEDA operating point, come before vLLM's
@@ -167,7 +168,8 @@ def live_activation_pays(rows: int) -> bool:
 
 # Slot rows from which block-FP8 experts' fused SiLU + quantisation runs over live rows only
 # inside CUDA graphs (device time alone counts there); outside them, as the bf16 SiLU, from
-# LIVE_SILU_MIN_ROWS (host launch time).
+# LIVE_SILU_MIN_ROWS (host launch time). Not yet timed against vLLM's op on a GPU: 2,048 rows (256
+# tokens at top-8) is where vLLM's op launches 12,288 thread blocks of one group each.
 LIVE_GROUP_QUANT_MIN_ROWS = 2048
 
 
@@ -228,6 +230,8 @@ class LiveSlotOps:
         self._experts = experts
 
     def __getattr__(self, name):  # any other op: upstream's, looked up once
+        if name.startswith("_"):  # this object's own (copy/pickle protocols, _experts before __init__)
+            raise AttributeError(name)
         value = getattr(ops, name)
         setattr(self, name, value)
         return value
