@@ -611,3 +611,26 @@ def test_preflight_refuses_a_deepseek_v3_config_vllm_would_route_by_softmax(tiny
     with pytest.raises(ZedaError, match='"topk_method": "noaux_tc"') as exc:
         check_checkpoint(str(dst))
     assert "\n" not in str(exc.value)
+
+
+def test_sigterm_ends_a_cli_as_ctrl_c_does(capsys):
+    """SIGTERM (`timeout`, `kill`, a scheduler's preemption) reaches a CLI main as Ctrl-C: its
+    own interrupt handling runs (the trainer's says to rerun with --resume), then one line and
+    exit code 130; the previous SIGTERM handler is back afterwards."""
+    import os
+    import signal
+
+    from vllm_zeda.errors import Interrupted, cli_entry
+
+    @cli_entry
+    def main():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)  # Python runs the handler before the next line
+            raise AssertionError("SIGTERM did not interrupt")
+        except KeyboardInterrupt:
+            raise Interrupted("interrupted: rerun the same command with --resume") from None
+
+    before = signal.getsignal(signal.SIGTERM)
+    assert main() == 130
+    assert capsys.readouterr().err.strip() == "error: interrupted: rerun the same command with --resume"
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import functools
+import signal
 import sys
+import threading
 from typing import Callable
 
 
@@ -18,11 +20,19 @@ class Interrupted(ZedaError):
     exit_code = 130
 
 
+def _sigterm_as_ctrl_c(signum, frame):
+    raise KeyboardInterrupt
+
+
 def cli_entry(main: Callable[..., int | None]) -> Callable[..., int]:
-    """Run a CLI main: a ZedaError (or Ctrl-C) becomes one line on stderr and exit code != 0."""
+    """Run a CLI main: a ZedaError (or Ctrl-C, or SIGTERM, which `timeout`, `kill` and job
+    schedulers send, taken as Ctrl-C) becomes one line on stderr and exit code != 0."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs) -> int:
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGTERM, _sigterm_as_ctrl_c)
         try:
             return int(main(*args, **kwargs) or 0)
         except ZedaError as exc:
@@ -31,5 +41,8 @@ def cli_entry(main: Callable[..., int | None]) -> Callable[..., int]:
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return 130
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
     return wrapper
