@@ -73,3 +73,13 @@ def silu_mul_group_quant(x: torch.Tensor, group: int, quant_dtype: torch.dtype) 
     scale = (act.abs().amax(dim=-1) / q_max).clamp(min=1.0 / (q_max * 512.0))
     q = (act / scale[..., None]).clamp(-q_max, q_max).to(quant_dtype)
     return q.view(rows, n), scale
+
+
+def quant_per_tensor(x: torch.Tensor, quant_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """vLLM's dynamic per-tensor FP8 quantisation (scaled_fp8_quant without a scale) in torch:
+    scale = max |x| / q_max over every row, q = clamp(x * (1 / scale), +-q_max). Returns (q
+    quant_dtype, scale [1] fp32)."""
+    q_max = torch.finfo(quant_dtype).max
+    scale = (x.float().abs().amax() / q_max).reshape(1)
+    q = (x.float() * (1.0 / scale)).clamp(-q_max, q_max).to(quant_dtype)
+    return q, scale

@@ -259,6 +259,44 @@ def test_one_dynamic_scale_over_every_row_gets_zeros_in_dead_rows(monkeypatch):
     assert calls == [True]
 
 
+def test_per_tensor_fp8_quantises_live_rows_from_the_activations_amax(monkeypatch):
+    """Dynamic per-tensor FP8 experts (`--quantization fp8`): upstream's apply quantises the second
+    GEMM's input through its module's `moe_kernel_quantize_input`, so ours rebinds it. While an
+    apply() is in progress the live-slot activation takes the live rows' amax (no zero rows
+    written), and the next quantisation of that very output runs over live rows from it, once;
+    any other call (the first GEMM's input, static scales, another tensor) is upstream's. (GPU
+    ops: recorded here, not run.)"""
+    from vllm.model_executor.layers.fused_moe.activation import MoEActivation
+
+    from vllm_zeda.serve import triton_experts as vte
+    from vllm_zeda.serve.handover import Handover
+
+    fp8, calls = torch.float8_e4m3fn, []
+    assert compat.quantize_input_in_triton_experts()  # 0.32 (and 0.26) call it as a module global
+    monkeypatch.setattr(vte.triton_moe, "moe_kernel_quantize_input", lambda a, *args, **kw: calls.append("vllm") or "vllm")
+    experts = _live_slot_experts()
+    quantize = experts._live_apply.__globals__["moe_kernel_quantize_input"]
+    assert experts._slot_apply.__globals__["moe_kernel_quantize_input"] is quantize
+    monkeypatch.setattr(vte.ZedaTritonExperts, "quant_dtype", property(lambda self: fp8))
+    monkeypatch.setattr(vte, "one_scale_over_every_row", lambda *a: True)
+    monkeypatch.setattr(vte, "live_silu_and_mul_", lambda out, x, ids, **kw: calls.append(
+        ("silu", kw.get("amax") is not None, kw.get("zero_dead", False))))
+    monkeypatch.setattr(vte, "live_quant_per_tensor", lambda a, live, amax, dt: calls.append(("ours", live.shape)) or "ours")
+    live = torch.tensor([[0, -1], [-1, 3]], dtype=torch.int32)
+    out, other, x = torch.empty(4, 32), torch.empty(4, 32), torch.zeros(4, 64)
+    assert quantize(out, None, fp8, False, None) == "vllm"  # no apply() in progress
+    experts._state.slots = Handover(live, live)
+    try:
+        experts.activation(MoEActivation.SILU, out, x)
+        assert calls.pop() == ("silu", True, False)  # the amax taken, dead rows left alone
+        assert quantize(other, None, fp8, False, None) == "vllm"  # not the activation's output
+        assert quantize(out, torch.ones(1), fp8, False, None) == "vllm"  # a static scale
+        assert quantize(out, None, fp8, False, None) == "ours" and calls[-1] == ("ours", (2, 2))
+        assert quantize(out, None, fp8, False, None) == "vllm"  # once per activation
+    finally:
+        experts._state.slots = experts._state.amax = None
+
+
 def test_block_fp8_fused_activation_runs_over_live_rows_where_it_pays(monkeypatch):
     """Block-FP8 experts: upstream's apply calls vLLM's fused SiLU + per-group quantisation through
     its module's `ops`, so ours rebinds `ops` to LiveSlotOps: the live-row kernel while an apply()

@@ -13,7 +13,8 @@ pytest.importorskip("triton")
 import torch  # noqa: E402
 
 from vllm_zeda.kernels import ops as gk  # noqa: E402
-from tests.kernel_oracles import live_blocks_first, live_first, silu_mul_group_quant, slot_blocks  # noqa: E402
+from tests.kernel_oracles import (live_blocks_first, live_first, quant_per_tensor, silu_mul_group_quant,  # noqa: E402
+                                  slot_blocks)
 from vllm_zeda.routing import route_sigmoid, route_softmax  # noqa: E402
 
 if os.environ["TRITON_INTERPRET"] != "1" and not torch.cuda.is_available():
@@ -208,6 +209,45 @@ def test_live_silu_group_quant_touches_live_rows_only(rows_per_program, groups_p
         got_q, got_s = gk.live_silu_and_mul_group_quant(x128, all_live, 128, torch.float8_e4m3fn)
         ref_q, ref_s = vllm_ops.silu_and_mul_per_block_quant(x128, group_size=128, quant_dtype=torch.float8_e4m3fn)
         assert torch.equal(got_s, ref_s) and torch.equal(got_q.view(torch.uint8), ref_q.view(torch.uint8))  # bit for bit
+
+
+@pytest.mark.parametrize("per_program,block", [(1, None), (4, None), (4, 16), (8, 64)])
+def test_live_per_tensor_quant_touches_live_rows_only(per_program, block):
+    """Per-tensor FP8 experts (`--quantization fp8`): the SiLU's amax over live rows and the live
+    rows' quantisation equal vLLM's op over every row with the dead ones zeroed, whatever the
+    launch shape; dead rows are neither read (NaN) nor written. On a GPU with vLLM: bit for bit
+    vLLM's own scaled_fp8_quant."""
+    g = torch.Generator().manual_seed(3)
+    m, k, n = 7, 4, 48
+    live = torch.randint(-1, 5, (m, k), generator=g, dtype=torch.int32).clamp(min=-1).to(DEVICE)
+    rows = live.reshape(-1) >= 0
+    x = (torch.randn(m * k, 2 * n, generator=g) * 3).to(DEVICE, torch.bfloat16)
+    x[~rows] = float("nan")
+    act = torch.full((m * k, n), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+    amax = torch.zeros(1, dtype=torch.float32, device=DEVICE)
+    gk.live_silu_and_mul_(act, x, live, rows_per_program=per_program, block=block, amax=amax)
+    assert amax.item() == act[rows].float().abs().max().item()  # the live rows' own amax, exactly
+    q, scale = gk.live_quant_per_tensor(act, live, amax, torch.float8_e4m3fn, rows_per_program=per_program, block=block)
+    zeroed = act.clone()
+    zeroed[~rows] = 0.0
+    want_q, want_s = quant_per_tensor(zeroed.cpu(), torch.float8_e4m3fn)
+    assert torch.equal(scale.cpu(), want_s)
+    got, want = q[rows].cpu().float(), want_q[rows.cpu()].float()
+    exact = got == want
+    if DEVICE == "cpu":  # the interpreter's fp32 -> fp8 cast loses the carry of a round-up to a power
+        exact |= (got == want / 2) & (torch.frexp(want).mantissa.abs() == 0.5)  # of 2, and truncates
+        exact |= (want.abs() <= 2 ** -6) & ((got - want).abs() <= 2 ** -9)  # subnormals (one step: 2^-9)
+    assert exact.all()
+    zero_q, zero_s = gk.live_quant_per_tensor(act, live, torch.zeros(1, device=DEVICE), torch.float8_e4m3fn)
+    assert zero_s.item() == 0.0 and torch.all(zero_q[rows].float() == 0)  # all-zero live rows: zeros, no NaN
+    if DEVICE == "cuda":
+        try:
+            from vllm import _custom_ops as vllm_ops
+        except ImportError:
+            return
+        ref_q, ref_s = vllm_ops.scaled_fp8_quant(zeroed)
+        assert torch.equal(scale, ref_s.reshape(1))
+        assert torch.equal(q[rows].view(torch.uint8), ref_q[rows].view(torch.uint8))  # bit for bit
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -169,23 +169,51 @@ if triton is not None:
         return (act.to(tl.float32) * up.to(tl.float32)).to(up.dtype)
 
     @triton.jit(do_not_specialize=["rows"])  # the batch size: not a specialisation, one compile for all
-    def _live_silu_and_mul(x_ptr, out_ptr, live_ptr, rows, n, stride_x, stride_out, ROWS: tl.constexpr,
-                           BLOCK: tl.constexpr, ZERO_DEAD: tl.constexpr):
+    def _live_silu_and_mul(x_ptr, out_ptr, live_ptr, amax_ptr, rows, n, stride_x, stride_out, ROWS: tl.constexpr,
+                           BLOCK: tl.constexpr, ZERO_DEAD: tl.constexpr, AMAX: tl.constexpr):
         """out[r] = silu(x[r, :n]) * x[r, n:] for live slot rows r, rounded as vLLM's silu_and_mul
-        (_silu_mul); dead rows are not read, and written only with ZERO_DEAD (zeros). A program
+        (_silu_mul); dead rows are not read, and written only with ZERO_DEAD (zeros). With AMAX the
+        largest |out| of the live rows is folded into amax_ptr[0] (an atomic max). A program
         takes ROWS consecutive rows, each behind its own branch on its live id (a dead row costs
         one cached id load)."""
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
+        amax = 0.0
         for r in tl.static_range(ROWS):
             row = tl.program_id(0).to(tl.int64) * ROWS + r
             if row < rows:
                 if tl.load(live_ptr + row) >= 0:
                     gate = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
                     up = tl.load(x_ptr + row * stride_x + n + offs, mask=mask, other=0.0)
-                    tl.store(out_ptr + row * stride_out + offs, _silu_mul(gate, up), mask=mask)
+                    act = _silu_mul(gate, up)
+                    tl.store(out_ptr + row * stride_out + offs, act, mask=mask)
+                    if AMAX:  # masked columns hold silu(0) * 0 = 0
+                        amax = tl.maximum(amax, tl.max(tl.abs(act.to(tl.float32)), axis=0))
                 elif ZERO_DEAD:
                     tl.store(out_ptr + row * stride_out + offs, tl.zeros((BLOCK,), out_ptr.dtype.element_ty), mask=mask)
+        if AMAX:
+            tl.atomic_max(amax_ptr, amax)
+
+    @triton.jit(do_not_specialize=["rows"])
+    def _live_quant_per_tensor(x_ptr, q_ptr, live_ptr, amax_ptr, s_ptr, rows, n, stride_x, stride_q, q_max,
+                               ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        """scale = amax / q_max and q[r] = clamp(x[r] * (1 / scale), +-q_max) in q's dtype for live
+        rows r, as vLLM's dynamic per-tensor FP8 quantisation computes them from the same amax (one
+        rounding each); a zero scale gives zeros. Dead rows are not read or written."""
+        scale = _div(tl.load(amax_ptr), q_max)
+        inv = _div(1.0, scale)
+        if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+            tl.store(s_ptr, scale)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        for r in tl.static_range(ROWS):
+            row = tl.program_id(0).to(tl.int64) * ROWS + r
+            if row < rows:
+                if tl.load(live_ptr + row) >= 0:
+                    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+                    q = tl.minimum(tl.maximum(x * inv, -q_max), q_max)
+                    q = tl.where(scale > 0.0, q, 0.0)
+                    tl.store(q_ptr + row * stride_q + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit(do_not_specialize=["rows"])
     def _live_silu_mul_group_quant(x_ptr, q_ptr, s_ptr, live_ptr, rows, n, groups, stride_x, stride_q, stride_s,
@@ -383,11 +411,14 @@ LIVE_SILU_WIDE_ROWS = 65536
 
 
 def live_silu_and_mul_(out: torch.Tensor, x: torch.Tensor, live_ids: torch.Tensor, *,
-                       rows_per_program: int | None = None, block: int | None = None, zero_dead: bool = False) -> None:
+                       rows_per_program: int | None = None, block: int | None = None, zero_dead: bool = False,
+                       amax: torch.Tensor | None = None) -> None:
     """Gated SiLU over the [M*K, 2N] slot rows of the first expert GEMM for live slots only
     (live_ids [M, K] int32, -1 = not computed on this GPU: zero experts, other EP ranks' experts).
     Dead rows hold no data (their GEMM blocks never ran) and are not read; they are left as they
-    are, or with `zero_dead` set to zeros (for a reader of every row: a per-tensor scale). The launch shape
+    are, or with `zero_dead` set to zeros (for a reader of every row: a per-tensor scale). Given
+    `amax` (one fp32 element, holding 0 or a running maximum), the live rows' largest |out| is
+    folded into it (what live_quant_per_tensor scales by). The launch shape
     (rows_per_program; block columns, a power of 2, default the row's up to 256) does not change
     the result. Default: 4 rows a program (8 from LIVE_SILU_WIDE_ROWS rows) over 256 columns on 2
     warps, the fastest or within 3.5% of it in launch sweeps at 2k, 8k and 16k tokens, skip 0 and
@@ -400,9 +431,32 @@ def live_silu_and_mul_(out: torch.Tensor, x: torch.Tensor, live_ids: torch.Tenso
     block = block or min(256, _pow2(n))
     rows_per_program = rows_per_program or (8 if rows >= LIVE_SILU_WIDE_ROWS else 4)
     _live_silu_and_mul[(-(-rows // rows_per_program), -(-n // block))](
-        x, out, live_ids.reshape(-1), rows, n, x.stride(0), out.stride(0), ROWS=rows_per_program, BLOCK=block,
-        ZERO_DEAD=zero_dead, num_warps=2,
+        x, out, live_ids.reshape(-1), out if amax is None else amax, rows, n, x.stride(0), out.stride(0),
+        ROWS=rows_per_program, BLOCK=block, ZERO_DEAD=zero_dead, AMAX=amax is not None, num_warps=2,
     )
+
+
+def live_quant_per_tensor(x: torch.Tensor, live_ids: torch.Tensor, amax: torch.Tensor, quant_dtype: torch.dtype, *,
+                          rows_per_program: int = 4, block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """vLLM's dynamic per-tensor FP8 quantisation (`scaled_fp8_quant` without a scale: the second
+    expert GEMM's input under `--quantization fp8`) of the live slot rows of x [M*K, N] only, its
+    amax given (live_silu_and_mul_'s, over the same rows): ([M*K, N] quant_dtype, dead rows
+    unwritten; [1] fp32 scale = amax / max(quant_dtype)). vLLM's op takes its amax over every row
+    and needs the dead ones written as zeros; the result in live rows is the same. The launch
+    shape does not change the result."""
+    rows, n = x.shape
+    assert live_ids.numel() == rows and x.stride(1) == 1 and amax.numel() == 1, (x.shape, live_ids.shape)
+    q = torch.empty((rows, n), dtype=quant_dtype, device=x.device)
+    scale = torch.empty(1, dtype=torch.float32, device=x.device)
+    if rows == 0:
+        scale.copy_(amax.reshape(1) / torch.finfo(quant_dtype).max)
+        return q, scale
+    block = block or min(256, _pow2(n))
+    _live_quant_per_tensor[(-(-rows // rows_per_program), -(-n // block))](
+        x, q, live_ids.reshape(-1), amax, scale, rows, n, x.stride(0), q.stride(0), torch.finfo(quant_dtype).max,
+        ROWS=rows_per_program, BLOCK=block, num_warps=2,
+    )
+    return q, scale
 
 
 def live_silu_and_mul_group_quant(x: torch.Tensor, live_ids: torch.Tensor, group_size: int,

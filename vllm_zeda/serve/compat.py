@@ -195,6 +195,20 @@ def fused_block_quant_in_triton_experts() -> bool:
             and "silu_and_mul_per_block_quant" in TritonExperts.apply.__code__.co_names)
 
 
+def quantize_input_in_triton_experts() -> bool:
+    """Whether TritonExperts.apply quantises its GEMMs' inputs through its module's
+    `moe_kernel_quantize_input` (0.26 and 0.32 do), so that ZedaTritonExperts can hand it a
+    live-slot version for the second GEMM's per-tensor FP8 input."""
+    try:
+        from vllm.model_executor.layers.fused_moe.experts import triton_moe
+        from vllm.model_executor.layers.fused_moe.experts.triton_moe import TritonExperts
+    except ImportError:
+        return False
+    return (getattr(TritonExperts.apply, "__globals__", {}).get("moe_kernel_quantize_input") is
+            getattr(triton_moe, "moe_kernel_quantize_input", None) is not None
+            and "moe_kernel_quantize_input" in TritonExperts.apply.__code__.co_names)
+
+
 def missing_triton_experts_hooks() -> list[str]:
     """The hooks ZedaTritonExperts needs that this vLLM lacks (empty: the fast path can run)."""
     try:

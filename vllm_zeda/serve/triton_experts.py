@@ -28,8 +28,11 @@ Zero slots reach the experts with ids E..E+Z-1 and an expert map that sends them
    (`live_activation_pays`); below, vLLM's CUDA kernel runs over every row, dead ones too (their
    garbage is never read: neither the second GEMM nor the live-slot sum touches a dead row).
    Where the second GEMM's input gets one dynamic FP8/int8 scale over all rows (per-tensor
-   activations), dead rows would enter that scale: there the activation writes them as zeros
-   (`one_scale_over_every_row`). Block-FP8 experts (128 x 128, Qwen's FP8 releases) skip
+   activations), dead rows would enter that scale (`one_scale_over_every_row`). For FP8 the
+   activation takes the live rows' amax as it goes and upstream's quantisation of its output
+   (`moe_kernel_quantize_input`, rebound: `live_quantize_input`) runs over live rows only
+   from it (`kernels.ops.live_quant_per_tensor`: vLLM's scale and roundings); for int8 the
+   activation writes dead rows as zeros for vLLM's op. Block-FP8 experts (128 x 128, Qwen's FP8 releases) skip
    `activation` altogether: upstream's `apply` (0.26+) calls vLLM's fused SiLU + per-group FP8
    quantisation (`ops.silu_and_mul_per_block_quant`, a thread block per row and group, dead rows
    too) instead; here that op runs over live rows only (`kernels.ops.live_silu_and_mul_group_quant`,
@@ -46,9 +49,10 @@ map instead). The router's kernel writes them while routing (handover.py); only
 with expert parallelism, or when vLLM hands the experts a copy or chunk of the ids, are they
 gathered through the map (one small kernel).
 
-1, 2's block-FP8 op and 4 are applied by running upstream's own `apply` with its module-level
-`_prepare_expert_assignment`, `try_get_optimal_moe_config` and `ops` rebound (compat.rebind_globals,
-one copy per experts object; `ops` only where this vLLM has the fused op), so the rest of upstream's logic, LoRA and quantised paths included,
+1, 2's FP8 quantisations and 4 are applied by running upstream's own `apply` with its module-level
+`_prepare_expert_assignment`, `try_get_optimal_moe_config`, `ops` and `moe_kernel_quantize_input`
+rebound (compat.rebind_globals, one copy per experts object; the last two only where this vLLM
+calls them so), so the rest of upstream's logic, LoRA and quantised paths included,
 stays upstream's. What this class does not cover (LoRA, other activations) takes the stock path;
 a vLLM without those hooks never selects it (experts._use_live_slot_triton_experts logs why).
 """
@@ -63,7 +67,8 @@ from vllm.model_executor.layers.fused_moe.experts import triton_moe
 from vllm.model_executor.layers.fused_moe.experts.triton_moe import TritonExperts
 
 from ..kernels.align import SMALL_SLOTS, align_live_slots, align_live_slots_small
-from ..kernels.ops import SLOT_BLOCK_M, live_moe_sum_, live_silu_and_mul_, live_silu_and_mul_group_quant, sort_free
+from ..kernels.ops import (SLOT_BLOCK_M, live_moe_sum_, live_quant_per_tensor, live_silu_and_mul_,
+                           live_silu_and_mul_group_quant, sort_free)
 from ..kernels.tiles import zeda_moe_config
 from . import compat, handover
 from .handover import Handover
@@ -194,8 +199,9 @@ def one_scale_over_every_row(quant_dtype, block_shape, per_act_token_quant: bool
     """Whether the second GEMM's input is quantised with one scale computed over all its rows
     (dynamic per-tensor activations: `--quantization fp8` online). Its dead slot rows were never
     written by the first GEMM, so they hold whatever the workspace held and would enter that scale
-    (too coarse a scale for the live rows, or inf): the activation writes them as zeros then. Block
-    and per-token scales read a row's own values only; a static a2 scale reads none."""
+    (too coarse a scale for the live rows, or inf): the activation then either takes the live
+    rows' amax for a live-row quantisation (FP8) or writes dead rows as zeros (int8). Block and
+    per-token scales read a row's own values only; a static a2 scale reads none."""
     return quant_dtype is not None and block_shape is None and not per_act_token_quant and a2_scale is None
 
 
@@ -246,11 +252,31 @@ class LiveSlotOps:
         return live_silu_and_mul_group_quant(input, slots.live, group_size, quant_dtype)
 
 
-def _upstream_apply(assign, config, live_ops: LiveSlotOps | None) -> object:
+def live_quantize_input(experts: "ZedaTritonExperts"):
+    """vLLM's `moe_kernel_quantize_input` as ZedaTritonExperts' `apply` sees it: for the second
+    GEMM's input under dynamic per-tensor FP8 (`--quantization fp8`), whose amax the live-slot
+    activation of the same apply has just taken over live rows, the live rows alone are quantised
+    (live_quant_per_tensor); every other call is upstream's."""
+    upstream = triton_moe.moe_kernel_quantize_input
+
+    def quantize(A, A_scale, quant_dtype, per_act_token_quant, block_shape=None, **kwargs):
+        dynamic_per_tensor = (A_scale is None and quant_dtype == torch.float8_e4m3fn and not per_act_token_quant
+                              and block_shape is None and not kwargs.get("quantization_emulation"))
+        pending = experts._pending_amax(A) if dynamic_per_tensor else None
+        if pending is None:
+            return upstream(A, A_scale, quant_dtype, per_act_token_quant, block_shape, **kwargs)
+        return live_quant_per_tensor(A, experts._slots.live, pending, quant_dtype)
+
+    return quantize
+
+
+def _upstream_apply(assign, config, live_ops: LiveSlotOps | None, quantize=None) -> object:
     """TritonExperts.apply with the given assignment and config functions in place of its
     module's `_prepare_expert_assignment` and `try_get_optimal_moe_config`, and `live_ops` in place
-    of its `ops` where given."""
+    of its `ops` and `quantize` of its `moe_kernel_quantize_input` where given."""
     extra = {} if live_ops is None else {"ops": live_ops}
+    if quantize is not None:
+        extra["moe_kernel_quantize_input"] = quantize
     return compat.rebind_globals(TritonExperts.apply, _prepare_expert_assignment=assign,
                                  try_get_optimal_moe_config=config, **extra)
 
@@ -264,8 +290,10 @@ class ZedaTritonExperts(TritonExperts):
         self._state = threading.local()  # one experts object serves every micro-batch thread
         assign = self._assign
         live_ops = LiveSlotOps(self) if compat.fused_block_quant_in_triton_experts() else None
-        self._live_apply = _upstream_apply(assign, zeda_moe_config, live_ops)
-        self._slot_apply = _upstream_apply(assign, slot_block_config, live_ops)  # sort-free calls
+        self._live_quant = compat.quantize_input_in_triton_experts()
+        quantize = live_quantize_input(self) if self._live_quant else None
+        self._live_apply = _upstream_apply(assign, zeda_moe_config, live_ops, quantize)
+        self._slot_apply = _upstream_apply(assign, slot_block_config, live_ops, quantize)  # sort-free calls
 
     @property
     def _slots(self) -> Handover | None:
@@ -290,17 +318,30 @@ class ZedaTritonExperts(TritonExperts):
             return upstream(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation,
                             global_num_experts, expert_map, *args, **kwargs)
         finally:
-            self._state.slots = self._state.map = None
+            self._state.slots = self._state.map = self._state.amax = None
+
+    def _pending_amax(self, a: torch.Tensor) -> torch.Tensor | None:
+        """The live rows' amax that this apply's activation took for `a` (its output), once."""
+        pending = getattr(self._state, "amax", None)
+        if pending is None or pending[0] is not a:
+            return None
+        self._state.amax = None
+        return pending[1]
 
     def activation(self, activation, output, input, **kwargs) -> None:
         slots = self._slots
-        zero_dead = slots is not None and self._dead_rows_enter_a_scale()
-        if (slots is not None and activation == MoEActivation.SILU and (zero_dead or live_activation_pays(output.shape[0]))
+        one_scale = slots is not None and self._dead_rows_enter_a_scale()
+        if (slots is not None and activation == MoEActivation.SILU and (one_scale or live_activation_pays(output.shape[0]))
                 and self.quant_config.gemm1_clamp_limit is None and output.dtype == input.dtype):
-            live_silu_and_mul_(output, input, slots.live, zero_dead=zero_dead)
+            if one_scale and self._live_quant and self.quant_dtype == torch.float8_e4m3fn:
+                amax = torch.zeros(1, dtype=torch.float32, device=output.device)  # the live rows' own, no zero rows
+                live_silu_and_mul_(output, input, slots.live, amax=amax)
+                self._state.amax = (output, amax)
+                return
+            live_silu_and_mul_(output, input, slots.live, zero_dead=one_scale)
             return
         super().activation(activation, output, input, **kwargs)
-        if zero_dead:
+        if one_scale:
             output.masked_fill_(slots.live.reshape(-1, 1) < 0, 0)
 
     def _dead_rows_enter_a_scale(self) -> bool:
