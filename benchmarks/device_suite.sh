@@ -22,6 +22,10 @@
 #             and decode at batch 1 and 16, --quick                                    §3.4  ~8 min
 #   fp8-layer bench_moe_layer.py --quant fp8 and fp8-block, Qwen3-30B-A3B's experts, 1-16,384 tokens,
 #             skip 0-0.75                                                              §2.5  ~3 min
+#   fp8-tensor-ab  the per-tensor FP8 layer (--quant fp8, 1-16,384 tokens, skip 0 and 0.5, profiles
+#             at 8 and 16,384) in this tree, then in $BASE (an earlier commit's files:
+#             `git archive COMMIT vllm_zeda benchmarks/*.py tests/kernel_oracles.py | tar -x -C .base`,
+#             carried as .base), after the kernel tests of per-tensor quantisation  §2.5  ~4 min
 #   fp8-parity  gpu_parity.py on FP8 forms of the quickstart model, block and online per-tensor, every
 #             engine side by side: skip without zero slots = masked (= stock vLLM on the original, block);
 #             the zero fraction rises with the bias                                   §1  ~4 min
@@ -40,6 +44,9 @@
 #             torch.profiler (device time by kernel) and the zero fraction by phase    §5.2  ~7 min
 #   host      bench_host.py: host µs per MoE layer call in eager mode, stock vs the plugin; then
 #             tests/test_gpu_kernels.py on the GPU and bench_route.py                  §5.3  ~3 min
+#   train48   bench_train.py in-memory: both stages of the full Qwen3-30B-A3B shape (48 layers),
+#             stage 1 again at the zero fraction stage 2 leaves (0.33-0.5); needs no vLLM bundle,
+#             an H200's memory (kind nvidia-h200, needs_h200)                          §8    ~4 min
 # Two GPUs (nvidia-h200-x2):
 #   env       GPUs and their links (nvidia-smi topo), torch's device count             §6    <1 min
 #   tp-parity gpu_parity.py: skip and masked on one GPU, at TP=2; skip at TP=2 + EP    §6.1  ~6 min
@@ -54,7 +61,8 @@
 # logs are packed into $OUT/logs.tgz at the end (the device tool returns at most 8 files).
 set -uo pipefail
 [ $# -gt 0 ] || { awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"; exit 2; }
-STAGES="kernel-tests parity layer layer-small tune tune-glm tune-fp8 tune-fp8-block route e2e50 e2e75 e2e-glm fp8-layer fp8-parity fp8-e2e fp8-block-e2e b256-run serve3 serve-graphs serve-vllm-graphs serve-profile host env tp-parity tp-train tp-e2e ep-e2e tp-serve ep-serve"
+STAGES="kernel-tests parity layer layer-small tune tune-glm tune-fp8 tune-fp8-block route e2e50 e2e75 e2e-glm fp8-layer fp8-tensor-ab fp8-parity fp8-e2e fp8-block-e2e b256-run serve3 serve-graphs serve-vllm-graphs serve-profile host train48 env tp-parity tp-train tp-e2e ep-e2e tp-serve ep-serve"
+NO_BUNDLE="train48 env"  # stages that import no vLLM: a call of only these stages carries no bundle
 for stage in "$@"; do  # before staging the bundle: a typo costs nothing
   [[ " $STAGES " == *" $stage "* ]] || { echo "device_suite: unknown stage '$stage' ($STAGES)" >&2; exit 2; }
 done
@@ -63,11 +71,15 @@ done
 stale=$(nvidia-smi --query-compute-apps=pid --format=csv,noheader 2>/dev/null | tr -d ' ' | grep -E '^[0-9]+$')
 [ -z "$stale" ] || { echo "device_suite: killing GPU processes left by an earlier call: $stale" | tr '\n' ' '; echo
                      kill -9 $stale 2>/dev/null; sleep 3; }
-for part in ${BUNDLE:-.gpu/p1}; do  # BUNDLE: the part folders this call carries (device_testbed.sh's header)
-  stager=$part/stage.sh; [ -f "$stager" ] || stager=.gpu/stage.sh
-  bash "$stager" --partial-ok "$part" >/dev/null || { echo "device_suite: staging $part failed" >&2; exit 1; }
-done
-[ -f /tmp/site/.zeda_bundle ] || { echo "device_suite: the vLLM bundle is incomplete (stage its other parts first)" >&2; exit 1; }
+needs_bundle=0
+for stage in "$@"; do [[ " $NO_BUNDLE " == *" $stage "* ]] || needs_bundle=1; done
+if [ "$needs_bundle" = 1 ]; then
+  for part in ${BUNDLE:-.gpu/p1}; do  # BUNDLE: the part folders this call carries (device_testbed.sh's header)
+    stager=$part/stage.sh; [ -f "$stager" ] || stager=.gpu/stage.sh
+    bash "$stager" --partial-ok "$part" >/dev/null || { echo "device_suite: staging $part failed" >&2; exit 1; }
+  done
+  [ -f /tmp/site/.zeda_bundle ] || { echo "device_suite: the vLLM bundle is incomplete (stage its other parts first)" >&2; exit 1; }
+fi
 python3 benchmarks/device_env.py /tmp/zeda_meta >/dev/null
 export PYTHONPATH=/tmp/site:/tmp/zeda_meta:$PWD VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1
 # NVLink multicast stays off on the shared multi-GPU hosts (device README), in every child too
@@ -104,6 +116,16 @@ for stage in "$@"; do
              run 200 "layer_${q//-/_}" python3 benchmarks/bench_moe_layer.py --out "$OUT/layer_${q//-/_}.json" \
                --shapes qwen3_30b_a3b --quant "$q" --tokens 1 4 8 16 64 256 1024 4096 16384 --profile 1 8
            done ;;
+    fp8-tensor-ab)
+             [ -f "${BASE:-.base}/vllm_zeda/__init__.py" ] || { echo "== fp8-tensor-ab: no tree at ${BASE:-.base} (see the header)"; continue; }
+             run 120 kernel_tests_fp8 env TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py \
+               -k "per_tensor or group_quant or live_activation"
+             for tree in "$PWD" "$(cd "${BASE:-.base}" && pwd)"; do
+               tag=this; [ "$tree" = "$PWD" ] || tag=base
+               run 200 "layer_fp8_$tag" env PYTHONPATH="$tree:/tmp/site:/tmp/zeda_meta" python3 "$tree/benchmarks/bench_moe_layer.py" \
+                 --out "$OUT/layer_fp8_$tag.json" --shapes qwen3_30b_a3b --quant fp8 --tokens 1 8 16 256 1024 4096 16384 \
+                 --skips 0 0.5 --profile 8 16384
+             done ;;
     fp8-parity)  # both formats at once, every mode's engine side by side (one after another: ~9 min)
              run 330 parity_fp8_block python3 benchmarks/gpu_parity.py --out "$OUT/parity_fp8_block.json" \
                --quantization fp8-block --dtype bfloat16 --modes original masked skip0 skip skip_bias remap \
@@ -134,6 +156,8 @@ for stage in "$@"; do
     host) run 120 host python3 benchmarks/bench_host.py --out "$OUT/host.json"
           run 120 kernel_tests env TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py
           run 120 route python3 benchmarks/bench_route.py --out "$OUT/route.json" ;;
+    train48) run 420 train48 python3 benchmarks/bench_train.py in-memory --layers 48 --steps 8 --stage1-batches 10 \
+             --stage2-batches 8 10 --then-stage1-batches 10 8 --out "$OUT/train48.json" ;;
     env) run 30 env bash -c 'nvidia-smi -L; nvidia-smi topo -m; python3 -c "import torch; print(torch.__version__, torch.cuda.device_count())"' ;;
     tp-parity) run 480 tp_parity python3 benchmarks/gpu_parity.py --out "$OUT/tp_parity.json" \
              --modes skip skip@tp2 skip@tp2ep masked masked@tp2 --worker-timeout 110 ;;

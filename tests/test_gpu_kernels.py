@@ -253,7 +253,9 @@ def test_live_per_tensor_quant_touches_live_rows_only(per_program, block):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("per_program,block", [(1, None), (4, None), (4, 16), (8, 64)])
 def test_live_activation_and_sum_touch_live_slots_only(dtype, per_program, block):
-    """Every launch shape (SiLU rows a program, block columns; the last program's rows ragged)."""
+    """Every launch shape (SiLU rows a program, block columns; the last program's rows ragged). On
+    a GPU with vLLM: bit for bit vLLM's silu_and_mul and moe_sum (top-4 and top-8), which rules
+    both out as what separates skip 0 from the masked path (RESULTS.md §1.1)."""
     g = torch.Generator().manual_seed(0)
     m, k, n, d = 7, 4, 48, 40
     live = torch.randint(-1, 5, (m, k), generator=g, dtype=torch.int32).clamp(min=-1).to(DEVICE)
@@ -275,6 +277,22 @@ def test_live_activation_and_sum_touch_live_slots_only(dtype, per_program, block
     gk.live_moe_sum_(total, slots, live, block=block)
     expect = slots.float().nan_to_num().mul((live >= 0).unsqueeze(-1)).sum(1).to(dtype)
     assert torch.allclose(total.float(), expect.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-6, atol=1e-6)
+    if DEVICE == "cuda":  # compiled: bit for bit vLLM's own ops, which the masked and stock paths run
+        try:
+            from vllm import _custom_ops as vllm_ops
+        except ImportError:
+            return
+        ref_act = torch.empty_like(out)
+        torch.ops._C.silu_and_mul(ref_act, x)
+        assert torch.equal(out[rows], ref_act[rows])
+        for top_k in (k, 8):  # vLLM's moe_sum has a kernel per top-k; top-4 (the quickstart model), top-8
+            many = torch.randn(m, top_k, d, generator=g).to(DEVICE, dtype)
+            alive = live if top_k == k else torch.randint(-1, 5, (m, top_k), generator=g, dtype=torch.int32).clamp(min=-1).to(DEVICE)
+            dead = (alive < 0).unsqueeze(-1)
+            ours, theirs = torch.empty(m, d, dtype=dtype, device=DEVICE), torch.empty(m, d, dtype=dtype, device=DEVICE)
+            gk.live_moe_sum_(ours, many.masked_fill(dead, float("nan")), alive, block=block)
+            vllm_ops.moe_sum(many.masked_fill(dead, 0.0), theirs)  # a dead slot as the remap path leaves it: zeros
+            assert torch.equal(ours, theirs), top_k
 
 
 @pytest.mark.parametrize("block_m", [1, 2, 16])
