@@ -490,7 +490,8 @@ def _one_error_line(capsys) -> str:
 
 def test_out_of_memory_and_full_disk_stop_in_one_line_and_resume(tiny_models, tmp_path, monkeypatch, capsys):
     """Out of GPU memory mid-stage, or a full disk while checkpointing: one line naming the cause
-    and the remedy; the last checkpoint stays, and --resume finishes the run."""
+    and the remedy; the last checkpoint stays, and --resume finishes the run. Interrupted while
+    checkpointing: the partial file goes too."""
     from vllm_zeda.train import state, teacher
 
     src, out = tiny_models["qwen3_moe"], tmp_path / "o"
@@ -524,6 +525,15 @@ def test_out_of_memory_and_full_disk_stop_in_one_line_and_resume(tiny_models, tm
     line = _one_error_line(capsys)
     assert "the disk is full" in line and "--resume" in line
     assert not list((tmp_path / ".o.zeda-work").glob("*.tmp"))  # the partial write is gone, the checkpoint kept
+
+    def interrupted_mid_save(obj, path, *a, **k):  # Ctrl-C or SIGTERM (cli_entry) while a checkpoint is written
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(state.torch, "save", interrupted_mid_save)
+    assert main([*args, "--resume"]) == 130
+    assert not list((tmp_path / ".o.zeda-work").glob("*.tmp"))  # no partial file left for a later run's disk
     monkeypatch.setattr(state.torch, "save", save)
     assert main([*args, "--resume"]) == 0 and (out / "model.safetensors").is_file()
 

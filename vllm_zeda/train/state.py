@@ -40,14 +40,15 @@ def load_for_resume(work: Path, config: dict) -> dict | None:
 
 
 def save_state(path: Path, state: dict) -> None:
-    """Write atomically: a kill or a full disk mid-write leaves the previous file intact (a full
-    disk is raised as OSError ENOSPC, whichever way torch.save reported it)."""
+    """Write atomically: a kill or a full disk mid-write leaves the previous file intact and no
+    partial file beside it (Ctrl-C and SIGTERM too; a full disk is raised as OSError ENOSPC,
+    whichever way torch.save reported it)."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         torch.save(state, tmp)
-    except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as a RuntimeError
+    except BaseException as exc:  # torch.save reports a failed write as a RuntimeError
         tmp.unlink(missing_ok=True)
-        if not is_disk_full(exc, path.parent):
+        if not isinstance(exc, (OSError, RuntimeError)) or not is_disk_full(exc, path.parent):
             raise
         raise OSError(errno.ENOSPC, "No space left on device", str(path)) from None
     os.replace(tmp, path)
