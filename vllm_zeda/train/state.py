@@ -40,9 +40,10 @@ def load_for_resume(work: Path, config: dict) -> dict | None:
 
 
 def save_state(path: Path, state: dict) -> None:
-    """Write atomically: a kill or a full disk mid-write leaves the previous file intact and no
-    partial file beside it (Ctrl-C and SIGTERM too; a full disk is raised as OSError ENOSPC,
-    whichever way torch.save reported it)."""
+    """Write atomically: a kill or a full disk mid-write leaves the previous file intact. Ctrl-C,
+    SIGTERM (cli_entry) or a full disk also remove the partial file (a SIGKILL leaves it, for the
+    next save to overwrite); a full disk is raised as OSError ENOSPC, whichever way torch.save
+    reported it."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         torch.save(state, tmp)
