@@ -117,10 +117,11 @@ for stage in "$@"; do
                --shapes qwen3_30b_a3b --quant "$q" --tokens 1 4 8 16 64 256 1024 4096 16384 --profile 1 8
            done ;;
     fp8-tensor-ab)
-             [ -f "${BASE:-.base}/vllm_zeda/__init__.py" ] || { echo "== fp8-tensor-ab: no tree at ${BASE:-.base} (see the header)"; continue; }
+             base=${BASE:-.base}
+             [ -f "$base/vllm_zeda/__init__.py" ] || { echo "== fp8-tensor-ab: no tree at $base (see the header)"; continue; }
              run 120 kernel_tests_fp8 env TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py \
                -k "per_tensor or group_quant or live_activation"
-             for tree in "$PWD" "$(cd "${BASE:-.base}" && pwd)"; do
+             for tree in "$PWD" "$(cd "$base" && pwd)"; do
                tag=this; [ "$tree" = "$PWD" ] || tag=base
                run 200 "layer_fp8_$tag" env PYTHONPATH="$tree:/tmp/site:/tmp/zeda_meta" python3 "$tree/benchmarks/bench_moe_layer.py" \
                  --out "$OUT/layer_fp8_$tag.json" --shapes qwen3_30b_a3b --quant fp8 --tokens 1 8 16 256 1024 4096 16384 \
